@@ -1,0 +1,70 @@
+"""Every host path the suite touches, in one place.
+
+SMTAP_ROOT=/some/dir moves each host path P to /some/dir/P, so tests run isolated and
+several simulated hosts share one machine. Read at each call: a test (or a toolstack
+serving several roots) may change the environment after import.
+"""
+import os
+
+ROOT_ENV = "SMTAP_ROOT"
+
+
+def root():
+    return os.environ.get(ROOT_ENV) or "/"
+
+
+def host_path(path):
+    """Map an absolute host path under the current root."""
+    return os.path.join(root(), path.lstrip("/"))
+
+
+def runtime_dir():
+    """tapdisk control and NBD sockets, minor markers (shared with upstream blktap)."""
+    return host_path("/run/blktap-control")
+
+
+def lock_dir():
+    return host_path("/var/lock/sm")
+
+
+def sr_mount_dir():
+    return host_path("/run/sr-mount")
+
+
+def xapi_socket():
+    return host_path("/var/lib/xcp/xapi")
+
+
+def sm_dir():
+    """Where XAPI looks for <Type>SR executables."""
+    return host_path("/opt/xensource/sm")
+
+
+def plugins_dir():
+    return host_path("/etc/xapi.d/plugins")
+
+
+def log_file():
+    return host_path("/var/log/SMlog")
+
+
+def inventory_file():
+    return host_path("/etc/xensource-inventory")
+
+
+def xapi_conf():
+    return host_path("/etc/xapi.conf")
+
+
+def xapi_conf_d():
+    return host_path("/etc/xapi.conf.d")
+
+
+def state_dir():
+    """The local toolstack's database and pid file."""
+    return host_path("/var/lib/smtap")
+
+
+def prefix():
+    """The suite's private tree on a host: lib/ (Python), bin/ (engine commands)."""
+    return host_path("/opt/smtap")

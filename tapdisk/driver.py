@@ -1,0 +1,113 @@
+"""The disk-driver interface.
+
+A disk type is one module in tapdisk/drivers/: a Driver subclass that declares what it
+can do and implements only that, registered with one `@register` line. The engine
+(image chains, accounting, retries, NBD) is written against this class alone.
+
+Offsets and lengths are bytes. Errors are OSError with an errno: the engine retries
+EAGAIN/EBUSY/EINTR until the request timeout and returns every other errno to the client.
+"""
+
+# Open flags, values as upstream tapdisk-message.h so they travel unchanged in OPEN.
+OPEN_SHARED = 0x1
+OPEN_RDONLY = 0x2
+OPEN_ADD_CACHE = 0x4
+OPEN_VHD_INDEX = 0x8
+OPEN_ADD_LOG = 0x10
+OPEN_ADD_LCACHE = 0x20
+OPEN_REUSE_PRT = 0x40
+OPEN_SECONDARY = 0x80
+OPEN_STANDBY = 0x100
+OPEN_NO_O_DIRECT = 0x200
+
+# Extent flags, as NBD base:allocation.
+EXTENT_HOLE = 0x1
+EXTENT_ZERO = 0x2
+
+
+class Driver(object):
+    """Base class of every disk type. Subclasses set the class attributes that apply."""
+
+    name = None             # the "type" in "type:/path"
+    can_write = False
+    can_flush = False
+    can_trim = False
+    can_zero = False        # efficient write-zeroes (else the engine writes zero buffers)
+    can_extents = False     # extents() reports holes / zero regions
+    can_multi_conn = False  # a flush on one connection covers writes done on all
+    is_filter = False       # no image data of its own: stacks on the image below
+    plug_type = "tap"       # how SM plugs a VDI of this type (its VDI_PLUG_TYPE)
+
+    def __init__(self):
+        self.size = 0           # bytes, set by open()
+        self.sector_size = 512
+        self.path = None
+        self.flags = 0
+
+    # -- mandatory --------------------------------------------------------------
+    def open(self, path, flags, options):
+        """Open the image. `options` is a dict of the key=value pairs given after
+        '?' in "type:path?k=v&k2=v2". Must set self.size."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def pread(self, length, offset):
+        """Return `length` bytes (any buffer object) read at `offset`."""
+        raise NotImplementedError
+
+    # -- declared capabilities ---------------------------------------------------
+    def pwrite(self, buf, offset):
+        raise OSError(30, "read-only disk type")   # EROFS
+
+    def flush(self):
+        pass
+
+    def trim(self, length, offset):
+        pass
+
+    def zero(self, length, offset, may_trim=False):
+        self.pwrite(bytes(length), offset)
+
+    def extents(self, length, offset):
+        """[(length, EXTENT_* flags), ...] covering at least one byte from offset.
+        In an image with a parent, a HOLE is a region this image does not hold: the
+        engine reads it from the parent."""
+        return [(length, 0)]
+
+    # -- batching: override when the driver can submit many requests at once -----
+    def preadv(self, requests):
+        """requests: [(length, offset), ...] -> [buffer, ...] in the same order."""
+        pread = self.pread
+        return [pread(length, offset) for length, offset in requests]
+
+    # -- image chains -------------------------------------------------------------
+    def get_parent_id(self):
+        """"type:path" of the parent image, or None."""
+        return None
+
+    def validate_parent(self, parent):
+        """Raise OSError if `parent` (an open Driver) is not this image's parent."""
+
+    # -- introspection --------------------------------------------------------------
+    def capabilities(self):
+        return {k: getattr(self, k) for k in (
+            "can_write", "can_flush", "can_trim", "can_zero", "can_extents",
+            "can_multi_conn", "is_filter")}
+
+    def debug(self):
+        return {}
+
+
+def parse_params(params):
+    """"type:path?k=v&k=v" -> (type, path, {k: v})."""
+    kind, sep, rest = params.partition(":")
+    if not sep or not kind:
+        raise ValueError("expected type:/path, got %r" % params)
+    path, _, query = rest.partition("?")
+    options = {}
+    for item in query.split("&") if query else ():
+        key, _, value = item.partition("=")
+        options[key] = value
+    return kind, path, options
