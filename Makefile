@@ -11,18 +11,34 @@ DEB_PACKAGES := python3-venv qemu-utils nbdkit nbdkit-plugin-python libnbd-bin f
 
 # Engine and toolstack commands: name=module.
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
-	vhd-util=smtap.tapdisk.vhdutil smtap-xapi=smtap.toolstack.server xe=smtap.toolstack.xe
+	smtap-xapi=smtap.toolstack.server xe=smtap.toolstack.xe \
+	smtap-sm-plugins=smtap.xapiconf
 
-# Install layout (make install DESTDIR=...).
+# Install layout (make install DESTDIR=...). PYTHON: the launchers' interpreter.
 PYTHON ?= /usr/bin/python3
 PREFIX := /opt/smtap
 LIBDIR := $(PREFIX)/lib
 SMDIR := /opt/xensource/sm
 PLUGINDIR := /etc/xapi.d/plugins
-# SR types installed; the RPM narrows this to the types a stock host does not have.
-SR_TYPES ?= $(patsubst sm/drivers/%SR.py,%,$(wildcard sm/drivers/*SR.py))
+# What `make install` lays out (the dev tree: everything). SR types = sm/drivers/<Type>SR.py.
+ALL_SR_TYPES := $(patsubst $(TOP)/sm/drivers/%SR.py,%,$(wildcard $(TOP)/sm/drivers/*SR.py))
+SR_TYPES ?= $(ALL_SR_TYPES)
+LIB_PACKAGES ?= sm tapdisk toolstack
+INSTALL_COMMANDS ?= $(COMMANDS)
+# What the RPM (`make install-host`) lays out: only SR types a stock XCP-ng host lacks,
+# no dev toolstack, engine commands under /opt/smtap/bin only.
+RPM_SR_TYPES := ram
+RPM_LIB_PACKAGES := sm tapdisk
+RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util smtap-sm-plugins
+# The stock sm-plugins whitelist (xapi.conf of XCP-ng 8.3); the drop-in keeps it.
+STOCK_SM_PLUGINS := ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe shm smb
+RPMTOP ?= $(TOP)/rpmbuild
+RPMBUILD_FLAGS ?= --nodeps
+# The launchers' interpreter in the RPM (dom0's); the tests build a variant with the
+# venv's to run the installed drivers on this machine.
+RPM_PYTHON ?= /usr/bin/python3
 
-.PHONY: build deps venv cffi commands test demo install rpm bench clean vermin
+.PHONY: build deps venv cffi commands test demo install install-host rpm bench clean vermin
 
 build: deps venv cffi commands
 
@@ -66,32 +82,72 @@ bench: build
 	$(VPY) bench/engine.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
+# Launchers find the private library relative to themselves (bin/launcher.in), so a
+# DESTDIR tree runs in place and can be moved.
 install:
+	@set -e; for t in $(SR_TYPES); do [ -f $(TOP)/sm/drivers/$${t}SR.py ] || { echo "install: no driver sm/drivers/$${t}SR.py" >&2; exit 1; }; done
 	install -d $(DESTDIR)$(LIBDIR)/smtap $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SMDIR) \
 		$(DESTDIR)$(PLUGINDIR) $(DESTDIR)/etc/xapi.conf.d $(DESTDIR)/etc/logrotate.d
-	cp smtap/*.py $(DESTDIR)$(LIBDIR)/smtap/
-	for d in sm tapdisk toolstack; do \
+	rm -f $(DESTDIR)$(LIBDIR)/smtap/*.py
+	cp $(TOP)/smtap/*.py $(DESTDIR)$(LIBDIR)/smtap/
+	@set -e; for d in sm tapdisk toolstack; do \
 		rm -rf $(DESTDIR)$(LIBDIR)/smtap/$$d; \
-		tar -C $(TOP) --exclude=__pycache__ --exclude='*.pyc' --exclude=_aio_build -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
+		case " $(LIB_PACKAGES) " in *" $$d "*) ;; *) continue;; esac; \
+		[ -d $(TOP)/$$d ] || continue; \
+		tar -C $(TOP) --exclude=__pycache__ --exclude='*.pyc' --exclude=_aio_build --exclude='*.tmp' -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
 	done
-	for c in $(COMMANDS); do \
+	@set -e; rm -f $(DESTDIR)$(PREFIX)/bin/*; for c in $(INSTALL_COMMANDS); do \
 		name=$${c%%=*}; mod=$${c#*=}; \
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../lib|" -e "s|@MODULE@|$$mod|" \
-			bin/launcher.in > $(DESTDIR)$(PREFIX)/bin/$$name; \
+			$(TOP)/bin/launcher.in > $(DESTDIR)$(PREFIX)/bin/$$name; \
 		chmod 755 $(DESTDIR)$(PREFIX)/bin/$$name; \
 	done
-	for t in $(SR_TYPES); do \
+	@set -e; for t in $(SR_TYPES); do \
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../../smtap/lib|" -e "s|@MODULE@|smtap.sm.drivers.$${t}SR|" \
-			bin/launcher.in > $(DESTDIR)$(SMDIR)/$${t}SR; \
+			$(TOP)/bin/launcher.in > $(DESTDIR)$(SMDIR)/$${t}SR; \
 		chmod 755 $(DESTDIR)$(SMDIR)/$${t}SR; \
 	done
-	for p in plugins/smtap-*; do \
+	@set -e; for p in $(TOP)/plugins/smtap-*; do \
 		[ -e "$$p" ] || continue; \
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../../../opt/smtap/lib|" $$p > $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 		chmod 755 $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 	done
-	echo "sm-plugins = $$(echo $(SR_TYPES) | tr 'A-Z' 'a-z')" > $(DESTDIR)/etc/xapi.conf.d/smtap.conf
-	printf '/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
+	@# sm-plugins is one list and a later assignment replaces the earlier one: keep the
+	@# stock types, append ours (the RPM's %post recomputes it from the host's own list).
+	@{ echo "# smtap: XAPI's sm-plugins whitelist with the smtap SR types added."; \
+	  echo "# sm-plugins is one list and a later assignment replaces an earlier one, so this line"; \
+	  echo "# repeats the whole list (stock list here; the RPM's %post recomputes it from the"; \
+	  echo "# host's xapi.conf and other drop-ins with /opt/smtap/bin/smtap-sm-plugins --write)."; \
+	  echo "sm-plugins = $$(echo $(STOCK_SM_PLUGINS) $(SR_TYPES) | tr 'A-Z' 'a-z' | tr ' ' '\n' | awk '!seen[$$0]++' | tr '\n' ' ' | sed 's/ $$//')"; \
+	} > $(DESTDIR)/etc/xapi.conf.d/smtap.conf
+	@printf '# smtap: the tapdisk engine log (smtap.settings.tapdisk_log_file).\n/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tdelaycompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
+
+# The host profile the RPM installs: see RPM_* above.
+install-host:
+	@$(MAKE) --no-print-directory -f $(TOP)/Makefile install \
+		SR_TYPES="$(filter $(RPM_SR_TYPES),$(ALL_SR_TYPES))" \
+		LIB_PACKAGES="$(RPM_LIB_PACKAGES)" \
+		INSTALL_COMMANDS="$(filter $(addsuffix =%,$(RPM_COMMAND_NAMES)),$(COMMANDS))"
+
+# --- rpm: specfile.spec built with rpmbuild (dom0: XCP-ng 8.3) ------------------------
+# The source tarball is the working tree (not just git HEAD). On this Debian machine
+# BuildRequires can't be met by name, hence --nodeps; the build and %check use the
+# venv's python3 (it has cffi, lxml, XenAPI, pytest); the launchers' shebang stays
+# /usr/bin/python3 (dom0's).
+rpm: $(VENV)/.stamp
+	@missing="$(filter-out $(ALL_SR_TYPES),$(RPM_SR_TYPES))"; [ -z "$$missing" ] || echo "rpm: warning: no driver yet for SR type(s): $$missing (left out)" >&2
+	rm -rf $(RPMTOP)
+	mkdir -p $(RPMTOP)/SOURCES $(RPMTOP)/BUILD $(RPMTOP)/RPMS $(RPMTOP)/SRPMS
+	tar -C $(TOP) --transform 's,^\.,smtap-$(VERSION),' \
+		--exclude=./.git --exclude=./.venv --exclude=./rpmbuild --exclude=./build \
+		--exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude=_aio_build \
+		--exclude=.pytest_cache --exclude='*.tmp' --exclude=./tests/install \
+		--warning=no-file-changed --warning=no-file-removed \
+		-czf $(RPMTOP)/SOURCES/smtap-$(VERSION).tar.gz . || [ $$? -eq 1 ]
+	cp $(TOP)/VERSION $(RPMTOP)/SOURCES/VERSION
+	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(VPY)" \
+		--define "smtap_python $(RPM_PYTHON)" $(TOP)/specfile.spec
+	@ls $(RPMTOP)/RPMS/*/smtap-$(VERSION)-*.rpm
 
 clean:
 	rm -rf $(VENV) build rpmbuild tapdisk/_aio_build

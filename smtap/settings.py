@@ -48,6 +48,11 @@ def log_file():
     return host_path("/var/log/SMlog")
 
 
+def tapdisk_log_file():
+    """Every tapdisk process logs here (rotated by /etc/logrotate.d/smtap)."""
+    return host_path("/var/log/smtap/tapdisk.log")
+
+
 def inventory_file():
     return host_path("/etc/xensource-inventory")
 

@@ -77,10 +77,20 @@ class Driver(object):
         return [(length, 0)]
 
     # -- batching: override when the driver can submit many requests at once -----
+    # A buffer returned by pread/preadv stays valid until the same thread's next call
+    # into the driver (so a driver may reuse one per-thread buffer for every batch).
+    # On any failure the batch calls raise; the engine then redoes that batch one
+    # request at a time (with retries and per-request errors).
     def preadv(self, requests):
         """requests: [(length, offset), ...] -> [buffer, ...] in the same order."""
         pread = self.pread
         return [pread(length, offset) for length, offset in requests]
+
+    def pwritev(self, requests):
+        """requests: [(buffer, offset), ...]: write them all."""
+        pwrite = self.pwrite
+        for buf, offset in requests:
+            pwrite(buf, offset)
 
     # -- image chains -------------------------------------------------------------
     def get_parent_id(self):

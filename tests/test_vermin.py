@@ -2,7 +2,10 @@
 import os
 import subprocess
 
-from conftest import TOP, VENV_BIN
+# Not `from conftest import ...`: every tests/*/conftest.py is also named conftest, and
+# whichever pytest loaded last is the one in sys.modules.
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.join(TOP, ".venv", "bin")
 
 
 def test_dom0_code_is_python36_compatible():

@@ -1,0 +1,1 @@
+"""The SMAPIv1 framework: what every SR driver shares (imported as smtap.sm)."""

@@ -1,0 +1,44 @@
+"""null: reads zeros, discards writes. For tests and benchmarks.
+
+    null:<anything>?size=<bytes>     (default 1 GiB)
+"""
+from smtap.tapdisk import driver
+from smtap.tapdisk.drivers import register
+
+_ZEROS = memoryview(bytes(32 << 20))    # shared: a read returns a slice, no allocation
+
+
+@register
+class NullDriver(driver.Driver):
+    name = "null"
+    can_write = True
+    can_flush = True
+    can_trim = True
+    can_zero = True
+    can_extents = True
+    can_multi_conn = True
+
+    def open(self, path, flags, options):
+        self.path = path
+        self.flags = flags
+        self.size = int(options.get("size", 1 << 30))
+
+    def pread(self, length, offset):
+        if length <= len(_ZEROS):
+            return _ZEROS[:length]
+        return bytes(length)
+
+    def preadv(self, requests):
+        return [self.pread(length, offset) for length, offset in requests]
+
+    def pwrite(self, buf, offset):
+        pass
+
+    def pwritev(self, requests):
+        pass
+
+    def zero(self, length, offset, may_trim=False):
+        pass
+
+    def extents(self, length, offset):
+        return [(length, driver.EXTENT_HOLE | driver.EXTENT_ZERO)]

@@ -1,0 +1,287 @@
+"""ram: the whole disk in memory, sparse.
+
+    ram:/path/seed.img[?size=<bytes>][&budget=<bytes>][&writeback=1]
+
+The disk lives in one anonymous private mapping: regions never written cost no memory.
+Memory is accounted in chunks of 64 KiB against `budget` (default: the disk size); a
+write that needs a new chunk past the budget fails with ENOSPC. trim and zero give
+whole chunks back to the kernel.
+
+The image file gives the size and is loaded at open as the seed (holes and zero blocks
+cost nothing); `size=` sets the size (needed when the file does not exist). Volatile by
+default; with `writeback=1` flush and close write the changed chunks back to the file
+(runs of zeros are punched as holes).
+"""
+import errno
+import mmap
+import os
+import threading
+
+from smtap.tapdisk import driver
+from smtap.tapdisk.drivers import register
+
+CHUNK_SHIFT = 16
+CHUNK = 1 << CHUNK_SHIFT
+_ZERO_CHUNK = bytes(CHUNK)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def _lib():
+    from smtap.tapdisk import _smtap_aio
+    return _smtap_aio.ffi, _smtap_aio.lib
+
+
+def _runs(flags, start, end):
+    """[(first, last + 1, value)] runs of equal bytes in flags[start:end]."""
+    out = []
+    i = start
+    while i < end:
+        value = flags[i]
+        j = flags.find(0 if value else 1, i, end)
+        j = end if j < 0 else j
+        out.append((i, j, value))
+        i = j
+    return out
+
+
+@register
+class RamDriver(driver.Driver):
+    name = "ram"
+    can_write = True
+    can_flush = True
+    can_trim = True
+    can_zero = True
+    can_extents = True
+    can_multi_conn = True
+
+    def __init__(self):
+        super(RamDriver, self).__init__()
+        self._map = None
+        self._mv = None
+        self._lock = threading.Lock()
+
+    # -- open / close ---------------------------------------------------------------
+    def open(self, path, flags, options):
+        self.path = path
+        self.flags = flags
+        self.writeback = options.get("writeback", "0") not in ("0", "", "no", "false")
+        try:
+            st_size = self._file_size(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT or "size" not in options:
+                raise
+            st_size = None
+        self.size = int(options["size"]) if "size" in options else st_size
+        if self.size <= 0:
+            raise ValueError("ram: the disk size must be > 0 (file %s, size=%s)"
+                             % (path, options.get("size")))
+        self.budget = int(options.get("budget", self.size))
+        nchunks = (self.size + CHUNK - 1) >> CHUNK_SHIFT
+        self._alloc = bytearray(nchunks)   # 1: chunk holds memory
+        self._dirty = bytearray(nchunks)   # 1: chunk changed since the last writeback
+        self.used = 0
+        self._map = mmap.mmap(-1, nchunks << CHUNK_SHIFT,
+                              flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        self._mv = memoryview(self._map)
+        ffi, lib = _lib()
+        ptr = ffi.from_buffer(self._map)
+        self._addr = int(ffi.cast("uintptr_t", ptr))
+        ffi.release(ptr)
+        try:
+            if st_size:
+                self._load(min(st_size, self.size))
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def _file_size(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+
+    def _load(self, size):
+        """Copy the non-zero chunks of the seed file in."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start, end in _data_segments(fd, size):
+                pos = start & ~(CHUNK - 1)
+                while pos < end:
+                    n = min(4 << 20, end - pos)
+                    data = os.pread(fd, n, pos)
+                    for i in range(0, len(data), CHUNK):
+                        piece = data[i:i + CHUNK]
+                        if piece != _ZERO_CHUNK[:len(piece)]:
+                            self.pwrite(piece, pos + i)
+                    pos += n
+        finally:
+            os.close(fd)
+        self._dirty[:] = bytes(len(self._dirty))
+
+    def close(self):
+        if self._map is None:
+            return
+        try:
+            if self.writeback and not self.flags & driver.OPEN_RDONLY:
+                self.flush()
+        finally:
+            self._mv.release()
+            try:
+                self._map.close()
+            except BufferError:
+                pass        # a client still holds a read buffer: freed with it
+            self._map = self._mv = None
+
+    # -- data path ------------------------------------------------------------------
+    def pread(self, length, offset):
+        return self._mv[offset:offset + length]
+
+    def preadv(self, requests):
+        mv = self._mv
+        return [mv[offset:offset + length] for length, offset in requests]
+
+    def pwrite(self, buf, offset):
+        end = offset + len(buf)
+        c0 = offset >> CHUNK_SHIFT
+        c1 = ((end - 1) >> CHUNK_SHIFT) + 1
+        if self._alloc.find(0, c0, c1) >= 0:
+            self._allocate(c0, c1)
+        self._mv[offset:end] = buf
+        if self.writeback:
+            self._dirty[c0:c1] = b"\1" * (c1 - c0)
+
+    def pwritev(self, requests):
+        pwrite = self.pwrite
+        for buf, offset in requests:
+            pwrite(buf, offset)
+
+    def _allocate(self, c0, c1):
+        with self._lock:
+            alloc = self._alloc
+            need = alloc.count(0, c0, c1) << CHUNK_SHIFT
+            if self.used + need > self.budget:
+                raise OSError(errno.ENOSPC, "ram disk budget of %d bytes exhausted" % self.budget)
+            alloc[c0:c1] = b"\1" * (c1 - c0)
+            self.used += need
+
+    def flush(self):
+        if self.writeback and not self.flags & driver.OPEN_RDONLY:
+            self._writeback()
+
+    def trim(self, length, offset):
+        self.zero(length, offset, True)
+
+    def zero(self, length, offset, may_trim=False):
+        """Whole chunks go back to the kernel (they read as zeros); partial ones are
+        cleared in place when they hold memory."""
+        end = offset + length
+        c0 = (offset + CHUNK - 1) >> CHUNK_SHIFT      # first whole chunk
+        c1 = end >> CHUNK_SHIFT                        # past the last whole chunk
+        if end == self.size:
+            c1 = len(self._alloc)
+        if c0 >= c1:
+            self._clear(offset, end)
+            return
+        self._clear(offset, c0 << CHUNK_SHIFT)
+        self._clear(c1 << CHUNK_SHIFT, end)
+        ffi, lib = _lib()
+        with self._lock:
+            alloc = self._alloc
+            for first, last, value in _runs(alloc, c0, c1):
+                if value:
+                    if lib.madvise(ffi.cast("void *", self._addr + (first << CHUNK_SHIFT)),
+                                   (last - first) << CHUNK_SHIFT, lib.MADV_DONTNEED):
+                        e = lib.smtap_errno()
+                        raise OSError(e, os.strerror(e))
+                    alloc[first:last] = bytes(last - first)
+                    self.used -= (last - first) << CHUNK_SHIFT
+            if self.writeback:
+                self._dirty[c0:c1] = b"\1" * (c1 - c0)
+
+    def _clear(self, start, end):
+        """Zero bytes [start, end) inside chunks that hold memory."""
+        while start < end:
+            c = start >> CHUNK_SHIFT
+            stop = min(end, (c + 1) << CHUNK_SHIFT)
+            if self._alloc[c]:
+                self._mv[start:stop] = bytes(stop - start)
+                if self.writeback:
+                    self._dirty[c] = 1
+            start = stop
+
+    def extents(self, length, offset):
+        end = min(offset + length, self.size)
+        c0 = offset >> CHUNK_SHIFT
+        c1 = ((end - 1) >> CHUNK_SHIFT) + 1
+        out = []
+        for first, last, value in _runs(self._alloc, c0, c1):
+            start = max(first << CHUNK_SHIFT, offset)
+            stop = min(last << CHUNK_SHIFT, end)
+            out.append((stop - start, 0 if value else driver.EXTENT_HOLE | driver.EXTENT_ZERO))
+        return out
+
+    # -- writeback --------------------------------------------------------------------
+    def _writeback(self):
+        with self._lock:
+            dirty = self._dirty
+            runs = [(a, b) for a, b, v in _runs(dirty, 0, len(dirty)) if v]
+            for a, b in runs:
+                dirty[a:b] = bytes(b - a)
+        ffi, lib = _lib()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.lseek(fd, 0, os.SEEK_END) < self.size:
+                os.ftruncate(fd, self.size)
+            for a, b in runs:
+                for first, last, data in self._data_runs(a, b):
+                    start = first << CHUNK_SHIFT
+                    stop = min(last << CHUNK_SHIFT, self.size)
+                    if data:
+                        _pwrite_all(fd, self._mv[start:stop], start)
+                    elif lib.fallocate(fd, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
+                                       start, stop - start):
+                        _pwrite_all(fd, bytes(stop - start), start)   # no hole punching here
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _data_runs(self, a, b):
+        """Split chunks [a, b) into runs of data (True) and zeros (False)."""
+        alloc, mv = self._alloc, self._mv
+        kinds = bytearray(b - a)
+        for c in range(a, b):
+            if alloc[c] and mv[c << CHUNK_SHIFT:(c + 1) << CHUNK_SHIFT] != _ZERO_CHUNK:
+                kinds[c - a] = 1
+        return [(a + x, a + y, v) for x, y, v in _runs(kinds, 0, b - a)]
+
+    def debug(self):
+        return {"allocated": self.used, "budget": self.budget, "writeback": self.writeback}
+
+
+def _pwrite_all(fd, buf, offset):
+    buf = memoryview(buf)
+    while len(buf):
+        n = os.pwrite(fd, buf, offset)
+        buf = buf[n:]
+        offset += n
+
+
+def _data_segments(fd, size):
+    """[(start, end)] of the regions of fd that may hold data (holes skipped)."""
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break           # only a hole is left
+            return [(pos, size)]   # SEEK_DATA unsupported: read it all
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out

@@ -1,0 +1,258 @@
+"""An image chain: the leaf a VBD serves and the read-only parents below it.
+
+Generic over disk types: open the leaf, follow get_parent_id() opening each parent
+read-only and shared, validate each pair. A read of a region an image does not hold
+(its extents say HOLE and it has a parent) goes to the parent; the last image answers
+for itself (its holes read as zeros). Writes, flush, trim and zero go to the leaf.
+
+Accounting (hits and failures per image, sectors per chain) and retries of transient
+errors (EAGAIN/EBUSY/EINTR, once a second until the request timeout) live here, so
+every disk type gets them. The batch calls are the hot path: one accounting update
+per batch, and the per-request slow path only when a batch fails.
+"""
+import errno
+import threading
+import time
+
+from smtap.tapdisk import driver as drv
+from smtap.tapdisk import drivers
+
+RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EBUSY, errno.EINTR))
+RETRY_INTERVAL = 1.0
+MAX_CHAIN = 64      # a loop in parent ids must not open images forever
+
+
+class Image(object):
+    """One open image of a chain, with its counters."""
+
+    def __init__(self, params, flags):
+        self.params = params
+        self.kind, self.path, options = drv.parse_params(params)
+        try:
+            cls = drivers.get(self.kind)
+        except KeyError:
+            raise ValueError("unknown disk type %r in %r (known: %s)"
+                             % (self.kind, params, ", ".join(sorted(drivers.types()))))
+        self.driver = cls()
+        self.driver.open(self.path, flags, options)
+        self.hits = [0, 0]
+        self.fail = [0, 0]
+
+    def stats(self):
+        return {"name": self.params, "hits": list(self.hits), "fail": list(self.fail),
+                "driver": {"type": self.kind, "name": self.path, "status": 0,
+                           "debug": self.driver.debug()}}
+
+
+class Chain(object):
+    """The images of one VBD, leaf first."""
+
+    def __init__(self, params, flags=0, timeout=120):
+        self.params = params
+        self.flags = flags
+        self.timeout = timeout
+        self.secs = [0, 0]
+        self.retries = 0
+        self._lock = threading.Lock()
+        self.images = []
+        try:
+            self._open(params, flags)
+        except Exception:
+            self.close()
+            raise
+        leaf = self.images[0].driver
+        self.leaf = leaf
+        self.size = leaf.size
+        self.sector_size = leaf.sector_size
+        self.readonly = bool(flags & drv.OPEN_RDONLY) or not leaf.can_write
+        self.has_parent = len(self.images) > 1
+
+    def _open(self, params, flags):
+        parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED
+        while params:
+            if len(self.images) >= MAX_CHAIN:
+                raise ValueError("image chain deeper than %d at %r (a parent loop?)"
+                                 % (MAX_CHAIN, params))
+            image = Image(params, flags if not self.images else parent_flags)
+            self.images.append(image)
+            params = image.driver.get_parent_id()
+        for child, parent in zip(self.images, self.images[1:]):
+            child.driver.validate_parent(parent.driver)
+
+    def close(self):
+        """Close every image; the first error is raised after all were tried."""
+        first = None
+        for image in self.images:
+            try:
+                image.driver.close()
+            except Exception as e:      # noqa: BLE001 - keep closing the others
+                first = first or e
+        self.images = []
+        if first is not None:
+            raise first
+
+    # -- retries ------------------------------------------------------------------------
+    def _retry(self, fn, *args):
+        deadline = None
+        while True:
+            try:
+                return fn(*args)
+            except OSError as e:
+                if e.errno not in RETRY_ERRNOS:
+                    raise
+                now = time.time()
+                if deadline is None:
+                    deadline = now + self.timeout
+                if now + RETRY_INTERVAL > deadline:
+                    raise
+                self.retries += 1
+                time.sleep(RETRY_INTERVAL)
+
+    def _account(self, rw, nbytes, nreq, failed=0):
+        with self._lock:
+            self.secs[rw] += nbytes >> 9
+            image = self.images[0]
+            image.hits[rw] += nreq - failed
+            image.fail[rw] += failed
+
+    # -- reads ----------------------------------------------------------------------------
+    def preadv(self, requests, nbytes):
+        """[(length, offset)] -> [buffer or OSError] in order. Buffers stay valid until
+        this thread's next call into the chain."""
+        if not self.has_parent:
+            try:
+                bufs = self.leaf.preadv(requests)
+            except OSError:
+                pass
+            else:
+                self._account(0, nbytes, len(requests))
+                return bufs
+        out = []
+        failed = 0
+        for length, offset in requests:
+            try:
+                out.append(self._read(0, length, offset))
+            except OSError as e:
+                out.append(e)
+                failed += 1
+        self._account(0, nbytes, len(requests), failed)
+        return out
+
+    def _read(self, level, length, offset):
+        """Read from images[level], going down the chain for its holes."""
+        image = self.images[level]
+        d = image.driver
+        if level + 1 == len(self.images):
+            end = min(offset + length, d.size)
+            data = self._retry(d.pread, end - offset, offset) if end > offset else b""
+            if level:
+                with self._lock:
+                    image.hits[0] += 1
+            if len(data) < length:      # a parent smaller than its child
+                data = bytes(data) + bytes(length - len(data))
+            return data
+        out = None
+        pos = 0
+        while pos < length:
+            for elen, flags in self._retry(d.extents, length - pos, offset + pos):
+                elen = min(elen, length - pos)
+                if flags & drv.EXTENT_HOLE:
+                    piece = self._read(level + 1, elen, offset + pos)
+                else:
+                    piece = self._retry(d.pread, elen, offset + pos)
+                    if level:
+                        with self._lock:
+                            image.hits[0] += 1
+                if pos == 0 and elen == length:
+                    return piece
+                if out is None:
+                    out = bytearray(length)
+                out[pos:pos + elen] = piece
+                pos += elen
+                if pos >= length:
+                    break
+        return out
+
+    # -- writes ---------------------------------------------------------------------------
+    def pwritev(self, requests, nbytes):
+        """[(buffer, offset)] -> None when all were written, else [None or OSError]."""
+        try:
+            self.leaf.pwritev(requests)
+        except OSError:
+            pass
+        else:
+            self._account(1, nbytes, len(requests))
+            return None
+        out = []
+        failed = 0
+        for buf, offset in requests:
+            try:
+                self._retry(self.leaf.pwrite, buf, offset)
+                out.append(None)
+            except OSError as e:
+                out.append(e)
+                failed += 1
+        self._account(1, nbytes, len(requests), failed)
+        return out
+
+    def _leaf_op(self, rw, fn, *args):
+        try:
+            return self._retry(fn, *args)
+        except OSError:
+            with self._lock:
+                self.images[0].fail[rw] += 1
+            raise
+
+    def flush(self):
+        self._leaf_op(1, self.leaf.flush)
+
+    def trim(self, length, offset):
+        # With a parent a trimmed region would show the parent's data: zero instead.
+        if self.has_parent:
+            return self.zero(length, offset, False)
+        self._leaf_op(1, self.leaf.trim, length, offset)
+
+    def zero(self, length, offset, may_trim=False):
+        """Make a region read as zeros (never the parent's data)."""
+        may_trim = may_trim and not self.has_parent
+        if self.leaf.can_zero:
+            self._leaf_op(1, self.leaf.zero, length, offset, may_trim)
+        else:
+            chunk = 1 << 20
+            pos = 0
+            while pos < length:
+                n = min(chunk, length - pos)
+                self._leaf_op(1, self.leaf.pwrite, bytes(n), offset + pos)
+                pos += n
+        with self._lock:
+            self.secs[1] += length >> 9
+
+    # -- allocation ----------------------------------------------------------------------
+    def extents(self, length, offset):
+        """[(length, EXTENT_*)] from offset, at least one byte: a region is a hole only
+        where every image of the chain has a hole."""
+        return self._extents(0, length, offset)
+
+    def _extents(self, level, length, offset):
+        d = self.images[level].driver
+        if not d.can_extents:
+            return [(length, 0)]
+        ext = self._retry(d.extents, length, offset)
+        if level + 1 == len(self.images) or not ext:
+            return ext
+        out = []
+        for elen, flags in ext:
+            if flags & drv.EXTENT_HOLE:
+                below = self._extents(level + 1, elen, offset)
+                out.extend(below)
+                if sum(n for n, _ in below) < elen:
+                    break           # the parent answered for part of it only
+            else:
+                out.append((elen, flags))
+            offset += elen
+        return out
+
+    def stats(self):
+        with self._lock:
+            return {"secs": list(self.secs), "retries": self.retries,
+                    "images": [i.stats() for i in self.images]}

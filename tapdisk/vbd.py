@@ -1,0 +1,258 @@
+"""A VBD: one virtual disk of a tapdisk process, its image chain and its NBD server.
+
+States are upstream's bit flags: 0 running, CLOSED before open and after close,
+CLOSED|QUIESCED|PAUSED (0x2a) while paused. The daemon's control thread calls
+open/close/pause/resume/stats/info; NBD client threads pass the gate (enter/leave)
+once per batch of requests: while paused they wait, a pause first drains those in flight.
+
+    python -m smtap.tapdisk.vbd [-R] [-D] [-m minor] [-e export] [--tcp host:port] type:/path
+
+serves one VBD in the foreground (prints the socket path; SIGTERM or SIGINT closes it).
+"""
+import argparse
+import errno
+import os
+import signal
+import sys
+import threading
+
+from smtap import settings
+from smtap.tapdisk import driver as drv
+from smtap.tapdisk import image
+from smtap.tapdisk import nbd
+
+STATE_DEAD = 0x1
+STATE_CLOSED = 0x2
+STATE_QUIESCE_REQUESTED = 0x4
+STATE_QUIESCED = 0x8
+STATE_PAUSE_REQUESTED = 0x10
+STATE_PAUSED = 0x20
+STATE_SHUTDOWN_REQUESTED = 0x40
+STATE_RUNNING = 0
+STATE_PAUSED_ALL = STATE_CLOSED | STATE_QUIESCED | STATE_PAUSED     # 0x2a
+
+DEFAULT_TIMEOUT = 120
+
+
+class VBD(object):
+    def __init__(self, minor, runtime_dir):
+        self.minor = minor
+        self.runtime_dir = runtime_dir
+        self.nbd_path = os.path.join(runtime_dir, "nbd%d.%d" % (os.getpid(), minor))
+        self.state = STATE_CLOSED
+        self.params = None
+        self.flags = 0
+        self.timeout = DEFAULT_TIMEOUT
+        self.export_name = None
+        self.chain = None
+        self.server = None
+        self._size = None           # kept across a pause: resume must not change it
+        self._sector_size = None
+        self._banked = {"secs": [0, 0], "images": [], "retries": 0}  # chains closed by pause
+        self._gate = threading.Condition()
+        self._inflight = 0
+        self._held = False          # new batches wait (pause, close)
+        self._control = threading.RLock()
+
+    # -- the gate NBD clients pass once per batch ----------------------------------------
+    def enter(self):
+        """Wait while paused; then the current chain (None: fail requests with EIO)."""
+        gate = self._gate
+        with gate:
+            while self._held:
+                gate.wait()
+            self._inflight += 1
+            return self.chain
+
+    def leave(self):
+        gate = self._gate
+        with gate:
+            self._inflight -= 1
+            if self._held and not self._inflight:
+                gate.notify_all()
+
+    def _hold(self, force=False):
+        """Make new batches wait and drain those in flight. EBUSY after the request
+        timeout (the gate opens again), unless force."""
+        with self._gate:
+            self._held = True
+            if not self._gate.wait_for(lambda: not self._inflight, self.timeout) and not force:
+                self._held = False
+                self._gate.notify_all()
+                raise OSError(errno.EBUSY, "%d request batches still in flight after %ss"
+                              % (self._inflight, self.timeout))
+
+    def _release(self, chain):
+        """Open the gate on `chain` (None: waiting and new requests fail with EIO)."""
+        with self._gate:
+            self.chain = chain
+            self._held = False
+            self._gate.notify_all()
+
+    # -- control --------------------------------------------------------------------------
+    def open(self, params, flags=0, timeout=DEFAULT_TIMEOUT, secondary=None, export_name=None,
+             tcp=None):
+        """Open the image chain, then serve NBD on nbd_path (and tcp=(host, port))."""
+        with self._control:
+            if self.state != STATE_CLOSED or self.server is not None:
+                raise OSError(errno.EBUSY, "minor %d already has %s open"
+                              % (self.minor, self.params))
+            if secondary or flags & (drv.OPEN_SECONDARY | drv.OPEN_STANDBY):
+                raise OSError(errno.ENOTSUP, "secondary (mirror) images are not supported")
+            self.timeout = timeout or DEFAULT_TIMEOUT
+            chain = image.Chain(params, flags, self.timeout)
+            try:
+                if not os.path.isdir(self.runtime_dir):
+                    os.makedirs(self.runtime_dir)
+                self.flags, self.export_name = flags, export_name
+                self._size, self._sector_size = chain.size, chain.sector_size
+                self._banked = {"secs": [0, 0], "images": [], "retries": 0}
+                self._release(chain)
+                self.server = nbd.Server(self, self.nbd_path, tcp)
+            except Exception:
+                self._release(None)
+                self._size = None
+                chain.close()
+                raise
+            self.params = params
+            self.state = STATE_RUNNING
+
+    def close(self, force=False):
+        """Stop NBD (disconnect clients), close the images. Without force, batches in
+        flight finish first (EBUSY if they do not within the request timeout)."""
+        with self._control:
+            if self.state == STATE_CLOSED and self.server is None:
+                return
+            self._hold(force)
+            chain = self.chain
+            self._release(None)         # late batches fail with EIO
+            try:
+                if self.server is not None:
+                    self.server.close()
+            finally:
+                self.server = None
+                self.state = STATE_CLOSED
+                self.params = None
+                self._size = None
+                if chain is not None:
+                    chain.close()
+
+    def pause(self):
+        """Hold new requests, drain in-flight ones, close the images."""
+        with self._control:
+            if self.state & STATE_PAUSED:
+                return
+            if self.chain is None:
+                raise OSError(errno.EINVAL, "minor %d is not open" % self.minor)
+            self.state |= STATE_PAUSE_REQUESTED | STATE_QUIESCE_REQUESTED
+            try:
+                self._hold()
+            except OSError:
+                self.state &= ~(STATE_PAUSE_REQUESTED | STATE_QUIESCE_REQUESTED)
+                raise
+            chain = self.chain
+            self.chain = None           # the gate stays held: batches wait for resume
+            self._bank(chain)
+            self.state = STATE_PAUSED_ALL
+            chain.close()
+
+    def resume(self, params=None):
+        """Reopen (params: another image of the same size and sector size) and release
+        the waiting requests; if that fails they fail with EIO and the VBD stays paused."""
+        with self._control:
+            if not self.state & STATE_PAUSED:
+                raise OSError(errno.EINVAL, "minor %d is not paused" % self.minor)
+            params = params or self.params
+            try:
+                chain = image.Chain(params, self.flags, self.timeout)
+                if (chain.size, chain.sector_size) != (self._size, self._sector_size):
+                    chain.close()
+                    raise ValueError("%s: size %d / sector size %d differ from the paused "
+                                     "disk's %d / %d" % (params, chain.size, chain.sector_size,
+                                                         self._size, self._sector_size))
+            except Exception:
+                self._release(None)     # waiting requests fail with EIO
+                raise
+            self.params = params
+            self.state = STATE_RUNNING
+            self._release(chain)
+
+    def _bank(self, chain):
+        st = chain.stats()
+        b = self._banked
+        b["secs"] = [x + y for x, y in zip(b["secs"], st["secs"])]
+        b["retries"] += st["retries"]
+        b["images"] = st["images"]
+
+    # -- introspection -----------------------------------------------------------------
+    def stats(self):
+        chain = self.chain
+        b = self._banked
+        secs, retries, images = b["secs"], b["retries"], b["images"]
+        if chain is not None:
+            st = chain.stats()
+            secs = [x + y for x, y in zip(secs, st["secs"])]
+            retries += st["retries"]
+            images = st["images"]
+        server = self.server
+        return {
+            "name": self.params,
+            "minor": self.minor,
+            "state": self.state,
+            "secs": secs,
+            "images": images,
+            "reqs_outstanding": self._inflight,
+            "retries": retries,
+            "nbd": {"path": self.nbd_path if server else None,
+                    "clients": server.clients() if server else 0,
+                    "tcp": list(server.tcp_address[:2]) if server and server.tcp_address
+                    else None},
+        }
+
+    def info(self):
+        if self._size is None:
+            raise OSError(errno.EINVAL, "minor %d is not open" % self.minor)
+        return {"size": self._size, "sector_size": self._sector_size, "info": 0}
+
+    @property
+    def tcp_address(self):
+        return self.server.tcp_address if self.server else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m smtap.tapdisk.vbd",
+                                     description="serve one image over NBD in the foreground")
+    parser.add_argument("params", help="type:/path[?k=v&...]")
+    parser.add_argument("-m", "--minor", type=int, default=0)
+    parser.add_argument("-R", "--read-only", action="store_true")
+    parser.add_argument("-D", "--no-o-direct", action="store_true")
+    parser.add_argument("-e", "--export-name")
+    parser.add_argument("-t", "--timeout", type=int, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--tcp", help="host:port (port 0: any free port)")
+    args = parser.parse_args(argv)
+    flags = (drv.OPEN_RDONLY if args.read_only else 0) | \
+        (drv.OPEN_NO_O_DIRECT if args.no_o_direct else 0)
+    tcp = None
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        tcp = (host or "127.0.0.1", int(port))
+    vbd = VBD(args.minor, settings.runtime_dir())
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        vbd.open(args.params, flags, args.timeout, export_name=args.export_name, tcp=tcp)
+    except (OSError, ValueError) as e:
+        sys.stderr.write("%s: %s\n" % (args.params, e))
+        return 1
+    address = vbd.tcp_address
+    print(vbd.nbd_path + (" %s:%d" % address[:2] if address else ""))
+    sys.stdout.flush()
+    while not done.wait(1):
+        pass
+    vbd.close(force=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

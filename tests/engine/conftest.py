@@ -1,0 +1,104 @@
+"""Engine fixtures: every tapdisk a test starts dies with the test, even on failure."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+
+def tapdisks_under(root):
+    """Pids of the tapdisk daemons running with SMTAP_ROOT=root."""
+    marker = ("SMTAP_ROOT=%s" % root).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                if b"smtap.tapdisk.daemon" not in f.read():
+                    continue
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def reap_tapdisks(smtap_root):
+    """Kill whatever tapdisk the test left running under its root."""
+    yield
+    for pid in tapdisks_under(smtap_root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def tap_ctl(*args, check=True, timeout=60):
+    """Run tap-ctl; returns the CompletedProcess (stdout/stderr as text)."""
+    proc = subprocess.run(["tap-ctl"] + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError("tap-ctl %s failed (%d): %s" % (
+            " ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
+    return proc
+
+
+def image_file(path, size, pattern=None):
+    """A raw image of `size` bytes; `pattern` (bytes) repeated as its content."""
+    with open(path, "wb") as f:
+        if pattern:
+            f.write((pattern * (size // len(pattern) + 1))[:size])
+        else:
+            f.truncate(size)
+    return str(path)
+
+
+class Tap(object):
+    """A created VBD: pid, minor, device, params, and its NBD socket."""
+
+    def __init__(self, pid, minor, device, params):
+        self.pid, self.minor, self.device, self.params = pid, minor, device, params
+        from smtap import settings
+        self.nbd_path = os.path.join(settings.runtime_dir(), "nbd%d.%d" % (pid, minor))
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=%s" % self.nbd_path
+
+    def destroy(self):
+        from smtap.tapdisk import tapctl
+        tapctl.destroy(self.pid, self.minor, timeout=30)
+
+
+@pytest.fixture
+def make_tap(smtap_root):
+    """make_tap("aio:/path", **create_kwargs) -> Tap; destroyed after the test."""
+    from smtap.tapdisk import tapctl
+    taps = []
+
+    def make(params, **kwargs):
+        pid, minor, device = tapctl.create(params, **kwargs)
+        tap = Tap(pid, minor, device, params)
+        taps.append(tap)
+        return tap
+
+    yield make
+    for tap in taps:
+        try:
+            tap.destroy()
+        except OSError:
+            pass    # the test destroyed or killed it; reap_tapdisks does the rest
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,130 @@
+"""`make rpm` (real rpmbuild), its contents, and a real `rpm --root` install."""
+import os
+import signal
+import time
+
+import pytest
+
+from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
+                        UPSTREAM_PATHS, VENV_BIN, VERSION, VPY, driver_info, host_env,
+                        read_sm_plugins, run)
+
+pytestmark = pytest.mark.rpm
+
+RAMSR = os.path.join(TOP, "sm", "drivers", "ramSR.py")
+NEED_RAMSR = pytest.mark.skipif(not os.path.exists(RAMSR),
+                                reason="sm/drivers/ramSR.py does not exist yet")
+
+
+def rpm_query(rpm_file, *args):
+    return run(["rpm", "-qp"] + list(args) + [rpm_file]).stdout
+
+
+def rpm_install(rpm_file, root):
+    """rpm --root <empty dir> -i --nodeps --noscripts, its database under that root."""
+    os.makedirs(str(root), exist_ok=True)
+    run(["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
+         "--noscripts", rpm_file])
+    return str(root)
+
+
+def test_rpm_metadata(built_rpm):
+    name, version, arch = rpm_query(built_rpm, "--qf", "%{NAME} %{VERSION} %{ARCH}").split()
+    assert (name, version) == ("smtap", VERSION)
+    assert arch != "noarch"  # it carries the cffi extension
+    requires = set(r.split()[0] for r in rpm_query(built_rpm, "--requires").splitlines())
+    assert {"python3", "python3-cffi", "python3-lxml", "libaio", "xapi-core"} <= requires
+    scripts = rpm_query(built_rpm, "--scripts")
+    assert "smtap-sm-plugins --write" in scripts and "xe-toolstack-restart" in scripts
+
+
+def test_rpm_paths_do_not_clash_with_sm_or_blktap(built_rpm):
+    paths = rpm_query(built_rpm, "-l").splitlines()
+    assert not set(UPSTREAM_PATHS) & set(paths)
+    assert not set(SHARED_DIRS) & set(paths), "owns a directory of another package"
+    allowed_files = {"/etc/xapi.conf.d/smtap.conf", "/etc/logrotate.d/smtap", "/var/log/smtap"}
+    strays = [p for p in paths
+              if not (p == "/opt/smtap" or p.startswith("/opt/smtap/")
+                      or p.startswith("/etc/xapi.d/plugins/smtap-")
+                      or p.startswith("/usr/share/doc/smtap")
+                      or p in allowed_files
+                      or (p.startswith("/opt/xensource/sm/") and p.endswith("SR")))]
+    assert not strays, strays
+    srs = [os.path.basename(p)[:-2] for p in paths if p.startswith("/opt/xensource/sm/")]
+    assert srs == [t for t in RPM_SR_TYPES if t in ALL_SR_TYPES]
+    assert not set(t.lower() for t in srs) & set(STOCK_SM_PLUGINS)
+    # No dev toolstack, no dev commands.
+    assert not [p for p in paths if "/toolstack" in p]
+    commands = set(os.path.basename(p) for p in paths if p.startswith("/opt/smtap/bin/"))
+    assert {"smtap-sm-plugins", "tap-ctl", "tapdisk"} <= commands <= \
+        {"smtap-sm-plugins", "tap-ctl", "tapdisk", "vhd-util"}
+    # The cffi extension built in %build, byte-code compiled in %install.
+    assert [p for p in paths if p.startswith("/opt/smtap/lib/smtap/tapdisk/_smtap_aio")
+            and p.endswith(".so")]
+    assert [p for p in paths if p.endswith(".pyc")]
+
+
+def test_rpm_installs_into_an_empty_root(built_rpm, tmp_path):
+    root = rpm_install(built_rpm, tmp_path / "root")
+    out = run(["rpm", "--root", root, "--dbpath", "/var/lib/rpm", "-q", "smtap"]).stdout
+    assert out.startswith("smtap-%s-" % VERSION)
+    # rpm -V: every file as packaged.
+    run(["rpm", "--root", root, "--dbpath", "/var/lib/rpm", "-V", "--nodeps", "smtap"])
+    with open(os.path.join(root, "opt/smtap/bin/tap-ctl")) as f:
+        assert f.readline() == "#!/usr/bin/python3\n"
+    value = read_sm_plugins(os.path.join(root, "etc/xapi.conf.d/smtap.conf"))
+    expected = STOCK_SM_PLUGINS + [t for t in RPM_SR_TYPES if t in ALL_SR_TYPES]
+    assert value == expected
+    # The installed commands run from that root (with an interpreter that has the deps).
+    env = host_env(root)
+    assert run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins")],
+               env=env).stdout.split() == expected
+    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--check"], env=env)
+    out = run([VPY, os.path.join(root, "opt/smtap/bin/tap-ctl"), "list"], env=env)
+    assert out.stdout == ""
+    # %post's work on a host whose xapi.conf has its own list: that list is kept.
+    with open(os.path.join(root, "etc/xapi.conf"), "w") as f:
+        f.write("sm-plugins = ext nfs lvm\n")
+    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--write"], env=env)
+    assert read_sm_plugins(os.path.join(root, "etc/xapi.conf.d/smtap.conf")) == \
+        ["ext", "nfs", "lvm"] + expected[len(STOCK_SM_PLUGINS):]
+
+
+@NEED_RAMSR
+def test_installed_ramsr_answers_driver_info(built_rpm, tmp_path):
+    root = rpm_install(built_rpm, tmp_path / "root")
+    info = driver_info(os.path.join(root, "opt/xensource/sm/ramSR"), root)
+    assert info["driver_version"] == VERSION
+    assert info["required_api_version"] and "VDI_CREATE" in info["capabilities"]
+
+
+@NEED_RAMSR
+@pytest.mark.skipif(not os.path.exists(os.path.join(TOP, "toolstack", "server.py")),
+                    reason="the local toolstack (toolstack/server.py) does not exist yet")
+def test_local_toolstack_registers_type_ram(built_rpm_local_python, tmp_path):
+    """smtap-xapi with SMTAP_ROOT=<rpm root>: discovery runs the installed ramSR through
+    the installed sm-plugins drop-in, and an SM record of type ram appears."""
+    from smtap.toolstack import client
+
+    root = rpm_install(built_rpm_local_python, tmp_path / "root")
+    env = host_env(root)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    run([os.path.join(VENV_BIN, "smtap-xapi"), "--daemon"], env=env, timeout=30)
+    pid_file = os.path.join(root, "var/lib/smtap/smtap-xapi.pid")
+    try:
+        session = client.session(os.path.join(root, "var/lib/xcp/xapi"))
+        session.xenapi.login_with_password("root", "", "1.0", "smtap-tests")
+        deadline = time.monotonic() + 30
+        while True:
+            records = session.xenapi.SM.get_all_records()
+            types = {r["type"]: r for r in records.values()}
+            if "ram" in types or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "ram" in types, sorted(types)
+        assert types["ram"]["driver_filename"].endswith("/opt/xensource/sm/ramSR")
+        assert types["ram"]["version"] == VERSION
+    finally:
+        if os.path.exists(pid_file):
+            with open(pid_file) as f:
+                os.kill(int(f.read()), signal.SIGTERM)

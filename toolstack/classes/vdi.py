@@ -1,0 +1,160 @@
+"""VDI: driver-backed create/destroy/snapshot/clone/resize/introduce, and the
+SM-only database calls (db_introduce, db_forget, size setters) drivers report with."""
+from smtap.toolstack import errors, smapi
+from smtap.toolstack.classes.sr import assert_attached, forget_vdi_records
+from smtap.toolstack.errors import ApiError, NULL_REF
+from smtap.toolstack.objects import (ApiClass, Field, BOOL, DATETIME, EPOCH, INT, MAP, REF, SET,
+                                     RW, SM_ONLY, record_fields)
+
+VDI = ApiClass("VDI", [
+    Field("name_label", setter=RW), Field("name_description", setter=RW),
+    Field("allowed_operations", SET), Field("current_operations", MAP), Field("SR", REF),
+    Field("VBDs", SET, reverse=("VBD", "VDI")), Field("crash_dumps", SET),
+    Field("virtual_size", INT, setter=SM_ONLY), Field("physical_utilisation", INT, setter=SM_ONLY),
+    Field("type", default="user"), Field("sharable", BOOL, setter=RW),
+    Field("read_only", BOOL, setter=SM_ONLY), Field("other_config", MAP, setter=RW),
+    Field("storage_lock", BOOL), Field("location"), Field("managed", BOOL, True, setter=SM_ONLY),
+    Field("missing", BOOL, setter=SM_ONLY), Field("parent", REF),
+    Field("xenstore_data", MAP, setter=RW), Field("sm_config", MAP, setter=SM_ONLY),
+    Field("is_a_snapshot", BOOL, setter=SM_ONLY), Field("snapshot_of", REF, setter=SM_ONLY),
+    Field("snapshots", SET, reverse=("VDI", "snapshot_of")),
+    Field("snapshot_time", DATETIME, setter=SM_ONLY), Field("tags", SET, setter=RW),
+    Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW),
+    Field("metadata_of_pool", REF, setter=SM_ONLY), Field("metadata_latest", BOOL),
+    Field("is_tools_iso", BOOL), Field("cbt_enabled", BOOL, setter=SM_ONLY),
+    Field("attach", MAP, hidden=True),   # this host's vdi_attach result, while attached
+], by_name_label=True)
+
+
+def _ref_arg(ref):
+    return "" if ref in ("", NULL_REF, None) else ref
+
+
+def from_result(ctx, result):
+    """The record a driver introduced for a {uuid, location} result."""
+    if not isinstance(result, dict) or "uuid" not in result:
+        raise ApiError(errors.SR_BACKEND_FAILURE, "driver result has no uuid", str(result), "")
+    return ctx.store.ref_of_uuid("VDI", result["uuid"])
+
+
+def attached_vbds(ctx, vdi):
+    return [ref for ref, rec in ctx.store.find("VBD", VDI=vdi) if rec["currently_attached"]]
+
+
+@VDI.method
+def create(ctx, record):
+    fields = record_fields("VDI", record, ["SR", "virtual_size"])
+    sr = fields["SR"]
+    assert_attached(ctx, sr)
+    size = VDI.fields["virtual_size"].coerce(fields["virtual_size"])
+    read_only = VDI.fields["read_only"].coerce(fields.get("read_only", False))
+    args = [size, fields.get("name_label", ""), fields.get("name_description", ""),
+            "", "false", EPOCH, "", "true" if read_only else "false"]
+    result = smapi.call(ctx, sr, "vdi_create", args,
+                        vdi_sm_config=dict(fields.get("sm_config") or {}),
+                        vdi_type=fields.get("type", "user"))
+    ref = from_result(ctx, result)
+    # What the driver does not know about, XAPI sets itself.
+    extra = {k: fields[k] for k in ("other_config", "xenstore_data", "tags", "sharable")
+             if k in fields}
+    if extra:
+        ctx.store.update("VDI", ref, {k: VDI.fields[k].coerce(v) for k, v in extra.items()})
+    return ref
+
+
+@VDI.method
+def destroy(ctx, self):
+    vdi = ctx.store.get("VDI", self)
+    if attached_vbds(ctx, self):
+        raise ApiError(errors.VDI_IN_USE, self, "destroy")
+    assert_attached(ctx, vdi["SR"])
+    smapi.call(ctx, vdi["SR"], "vdi_delete", vdi_ref=self)
+    if ctx.store.exists("VDI", self):
+        forget_vdi_records(ctx, self)
+
+
+def _copy(ctx, vdi_ref, command, driver_params):
+    vdi = ctx.store.get("VDI", vdi_ref)
+    assert_attached(ctx, vdi["SR"])
+    result = smapi.call(ctx, vdi["SR"], command, vdi_ref=vdi_ref,
+                        driver_params=dict(driver_params or {}))
+    ref = from_result(ctx, result)
+    driver = ctx.ts.driver(ctx.store.get("SR", vdi["SR"])["type"])
+    if smapi.has(driver, "vdi_update"):
+        smapi.call(ctx, vdi["SR"], "vdi_update", vdi_ref=ref)
+    return ref
+
+
+@VDI.method
+def snapshot(ctx, vdi, driver_params=None):
+    return _copy(ctx, vdi, "vdi_snapshot", driver_params)
+
+
+@VDI.method
+def clone(ctx, vdi, driver_params=None):
+    return _copy(ctx, vdi, "vdi_clone", driver_params)
+
+
+@VDI.method
+def resize(ctx, vdi, size):
+    rec = ctx.store.get("VDI", vdi)
+    assert_attached(ctx, rec["SR"])
+    size = VDI.fields["virtual_size"].coerce(size)
+    smapi.call(ctx, rec["SR"], "vdi_resize", [size], vdi_ref=vdi)
+
+
+@VDI.method
+def update(ctx, vdi):
+    rec = ctx.store.get("VDI", vdi)
+    smapi.call(ctx, rec["SR"], "vdi_update", vdi_ref=vdi)
+
+
+@VDI.method
+def introduce(ctx, uuid, name_label, name_description, SR, type, sharable, read_only,
+              other_config, location, xenstore_data, sm_config, managed=True,
+              virtual_size="0", physical_utilisation="0", metadata_of_pool="",
+              is_a_snapshot=False, snapshot_time=EPOCH, snapshot_of=""):
+    """vdi_introduce: the driver checks `location` and db_introduces the record."""
+    assert_attached(ctx, SR)
+    result = smapi.call(ctx, SR, "vdi_introduce", vdi_location=location,
+                        vdi_sm_config=dict(sm_config or {}), new_uuid=uuid)
+    ref = from_result(ctx, result)
+    changes = {"other_config": other_config or {}, "xenstore_data": xenstore_data or {}}
+    if name_label:
+        changes["name_label"] = name_label
+    if name_description:
+        changes["name_description"] = name_description
+    ctx.store.update("VDI", ref, {k: VDI.fields[k].coerce(v) for k, v in changes.items()})
+    return ref
+
+
+@VDI.method
+def forget(ctx, vdi):
+    ctx.store.get("VDI", vdi)
+    if attached_vbds(ctx, vdi):
+        raise ApiError(errors.VDI_IN_USE, vdi, "forget")
+    forget_vdi_records(ctx, vdi)
+
+
+@VDI.method
+def db_introduce(ctx, uuid, name_label, name_description, SR, type, sharable, read_only,
+                 other_config, location, xenstore_data, sm_config, managed=True,
+                 virtual_size="0", physical_utilisation="0", metadata_of_pool="",
+                 is_a_snapshot=False, snapshot_time=EPOCH, snapshot_of="", cbt_enabled=False):
+    ctx.require_sm_session(SR)
+    ctx.store.get("SR", SR)
+    return ctx.store.create("VDI", {
+        "uuid": uuid, "name_label": name_label, "name_description": name_description,
+        "SR": SR, "type": type, "sharable": sharable, "read_only": read_only,
+        "other_config": other_config, "location": location, "xenstore_data": xenstore_data,
+        "sm_config": sm_config, "managed": managed, "virtual_size": virtual_size,
+        "physical_utilisation": physical_utilisation,
+        "metadata_of_pool": _ref_arg(metadata_of_pool) or NULL_REF,
+        "is_a_snapshot": is_a_snapshot, "snapshot_time": snapshot_time,
+        "snapshot_of": _ref_arg(snapshot_of) or NULL_REF, "cbt_enabled": cbt_enabled})
+
+
+@VDI.method
+def db_forget(ctx, vdi):
+    ctx.require_sm_session(ctx.store.get("VDI", vdi)["SR"])
+    forget_vdi_records(ctx, vdi)

@@ -1,0 +1,136 @@
+"""Driver discovery at start-up: <Name>SR executables, the sm-plugins whitelist, SM records."""
+import concurrent.futures
+import glob
+import logging
+import os
+import re
+
+from smtap import settings
+from smtap.toolstack import smapi
+from smtap.toolstack.errors import ApiError
+
+log = logging.getLogger("smtap.xapi.discovery")
+
+STOCK_PLUGINS = "ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe shm smb"
+
+
+class Driver(object):
+    def __init__(self, sr_type, path, record):
+        self.type = sr_type
+        self.path = path
+        self.record = record            # the SM record's fields
+        self.capabilities = set(record["capabilities"])
+
+
+def conf_value(key):
+    """The last assignment of `key` in xapi.conf then xapi.conf.d/*.conf (name order)."""
+    value = None
+    files = [settings.xapi_conf()] + sorted(glob.glob(os.path.join(settings.xapi_conf_d(), "*.conf")))
+    for path in files:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            line = line.split("#", 1)[0]
+            if "=" in line:
+                k, v = line.split("=", 1)
+                if k.strip() == key:
+                    value = v.strip()
+    return value
+
+
+def whitelist():
+    """The allowed SR types, or None when `*` allows every driver."""
+    value = conf_value("sm-plugins")
+    names = re.split(r"[\s,]+", STOCK_PLUGINS if value is None else value)
+    names = set(n.lower() for n in names if n)
+    return None if "*" in names else names
+
+
+def find_drivers():
+    """{type: path} of the whitelisted executables named <Name>SR in the SM dir."""
+    allowed = whitelist()
+    found = {}
+    try:
+        entries = sorted(os.listdir(settings.sm_dir()))
+    except OSError:
+        return found
+    for name in entries:
+        path = os.path.join(settings.sm_dir(), name)
+        if not (name.endswith("SR") and len(name) > 2 and os.path.isfile(path)
+                and os.access(path, os.X_OK)):
+            continue
+        sr_type = name[:-2].lower()
+        if allowed is None or sr_type in allowed:
+            found[sr_type] = path
+        else:
+            log.info("driver %s not in sm-plugins, skipped", name)
+    return found
+
+
+def sm_record(sr_type, path, info):
+    """SM record fields from an sr_get_driver_info struct."""
+    caps, features = [], {}
+    for entry in info.get("capabilities", []):
+        name, _, version = str(entry).partition("/")
+        caps.append(name)
+        features[name] = int(version) if version.isdigit() else 1
+    if "ATOMIC_PAUSE" in caps:
+        for extra in ("VDI_ACTIVATE", "VDI_DEACTIVATE"):
+            if extra not in caps:
+                caps.append(extra)
+                features[extra] = 1
+    config = {}
+    for item in info.get("configuration", []):
+        if isinstance(item, dict):
+            config[str(item.get("key", ""))] = str(item.get("description", ""))
+    return {"type": sr_type, "name_label": str(info.get("name", "")),
+            "name_description": str(info.get("description", "")),
+            "vendor": str(info.get("vendor", "")), "copyright": str(info.get("copyright", "")),
+            "version": str(info.get("driver_version", "")),
+            "required_api_version": str(info.get("required_api_version", "")),
+            "capabilities": caps, "features": features, "configuration": config,
+            "driver_filename": path}
+
+
+def driver_info(host_ref, sr_type, path):
+    params = {"host_ref": host_ref, "command": "sr_get_driver_info", "args": [],
+              "device_config": {}}
+    info = smapi.invoke(path, "sr_get_driver_info", params)
+    if not isinstance(info, dict):
+        raise ApiError(smapi.errors.SR_BACKEND_FAILURE, "bad driver info", str(info), "")
+    return Driver(sr_type, path, sm_record(sr_type, path, info))
+
+
+def discover(host_ref):
+    """Every usable driver, their sr_get_driver_info run in parallel."""
+    paths = find_drivers()
+    drivers = {}
+    if not paths:
+        return drivers
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        futures = {pool.submit(driver_info, host_ref, t, p): t for t, p in paths.items()}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                driver = future.result()
+            except ApiError as e:
+                log.error("driver %s: sr_get_driver_info failed: %s", futures[future], e)
+                continue
+            drivers[driver.type] = driver
+    return drivers
+
+
+def sync_sm_records(store, drivers):
+    """SM records mirror the drivers: kept (same uuid) or updated, added, removed."""
+    with store.transaction():
+        existing = {rec["type"]: ref for ref, rec in store.all("SM")}
+        for sr_type, ref in existing.items():
+            if sr_type not in drivers:
+                store.destroy("SM", ref)
+        for sr_type, driver in drivers.items():
+            if sr_type in existing:
+                store.update("SM", existing[sr_type], driver.record)
+            else:
+                store.create("SM", driver.record)

@@ -1,0 +1,50 @@
+"""One XenAPI message: find the method, check the session and the argument count, run it,
+and wrap the outcome in XAPI's Status/Value or Status/ErrorDescription envelope."""
+import logging
+
+from smtap.toolstack import classes  # noqa: F401  (registers every class)
+from smtap.toolstack import errors
+from smtap.toolstack.context import Context
+from smtap.toolstack.errors import ApiError
+from smtap.toolstack.objects import CLASSES, to_wire
+
+log = logging.getLogger("smtap.xapi.dispatch")
+
+
+def success(value):
+    return {"Status": "Success", "Value": to_wire(value)}
+
+
+def failure(*description):
+    return {"Status": "Failure", "ErrorDescription": [str(d) for d in description]}
+
+
+def dispatch(ts, method, params):
+    try:
+        return success(_call(ts, method, list(params)))
+    except ApiError as e:
+        log.info("%s: %s", method, e)
+        return failure(*e.description)
+    except Exception as e:
+        log.exception("%s failed", method)
+        return failure(errors.INTERNAL_ERROR, "%s: %s" % (type(e).__name__, e))
+
+
+def _call(ts, method, params):
+    cls_name, _, name = str(method).partition(".")
+    klass = CLASSES.get(cls_name)
+    m = klass.methods.get(name) if klass else None
+    if m is None:
+        raise ApiError(errors.MESSAGE_METHOD_UNKNOWN, method)
+    first = 1 if m.session else 0
+    if not m.min_args + first <= len(params) <= m.max_args + first:
+        raise ApiError(errors.MESSAGE_PARAMETER_COUNT_MISMATCH, method,
+                       m.max_args + first, len(params))
+    ctx = Context(ts)
+    if m.session:
+        ref = params[0]
+        session = ts.store.db.get("session", ref) if isinstance(ref, str) else None
+        if session is None:
+            raise ApiError(errors.SESSION_INVALID, ref)
+        ctx = Context(ts, ref, session)
+    return m.fn(ctx, *params[first:])

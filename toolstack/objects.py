@@ -1,0 +1,402 @@
+"""The generic XenAPI object model.
+
+A class is a declaration: its fields (type, default, whether and by whom settable) plus
+its special methods. From the declaration come XAPI's generic messages: get_record,
+get_all, get_all_records, get_all_records_where, get_by_uuid, get_by_name_label,
+get_<field>, set_<field>, add_to_<map>/remove_from_<map>, add_<set>/remove_<set>.
+Records live in the Store (SQLite) with XAPI's field names; reverse references
+(SR.VDIs, VDI.VBDs, ...) are computed when a record is read.
+"""
+import inspect
+import re
+import time
+import uuid as uuidlib
+import xmlrpc.client
+
+from smtap.toolstack import errors
+from smtap.toolstack.errors import ApiError, NULL_REF
+
+STRING, INT, FLOAT, BOOL, REF, SET, MAP, DATETIME = (
+    "string", "int", "float", "bool", "ref", "set", "map", "datetime")
+EPOCH = "19700101T00:00:00Z"
+DEFAULTS = {STRING: "", INT: 0, FLOAT: 0.0, BOOL: False, REF: NULL_REF, SET: [], MAP: {},
+            DATETIME: EPOCH}
+
+# Who may call a field's setters.
+RW = "rw"        # any session
+SM_ONLY = "sm"   # only the SM session of the object's SR (drivers reporting state)
+
+CLASSES = {}
+
+
+def new_ref():
+    return "OpaqueRef:" + str(uuidlib.uuid4())
+
+
+class Field(object):
+    def __init__(self, name, kind=STRING, default=None, setter=None, reverse=None, hidden=False):
+        self.name = name
+        self.kind = kind
+        self.default = DEFAULTS[kind] if default is None else default
+        self.setter = setter
+        self.reverse = reverse   # (class, field): refs of that class pointing at this object
+        self.hidden = hidden     # internal bookkeeping, never on the wire
+
+    def coerce(self, value):
+        """A wire value (int64 as a string, bool, DateTime...) as stored."""
+        try:
+            if self.kind == INT:
+                return int(value)
+            if self.kind == FLOAT:
+                return float(value)
+            if self.kind == BOOL:
+                if isinstance(value, bool):
+                    return value
+                if str(value).lower() in ("true", "false"):
+                    return str(value).lower() == "true"
+                raise ValueError(value)
+            if self.kind == DATETIME:
+                return value.value if isinstance(value, xmlrpc.client.DateTime) else str(value)
+            if self.kind == SET:
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(value)
+                return [str(v) for v in value]
+            if self.kind == MAP:
+                if not isinstance(value, dict):
+                    raise ValueError(value)
+                return {str(k): v if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        else str(v) for k, v in value.items()}
+            if isinstance(value, (dict, list, tuple)):
+                raise ValueError(value)
+            return str(value)
+        except (TypeError, ValueError):
+            raise ApiError(errors.FIELD_TYPE_ERROR, self.name)
+
+
+class Method(object):
+    """A message: fn(ctx, *args). `session` False for the login calls."""
+
+    def __init__(self, fn, session=True):
+        self.fn = fn
+        self.session = session
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        self.max_args = len(params)
+        self.min_args = len([p for p in params if p.default is inspect.Parameter.empty])
+
+
+class ApiClass(object):
+    def __init__(self, name, fields, by_name_label=False):
+        self.name = name
+        self.fields = {f.name: f for f in [Field("uuid")] + fields}
+        self.methods = {}
+        self._add_generic_methods(by_name_label)
+        CLASSES[name] = self
+
+    def method(self, fn=None, name=None, session=True):
+        """Decorator registering a special method, named after the function."""
+        def register(f):
+            self.methods[name or f.__name__] = Method(f, session)
+            return f
+        return register(fn) if fn else register
+
+    def visible(self):
+        return [f for f in self.fields.values() if not f.hidden]
+
+    def defaults(self):
+        return {f.name: _copy(f.default) for f in self.fields.values() if not f.reverse}
+
+    def _add_generic_methods(self, by_name_label):
+        cls = self
+        m = self.methods
+
+        def get_record(ctx, self):
+            return ctx.store.export(cls.name, self)
+        m["get_record"] = Method(get_record)
+        m["get_all"] = Method(lambda ctx: [ref for ref, _ in ctx.store.all(cls.name)])
+
+        def get_all_records(ctx):
+            return ctx.store.export_all(cls.name)
+        m["get_all_records"] = Method(get_all_records)
+
+        def get_all_records_where(ctx, expr):
+            test = parse_where(expr)
+            return {ref: rec for ref, rec in ctx.store.export_all(cls.name).items() if test(rec)}
+        m["get_all_records_where"] = Method(get_all_records_where)
+
+        def get_by_uuid(ctx, uuid):
+            return ctx.store.ref_of_uuid(cls.name, uuid)
+        m["get_by_uuid"] = Method(get_by_uuid)
+        if by_name_label:
+            def get_by_name_label(ctx, label):
+                return [ref for ref, rec in ctx.store.all(cls.name) if rec["name_label"] == label]
+            m["get_by_name_label"] = Method(get_by_name_label)
+        for field in self.visible():
+            self._add_field_methods(field)
+
+    def _add_field_methods(self, field):
+        cls, name, m = self, field.name, self.methods
+
+        def get(ctx, self):
+            return ctx.store.export(cls.name, self)[name]
+        m["get_" + name] = Method(get)
+        if not field.setter:
+            return
+
+        def modify(ctx, ref, change):
+            with ctx.store.transaction():
+                rec = ctx.store.get(cls.name, ref)
+                if field.setter == SM_ONLY:
+                    ctx.require_sm_session(cls.sr_of(ref, rec))
+                ctx.store.update(cls.name, ref, {name: change(rec[name])})
+
+        def set_(ctx, self, value):
+            modify(ctx, self, lambda old: field.coerce(value))
+        m["set_" + name] = Method(set_)
+        if field.kind == MAP:
+            def add_to(ctx, self, key, value):
+                def change(old):
+                    if key in old:
+                        raise ApiError(errors.MAP_DUPLICATE_KEY, cls.name, name, self, key)
+                    return dict(old, **{str(key): str(value)})
+                modify(ctx, self, change)
+
+            def remove_from(ctx, self, key):
+                modify(ctx, self, lambda old: {k: v for k, v in old.items() if k != key})
+            m["add_to_" + name] = Method(add_to)
+            m["remove_from_" + name] = Method(remove_from)
+        elif field.kind == SET:
+            def add(ctx, self, value):
+                modify(ctx, self, lambda old: old if value in old else old + [str(value)])
+
+            def remove(ctx, self, value):
+                modify(ctx, self, lambda old: [v for v in old if v != value])
+            m["add_" + name] = Method(add)
+            m["remove_" + name] = Method(remove)
+
+    def sr_of(self, ref, rec):
+        """The SR whose SM session may use this class's SM-only setters."""
+        return ref if self.name == "SR" else rec.get("SR", NULL_REF)
+
+
+def _copy(value):
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+def wire_value(field, value):
+    if field.kind == INT:
+        return str(value)
+    if field.kind == DATETIME:
+        return xmlrpc.client.DateTime(value)
+    if field.kind == MAP:
+        return {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                for k, v in value.items()}
+    return value
+
+
+class Store(object):
+    """Typed access to the records of the generic classes, over db.Database."""
+
+    def __init__(self, db):
+        self.db = db
+        self.transaction = db.transaction
+
+    def create(self, cls, fields=None, ref=None):
+        """A new record: declared defaults, then `fields` (coerced). Returns its ref."""
+        klass = CLASSES[cls]
+        rec = klass.defaults()
+        for name, value in (fields or {}).items():
+            if name in klass.fields and not klass.fields[name].reverse:
+                rec[name] = klass.fields[name].coerce(value)
+        rec["uuid"] = rec["uuid"] or str(uuidlib.uuid4())
+        ref = ref or new_ref()
+        with self.transaction():
+            if self.db.ref_of_uuid(cls, rec["uuid"]):
+                raise ApiError(errors.INVALID_VALUE, "uuid", rec["uuid"])
+            self.db.insert(cls, ref, rec)
+        return ref
+
+    def get(self, cls, ref):
+        rec = self.db.get(cls, ref)
+        if rec is None:
+            raise ApiError(errors.HANDLE_INVALID, cls, ref)
+        return rec
+
+    def exists(self, cls, ref):
+        return self.db.get(cls, ref) is not None
+
+    def update(self, cls, ref, changes):
+        with self.transaction():
+            rec = self.get(cls, ref)
+            rec.update(changes)
+            self.db.update(cls, ref, rec)
+        return rec
+
+    def destroy(self, cls, ref):
+        self.db.delete(cls, ref)
+
+    def all(self, cls):
+        return self.db.all(cls)
+
+    def find(self, cls, **match):
+        """[(ref, record)] whose fields equal every given value."""
+        return [(ref, rec) for ref, rec in self.db.all(cls)
+                if all(rec.get(k) == v for k, v in match.items())]
+
+    def ref_of_uuid(self, cls, uuid):
+        ref = self.db.ref_of_uuid(cls, str(uuid))
+        if not ref:
+            raise ApiError(errors.UUID_INVALID, cls, uuid)
+        return ref
+
+    def export(self, cls, ref):
+        return self._export(cls, [(ref, self.get(cls, ref))])[ref]
+
+    def export_all(self, cls):
+        return self._export(cls, self.db.all(cls))
+
+    def _export(self, cls, rows):
+        """Wire records ({ref: record}), reverse references filled in."""
+        klass = CLASSES[cls]
+        reverse = {}
+        for f in klass.visible():
+            if f.reverse:
+                other, pointer = f.reverse
+                index = {}
+                for oref, orec in self.db.all(other):
+                    index.setdefault(orec.get(pointer), []).append(oref)
+                reverse[f.name] = index
+        out = {}
+        for ref, rec in rows:
+            wire = {}
+            for f in klass.visible():
+                value = reverse[f.name].get(ref, []) if f.reverse else rec.get(f.name, f.default)
+                wire[f.name] = wire_value(f, value)
+            out[ref] = wire
+        return out
+
+
+def to_wire(value):
+    """A method's result as XAPI sends it: int64 as strings, void as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    return value
+
+
+# --- get_all_records_where: XAPI's expression language ------------------------------
+_TOKEN = re.compile(r'\s*(?:(\()|(\))|(=)|"((?:[^"\\]|\\.)*)"|(\w+))')
+
+
+def parse_where(expr):
+    """A predicate over wire records for `field "X" = "Y" and (...) or not ...`."""
+    tokens = []
+    pos = 0
+    expr = str(expr)
+    while pos < len(expr.rstrip()):
+        m = _TOKEN.match(expr, pos)
+        if not m:
+            raise ApiError(errors.INVALID_VALUE, "expr", expr)
+        lp, rp, eq, string, word = m.groups()
+        tokens.append(("str", string.replace('\\"', '"')) if string is not None
+                      else ("op", lp or rp or eq or word.lower()))
+        pos = m.end()
+    parser = _WhereParser(tokens, expr)
+    pred = parser.or_expr()
+    if parser.i != len(tokens):
+        raise ApiError(errors.INVALID_VALUE, "expr", expr)
+    return pred
+
+
+class _WhereParser(object):
+    def __init__(self, tokens, expr):
+        self.tokens, self.expr, self.i = tokens, expr, 0
+
+    def peek(self):
+        return self.tokens[self.i] if self.i < len(self.tokens) else (None, None)
+
+    def take(self, kind=None, value=None):
+        tok = self.peek()
+        if tok[0] is None or (kind and tok[0] != kind) or (value and tok[1] != value):
+            raise ApiError(errors.INVALID_VALUE, "expr", self.expr)
+        self.i += 1
+        return tok[1]
+
+    def or_expr(self):
+        left = self.and_expr()
+        while self.peek() == ("op", "or"):
+            self.take()
+            right, prev = self.and_expr(), left
+            left = lambda r, a=prev, b=right: a(r) or b(r)
+        return left
+
+    def and_expr(self):
+        left = self.unary()
+        while self.peek() == ("op", "and"):
+            self.take()
+            right, prev = self.unary(), left
+            left = lambda r, a=prev, b=right: a(r) and b(r)
+        return left
+
+    def unary(self):
+        tok = self.peek()
+        if tok == ("op", "not"):
+            self.take()
+            inner = self.unary()
+            return lambda r: not inner(r)
+        if tok == ("op", "("):
+            self.take()
+            inner = self.or_expr()
+            self.take("op", ")")
+            return inner
+        if tok in (("op", "true"), ("op", "false")):
+            self.take()
+            return lambda r, v=tok[1] == "true": v
+        left = self.operand()
+        self.take("op", "=")
+        right = self.operand()
+        return lambda r: left(r) == right(r)
+
+    def operand(self):
+        if self.peek() == ("op", "field"):
+            self.take()
+            name = self.take("str").replace("__", "_")
+            return lambda r: _as_text(r.get(name))
+        value = self.take("str")
+        return lambda r: value
+
+
+def _as_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, xmlrpc.client.DateTime):
+        return value.value
+    return "" if value is None else str(value)
+
+
+def record_fields(cls, record, required=()):
+    """The constructor fields of a create(record) call; missing required ones refused."""
+    if not isinstance(record, dict):
+        raise ApiError(errors.FIELD_TYPE_ERROR, "record")
+    for name in required:
+        if name not in record:
+            raise ApiError(errors.FIELD_TYPE_ERROR, name)
+    fields = CLASSES[cls].fields
+    return {k: v for k, v in record.items() if k in fields and not fields[k].reverse
+            and not fields[k].hidden and k != "uuid"}
+
+
+def now():
+    return time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime())
+
+
+def call(ctx, name, *args):
+    """Run another class's message in this context (no import cycles between classes)."""
+    cls, method = name.split(".", 1)
+    return CLASSES[cls].methods[method].fn(ctx, *args)
