@@ -217,6 +217,7 @@ def respond(sr_class, info, argv, strict_keys=False):
                          % len(argv)).message)
     try:
         command, params = wire.decode_call(argv[0])
+        log.set_context(command)
         request = Request(command, params)
         log.set_context(command, request.sr_uuid, request.vdi_uuid or request.new_uuid)
         log.info("%s args=%s%s", command, request.args,

@@ -67,7 +67,10 @@ class Request(object):
         self.params = params
         self.host_ref = params.get("host_ref")
         self.session_ref = params.get("session_ref")
-        self.args = [str(a) for a in params.get("args") or []]
+        args = params.get("args") or []
+        if not isinstance(args, list):
+            raise bad_request("%s: args must be an array, got %r" % (command, args))
+        self.args = [str(a) for a in args]
         self.device_config = _struct(params, "device_config")
         self.sr_ref = params.get("sr_ref")
         self.sr_uuid = params.get("sr_uuid")

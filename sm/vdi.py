@@ -81,7 +81,7 @@ class VDI(object):
         self.unimplemented("vdi_deactivate")
 
     def snapshot(self, driver_params):
-        """A new read-only point-in-time VDI (is_a_snapshot, snapshot_of set); return it."""
+        """A new point-in-time VDI (is_a_snapshot, snapshot_of, snapshot_time set); return it."""
         self.unimplemented("vdi_snapshot")
 
     def clone(self, driver_params):

@@ -24,8 +24,11 @@ class Toolstack(object):
         with self._locks_guard:
             return self._locks.setdefault(key, threading.RLock())
 
-    def driver(self, sr_type):
+    def wait_for_drivers(self):
         self.drivers_ready.wait(DISCOVERY_WAIT)
+
+    def driver(self, sr_type):
+        self.wait_for_drivers()
         try:
             return self.drivers[sr_type]
         except KeyError:

@@ -40,6 +40,8 @@ def _call(ts, method, params):
     if not m.min_args + first <= len(params) <= m.max_args + first:
         raise ApiError(errors.MESSAGE_PARAMETER_COUNT_MISMATCH, method,
                        m.max_args + first, len(params))
+    if klass.needs_drivers:
+        ts.wait_for_drivers()
     ctx = Context(ts)
     if m.session:
         ref = params[0]

@@ -44,22 +44,22 @@ class _Arena(object):
         if r < 0:
             _raise(-r, "io_setup")
         self.ctx = ctx[0]
-        self.buf = None
-        self.cap = 0
+        self.bufs = [None, None]    # reads, writes: a write batch must not clobber the
+        self.caps = [0, 0]          # read buffers a reply is still sending
         self.nreq = 0
         self.offlen = self.res = None
 
-    def buffer(self, size):
-        if size > self.cap:
+    def buffer(self, op, size):
+        if size > self.caps[op]:
             cap = max(size, 1 << 20)
             cap = (cap + PAGE - 1) & ~(PAGE - 1)
             ptr = self.ffi.new("void **")
             r = self.lib.posix_memalign(ptr, PAGE, cap)
             if r:
                 _raise(r, "posix_memalign")
-            self.buf = self.ffi.gc(self.ffi.cast("char *", ptr[0]), self.lib.free)
-            self.cap = cap
-        return self.buf
+            self.bufs[op] = self.ffi.gc(self.ffi.cast("char *", ptr[0]), self.lib.free)
+            self.caps[op] = cap
+        return self.bufs[op]
 
     def arrays(self, n):
         if n > self.nreq:
@@ -161,7 +161,7 @@ class AioDriver(driver.Driver):
             flat.append(offset)
             flat.append(length)
             total += length
-        buf = arena.buffer(total)
+        buf = arena.buffer(op, total)
         offlen, res = arena.arrays(n)
         offlen[0:2 * n] = flat
         if data is not None:

@@ -102,3 +102,68 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
             return True
         time.sleep(interval)
     return predicate()
+
+
+# -- data path fixtures (VBD served in a subprocess, NBD clients) ------------------------
+class Served(object):
+    """A VBD served by `python -m smtap.tapdisk.vbd` in a subprocess."""
+
+    def __init__(self, proc, nbd_path, tcp=None):
+        self.proc, self.nbd_path, self.tcp = proc, nbd_path, tcp
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=%s" % self.nbd_path
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def serve(smtap_root):
+    """serve("type:/path", "-R", ...) -> Served; stopped after the test."""
+    import sys
+    served = []
+
+    def start(params, *args, minor=None):
+        minor = len(served) if minor is None else minor
+        cmd = [sys.executable, "-m", "smtap.tapdisk.vbd", "-m", str(minor)] + list(args) + [params]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline().split()
+        if not line:
+            err = proc.stderr.read()
+            proc.wait()
+            raise AssertionError("serving %s failed: %s" % (params, err.strip()))
+        s = Served(proc, line[0], line[1] if len(line) > 1 else None)
+        served.append(s)
+        return s
+
+    yield start
+    for s in served:
+        s.stop()
+
+
+def run(*cmd, check=True, timeout=120, input=None):
+    """Run a command; CompletedProcess with text stdout/stderr."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          timeout=timeout, input=input)
+    if check and proc.returncode:
+        raise AssertionError("%s failed (%d): %s" % (" ".join(map(str, cmd)), proc.returncode,
+                                                     (proc.stderr or proc.stdout).strip()))
+    return proc
+
+
+def nbd_map(uri):
+    """nbdinfo --map as [(offset, length, type)]."""
+    out = run("nbdinfo", "--map", "--json", uri).stdout
+    import json
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]

@@ -5,7 +5,6 @@ import os
 import re
 import socketserver
 import subprocess
-import sys
 import threading
 import uuid
 import xmlrpc.client
@@ -17,7 +16,9 @@ import pytest
 from smtap import settings
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
+# The interpreter drivers run with; SMTAP_SM_PYTHON=/path/to/python3.6 (with
+# PYTHONPATH=<checkout>) runs them as dom0 would.
+PYTHON = os.environ.get("SMTAP_SM_PYTHON") or os.path.join(TOP, ".venv", "bin", "python3")
 HOST_REF = "OpaqueRef:host-0"
 SESSION_REF = "OpaqueRef:session-sm"
 SR_REF = "OpaqueRef:sr-0"
@@ -314,4 +315,4 @@ def log_lines():
 
 def helper_driver(name):
     """A test driver module in this directory, run as a script."""
-    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
+    return [PYTHON, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]

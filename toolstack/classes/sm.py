@@ -7,4 +7,4 @@ SM = ApiClass("SM", [
     Field("configuration", MAP), Field("capabilities", SET), Field("features", MAP),
     Field("other_config", MAP, setter=RW), Field("driver_filename"),
     Field("required_cluster_stack", SET),
-], by_name_label=True)
+], by_name_label=True, needs_drivers=True)

@@ -134,5 +134,5 @@ def probe(ctx, host, device_config, type, sm_config=None):
 
 @SR.method
 def get_supported_types(ctx):
-    ctx.ts.drivers_ready.wait()
+    ctx.ts.wait_for_drivers()
     return sorted(ctx.ts.drivers)
