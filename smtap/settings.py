@@ -65,6 +65,11 @@ def xapi_conf_d():
     return host_path("/etc/xapi.conf.d")
 
 
+def testing_hooks_dir():
+    """Fault-injection flags (the smtap-testing-hooks plugin); under /run: gone at reboot."""
+    return host_path("/run/smtap/testing-hooks")
+
+
 def state_dir():
     """The local toolstack's database and pid file."""
     return host_path("/var/lib/smtap")

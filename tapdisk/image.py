@@ -154,7 +154,15 @@ class Chain(object):
         out = None
         pos = 0
         while pos < length:
-            for elen, flags in self._retry(d.extents, length - pos, offset + pos):
+            if offset + pos >= d.size:          # past a smaller image: zeros
+                if out is None:
+                    out = bytearray(length)
+                break
+            extents = [(min(length - pos, d.size - offset - pos), 0)]
+            if d.can_extents:
+                extents = self._retry(d.extents, min(length - pos, d.size - offset - pos),
+                                      offset + pos)
+            for elen, flags in extents:
                 elen = min(elen, length - pos)
                 if flags & drv.EXTENT_HOLE:
                     piece = self._read(level + 1, elen, offset + pos)
@@ -235,6 +243,9 @@ class Chain(object):
 
     def _extents(self, level, length, offset):
         d = self.images[level].driver
+        if offset >= d.size:                    # past the end of a smaller parent
+            return [(length, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+        length = min(length, d.size - offset)
         if not d.can_extents:
             return [(length, 0)]
         ext = self._retry(d.extents, length, offset)

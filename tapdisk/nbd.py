@@ -7,7 +7,8 @@ reads (and of writes) as one driver batch, and answers the whole batch with one
 sendmsg. The VBD's pause gate and the accounting are taken once per batch.
 
 The backend (a VBD) provides: enter() -> Chain or None (None: fail with EIO),
-leave(), and export_name (None: any name is accepted).
+leave(), export_info() -> (size, transmission flags) (known while paused too), and
+export_name (None: any name is accepted).
 """
 import errno
 import logging
@@ -289,13 +290,7 @@ class Session(object):
         return fixed is None or name == fixed
 
     def _export_info(self):
-        chain = self.backend.enter()
-        try:
-            if chain is None:
-                raise OSError(errno.EIO, "the disk is not open")
-            return chain.size, transmission_flags(chain)
-        finally:
-            self.backend.leave()
+        return self.backend.export_info()
 
     def handshake(self):
         """Run the option haggling. True: go to transmission; False: client left."""
@@ -662,8 +657,8 @@ class Session(object):
         end = offset + length
         while pos < end and len(descs) < MAX_EXTENTS:
             ext = chain.extents(end - pos, pos)
-            if not ext:
-                break
+            if not ext or ext[0][0] <= 0:
+                break                           # a driver that reports nothing: stop here
             for elen, flags in ext:
                 elen = min(elen, end - pos)
                 if elen <= 0:

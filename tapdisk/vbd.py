@@ -48,6 +48,7 @@ class VBD(object):
         self.server = None
         self._size = None           # kept across a pause: resume must not change it
         self._sector_size = None
+        self._export_flags = 0
         self._banked = {"secs": [0, 0], "images": [], "retries": 0}  # chains closed by pause
         self._gate = threading.Condition()
         self._inflight = 0
@@ -106,6 +107,7 @@ class VBD(object):
                     os.makedirs(self.runtime_dir)
                 self.flags, self.export_name = flags, export_name
                 self._size, self._sector_size = chain.size, chain.sector_size
+                self._export_flags = nbd.transmission_flags(chain)
                 self._banked = {"secs": [0, 0], "images": [], "retries": 0}
                 self._release(chain)
                 self.server = nbd.Server(self, self.nbd_path, tcp)
@@ -175,6 +177,7 @@ class VBD(object):
                 raise
             self.params = params
             self.state = STATE_RUNNING
+            self._export_flags = nbd.transmission_flags(chain)
             self._release(chain)
 
     def _bank(self, chain):
@@ -213,6 +216,12 @@ class VBD(object):
         if self._size is None:
             raise OSError(errno.EINVAL, "minor %d is not open" % self.minor)
         return {"size": self._size, "sector_size": self._sector_size, "info": 0}
+
+    def export_info(self):
+        """(size, NBD transmission flags) for a client's handshake."""
+        if self._size is None:
+            raise OSError(errno.EIO, "minor %d is not open" % self.minor)
+        return self._size, self._export_flags
 
     @property
     def tcp_address(self):

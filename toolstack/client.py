@@ -38,7 +38,8 @@ class UnixTransport(XenAPI.UDSTransport):
 
 def session(path=None):
     """An unauthenticated XenAPI.Session on the toolstack socket (default: this root's)."""
-    return XenAPI.Session("http://localhost/", transport=UnixTransport(path or settings.xapi_socket()))
+    transport = UnixTransport(path or settings.xapi_socket())
+    return XenAPI.Session("http://localhost/", transport=transport)
 
 
 def login(path=None, originator="smtap"):

@@ -86,6 +86,6 @@ class Database(object):
     def all(self, cls):
         """[(ref, record)] of a class, in creation order."""
         with self._lock:
-            rows = self._conn.execute("SELECT ref, data FROM objects WHERE class = ? ORDER BY rowid",
-                                      (cls,)).fetchall()
+            rows = self._conn.execute(
+                "SELECT ref, data FROM objects WHERE class = ? ORDER BY rowid", (cls,)).fetchall()
         return [(ref, json.loads(data)) for ref, data in rows]

@@ -11,7 +11,8 @@ from smtap.toolstack.errors import ApiError
 
 log = logging.getLogger("smtap.xapi.discovery")
 
-STOCK_PLUGINS = "ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe shm smb"
+STOCK_PLUGINS = ("ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe "
+                 "shm smb")
 
 
 class Driver(object):
@@ -25,7 +26,8 @@ class Driver(object):
 def conf_value(key):
     """The last assignment of `key` in xapi.conf then xapi.conf.d/*.conf (name order)."""
     value = None
-    files = [settings.xapi_conf()] + sorted(glob.glob(os.path.join(settings.xapi_conf_d(), "*.conf")))
+    drop_ins = sorted(glob.glob(os.path.join(settings.xapi_conf_d(), "*.conf")))
+    files = [settings.xapi_conf()] + drop_ins
     for path in files:
         try:
             with open(path) as f:

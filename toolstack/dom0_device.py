@@ -28,7 +28,7 @@ def _blockdev():
         return None
 
 
-def create(vdi_uuid, params_nbd, params=""):
+def create(vdi_uuid, params_nbd, params="", writable=True):
     """Fields for the VDI's attach info: the device name (and the block device we own)."""
     path, name = parse_nbd(params_nbd)
     blockdev = _blockdev()
@@ -36,7 +36,7 @@ def create(vdi_uuid, params_nbd, params=""):
         return {"device": os.path.basename(params) if params else ""}
     mount_dir = os.path.join(settings.state_dir(), "dom0-devices", vdi_uuid)
     os.makedirs(mount_dir, exist_ok=True)
-    dev = blockdev.attach(path, name, mount_dir)
+    dev = blockdev.attach(path, name, mount_dir, read_only=not writable)
     return {"device": os.path.basename(dev), "blockdev": dev}
 
 

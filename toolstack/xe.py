@@ -138,8 +138,8 @@ def param_list_command(cls):
 
 def param_get_command(cls):
     def run(x, args, out):
-        ref = by_uuid(x, cls, args.need("uuid"))
         name = args.need("param-name")
+        ref = by_uuid(x, cls, args.need("uuid"))
         if name not in [f[0] for f in fields_of(cls)]:
             raise CliError("Unknown field '%s'" % name)
         look = Lookup(x)
@@ -222,9 +222,10 @@ for _cls, _methods in (("PBD", ("plug", "unplug", "destroy")),
 # --- VDI --------------------------------------------------------------------------------
 @command("vdi-create")
 def vdi_create(x, args, out):
+    size, sr_uuid, label = args.size("virtual-size"), args.need("sr-uuid"), args.need("name-label")
     vdi = x.VDI.create({
-        "name_label": args.need("name-label"), "name_description": args.get("name-description", ""),
-        "SR": by_uuid(x, "SR", args.need("sr-uuid")), "virtual_size": args.size("virtual-size"),
+        "name_label": label, "name_description": args.get("name-description", ""),
+        "SR": by_uuid(x, "SR", sr_uuid), "virtual_size": size,
         "type": args.get("type", "user"), "sharable": args.flag("sharable"),
         "read_only": args.flag("read-only"), "other_config": {}, "xenstore_data": {},
         "sm_config": args.map("sm-config"), "tags": []})
@@ -307,7 +308,8 @@ def main(argv=None, out=None, err=None):
         err.write("%s\n" % e)
         return 1
     except (OSError, socket.error) as e:
-        err.write("Error: cannot connect to the toolstack at %s: %s\n" % (settings.xapi_socket(), e))
+        err.write("Error: cannot connect to the toolstack at %s: %s\n"
+                  % (settings.xapi_socket(), e))
         return 1
     try:
         fn(session.xenapi, args, out)

@@ -12,6 +12,7 @@ cost nothing); `size=` sets the size (needed when the file does not exist). Vola
 default; with `writeback=1` flush and close write the changed chunks back to the file
 (runs of zeros are punched as holes).
 """
+import ctypes
 import errno
 import mmap
 import os
@@ -83,10 +84,7 @@ class RamDriver(driver.Driver):
         self._map = mmap.mmap(-1, nchunks << CHUNK_SHIFT,
                               flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
         self._mv = memoryview(self._map)
-        ffi, lib = _lib()
-        ptr = ffi.from_buffer(self._map)
-        self._addr = int(ffi.cast("uintptr_t", ptr))
-        ffi.release(ptr)
+        self._addr = _address(self._map)
         try:
             if st_size:
                 self._load(min(st_size, self.size))
@@ -258,6 +256,16 @@ class RamDriver(driver.Driver):
 
     def debug(self):
         return {"allocated": self.used, "budget": self.budget, "writeback": self.writeback}
+
+
+def _address(mapping):
+    """The address of a mmap's memory (for madvise); the ctypes export is dropped at once
+    (ffi.from_buffer/release would need cffi >= 1.12, newer than some dom0s have)."""
+    view = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
 
 
 def _pwrite_all(fd, buf, offset):

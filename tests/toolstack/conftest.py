@@ -77,8 +77,9 @@ class Host(object):
     def add_driver(self, name="TestSR", **config):
         """A test driver (see testsr.py), configured by a JSON file it reads each call."""
         self.write("/opt/xensource/sm/%s" % name,
-                   "#!%s\nimport runpy\nrunpy.run_path(%r, run_name='__main__')\n"
-                   % (VENV_PYTHON, os.path.join(os.path.dirname(__file__), "testsr.py")), 0o755)
+                   "#!%s\nimport runpy\nrunpy.run_path(%r, {'DRIVER_NAME': %r}, '__main__')\n"
+                   % (VENV_PYTHON, os.path.join(os.path.dirname(__file__), "testsr.py"), name),
+                   0o755)
         self.configure_driver(name, **config)
 
     def configure_driver(self, name="TestSR", **config):

@@ -1,21 +1,12 @@
 """The XenAPI surface through the real XenAPI client, against DummySR."""
-import http.client
 import socket
 import xmlrpc.client
 
 import pytest
-import XenAPI
 
 from smtap import settings
 from smtap.toolstack import client, inventory
-
-GiB = 1 << 30
-
-
-def failure(fn, *args):
-    with pytest.raises(XenAPI.Failure) as e:
-        fn(*args)
-    return e.value.details
+from toolstack_util import GiB, failure
 
 
 def raw_post(body):
@@ -84,7 +75,7 @@ def test_errors_are_xapi_error_descriptions(xapi):
     assert failure(xapi.SR.create, host, {}, "0", "x", "", "nope", "", False, {}) == [
         "SR_UNKNOWN_DRIVER", "nope"]
     assert xapi.SR.get_all() == []   # the refused create left nothing behind
-    assert failure(xapi.VDI.get_all_records_where, 'field "SR" = ') [0] == "INVALID_VALUE"
+    assert failure(xapi.VDI.get_all_records_where, 'field "SR" = ')[0] == "INVALID_VALUE"
     # A bad session (raw: XenAPI.Session would log in again on SESSION_INVALID).
     assert raw_call("VDI.get_all", "OpaqueRef:bogus") == {
         "Status": "Failure", "ErrorDescription": ["SESSION_INVALID", "OpaqueRef:bogus"]}
@@ -153,7 +144,7 @@ def test_field_accessors_maps_and_privileged_setters(xapi):
         assert failure(call, *args)[0] == "RBAC_PERMISSION_DENIED"
     assert xapi.VDI.get_virtual_size(vdi) == str(GiB)
     assert xapi.VDI.get_record(vdi)["name_label"] == "renamed"
-    assert failure(xapi.VDI.set_virtual_size, vdi) [0] == "MESSAGE_PARAMETER_COUNT_MISMATCH"
+    assert failure(xapi.VDI.set_virtual_size, vdi)[0] == "MESSAGE_PARAMETER_COUNT_MISMATCH"
     assert failure(xapi.VDI.set_location, vdi, "x")[0] == "MESSAGE_METHOD_UNKNOWN"
 
 

@@ -1,7 +1,8 @@
 """A test SR driver (installed as <Name>SR by the fixtures): records every call and
 answers like a minimal driver, with behaviour set by /var/lib/testsr/<Name>.json:
 caps (capability list), faults ({command: [code, message]}), exit ({command: status}),
-garbage ({command: stdout text}), sleep ({command: seconds})."""
+garbage ({command: stdout text}), sleep ({command: seconds}), nbd (the socket path
+vdi_attach names; default: one that does not exist)."""
 import fcntl
 import json
 import os
@@ -13,7 +14,7 @@ import xmlrpc.client
 from smtap import settings
 from smtap.toolstack import client
 
-NAME = os.path.basename(sys.argv[0])
+NAME = globals().get("DRIVER_NAME") or os.path.basename(sys.argv[0])
 STATE = settings.host_path("/var/lib/testsr")
 ALL_CAPS = ["SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH",
             "VDI_ACTIVATE", "VDI_DEACTIVATE", "VDI_CLONE", "VDI_SNAPSHOT", "VDI_RESIZE",
@@ -86,8 +87,9 @@ def answer(command, params, config):
         x.VDI.set_virtual_size(params["vdi_ref"], args[0])
         return {"uuid": params["vdi_uuid"], "location": params["vdi_location"]}
     if command == "vdi_attach":
-        return {"params_nbd": "nbd:unix:%s/nbd/%s:exportname=%s" % (
-                    STATE, params["vdi_uuid"], params["vdi_uuid"]),
+        return {"params_nbd": "nbd:unix:%s:exportname=%s" % (
+                    config.get("nbd", "%s/nbd/%s" % (STATE, params["vdi_uuid"])),
+                    params["vdi_uuid"]),
                 "params": "/dev/sm/backend/%s" % params["vdi_uuid"], "o_direct": True,
                 "xenstore_data": {}}
     raise xmlrpc.client.Fault(38, "not implemented: " + command)

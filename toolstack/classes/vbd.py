@@ -104,7 +104,7 @@ def attach(ctx, sr, vdi, writable):
         raise
     try:
         vdi_uuid = ctx.store.get("VDI", vdi)["uuid"]
-        info.update(dom0_device.create(vdi_uuid, info["params_nbd"], info["params"]))
+        info.update(dom0_device.create(vdi_uuid, info["params_nbd"], info["params"], writable))
     except Exception as e:
         _undo(ctx, sr, vdi, activated=True)
         raise ApiError(errors.INTERNAL_ERROR, "dom0 block device: %s" % e)

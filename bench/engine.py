@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Benchmark the tapdisk engine's NBD data path against its peers, in one invocation.
+
+fio's nbd engine drives every server on the same data, one job at a time, alternating
+servers within each job:
+  * file:   engine aio (O_DIRECT), engine aio -D (page cache), nbdkit file (page cache),
+            qemu-nbd -f raw --cache=none --aio=native (O_DIRECT),
+            qemu-nbd -f raw --cache=writeback (page cache), on one 1 GiB raw file;
+  * memory: engine ram vs nbdkit memory (both filled with the same 1 GiB first);
+  * python: engine aio -D vs a minimal nbdkit python plugin on the same file.
+Jobs: 4k randread QD32, 4k randwrite QD32, 1M read QD8, 1M write QD8.
+
+    .venv/bin/python3 bench/engine.py [--runtime 5] [--size-mib 1024]
+
+The engine side runs through `tap-ctl create` under a private SMTAP_ROOT.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.join(TOP, ".venv", "bin")
+
+JOBS = [
+    ("4k randread QD32", "randread", "4k", 32),
+    ("4k randwrite QD32", "randwrite", "4k", 32),
+    ("1M read QD8", "read", "1M", 8),
+    ("1M write QD8", "write", "1M", 8),
+]
+
+PYTHON_PLUGIN = '''\
+import os
+import nbdkit
+API_VERSION = 2
+fd = -1
+
+def config(key, value):
+    global path
+    if key == "file":
+        path = value
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+def open(readonly):
+    return os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+
+def get_size(h):
+    return os.fstat(h).st_size
+
+def pread(h, buf, offset, flags):
+    buf[:] = os.pread(h, len(buf), offset)
+
+def pwrite(h, buf, offset, flags):
+    os.pwrite(h, buf, offset)
+
+def close(h):
+    os.close(h)
+'''
+
+
+def wait_socket(path, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            sys.exit("%s exited %d: %s" % (what, proc.returncode, err))
+        if time.time() > deadline:
+            sys.exit("%s: no socket %s after %ss" % (what, path, timeout))
+        time.sleep(0.05)
+
+
+class Servers(object):
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs = []
+        self.taps = []
+        self.env = dict(os.environ, SMTAP_ROOT=os.path.join(tmp, "root"),
+                        PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+
+    def tap(self, params, *flags):
+        out = subprocess.run(["tap-ctl", "create", "-a", params] + list(flags), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if out.returncode:
+            sys.exit("tap-ctl create %s: %s" % (params, out.stderr.strip()))
+        minor = int(out.stdout.strip().rsplit("-", 1)[1])
+        listing = subprocess.run(["tap-ctl", "list", "-m", str(minor)], env=self.env,
+                                 stdout=subprocess.PIPE, text=True, check=True).stdout
+        pid = int(listing.split("pid=")[1].split()[0])
+        self.taps.append((pid, minor))
+        path = os.path.join(self.env["SMTAP_ROOT"], "run", "blktap-control",
+                            "nbd%d.%d" % (pid, minor))
+        wait_socket(path, None, params)
+        return "nbd+unix:///?socket=" + path
+
+    def spawn(self, name, cmd, sock):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        wait_socket(sock, proc, name)
+        return "nbd+unix:///?socket=" + sock
+
+    def sock(self, name):
+        return os.path.join(self.tmp, name + ".sock")
+
+    def close(self):
+        for pid, minor in self.taps:
+            subprocess.run(["tap-ctl", "destroy", "-p", str(pid), "-m", str(minor)],
+                           env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def fio(uri, rw, bs, qd, runtime, size):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
+           "--iodepth=%d" % qd, "--size=%d" % size, "--runtime=%d" % runtime, "--time_based",
+           "--randrepeat=0", "--output-format=json"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if out.returncode:
+        sys.exit("fio %s: %s" % (uri, out.stderr.strip()))
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    side = job["write" if "write" in rw else "read"]
+    return side["iops"], side["bw_bytes"] / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    args = parser.parse_args()
+    size = args.size_mib << 20
+    tmp = tempfile.mkdtemp(prefix="smtap-bench-", dir="/var/tmp")
+    servers = Servers(tmp)
+    try:
+        data = os.path.join(tmp, "disk.raw")
+        subprocess.run(["fio", "--name=fill", "--filename=" + data, "--rw=write", "--bs=1M",
+                        "--size=%d" % size, "--ioengine=psync", "--refill_buffers",
+                        "--output=/dev/null"], check=True)
+        plugin = os.path.join(tmp, "plugin.py")
+        with open(plugin, "w") as f:
+            f.write(PYTHON_PLUGIN)
+
+        groups = [
+            ("file", [
+                ("engine aio (O_DIRECT)", servers.tap("aio:" + data)),
+                ("engine aio -D (page cache)", servers.tap("aio:" + data, "-D")),
+                ("nbdkit file (page cache)", servers.spawn(
+                    "nbdkit", ["nbdkit", "-f", "-U", servers.sock("nbdkit-file"), "file",
+                               "file=" + data], servers.sock("nbdkit-file"))),
+                ("qemu-nbd cache=none aio=native", servers.spawn(
+                    "qemu-nbd", ["qemu-nbd", "-f", "raw", "--cache=none", "--aio=native",
+                                 "--shared=8", "-k", servers.sock("qemu-none"), data],
+                    servers.sock("qemu-none"))),
+                ("qemu-nbd cache=writeback", servers.spawn(
+                    "qemu-nbd", ["qemu-nbd", "-f", "raw", "--cache=writeback", "--shared=8",
+                                 "-k", servers.sock("qemu-wb"), data], servers.sock("qemu-wb"))),
+            ]),
+            ("memory", [
+                ("engine ram", servers.tap("ram:" + data)),       # the file is its seed
+                ("nbdkit memory", servers.spawn(
+                    "nbdkit", ["nbdkit", "-f", "-U", servers.sock("nbdkit-mem"), "memory",
+                               "size=%d" % size], servers.sock("nbdkit-mem"))),
+            ]),
+            ("python", [
+                ("engine aio -D", None),
+                ("nbdkit python plugin", servers.spawn(
+                    "nbdkit", ["nbdkit", "-f", "-U", servers.sock("nbdkit-py"), "python", plugin,
+                               "file=" + data], servers.sock("nbdkit-py"))),
+            ]),
+        ]
+        groups[2][1][0] = ("engine aio -D", groups[0][1][1][1])
+        # nbdkit memory gets the same content as the engine's ram disk
+        subprocess.run(["nbdcopy", data, groups[1][1][1][1]], check=True)
+        subprocess.run(["cat", data], stdout=subprocess.DEVNULL, check=True)   # warm the cache
+
+        rows = []
+        started = time.time()
+        for gname, members in groups:
+            for label, rw, bs, qd in JOBS:
+                results = []
+                for name, uri in members:
+                    iops, mbs = fio(uri, rw, bs, qd, args.runtime, size)
+                    results.append((name, iops, mbs))
+                    print("  %-8s %-18s %-32s %9.0f IOPS %8.1f MB/s" % (gname, label, name, iops,
+                                                                        mbs), file=sys.stderr)
+                rows.append((gname, label, results))
+        elapsed = time.time() - started
+    finally:
+        servers.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\n| group | job | server | IOPS | MB/s | engine / server |")
+    print("|---|---|---|---:|---:|---:|")
+    for gname, label, results in rows:
+        engine = results[0]
+        for name, iops, mbs in results:
+            ratio = "" if name.startswith("engine") else "%.2fx" % (engine[1] / iops if iops else 0)
+            if gname == "file" and name.startswith("engine"):
+                ratio = ""
+            print("| %s | %s | %s | %.0f | %.1f | %s |" % (gname, label, name, iops, mbs, ratio))
+        if gname == "file":
+            # like for like: O_DIRECT with O_DIRECT, page cache with page cache
+            pairs = [("engine aio (O_DIRECT)", "qemu-nbd cache=none aio=native"),
+                     ("engine aio -D (page cache)", "nbdkit file (page cache)"),
+                     ("engine aio -D (page cache)", "qemu-nbd cache=writeback")]
+            byname = {n: i for n, i, _ in results}
+            print("| %s | %s | ratios | | | %s |" % (gname, label, "; ".join(
+                "%s / %s = %.2fx" % (a, b, byname[a] / byname[b]) for a, b in pairs if byname[b])))
+    print("\n%d s of fio runs of %d s each; %s; fio %s; nbdkit %s; %s" % (
+        elapsed, args.runtime, os.uname().release,
+        subprocess.run(["fio", "--version"], stdout=subprocess.PIPE, text=True).stdout.strip(),
+        subprocess.run(["nbdkit", "--version"], stdout=subprocess.PIPE, text=True).stdout.split()[-1],
+        subprocess.run(["qemu-nbd", "--version"], stdout=subprocess.PIPE,
+                       text=True).stdout.splitlines()[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

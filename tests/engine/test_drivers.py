@@ -1,0 +1,276 @@
+"""Disk drivers (aio, ram, null) and the generic engine parts: image chains, pause/resume."""
+import errno
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import nbd_map, run
+from smtap import settings
+from smtap.tapdisk import driver as drv
+from smtap.tapdisk import drivers, image, vbd
+
+MiB = 1 << 20
+
+
+def qemu_io(uri, *cmds, check=True, readonly=False):
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
+    for c in cmds:
+        args += ["-c", c]
+    proc = run(*(args + [uri]), check=check)
+    return proc.stdout + proc.stderr
+
+
+def fd_flags_of(pid, path):
+    """open flags of every fd of pid on path."""
+    out = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) != str(path):
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                out.append(int(f.read().split("flags:")[1].split()[0], 8))
+        except OSError:
+            pass
+    return out
+
+
+# -- aio ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("buffered", [False, True])
+def test_aio_direct_and_buffered(serve, tmp_path, buffered):
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(8 * MiB))
+    s = serve("aio:%s" % img, *(["-D"] if buffered else []))
+    flags = fd_flags_of(s.proc.pid, img)
+    assert flags
+    assert any(f & os.O_DIRECT for f in flags) == (not buffered)
+    # aligned and unaligned requests both land where they should
+    qemu_io(s.uri, "write -P 0x21 4096 1M", "write -P 0x43 1000 777", "flush")
+    data = img.read_bytes()
+    assert data[1000:1777] == b"\x43" * 777 and data[4096:4096 + MiB] == b"\x21" * MiB
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(img), s.uri)
+
+
+def test_aio_errors_are_clear(serve, tmp_path):
+    with pytest.raises(AssertionError, match="No such file"):
+        serve("aio:%s" % (tmp_path / "missing.img"))
+    with pytest.raises(AssertionError, match="unknown disk type"):
+        serve("nosuch:%s" % (tmp_path / "missing.img"))
+
+
+def test_aio_extents_follow_the_file(tmp_path):
+    img = tmp_path / "sparse.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(4 * MiB)
+        f.write(b"x" * MiB)
+    d = drivers.get("aio")()
+    d.open(str(img), 0, {})
+    try:
+        ext = d.extents(16 * MiB, 0)
+        assert ext[0] == (4 * MiB, drv.EXTENT_HOLE | drv.EXTENT_ZERO)
+        assert ext[1] == (MiB, 0)
+        assert sum(n for n, _ in ext) == 16 * MiB
+        d.zero(MiB, 4 * MiB, may_trim=True)
+        assert d.extents(MiB, 4 * MiB) == [(MiB, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+        bufs = d.preadv([(4096, 0), (8192, 4 * MiB)])
+        assert [bytes(b) for b in bufs] == [bytes(4096), bytes(8192)]
+    finally:
+        d.close()
+
+
+# -- ram ------------------------------------------------------------------------------------------
+def test_ram_budget_gives_enospc(serve, tmp_path):
+    s = serve("ram:%s?size=%d&budget=%d" % (tmp_path / "none", 64 * MiB, MiB))
+    qemu_io(s.uri, "write -P 1 0 512k")
+    out = qemu_io(s.uri, "write -P 2 8M 2M", check=False)
+    assert "No space left on device" in out
+    qemu_io(s.uri, "read -P 1 0 512k")      # what fit is still there
+    # trimming gives memory back: then it fits
+    qemu_io(s.uri, "discard 0 512k", "write -P 3 8M 1M", "read -P 3 8M 1M")
+
+
+def test_ram_seed_costs_only_its_data(tmp_path):
+    seed = tmp_path / "seed.img"
+    with open(seed, "wb") as f:
+        f.truncate(256 * MiB)
+        f.seek(100 * MiB)
+        f.write(b"\x7f" * MiB)
+        f.write(bytes(MiB))                      # written zeros cost nothing either
+    d = drivers.get("ram")()
+    d.open(str(seed), 0, {})
+    try:
+        assert d.size == 256 * MiB
+        assert d.debug()["allocated"] == MiB
+        assert bytes(d.pread(16, 100 * MiB)) == b"\x7f" * 16
+        assert d.extents(MiB, 100 * MiB) == [(MiB, 0)]
+        assert d.extents(MiB, 0) == [(MiB, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+    finally:
+        d.close()
+
+
+def test_ram_is_volatile_unless_writeback(serve, tmp_path):
+    seed = tmp_path / "seed.img"
+    seed.write_bytes(b"\x01" * (8 * MiB))
+    s = serve("ram:%s" % seed)
+    qemu_io(s.uri, "write -P 2 0 1M")
+    s.stop()
+    assert seed.read_bytes() == b"\x01" * (8 * MiB)
+
+    s = serve("ram:%s?writeback=1" % seed)
+    qemu_io(s.uri, "read -P 1 0 1M", "write -P 2 0 1M", "write -z 4M 1M", "flush")
+    data = seed.read_bytes()
+    assert data[:MiB] == b"\x02" * MiB and data[4 * MiB:5 * MiB] == bytes(MiB)
+    # zeros are written back as a hole
+    fd = os.open(seed, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 4 * MiB, os.SEEK_HOLE) == 4 * MiB
+    finally:
+        os.close(fd)
+    qemu_io(s.uri, "write -P 3 7M 64k")
+    s.stop()                                     # close writes back too
+    assert seed.read_bytes()[7 * MiB:7 * MiB + 65536] == b"\x03" * 65536
+
+
+def test_ram_writeback_creates_the_file(serve, tmp_path):
+    path = tmp_path / "new.img"
+    s = serve("ram:%s?size=%d&writeback=1" % (path, 4 * MiB))
+    qemu_io(s.uri, "write -P 9 1M 4k")
+    s.stop()
+    assert os.path.getsize(path) == 4 * MiB
+    assert path.read_bytes()[MiB:MiB + 4096] == b"\x09" * 4096
+
+
+# -- null -------------------------------------------------------------------------------------------
+def test_null_reads_zeros_discards_writes(serve):
+    s = serve("null:whatever?size=%d" % (3 * MiB))
+    assert run("nbdinfo", "--size", s.uri).stdout.strip() == str(3 * MiB)
+    qemu_io(s.uri, "write -P 5 0 1M", "read -P 0 0 1M")
+    assert nbd_map(s.uri) == [(0, 3 * MiB, 3)]
+
+
+# -- image chains, with a test-only layered disk type -----------------------------------------
+LAYERS = {}
+BLOCK = 65536
+
+
+@drivers.register
+class LayerDriver(drv.Driver):
+    """layer:<name>: an image in LAYERS holding some 64 KiB blocks, with a parent."""
+    name = "test-layer"
+    can_extents = True
+
+    def open(self, path, flags, options):
+        self.layer = LAYERS[path]
+        self.size = self.layer["size"]
+        self.path = path
+
+    def pread(self, length, offset):
+        return bytes(self.layer["data"][offset:offset + length])
+
+    def extents(self, length, offset):
+        held = self.layer["held"]
+        first = offset // BLOCK
+        state = first in held
+        end = min(offset + length, self.size)
+        pos = (first + 1) * BLOCK
+        while pos < end and (pos // BLOCK in held) == state:
+            pos += BLOCK
+        return [(min(pos, end) - offset, 0 if state else drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+
+    def get_parent_id(self):
+        return self.layer.get("parent")
+
+    def validate_parent(self, parent):
+        if self.layer.get("bad_parent"):
+            raise OSError(errno.EINVAL, "%s is not the parent of %s" % (parent.path, self.path))
+
+
+def layer(name, size, blocks, parent=None, **kw):
+    data = bytearray(size)
+    for b, value in blocks.items():
+        data[b * BLOCK:(b + 1) * BLOCK] = bytes([value]) * BLOCK
+    LAYERS[name] = dict(size=size, data=data, held=set(blocks), parent=parent, **kw)
+
+
+def test_chain_reads_through_parents(smtap_root):
+    layer("base", 512 * 1024, {0: 1, 1: 1, 2: 1})             # smaller than the leaf
+    layer("mid", MiB, {1: 2, 5: 2}, parent="test-layer:base")
+    layer("leaf", MiB, {2: 3}, parent="test-layer:mid")
+    v = vbd.VBD(7, settings.runtime_dir())
+    v.open("test-layer:leaf", drv.OPEN_RDONLY)
+    try:
+        uri = "nbd+unix:///?socket=" + v.nbd_path
+        out = smtap_root / "out.img"
+        run("nbdcopy", uri, out)
+        got = out.read_bytes()
+        want = bytearray(MiB)
+        for b, value in {0: 1, 1: 2, 2: 3, 5: 2}.items():
+            want[b * BLOCK:(b + 1) * BLOCK] = bytes([value]) * BLOCK
+        assert got == bytes(want)
+        # unaligned reads spanning layers
+        qemu_io(uri, "read -P 1 1000 64536", "read -P 2 65536 65536", "read -P 0 196608 100000",
+                readonly=True)
+        assert nbd_map(uri) == [(0, 3 * BLOCK, 0), (3 * BLOCK, 2 * BLOCK, 3), (5 * BLOCK, BLOCK, 0),
+                                (6 * BLOCK, MiB - 6 * BLOCK, 3)]
+        st = v.stats()
+        assert [i["name"] for i in st["images"]] == ["test-layer:leaf", "test-layer:mid",
+                                                     "test-layer:base"]
+        assert all(i["hits"][0] > 0 for i in st["images"])
+        assert st["secs"][0] >= 4 * BLOCK // 512     # nbdcopy skips the holes
+    finally:
+        v.close()
+
+
+def test_chain_validation_failure_leaves_nothing_open(smtap_root):
+    layer("p", MiB, {})
+    layer("c", MiB, {}, parent="test-layer:p", bad_parent=True)
+    v = vbd.VBD(8, settings.runtime_dir())
+    with pytest.raises(OSError, match="not the parent"):
+        v.open("test-layer:c")
+    assert v.state == vbd.STATE_CLOSED and not os.path.exists(v.nbd_path)
+    layer("loop", MiB, {}, parent="test-layer:loop")
+    with pytest.raises(ValueError, match="deeper than"):
+        image.Chain("test-layer:loop")
+
+
+# -- pause / resume in process -------------------------------------------------------------------
+def test_pause_holds_requests_and_resume_releases_them(smtap_root, tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\x05" * (4 * MiB))
+    other = tmp_path / "e.img"
+    other.write_bytes(b"\x06" * (4 * MiB))
+    v = vbd.VBD(9, settings.runtime_dir())
+    v.open("aio:%s" % img)
+    uri = "nbd+unix:///?socket=" + v.nbd_path
+    try:
+        qemu_io(uri, "write -P 7 0 64k")
+        v.pause()
+        assert v.state == 0x2a and v.info()["size"] == 4 * MiB
+        reader = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read -P 6 0 64k", uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)
+        assert reader.poll() is None                       # waiting for the resume
+        v.resume("aio:%s" % other)                         # another image, same size
+        out, _ = reader.communicate(timeout=30)
+        assert reader.returncode == 0, out
+        assert v.state == 0 and v.params == "aio:%s" % other
+
+        # a failed resume (size differs) fails the waiting requests with EIO
+        small = tmp_path / "s.img"
+        small.write_bytes(bytes(MiB))
+        v.pause()
+        reader = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read 0 4k", uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)
+        with pytest.raises(ValueError, match="differ"):
+            v.resume("aio:%s" % small)
+        out, _ = reader.communicate(timeout=30)
+        assert "Input/output error" in out, out
+        assert v.state == 0x2a
+        v.resume()                                         # the right image: running again
+        qemu_io(uri, "read -P 6 0 64k")
+    finally:
+        v.close()
+    assert v.state == vbd.STATE_CLOSED and not os.path.exists(v.nbd_path)
