@@ -159,10 +159,10 @@ def main():
                                "file=" + data], servers.sock("nbdkit-file"))),
                 ("qemu-nbd cache=none aio=native", servers.spawn(
                     "qemu-nbd", ["qemu-nbd", "-f", "raw", "--cache=none", "--aio=native",
-                                 "--shared=8", "-k", servers.sock("qemu-none"), data],
+                                 "--shared=8", "-t", "-k", servers.sock("qemu-none"), data],
                     servers.sock("qemu-none"))),
                 ("qemu-nbd cache=writeback", servers.spawn(
-                    "qemu-nbd", ["qemu-nbd", "-f", "raw", "--cache=writeback", "--shared=8",
+                    "qemu-nbd", ["qemu-nbd", "-f", "raw", "--cache=writeback", "--shared=8", "-t",
                                  "-k", servers.sock("qemu-wb"), data], servers.sock("qemu-wb"))),
             ]),
             ("memory", [
