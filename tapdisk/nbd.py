@@ -287,7 +287,7 @@ class Session(object):
 
     def _name_ok(self, name):
         fixed = self.backend.export_name
-        return fixed is None or name == fixed
+        return fixed is None or name in ("", fixed)     # "": the default export
 
     def _export_info(self):
         return self.backend.export_info()
@@ -441,14 +441,11 @@ class Session(object):
         backend = self.backend
         enter, leave = backend.enter, backend.leave
         unpack = _REQUEST.unpack_from
-        simple = _SIMPLE.pack
-        data_chunk = _DATA_CHUNK.pack
-        structured = self.structured
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         have = 0
-        size = None
-        readonly = False
+        size, tflags = backend.export_info()
+        readonly = bool(tflags & TF_READ_ONLY)
         while True:
             n = sock.recv_into(view[have:])
             if not n:
@@ -469,11 +466,6 @@ class Session(object):
             disconnect = False
             chain = enter()
             try:
-                if chain is not None:
-                    size = chain.size
-                    readonly = chain.readonly
-                elif size is None:
-                    size = 0
                 while have - pos >= 28:
                     magic, flags, typ, handle, offset, length = unpack(buf, pos)
                     if magic != REQUEST_MAGIC:
@@ -496,9 +488,7 @@ class Session(object):
                         if length > MAX_REQUEST:
                             raise ProtocolError("write of %d bytes" % length)
                         if have - pos < 28 + length:
-                            if 28 + length > len(buf):
-                                break       # grown below, once this batch is answered
-                            break
+                            break           # wait for the payload (the buffer grows below)
                         data = view[pos + 28:pos + 28 + length]
                         pos += 28 + length
                         err = 0

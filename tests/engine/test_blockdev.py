@@ -1,6 +1,5 @@
 """A VBD as a real block device (nbdfuse + loop): a file system survives a re-attach."""
 import os
-import subprocess
 
 import pytest
 

@@ -5,7 +5,6 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 
 import pytest

@@ -1,0 +1,510 @@
+"""`make demo`: the suite end to end on a simulated host, through the real `xe`.
+
+Installs the suite into a temporary root (as `make install` lays it out on a host),
+starts the local toolstack there, and drives it with the installed `xe` like a person
+would: a ram SR, a VDI, a dom0 VBD plugged -> /dev/loopN, mkfs.ext4, mount, files
+written and read back, a snapshot (checked by plugging it read-only: e2fsck and the same
+files), then everything unplugged and destroyed. Each step prints its command line and
+its time. At the end nothing may be left behind: no process, loop device, mount, socket,
+link or record of the root. Exit 0 only if every step worked and nothing is left.
+
+    make demo                       # = make build; .venv/bin/python3 -m smtap.toolstack.demo
+    python3 -m smtap.toolstack.demo --sr-type file --keep-going ...
+
+The functions leftovers() and cleanup() are shared with tests/e2e.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+
+from smtap import settings
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
+MiB = 1 << 20
+
+# The VDI's runtime link <root>/run/blktap-control/nbd/<sr>/<vdi> (97 bytes past the
+# root) is the NBD socket path clients connect to; sun_path holds 107 bytes.
+ROOT_MAX = 107 - len("/run/blktap-control/nbd/") - 36 - 1 - 36
+
+
+class StepFailed(Exception):
+    pass
+
+
+# --- what a root may leave behind ------------------------------------------------------
+def _under(path, root):
+    root = root.rstrip("/") + "/"
+    return path == root.rstrip("/") or path.startswith(root)
+
+
+def _unescape(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(root):
+    """[(mount point, fs type, source)] below root, deepest first."""
+    found = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _under(_unescape(fields[1]), root):
+                found.append((_unescape(fields[1]), fields[2], fields[0]))
+    return sorted(found, key=lambda m: len(m[0]), reverse=True)
+
+
+def loops_under(root):
+    """[(/dev/loopN, backing file)] whose backing file lies below root."""
+    found = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open("/sys/block/%s/loop/backing_file" % name) as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if _under(backing.replace(" (deleted)", ""), root):
+            found.append(("/dev/" + name, backing))
+    return sorted(found)
+
+
+def processes_under(root):
+    """[(pid, command line)] of processes of this root: SMTAP_ROOT=root in their
+    environment, or the root in their command line (tapdisk, nbdfuse)."""
+    marker = ("%s=%s" % (settings.ROOT_ENV, root.rstrip("/"))).encode()
+    rootb = root.rstrip("/").encode() + b"/"
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmdline = f.read()
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                environ = f.read().split(b"\0")
+            with open("/proc/%s/stat" % entry) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue      # a zombie holds nothing; its parent reaps it
+        except OSError:
+            continue
+        if marker in environ or rootb in cmdline:
+            found.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")
+                          .strip()))
+    return found
+
+
+def runtime_entries(root):
+    """Non-directories (sockets, links, markers) left in the root's runtime dir."""
+    base = os.path.join(root, "run", "blktap-control")      # settings.runtime_dir()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+def leftovers(root):
+    """Everything of this root still alive on the machine, as readable lines."""
+    root = str(root).rstrip("/")
+    out = ["process %d: %s" % p for p in processes_under(root)]
+    out += ["loop device %s -> %s" % d for d in loops_under(root)]
+    out += ["mount %s (%s from %s)" % m for m in mounts_under(root)]
+    out += ["runtime entry %s" % e for e in runtime_entries(root)]
+    return out
+
+
+def cleanup(root):
+    """Best effort: unmount, free loop devices, kill processes of the root (in that
+    order: a loop device pins its nbdfuse file). Returns what could not be removed."""
+    root = str(root).rstrip("/")
+    for point, fstype, _ in mounts_under(root):
+        if fstype.startswith("fuse"):
+            continue
+        subprocess.run(["umount", point], stderr=subprocess.DEVNULL)
+    for dev, _ in loops_under(root):
+        subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
+    for point, fstype, _ in mounts_under(root):
+        cmd = ["fusermount3", "-u", point] if fstype.startswith("fuse") else ["umount", point]
+        if subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode:
+            subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL)
+    for pid, _ in processes_under(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.time() + 5
+    while processes_under(root) and time.time() < deadline:
+        time.sleep(0.05)
+    return leftovers(root)
+
+
+def short_root(prefix="/tmp/s"):
+    """A fresh directory short enough for the runtime links (mkdtemp's are too long)."""
+    alphabet = string.ascii_lowercase + string.digits
+    n = ROOT_MAX - len(prefix)
+    for _ in range(1000):
+        path = prefix + "".join(random.choice(alphabet) for _ in range(min(n, 6)))
+        try:
+            os.mkdir(path, 0o755)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError("no free directory name under %s" % prefix)
+
+
+# --- the demo ---------------------------------------------------------------------------
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wait_for_socket(path, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            s.close()
+    return False
+
+
+class Demo(object):
+    def __init__(self, root, sr_type="ram", vdi_size="128MiB", sr_size="512MiB",
+                 location=None, out=sys.stdout):
+        self.root = root
+        self.sr_type = sr_type
+        self.vdi_size = vdi_size
+        self.sr_size = sr_size
+        self.location = location or os.path.join(root, "srv", "file-sr")
+        self.out = out
+        self.env = dict(os.environ, **{settings.ROOT_ENV: root})
+        self.bin = os.path.join(root, "opt", "smtap", "bin")
+        self.env["PATH"] = self.bin + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+        self.xapi = None
+        self.steps = []          # (name, seconds, ok)
+        self.files = {}          # name -> sha256
+        self.mnt = os.path.join(root, "mnt")
+        # What exists, for the clean-up on failure (undone in reverse order).
+        self.mounted = []
+        self.plugged = []
+        self.vbds = []
+        self.vdis = []
+        self.sr = None
+
+    # -- output --------------------------------------------------------------------------
+    def line(self, seconds, text, status):
+        self.out.write("[%6.3f s] %s ... %s\n" % (seconds, text, status))
+        self.out.flush()
+
+    def step(self, text, fn, *args):
+        """Run one step: print it with its time; a failure raises StepFailed."""
+        t0 = time.monotonic()
+        try:
+            result = fn(*args)
+        except Exception as e:
+            dt = time.monotonic() - t0
+            self.steps.append((text, dt, False))
+            self.line(dt, text, "FAILED")
+            msg = str(e).strip()
+            self.out.write("           " + msg.replace("\n", "\n           ") + "\n")
+            raise StepFailed(text)
+        dt = time.monotonic() - t0
+        self.steps.append((text, dt, True))
+        shown = result if isinstance(result, str) and result and len(result) < 60 else None
+        self.line(dt, text, "ok" + (" -> %s" % shown if shown else ""))
+        return result
+
+    # -- commands ------------------------------------------------------------------------
+    def run(self, argv, timeout=120, input=None):
+        proc = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=timeout, input=input, cwd=self.root)
+        if proc.returncode:
+            raise RuntimeError("%s exited %d\n%s" % (
+                " ".join(shlex.quote(a) for a in argv), proc.returncode,
+                (proc.stderr.strip() or proc.stdout.strip())))
+        return proc.stdout.strip()
+
+    def xe(self, *args):
+        return self.run([os.path.join(self.bin, "xe")] + list(args))
+
+    def xe_step(self, *args, label=None):
+        """A step that is one xe command, printed as typed."""
+        text = "xe " + " ".join(shlex.quote(a) for a in args)
+        return self.step(label or text, self.xe, *args)
+
+    def cmd_step(self, argv, **kw):
+        return self.step(" ".join(shlex.quote(a) for a in argv), self.run, argv, **kw)
+
+    # -- the toolstack -------------------------------------------------------------------
+    def install(self):
+        subprocess.run(["make", "-s", "-C", TOP, "install", "DESTDIR=" + self.root,
+                        "PYTHON=" + VENV_PYTHON], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, universal_newlines=True)
+
+    def start(self):
+        log = open(os.path.join(self.root, "smtap-xapi.out"), "a")
+        self.xapi = subprocess.Popen([os.path.join(self.bin, "smtap-xapi")], env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        sock = os.path.join(self.root, "var", "lib", "xcp", "xapi")
+        if not wait_for_socket(sock, 20):
+            raise RuntimeError("smtap-xapi did not start:\n" + self.xapi_output())
+
+    def xapi_output(self):
+        try:
+            with open(os.path.join(self.root, "smtap-xapi.out")) as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.xapi is None:
+            return
+        if self.xapi.poll() is None:
+            self.xapi.send_signal(signal.SIGTERM)
+            try:
+                self.xapi.wait(10)
+            except subprocess.TimeoutExpired:
+                self.xapi.kill()
+                self.xapi.wait()
+        rc, self.xapi = self.xapi.returncode, None
+        if rc not in (0, -signal.SIGTERM):
+            raise RuntimeError("smtap-xapi exited %d\n%s" % (rc, self.xapi_output()))
+
+    # -- the flow --------------------------------------------------------------------------
+    def plug(self, vdi, dom0, mode="RW"):
+        vbd = self.xe_step("vbd-create", "vm-uuid=" + dom0, "vdi-uuid=" + vdi,
+                           "device=%d" % len(self.vbds), "mode=" + mode)
+        self.vbds.append(vbd)
+        self.xe_step("vbd-plug", "uuid=" + vbd)
+        self.plugged.append(vbd)
+        name = self.xe_step("vbd-param-get", "uuid=" + vbd, "param-name=device")
+        dev = "/dev/" + name
+
+        def check_device():
+            if not name or not os.path.exists(dev):
+                raise RuntimeError("vbd-plug gave no block device (device=%r)" % name)
+            backing = dict(loops_under(self.root)).get(dev)
+            if backing is None:
+                raise RuntimeError("%s is not a loop device backed under %s" % (dev, self.root))
+            size = int(self.run(["blockdev", "--getsize64", dev]))
+            want = int(self.xe("vdi-param-get", "uuid=" + vdi, "param-name=virtual-size"))
+            if size != want:
+                raise RuntimeError("%s is %d bytes, the VDI %d" % (dev, size, want))
+            return "%d MiB" % (size // MiB)
+        self.step("check %s: a loop device on the engine's NBD export" % dev, check_device)
+        return vbd, dev
+
+    def unplug(self, vbd):
+        self.xe_step("vbd-unplug", "uuid=" + vbd)
+        self.plugged.remove(vbd)
+        self.xe_step("vbd-destroy", "uuid=" + vbd)
+        self.vbds.remove(vbd)
+
+    def mount(self, dev, point, *options):
+        os.makedirs(point, exist_ok=True)
+        self.cmd_step(["mount"] + list(options) + [dev, point])
+        self.mounted.append(point)
+
+    def umount(self, point):
+        self.cmd_step(["umount", point])
+        self.mounted.remove(point)
+
+    def write_files(self, point):
+        rng = random.Random(42)
+        sizes = {"hello.txt": None, "random-1M.bin": MiB, "random-8M.bin": 8 * MiB}
+        for name, size in sizes.items():
+            path = os.path.join(point, name)
+            data = (b"hello from smtap: a ram SR through tapdisk, nbdfuse and a loop device\n"
+                    if size is None else rng.getrandbits(8 * size).to_bytes(size, "little"))
+            with open(path, "wb") as f:
+                f.write(data)
+            self.files[name] = hashlib.sha256(data).hexdigest()
+        os.makedirs(os.path.join(point, "dir", "sub"))
+        with open(os.path.join(point, "dir", "sub", "manifest.json"), "w") as f:
+            json.dump(self.files, f, sort_keys=True)
+        os.sync()
+        return "%d files, %.1f MiB" % (len(self.files) + 1,
+                                       sum(s or 0 for s in sizes.values()) / MiB)
+
+    def read_back(self, point):
+        for name, digest in self.files.items():
+            got = sha256(os.path.join(point, name))
+            if got != digest:
+                raise RuntimeError("%s: sha256 %s, wrote %s" % (name, got, digest))
+        with open(os.path.join(point, "dir", "sub", "manifest.json")) as f:
+            if json.load(f) != self.files:
+                raise RuntimeError("manifest.json differs")
+        return "%d sha256 match" % len(self.files)
+
+    def check_records(self):
+        left = []
+        for cls in ("vbd", "vdi", "pbd", "sr"):
+            uuids = [u for u in self.xe(cls + "-list", "--minimal").split(",") if u]
+            left += ["%s %s" % (cls.upper(), u) for u in uuids]
+        if left:
+            raise RuntimeError("records left: " + ", ".join(left))
+        return "none"
+
+    def flow(self):
+        self.step("make install DESTDIR=%s PYTHON=%s" % (self.root, VENV_PYTHON), self.install)
+        self.step("smtap-xapi &  (SMTAP_ROOT=%s)" % self.root, self.start)
+        host = self.xe_step("host-list", "--minimal")
+        dom0 = self.xe_step("vm-list", "is-control-domain=true", "--minimal")
+        if self.sr_type == "ram":
+            config = ["device-config:size=" + self.sr_size]
+        else:
+            config = ["device-config:location=" + self.location]
+        self.sr = self.xe_step("sr-create", "host-uuid=" + host, "type=" + self.sr_type,
+                               "name-label=demo-" + self.sr_type, *config)
+        vdi = self.xe_step("vdi-create", "sr-uuid=" + self.sr, "name-label=demo-disk",
+                           "virtual-size=" + self.vdi_size)
+        self.vdis.append(vdi)
+        vbd, dev = self.plug(vdi, dom0)
+        self.cmd_step(["mkfs.ext4", "-q", "-F", "-L", "smtap-demo", dev])
+        point = os.path.join(self.mnt, "disk")
+        self.mount(dev, point)
+        self.step("write files to %s, sync" % point, self.write_files, point)
+        self.umount(point)
+        self.mount(dev, point)
+        self.step("read back, compare sha256", self.read_back, point)
+        self.umount(point)
+        snap = None
+        if self.sr_type == "ram":
+            snap = self.xe_step("vdi-snapshot", "uuid=" + vdi)
+            self.vdis.append(snap)
+        self.unplug(vbd)
+        if snap:
+            svbd, sdev = self.plug(snap, dom0, mode="RO")
+            self.cmd_step(["e2fsck", "-f", "-n", sdev])
+            spoint = os.path.join(self.mnt, "snapshot")
+            self.mount(sdev, spoint, "-o", "ro,noload")
+            self.step("read the snapshot's files, compare sha256", self.read_back, spoint)
+            self.umount(spoint)
+            self.unplug(svbd)
+            self.xe_step("vdi-destroy", "uuid=" + snap)
+            self.vdis.remove(snap)
+        self.xe_step("vdi-destroy", "uuid=" + vdi)
+        self.vdis.remove(vdi)
+        pbd = self.xe_step("pbd-list", "sr-uuid=" + self.sr, "--minimal")
+        self.xe_step("pbd-unplug", "uuid=" + pbd)
+        self.xe_step("sr-destroy", "uuid=" + self.sr)
+        self.sr = None
+        self.step("no records left (xe vbd-list, vdi-list, pbd-list, sr-list)",
+                  self.check_records)
+        self.step("stop smtap-xapi", self.stop)
+
+    def undo(self):
+        """After a failure: undo what exists, through xe while the toolstack runs."""
+        for point in reversed(list(self.mounted)):
+            subprocess.run(["umount", point], stderr=subprocess.DEVNULL)
+        if self.xapi is not None and self.xapi.poll() is None:
+            for vbd in reversed(list(self.plugged)):
+                self._try("vbd-unplug", "uuid=" + vbd)
+            for vbd in reversed(list(self.vbds)):
+                self._try("vbd-destroy", "uuid=" + vbd)
+            for vdi in reversed(list(self.vdis)):
+                self._try("vdi-destroy", "uuid=" + vdi)
+            if self.sr:
+                try:
+                    for pbd in self.xe("pbd-list", "sr-uuid=" + self.sr, "--minimal").split(","):
+                        if pbd:
+                            self._try("pbd-unplug", "uuid=" + pbd)
+                except Exception:
+                    pass
+                self._try("sr-destroy", "uuid=" + self.sr)
+        try:
+            self.stop()
+        except Exception:
+            pass
+
+    def _try(self, *args):
+        try:
+            self.xe(*args)
+        except Exception as e:
+            self.out.write("           clean-up: xe %s: %s\n"
+                           % (" ".join(args), str(e).splitlines()[0]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="smtap demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--sr-type", choices=("ram", "file"), default="ram")
+    parser.add_argument("--vdi-size", default="128MiB")
+    parser.add_argument("--sr-size", default="512MiB", help="the ram SR's budget")
+    parser.add_argument("--keep-root", action="store_true",
+                        help="leave the temporary root (and its logs) in place")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("smtap demo: needs root (loop devices, mounts, FUSE)\n")
+        return 1
+    root = short_root()
+    out = sys.stdout
+    out.write("smtap demo: a %s SR on the local toolstack, root %s\n" % (args.sr_type, root))
+    demo = Demo(root, args.sr_type, args.vdi_size, args.sr_size, out=out)
+    t0 = time.monotonic()
+    ok = True
+    try:
+        demo.flow()
+    except StepFailed as e:
+        ok = False
+        out.write("smtap demo: step failed: %s\n" % e)
+        demo.undo()
+    except BaseException:
+        ok = False
+        demo.undo()
+        cleanup(root)
+        raise
+    t = time.monotonic()
+    left = leftovers(root)
+    if left:
+        ok = False
+        demo.line(time.monotonic() - t, "nothing left behind under %s" % root, "FAILED")
+        for item in left:
+            out.write("           left: %s\n" % item)
+        still = cleanup(root)
+        for item in still:
+            out.write("           could not remove: %s\n" % item)
+    else:
+        demo.line(time.monotonic() - t,
+                  "nothing left behind (processes, loop devices, mounts, runtime sockets "
+                  "and links)", "ok")
+    if not ok and args.keep_root:
+        out.write("smtap demo: root kept for inspection: %s\n" % root)
+    elif not processes_under(root) and not mounts_under(root):
+        shutil.rmtree(root, ignore_errors=True)
+    total = time.monotonic() - t0
+    failed = [s for s in demo.steps if not s[2]]
+    out.write("smtap demo: %s: %d steps in %.2f s%s\n" % (
+        "ok" if ok else "FAILED", len(demo.steps), total,
+        "" if ok else " (failed: %s)" % (failed[0][0] if failed else "leftovers")))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
