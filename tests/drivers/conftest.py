@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from testlib import mounts_under
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
 
@@ -22,14 +24,6 @@ def _toolstack_fixtures():
 
 
 Host = _toolstack_fixtures().Host
-
-
-def mounts_under(root):
-    """Mount points below root, deepest first."""
-    root = str(root).rstrip("/") + "/"
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f]
-    return sorted((p for p in points if p.startswith(root)), key=len, reverse=True)
 
 
 class DriverHost(Host):
@@ -78,26 +72,6 @@ class DriverHost(Host):
         Host.cleanup(self)       # the toolstack and every process under the root
         for point in mounts_under(self.root):
             subprocess.run(["umount", "-l", point])
-
-
-@pytest.fixture
-def smtap_root(monkeypatch):
-    """A short root: the VDI link <root>/run/blktap-control/nbd/<sr>/<vdi> is 97 bytes
-    plus the root, and unix socket paths (NBD clients connect to it) stop at 107."""
-    for _ in range(100):
-        root = "/tmp/d%04x" % random.randrange(1 << 16)
-        try:
-            os.mkdir(root)
-            break
-        except FileExistsError:
-            continue
-    monkeypatch.setenv("SMTAP_ROOT", root)
-    monkeypatch.setenv("PATH", os.path.join(TOP, ".venv", "bin") + os.pathsep
-                       + os.environ.get("PATH", ""))
-    yield root
-    for point in mounts_under(root):
-        subprocess.run(["umount", "-l", point])
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
