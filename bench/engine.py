@@ -8,7 +8,8 @@ servers within each job:
             qemu-nbd -f raw --cache=writeback (page cache), on one 1 GiB raw file;
   * memory: engine ram vs nbdkit memory (both filled with the same 1 GiB first);
   * python: engine aio -D vs a minimal nbdkit python plugin on the same file.
-Jobs: 4k randread QD32, 4k randwrite QD32, 1M read QD8, 1M write QD8.
+Jobs: 4k randread QD32, 4k randwrite QD32, 1M read QD8, 1M write QD8; each server runs
+each job --rounds times (order reversed every other round); the table shows the median.
 
     .venv/bin/python3 bench/engine.py [--runtime 5] [--size-mib 1024]
 
@@ -62,6 +63,22 @@ def pwrite(h, buf, offset, flags):
 def close(h):
     os.close(h)
 '''
+
+
+# which engine configuration each peer is compared with: like for like
+COUNTERPART = {
+    "nbdkit file (page cache)": "engine aio -D (page cache)",
+    "qemu-nbd cache=writeback": "engine aio -D (page cache)",
+    "qemu-nbd cache=none aio=native": "engine aio (O_DIRECT)",
+    "nbdkit memory": "engine ram",
+    "nbdkit python plugin": "engine aio -D",
+}
+
+
+def median(runs):
+    """(IOPS, MB/s) of the median run by IOPS: one disturbed run does not move it."""
+    runs = sorted(runs)
+    return runs[len(runs) // 2]
 
 
 def wait_socket(path, proc, what, timeout=30):
@@ -135,7 +152,8 @@ def fio(uri, rw, bs, qd, runtime, size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--runtime", type=int, default=2, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and job")
     parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
     size = args.size_mib << 20
@@ -187,12 +205,15 @@ def main():
         started = time.time()
         for gname, members in groups:
             for label, rw, bs, qd in JOBS:
-                results = []
-                for name, uri in members:
-                    iops, mbs = fio(uri, rw, bs, qd, args.runtime, size)
-                    results.append((name, iops, mbs))
-                    print("  %-8s %-18s %-32s %9.0f IOPS %8.1f MB/s" % (gname, label, name, iops,
-                                                                        mbs), file=sys.stderr)
+                got = {name: [] for name, _ in members}
+                for rnd in range(args.rounds):       # alternate, reversing the order each round
+                    order = members if rnd % 2 == 0 else members[::-1]
+                    for name, uri in order:
+                        iops, mbs = fio(uri, rw, bs, qd, args.runtime, size)
+                        got[name].append((iops, mbs))
+                        print("  %-7s %-18s %-32s %9.0f IOPS %8.1f MB/s"
+                              % (gname, label, name, iops, mbs), file=sys.stderr)
+                results = [(name,) + median(got[name]) for name, _ in members]
                 rows.append((gname, label, results))
         elapsed = time.time() - started
     finally:
@@ -202,22 +223,13 @@ def main():
     print("\n| group | job | server | IOPS | MB/s | engine / server |")
     print("|---|---|---|---:|---:|---:|")
     for gname, label, results in rows:
-        engine = results[0]
+        byname = {n: i for n, i, _ in results}
         for name, iops, mbs in results:
-            ratio = "" if name.startswith("engine") else "%.2fx" % (engine[1] / iops if iops else 0)
-            if gname == "file" and name.startswith("engine"):
-                ratio = ""
+            twin = COUNTERPART.get(name)
+            ratio = "%.2fx (%s)" % (byname[twin] / iops, twin) if twin and iops else ""
             print("| %s | %s | %s | %.0f | %.1f | %s |" % (gname, label, name, iops, mbs, ratio))
-        if gname == "file":
-            # like for like: O_DIRECT with O_DIRECT, page cache with page cache
-            pairs = [("engine aio (O_DIRECT)", "qemu-nbd cache=none aio=native"),
-                     ("engine aio -D (page cache)", "nbdkit file (page cache)"),
-                     ("engine aio -D (page cache)", "qemu-nbd cache=writeback")]
-            byname = {n: i for n, i, _ in results}
-            print("| %s | %s | ratios | | | %s |" % (gname, label, "; ".join(
-                "%s / %s = %.2fx" % (a, b, byname[a] / byname[b]) for a, b in pairs if byname[b])))
-    print("\n%d s of fio runs of %d s each; %s; fio %s; nbdkit %s; %s" % (
-        elapsed, args.runtime, os.uname().release,
+    print("\n%d s of fio runs (%d rounds of %d s, median); kernel %s; fio %s; nbdkit %s; %s" % (
+        elapsed, args.rounds, args.runtime, os.uname().release,
         subprocess.run(["fio", "--version"], stdout=subprocess.PIPE, text=True).stdout.strip(),
         subprocess.run(["nbdkit", "--version"], stdout=subprocess.PIPE, text=True).stdout.split()[-1],
         subprocess.run(["qemu-nbd", "--version"], stdout=subprocess.PIPE,

@@ -7,6 +7,7 @@ loadable in every dom0 or container; FUSE and loop are.
 """
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,11 @@ def _run(cmd, timeout=60):
         raise BlockdevError("%s failed (%d): %s" % (" ".join(cmd), proc.returncode,
                                                     err.strip() or out.strip()))
     return out
+
+
+def _fusermount():
+    """fuse3's fusermount3, or fuse2's fusermount on older hosts."""
+    return shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
 
 
 def _pidfile(mount_dir):
@@ -110,7 +116,7 @@ def _unmount(mount_dir, timeout):
     deadline = time.time() + timeout
     while _mounted(mount_dir):
         try:
-            _run(["fusermount3", "-u", mount_dir])
+            _run([_fusermount(), "-u", mount_dir])
         except BlockdevError:
             if time.time() > deadline:     # the loop device lets go of the file lazily
                 raise

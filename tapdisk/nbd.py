@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from smtap.tapdisk import driver as drv
 
@@ -91,6 +92,7 @@ MAX_REQUEST = 32 << 20      # largest read/write accepted (and advertised)
 MAX_OPTION = 64 << 10       # option payloads are names and queries
 MAX_EXTENTS = 2048          # per BLOCK_STATUS reply
 RECV_BUFFER = 4 << 20
+HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
 
 # errno the protocol knows; anything else travels as EIO
@@ -140,8 +142,11 @@ def sendall_vectors(sock, bufs):
     """sendmsg a list of buffers, IOV_MAX at a time, looping on partial sends."""
     sendmsg = sock.sendmsg
     while bufs:
-        chunk = bufs[:IOV_MAX]
+        chunk = bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs
         sent = sendmsg(chunk)
+        if sent == sum(map(len, chunk)):        # the usual case: all of it went
+            bufs = bufs[len(chunk):]
+            continue
         i = 0
         for b in chunk:
             n = len(b)
@@ -211,6 +216,7 @@ class Server(object):
             except OSError:
                 if self._closing:
                     return
+                time.sleep(0.1)         # out of fds or the like: do not spin
                 continue
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -226,9 +232,11 @@ class Server(object):
     def _serve(self, sock):
         try:
             session = Session(self.backend, sock)
+            sock.settimeout(HANDSHAKE_TIMEOUT)      # a silent client must not hold a thread
             if session.handshake():
+                sock.settimeout(None)
                 session.transmission()
-        except (EOFError, ProtocolError, OSError) as e:
+        except (EOFError, ProtocolError, OSError, socket.timeout) as e:
             if not self._closing:
                 log.debug("nbd client ended: %s", e)
         except Exception:       # noqa: BLE001 - one client's bug must not end the others
@@ -457,7 +465,9 @@ class Session(object):
             reads = []          # a run of reads: [(length, offset)], their handles
             rhandles = []
             rbytes = 0
-            read_data_out = False   # out holds buffers of an earlier driver batch
+            # out may hold views of driver memory (read replies): they go out before any
+            # write or command can change that memory, or a next batch reuse it
+            views_out = False
             writes = []
             whandles = []
             wbytes = 0
@@ -478,6 +488,9 @@ class Session(object):
                                               "bad read request")
                             continue
                         if writes:
+                            if views_out:
+                                sendall_vectors(sock, out)
+                                out, views_out = [], False
                             self._run_writes(chain, out, writes, whandles, wbytes, wfua)
                             writes, whandles, wbytes, wfua = [], [], 0, False
                         reads.append((length, offset))
@@ -504,11 +517,11 @@ class Session(object):
                             self._error_reply(out, handle, err, "write refused")
                             continue
                         if reads:
-                            if read_data_out:
+                            if views_out:
                                 sendall_vectors(sock, out)
                                 out = []
                             self._run_reads(chain, out, reads, rhandles, rbytes)
-                            read_data_out = True
+                            views_out = True
                             reads, rhandles, rbytes = [], [], 0
                         writes.append((data, offset))
                         whandles.append(handle)
@@ -518,12 +531,15 @@ class Session(object):
                     # any other command ends the runs of reads and writes
                     pos += 28
                     if reads:
-                        if read_data_out:
+                        if views_out:
                             sendall_vectors(sock, out)
                             out = []
                         self._run_reads(chain, out, reads, rhandles, rbytes)
-                        read_data_out = True
+                        views_out = True
                         reads, rhandles, rbytes = [], [], 0
+                    if views_out:
+                        sendall_vectors(sock, out)
+                        out, views_out = [], False
                     if writes:
                         self._run_writes(chain, out, writes, whandles, wbytes, wfua)
                         writes, whandles, wbytes, wfua = [], [], 0, False
@@ -532,11 +548,14 @@ class Session(object):
                         break
                     self._command(chain, out, typ, flags, handle, offset, length, size, readonly)
                 if reads:
-                    if read_data_out:
+                    if views_out:
                         sendall_vectors(sock, out)
                         out = []
                     self._run_reads(chain, out, reads, rhandles, rbytes)
-                if writes:
+                elif writes:
+                    if views_out:
+                        sendall_vectors(sock, out)
+                        out = []
                     self._run_writes(chain, out, writes, whandles, wbytes, wfua)
                 if out:
                     sendall_vectors(sock, out)

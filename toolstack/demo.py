@@ -9,7 +9,7 @@ its time. At the end nothing may be left behind: no process, loop device, mount,
 link or record of the root. Exit 0 only if every step worked and nothing is left.
 
     make demo                       # = make build; .venv/bin/python3 -m smtap.toolstack.demo
-    python3 -m smtap.toolstack.demo --sr-type file --keep-going ...
+    python3 -m smtap.toolstack.demo [--sr-type ram|file] [--vdi-size 128MiB] [--keep-root]
 
 The functions leftovers() and cleanup() are shared with tests/e2e.
 """
@@ -214,6 +214,10 @@ class Demo(object):
         self.vbds = []
         self.vdis = []
         self.sr = None
+        self.vars = {"ROOT": root}   # shell variables of the printed command lines
+
+    def forget(self, value):
+        self.vars = {k: v for k, v in self.vars.items() if v != value or k == "ROOT"}
 
     # -- output --------------------------------------------------------------------------
     def line(self, seconds, text, status):
@@ -252,13 +256,23 @@ class Demo(object):
     def xe(self, *args):
         return self.run([os.path.join(self.bin, "xe")] + list(args))
 
-    def xe_step(self, *args, label=None):
-        """A step that is one xe command, printed as typed."""
-        text = "xe " + " ".join(shlex.quote(a) for a in args)
-        return self.step(label or text, self.xe, *args)
+    def shown(self, argv):
+        """A command line as a person types it: known uuids as $VARIABLES."""
+        text = " ".join(shlex.quote(a) for a in argv)
+        for name, value in self.vars.items():
+            text = text.replace(value, "$" + name)
+        return text
+
+    def xe_step(self, *args, var=None):
+        """A step that is one xe command, printed as typed (VAR=$(xe ...) if kept)."""
+        text = self.shown(["xe"] + list(args))
+        result = self.step("%s=$(%s)" % (var, text) if var else text, self.xe, *args)
+        if var:
+            self.vars[var] = result
+        return result
 
     def cmd_step(self, argv, **kw):
-        return self.step(" ".join(shlex.quote(a) for a in argv), self.run, argv, **kw)
+        return self.step(self.shown(argv), self.run, argv, **kw)
 
     # -- the toolstack -------------------------------------------------------------------
     def install(self):
@@ -276,12 +290,16 @@ class Demo(object):
         if not wait_for_socket(sock, 20):
             raise RuntimeError("smtap-xapi did not start:\n" + self.xapi_output())
 
-    def xapi_output(self):
+    def xapi_log(self):
+        """What smtap-xapi printed (its log: one line per driver call, with its time)."""
         try:
             with open(os.path.join(self.root, "smtap-xapi.out")) as f:
-                return f.read()[-3000:]
+                return f.read()
         except OSError:
             return ""
+
+    def xapi_output(self):
+        return self.xapi_log()[-3000:]
 
     def stop(self):
         if self.xapi is None:
@@ -298,9 +316,9 @@ class Demo(object):
             raise RuntimeError("smtap-xapi exited %d\n%s" % (rc, self.xapi_output()))
 
     # -- the flow --------------------------------------------------------------------------
-    def plug(self, vdi, dom0, mode="RW"):
+    def plug(self, vdi, dom0, mode="RW", var="VBD"):
         vbd = self.xe_step("vbd-create", "vm-uuid=" + dom0, "vdi-uuid=" + vdi,
-                           "device=%d" % len(self.vbds), "mode=" + mode)
+                           "device=%d" % len(self.vbds), "mode=" + mode, var=var)
         self.vbds.append(vbd)
         self.xe_step("vbd-plug", "uuid=" + vbd)
         self.plugged.append(vbd)
@@ -326,6 +344,7 @@ class Demo(object):
         self.plugged.remove(vbd)
         self.xe_step("vbd-destroy", "uuid=" + vbd)
         self.vbds.remove(vbd)
+        self.forget(vbd)
 
     def mount(self, dev, point, *options):
         os.makedirs(point, exist_ok=True)
@@ -373,35 +392,36 @@ class Demo(object):
         return "none"
 
     def flow(self):
-        self.step("make install DESTDIR=%s PYTHON=%s" % (self.root, VENV_PYTHON), self.install)
-        self.step("smtap-xapi &  (SMTAP_ROOT=%s)" % self.root, self.start)
-        host = self.xe_step("host-list", "--minimal")
-        dom0 = self.xe_step("vm-list", "is-control-domain=true", "--minimal")
+        self.step(self.shown(["make", "install", "DESTDIR=" + self.root, "PYTHON=" + VENV_PYTHON]),
+                  self.install)
+        self.step("SMTAP_ROOT=$ROOT smtap-xapi &", self.start)
+        host = self.xe_step("host-list", "--minimal", var="HOST")
+        dom0 = self.xe_step("vm-list", "is-control-domain=true", "--minimal", var="DOM0")
         if self.sr_type == "ram":
             config = ["device-config:size=" + self.sr_size]
         else:
             config = ["device-config:location=" + self.location]
         self.sr = self.xe_step("sr-create", "host-uuid=" + host, "type=" + self.sr_type,
-                               "name-label=demo-" + self.sr_type, *config)
+                               "name-label=demo-" + self.sr_type, *config, var="SR")
         vdi = self.xe_step("vdi-create", "sr-uuid=" + self.sr, "name-label=demo-disk",
-                           "virtual-size=" + self.vdi_size)
+                           "virtual-size=" + self.vdi_size, var="VDI")
         self.vdis.append(vdi)
         vbd, dev = self.plug(vdi, dom0)
         self.cmd_step(["mkfs.ext4", "-q", "-F", "-L", "smtap-demo", dev])
         point = os.path.join(self.mnt, "disk")
         self.mount(dev, point)
-        self.step("write files to %s, sync" % point, self.write_files, point)
+        self.step("write files to %s, sync" % self.shown([point]), self.write_files, point)
         self.umount(point)
         self.mount(dev, point)
         self.step("read back, compare sha256", self.read_back, point)
         self.umount(point)
         snap = None
         if self.sr_type == "ram":
-            snap = self.xe_step("vdi-snapshot", "uuid=" + vdi)
+            snap = self.xe_step("vdi-snapshot", "uuid=" + vdi, var="SNAP")
             self.vdis.append(snap)
         self.unplug(vbd)
         if snap:
-            svbd, sdev = self.plug(snap, dom0, mode="RO")
+            svbd, sdev = self.plug(snap, dom0, mode="RO", var="SNAP_VBD")
             self.cmd_step(["e2fsck", "-f", "-n", sdev])
             spoint = os.path.join(self.mnt, "snapshot")
             self.mount(sdev, spoint, "-o", "ro,noload")
@@ -412,7 +432,7 @@ class Demo(object):
             self.vdis.remove(snap)
         self.xe_step("vdi-destroy", "uuid=" + vdi)
         self.vdis.remove(vdi)
-        pbd = self.xe_step("pbd-list", "sr-uuid=" + self.sr, "--minimal")
+        pbd = self.xe_step("pbd-list", "sr-uuid=" + self.sr, "--minimal", var="PBD")
         self.xe_step("pbd-unplug", "uuid=" + pbd)
         self.xe_step("sr-destroy", "uuid=" + self.sr)
         self.sr = None

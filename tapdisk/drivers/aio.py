@@ -200,9 +200,11 @@ class AioDriver(driver.Driver):
         return out
 
     def pwritev(self, requests):
-        if self.direct and not self._aligned((len(b), o) for b, o in requests):
+        if not self.direct or not self._aligned((len(b), o) for b, o in requests):
+            # buffered: straight from the caller's buffer, no copy into ours
+            pwrite = self.pwrite
             for buf, offset in requests:
-                self.pwrite(buf, offset)
+                pwrite(buf, offset)
             return
         self._batch(1, [(len(b), o) for b, o in requests], [b for b, _ in requests])
 

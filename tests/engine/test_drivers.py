@@ -167,6 +167,10 @@ class LayerDriver(drv.Driver):
         self.path = path
 
     def pread(self, length, offset):
+        fail = self.layer.get("fail")
+        if fail:
+            err = fail.pop(0) if isinstance(fail, list) else fail
+            raise OSError(err, os.strerror(err))
         return bytes(self.layer["data"][offset:offset + length])
 
     def extents(self, length, offset):
@@ -274,3 +278,50 @@ def test_pause_holds_requests_and_resume_releases_them(smtap_root, tmp_path):
     finally:
         v.close()
     assert v.state == vbd.STATE_CLOSED and not os.path.exists(v.nbd_path)
+
+
+def test_transient_errors_are_retried_until_the_timeout(smtap_root):
+    layer("flaky", MiB, {0: 9}, fail=[errno.EAGAIN, errno.EBUSY, errno.EINTR])
+    v = vbd.VBD(10, settings.runtime_dir())
+    v.open("test-layer:flaky", drv.OPEN_RDONLY, timeout=3)
+    uri = "nbd+unix:///?socket=" + v.nbd_path
+    try:
+        started = time.time()
+        qemu_io(uri, "read -P 9 0 64k", readonly=True)     # fails 3 times, then works
+        assert 1.5 < time.time() - started < 10
+        assert v.stats()["retries"] == 2
+        LAYERS["flaky"]["fail"] = errno.EAGAIN               # never gets better
+        started = time.time()
+        out = qemu_io(uri, "read 0 4k", readonly=True, check=False)
+        assert "Input/output error" in out
+        assert 1.5 < time.time() - started < 10
+        LAYERS["flaky"]["fail"] = errno.ENOSPC               # not transient: at once
+        started = time.time()
+        out = qemu_io(uri, "read 0 4k", readonly=True, check=False)
+        assert "No space left on device" in out and time.time() - started < 1.5
+        assert v.stats()["images"][0]["fail"][0] >= 2
+    finally:
+        v.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"")
+    os.truncate(backing, 8 * MiB)
+    dev = run("losetup", "--find", "--show", backing).stdout.strip()
+    yield dev, backing
+    run("losetup", "--detach", dev, check=False)
+
+
+def test_aio_on_a_block_device(serve, loop_device):
+    dev, backing = loop_device
+    s = serve("aio:%s" % dev)
+    assert run("nbdinfo", "--size", s.uri).stdout.strip() == str(8 * MiB)
+    qemu_io(s.uri, "write -P 0x3c 1M 64k", "write -P 0x3d 3000 1000", "flush",
+            "write -z 2M 1M", "discard 4M 1M")
+    qemu_io(s.uri, "read -P 0x3c 1M 64k", "read -P 0x3d 3000 1000", "read -P 0 2M 1M")
+    run("losetup", "--detach", dev, check=False)
+    s.stop()
+    data = backing.read_bytes()
+    assert data[MiB:MiB + 65536] == b"\x3c" * 65536 and data[3000:4000] == b"\x3d" * 1000

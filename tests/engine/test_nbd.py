@@ -297,3 +297,18 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
         err, handle, data = c.simple_reply(4096)
         assert err == 0 and data == bytes([handle - 2000]) * 4096
     c.close()
+
+
+@pytest.mark.parametrize("kind", ["aio", "ram"])
+def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
+    """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"")
+    os.truncate(img, 16 * MiB)
+    s = serve("%s:%s" % (kind, img))
+    out = run("fio", "--name=v", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
+              "--bsrange=512-128k", "--bs_unaligned", "--iodepth=32", "--size=16M",
+              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] >= 15 * MiB
+    assert job["read"]["io_bytes"] == job["write"]["io_bytes"]     # all read back, verified

@@ -1,0 +1,138 @@
+"""File systems on plugged VDIs, the traces a plugged VDI leaves, and a checker for the
+blocks fio writes with --verify=crc32c."""
+import hashlib
+import os
+import random
+import struct
+import subprocess
+import time
+
+from smtap.toolstack import demo
+
+MiB = 1 << 20
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sh(*argv, **kw):
+    """Run a command; its stdout (fails the test on a non-zero exit)."""
+    res = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=kw.pop("timeout", 120), **kw)
+    assert res.returncode == 0, "%s: %s" % (" ".join(argv), res.stderr or res.stdout)
+    return res.stdout
+
+
+def make_fs(dev, point):
+    sh("mkfs.ext4", "-q", "-F", dev)
+    sh("mount", dev, point)
+
+
+def write_files(point, seed=1):
+    """A few files of random data; returns {name: sha256}."""
+    rng = random.Random(seed)
+    files = {}
+    for name, size in (("small.txt", 100), ("one.bin", MiB), ("four.bin", 4 * MiB + 123)):
+        data = rng.getrandbits(8 * size).to_bytes(size, "little")
+        with open(os.path.join(point, name), "wb") as f:
+            f.write(data)
+        files[name] = hashlib.sha256(data).hexdigest()
+    os.sync()
+    return files
+
+
+def read_files(point, files):
+    for name, digest in files.items():
+        with open(os.path.join(point, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+def check_fs(dev_or_image, files):
+    """e2fsck -n the image and compare each file's sha256 through debugfs (no mount)."""
+    sh("e2fsck", "-f", "-n", dev_or_image)
+    for name, digest in files.items():
+        out = subprocess.run(["debugfs", "-R", "cat /" + name, dev_or_image],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+        assert hashlib.sha256(out.stdout).hexdigest() == digest, name
+
+
+def traces(host, sr, vdi):
+    """What a plugged VDI leaves on this host besides the toolstack itself."""
+    xapi_pid = host.proc.pid if host.proc else None
+    found = []
+    found += ["process %d: %s" % p for p in demo.processes_under(host.root) if p[0] != xapi_pid]
+    found += ["loop %s -> %s" % d for d in demo.loops_under(host.root)]
+    found += ["mount %s (%s)" % m[:2] for m in demo.mounts_under(host.root)
+              if m[1] != "tmpfs"]           # the ram SR's own tmpfs stays while it is plugged
+    found += ["runtime %s" % e for e in demo.runtime_entries(host.root)]
+    if os.path.lexists(host.link(sr, vdi)):
+        found.append("link " + host.link(sr, vdi))
+    if host.xe_ok("vdi-list", "uuid=" + vdi, "--minimal"):     # still a record
+        found += ["tag %s" % t for t in host.host_tags(vdi)]
+    return found
+
+
+def wait_dead(pid, timeout=10):
+    """True once pid is gone or a zombie."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- fio's verify blocks --------------------------------------------------------------------
+_POLY = 0x82F63B78
+_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
+    _TABLE.append(_c)
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), as iSCSI and fio's data checksum."""
+    crc, table = 0xFFFFFFFF, _TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+FIO_MAGIC = 0xACCA
+VERIFY_HEADER = struct.Struct("<HHIQQIIHHI")    # fio's struct verify_header (40 bytes)
+CRC32C_HEADER = 4                               # struct vhdr_crc32 after it
+
+
+def check_fio_blocks(image, bs=4096):
+    """Every bs block of an image fio wrote with --verify=crc32c is either untouched
+    (zeros) or one whole fio block: magic, length, its own offset, header and data
+    checksums all right. A torn or misplaced block fails. Returns (written, zero)."""
+    written = zero = 0
+    with open(image, "rb") as f:
+        offset = 0
+        while True:
+            blk = f.read(bs)
+            if not blk:
+                break
+            if blk.count(0) == len(blk):
+                zero += 1
+            else:
+                (magic, _vtype, length, _seed, boff, _s, _ns, _thread, _nio,
+                 hcrc) = VERIFY_HEADER.unpack_from(blk)
+                where = "block at %d" % offset
+                assert magic == FIO_MAGIC and length == bs, "%s: no fio header" % where
+                assert boff == offset, "%s holds the block of offset %d" % (where, boff)
+                assert crc32c(blk[:VERIFY_HEADER.size - 4]) ^ 0xFFFFFFFF == hcrc, \
+                    "%s: bad header checksum" % where
+                (dcrc,) = struct.unpack_from("<I", blk, VERIFY_HEADER.size)
+                crc = crc32c(blk[VERIFY_HEADER.size + CRC32C_HEADER:length])
+                # fio's software and SSE4.2 crc32c differ by the final inversion
+                assert dcrc in (crc, crc ^ 0xFFFFFFFF), \
+                    "%s: torn data (crc32c mismatch)" % where
+                written += 1
+            offset += len(blk)
+    return written, zero

@@ -1,0 +1,134 @@
+"""The demo's flow as tests: an SR, a VDI plugged into dom0 as a loop device, a file
+system on it, files written and read back, a snapshot (ram), everything unplugged and
+destroyed with nothing left; and `make demo`'s module run as a user runs it."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from e2e_helpers import MiB, TOP, check_fs, make_fs, read_files, sh, traces, write_files
+from smtap.toolstack import demo
+
+VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
+STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
+
+
+@pytest.mark.parametrize("sr_type", ["ram", "file"])
+def test_flow(e2e, mnt, sr_type):
+    x = e2e.x
+    sr = e2e.sr_create(sr_type)
+    assert e2e.xe_ok("sr-param-get", "uuid=" + sr, "param-name=type") == sr_type
+    vdi = e2e.vdi_create(sr, "64MiB")
+    vbd, dev = e2e.plug(vdi)
+
+    # The VBD's device names a loop device on nbdfuse over the VDI's tapdisk.
+    assert re.fullmatch(r"/dev/loop\d+", dev), dev
+    vbd_ref = x.VBD.get_by_uuid(vbd)
+    assert x.VBD.get_currently_attached(vbd_ref) is True
+    assert x.VBD.get_device(vbd_ref) == os.path.basename(dev)
+    backing = dict(demo.loops_under(e2e.root))[dev]
+    assert [m for m in e2e.nbdfuse_mounts() if backing.startswith(m[0] + "/")], backing
+    assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
+    assert len(e2e.tapdisks()) == 1
+    assert os.path.islink(e2e.link(sr, vdi))
+    assert e2e.host_tags(vdi) == ["host_" + x.host.get_by_uuid(e2e.host_uuid)]
+
+    make_fs(dev, mnt)
+    files = write_files(mnt)
+    sh("umount", mnt)
+    sh("mount", dev, mnt)
+    read_files(mnt, files)
+    sh("umount", mnt)
+
+    snap = None
+    if sr_type == "ram":                       # while plugged: the tapdisk is paused for it
+        snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
+        assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=is-a-snapshot") == "true"
+        assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=snapshot-of") == vdi
+        assert "paused" not in x.VDI.get_sm_config(x.VDI.get_by_uuid(vdi))
+    else:                                      # raw files: no snapshots until VHD
+        code, _ = e2e.xe_fails("vdi-snapshot", "uuid=" + vdi)
+        assert code == "SR_OPERATION_NOT_SUPPORTED"
+    sh("mount", dev, mnt)                      # the VDI still works after the snapshot
+    read_files(mnt, files)
+    sh("umount", mnt)
+
+    e2e.unplug(vbd)
+    assert traces(e2e, sr, vdi) == []
+    assert e2e.xe_ok("vbd-list", "--minimal") == ""
+
+    if snap:
+        svbd, sdev = e2e.plug(snap, mode="RO")
+        check_fs(sdev, files)
+        sh("mount", "-o", "ro,noload", sdev, mnt)
+        read_files(mnt, files)
+        sh("umount", mnt)
+        with pytest.raises(OSError):          # a read-only plug refuses writes
+            fd = os.open(sdev, os.O_WRONLY)
+            try:
+                os.write(fd, b"x" * 4096)
+            finally:
+                os.close(fd)
+        e2e.unplug(svbd)
+        assert traces(e2e, sr, snap) == []
+        e2e.xe_ok("vdi-destroy", "uuid=" + snap)
+    else:                                      # the raw file holds the file system
+        check_fs(os.path.join(e2e.root, "srv", "files", vdi + ".raw"), files)
+
+    e2e.xe_ok("vdi-destroy", "uuid=" + vdi)
+    e2e.destroy_sr(sr)
+    for cls in ("vbd", "vdi", "pbd", "sr"):
+        assert e2e.xe_ok(cls + "-list", "--minimal") == "", cls
+    assert traces(e2e, sr, vdi) == []
+    assert demo.mounts_under(e2e.root) == []            # the ram SR's tmpfs too
+    e2e.stop()
+    assert demo.leftovers(e2e.root) == []
+
+
+def run_demo(*args):
+    env = {k: v for k, v in os.environ.items() if k != "SMTAP_ROOT"}
+    proc = subprocess.run([VENV_PYTHON, "-m", "smtap.toolstack.demo"] + list(args), cwd=TOP,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300)
+    m = re.match(r"smtap demo: a \w+ SR on the local toolstack, root (\S+)\n", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return proc, m.group(1)
+
+
+def steps(output):
+    return [(m.group("what"), m.group("status")) for m in map(STEP.match, output.splitlines())
+            if m]
+
+
+def test_make_demo_module(tmp_path):
+    proc, root = run_demo()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""                                    # quiet but for its steps
+    done = steps(proc.stdout)
+    assert done and all(status == "ok" for _, status in done), proc.stdout
+    names = [what for what, _ in done]
+    for expected in ("xe sr-create host-uuid=$HOST type=ram", "xe vdi-create sr-uuid=$SR",
+                     "xe vbd-plug uuid=$VBD", "mkfs.ext4", "SNAP=$(xe vdi-snapshot uuid=$VDI)",
+                     "e2fsck -f -n", "read the snapshot's files", "xe vdi-destroy uuid=$SNAP",
+                     "xe sr-destroy uuid=$SR", "nothing left behind"):
+        assert any(expected in n for n in names), (expected, proc.stdout)
+    others = [l for l in proc.stdout.splitlines()[1:] if not STEP.match(l)]
+    assert len(others) == 1 and re.match(r"smtap demo: ok: \d+ steps in [\d.]+ s$", others[0])
+    assert not os.path.exists(root)
+    assert demo.leftovers(root) == []
+
+
+def test_make_demo_fails_cleanly():
+    """A step that fails (a VDI past the ram SR's budget): exit 1, the failing step and its
+    error printed, and still nothing left behind."""
+    proc, root = run_demo("--sr-size", "16MiB", "--vdi-size", "64MiB")
+    assert proc.returncode == 1, proc.stdout
+    done = steps(proc.stdout)
+    assert [s for s in done if s[1] == "FAILED"] == [(
+        [w for w, _ in done if w.startswith("VDI=$(xe vdi-create")][0], "FAILED")]
+    assert "SR_BACKEND_FAILURE_44" in proc.stdout
+    assert "nothing left behind" in done[-1][0] and done[-1][1] == "ok", proc.stdout
+    assert "smtap demo: FAILED" in proc.stdout
+    assert not os.path.exists(root)
+    assert demo.leftovers(root) == []
