@@ -28,7 +28,7 @@ VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 sys.path.insert(0, TOP)
 
 from smtap import settings                      # noqa: E402
-from smtap.toolstack import client, demo       # noqa: E402
+from smtap.toolstack import client, demo, hostroot  # noqa: E402
 
 TARGET = 1.0
 FOUR = ("vdi-create", "vbd-plug", "vbd-unplug", "vdi-destroy")
@@ -132,7 +132,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.stderr.write("sm_ops: needs root (loop devices, mounts, FUSE)\n")
         return 1
-    root = demo.short_root("/tmp/b")
+    root = hostroot.short_root("/tmp/b")
     os.environ[settings.ROOT_ENV] = root
     d = demo.Demo(root, out=open(os.devnull, "w"))
     size = args.vdi_size_mib * MiB
@@ -189,10 +189,10 @@ def main(argv=None):
     finally:
         if not ok:
             d.undo()
-        left = demo.cleanup(root)
+        left = hostroot.cleanup(root)
         if left:
             print("sm_ops: left behind: %s" % "; ".join(left))
-        if not demo.mounts_under(root):
+        if not hostroot.mounts_under(root):
             shutil.rmtree(root, ignore_errors=True)
     return 0
 

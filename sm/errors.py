@@ -6,8 +6,6 @@ expects: Fault(code, "<description> [opterr=<detail>]").
 """
 import os
 
-from lxml import etree
-
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "XE_SR_ERRORCODES.xml")
 
 _table = None  # name -> (code, description), read once per process
@@ -16,6 +14,7 @@ _table = None  # name -> (code, description), read once per process
 def table():
     global _table
     if _table is None:
+        from lxml import etree  # here, not at import: most driver runs raise no error
         root = etree.parse(TABLE_FILE).getroot()
         _table = {}
         for node in root.iter("code"):

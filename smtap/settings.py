@@ -13,14 +13,17 @@ def root():
     return os.environ.get(ROOT_ENV) or "/"
 
 
-def host_path(path):
-    """Map an absolute host path under the current root."""
-    return os.path.join(root(), path.lstrip("/"))
+def host_path(path, under=None):
+    """Map an absolute host path under the current root (or under `under`)."""
+    return os.path.join(under or root(), path.lstrip("/"))
 
 
-def runtime_dir():
+RUNTIME_DIR = "/run/blktap-control"
+
+
+def runtime_dir(under=None):
     """tapdisk control and NBD sockets, minor markers (shared with upstream blktap)."""
-    return host_path("/run/blktap-control")
+    return host_path(RUNTIME_DIR, under)
 
 
 def lock_dir():

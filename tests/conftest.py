@@ -2,11 +2,10 @@
 import os
 import pathlib
 import shutil
-import subprocess
 
 import pytest
 
-from testlib import mounts_under, short_root
+from smtap.toolstack.hostroot import cleanup, short_root
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(TOP, ".venv", "bin")
@@ -15,11 +14,10 @@ VENV_BIN = os.path.join(TOP, ".venv", "bin")
 @pytest.fixture
 def smtap_root(monkeypatch):
     """A fresh host root (a pathlib.Path) for this test; subprocesses inherit it through the environment.
-    Whatever the test mounted under it is unmounted, and the root removed, afterwards."""
+    Whatever the test left (mounts, loop devices, processes) goes, then the root."""
     root = short_root()
     monkeypatch.setenv("SMTAP_ROOT", root)
     monkeypatch.setenv("PATH", VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
     yield pathlib.Path(root)
-    for point in mounts_under(root):
-        subprocess.run(["umount", "-l", point])
+    cleanup(root)   # mounts, loop devices, then processes of the root
     shutil.rmtree(root, ignore_errors=True)

@@ -11,162 +11,31 @@ link or record of the root. Exit 0 only if every step worked and nothing is left
     make demo                       # = make build; .venv/bin/python3 -m smtap.toolstack.demo
     python3 -m smtap.toolstack.demo [--sr-type ram|file] [--vdi-size 128MiB] [--keep-root]
 
-The functions leftovers() and cleanup() are shared with tests/e2e.
+What a root leaves behind is found and removed by smtap.toolstack.hostroot.
 """
 import argparse
 import hashlib
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import sys
 import time
 
 from smtap import settings
+from smtap.toolstack.hostroot import (cleanup, leftovers, loops_under, mounts_under,
+                                      processes_under, short_root)
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 MiB = 1 << 20
 
-# The VDI's runtime link <root>/run/blktap-control/nbd/<sr>/<vdi> (97 bytes past the
-# root) is the NBD socket path clients connect to; sun_path holds 107 bytes.
-ROOT_MAX = 107 - len("/run/blktap-control/nbd/") - 36 - 1 - 36
-
-
 class StepFailed(Exception):
     pass
-
-
-# --- what a root may leave behind ------------------------------------------------------
-def _under(path, root):
-    root = root.rstrip("/") + "/"
-    return path == root.rstrip("/") or path.startswith(root)
-
-
-def _unescape(field):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts_under(root):
-    """[(mount point, fs type, source)] below root, deepest first."""
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and _under(_unescape(fields[1]), root):
-                found.append((_unescape(fields[1]), fields[2], fields[0]))
-    return sorted(found, key=lambda m: len(m[0]), reverse=True)
-
-
-def loops_under(root):
-    """[(/dev/loopN, backing file)] whose backing file lies below root."""
-    found = []
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return found
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open("/sys/block/%s/loop/backing_file" % name) as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if _under(backing.replace(" (deleted)", ""), root):
-            found.append(("/dev/" + name, backing))
-    return sorted(found)
-
-
-def processes_under(root):
-    """[(pid, command line)] of processes of this root: SMTAP_ROOT=root in their
-    environment, or the root in their command line (tapdisk, nbdfuse)."""
-    marker = ("%s=%s" % (settings.ROOT_ENV, root.rstrip("/"))).encode()
-    rootb = root.rstrip("/").encode() + b"/"
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                cmdline = f.read()
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                environ = f.read().split(b"\0")
-            with open("/proc/%s/stat" % entry) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue      # a zombie holds nothing; its parent reaps it
-        except OSError:
-            continue
-        if marker in environ or rootb in cmdline:
-            found.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")
-                          .strip()))
-    return found
-
-
-def runtime_entries(root):
-    """Non-directories (sockets, links, markers) left in the root's runtime dir."""
-    base = os.path.join(root, "run", "blktap-control")      # settings.runtime_dir()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            found.append(os.path.join(dirpath, name))
-    return sorted(found)
-
-
-def leftovers(root):
-    """Everything of this root still alive on the machine, as readable lines."""
-    root = str(root).rstrip("/")
-    out = ["process %d: %s" % p for p in processes_under(root)]
-    out += ["loop device %s -> %s" % d for d in loops_under(root)]
-    out += ["mount %s (%s from %s)" % m for m in mounts_under(root)]
-    out += ["runtime entry %s" % e for e in runtime_entries(root)]
-    return out
-
-
-def cleanup(root):
-    """Best effort: unmount, free loop devices, kill processes of the root (in that
-    order: a loop device pins its nbdfuse file). Returns what could not be removed."""
-    root = str(root).rstrip("/")
-    for point, fstype, _ in mounts_under(root):
-        if fstype.startswith("fuse"):
-            continue
-        subprocess.run(["umount", point], stderr=subprocess.DEVNULL)
-    for dev, _ in loops_under(root):
-        subprocess.run(["losetup", "-d", dev], stderr=subprocess.DEVNULL)
-    for point, fstype, _ in mounts_under(root):
-        cmd = ["fusermount3", "-u", point] if fstype.startswith("fuse") else ["umount", point]
-        if subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode:
-            subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL)
-    for pid, _ in processes_under(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    deadline = time.time() + 5
-    while processes_under(root) and time.time() < deadline:
-        time.sleep(0.05)
-    return leftovers(root)
-
-
-def short_root(prefix="/tmp/s"):
-    """A fresh directory short enough for the runtime links (mkdtemp's are too long)."""
-    alphabet = string.ascii_lowercase + string.digits
-    n = ROOT_MAX - len(prefix)
-    for _ in range(1000):
-        path = prefix + "".join(random.choice(alphabet) for _ in range(min(n, 6)))
-        try:
-            os.mkdir(path, 0o755)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError("no free directory name under %s" % prefix)
 
 
 # --- the demo ---------------------------------------------------------------------------

@@ -36,7 +36,9 @@ def create(vdi_uuid, params_nbd, params="", writable=True):
         return {"device": os.path.basename(params) if params else ""}
     mount_dir = os.path.join(settings.state_dir(), "dom0-devices", vdi_uuid)
     os.makedirs(mount_dir, exist_ok=True)
-    dev = blockdev.attach(path, name, mount_dir, read_only=not writable)
+    # Connect through the link's target: the link's own path under a long SMTAP_ROOT
+    # can pass the 107 bytes a unix socket path may have.
+    dev = blockdev.attach(os.path.realpath(path), name, mount_dir, read_only=not writable)
     return {"device": os.path.basename(dev), "blockdev": dev}
 
 

@@ -23,7 +23,7 @@ import os
 import re
 import subprocess
 import sys
-from xml.sax.saxutils import escape
+from html import escape  # not xml.sax.saxutils: it imports urllib.request (slow start-up)
 
 from smtap import settings
 from smtap.version import VERSION

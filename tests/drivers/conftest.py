@@ -2,13 +2,10 @@
 the real XenAPI client; whatever a test leaves (tapdisks, tmpfs mounts) goes with it."""
 import importlib.util
 import os
-import random
-import shutil
-import subprocess
 
 import pytest
 
-from testlib import mounts_under
+from smtap.toolstack.hostroot import cleanup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
@@ -70,8 +67,7 @@ class DriverHost(Host):
         except Exception:
             pass
         Host.cleanup(self)       # the toolstack and every process under the root
-        for point in mounts_under(self.root):
-            subprocess.run(["umount", "-l", point])
+        cleanup(self.root)
 
 
 @pytest.fixture

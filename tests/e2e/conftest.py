@@ -16,8 +16,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from smtap import settings                      # noqa: E402
-from smtap.toolstack import demo               # noqa: E402  leftovers(), cleanup(), short_root()
-from e2e_helpers import MiB, TOP                 # noqa: E402
+from smtap.toolstack import hostroot              # noqa: E402
+from e2e_helpers import TOP                      # noqa: E402
 
 
 def _toolstack_fixtures():
@@ -118,10 +118,10 @@ class E2EHost(Host):
         return sorted(k for k in self.x.VDI.get_sm_config(ref) if k.startswith("host_"))
 
     def tapdisks(self):
-        return [p for p in demo.processes_under(self.root) if "smtap.tapdisk.daemon" in p[1]]
+        return [p for p in hostroot.processes_under(self.root) if "smtap.tapdisk.daemon" in p[1]]
 
     def nbdfuse_mounts(self):
-        return [m for m in demo.mounts_under(self.root) if m[1].startswith("fuse")]
+        return [m for m in hostroot.mounts_under(self.root) if m[1].startswith("fuse")]
 
     def cleanup(self):
         try:
@@ -129,20 +129,20 @@ class E2EHost(Host):
         except Exception:
             pass
         self.stop()
-        demo.cleanup(self.root)   # unmount, free loop devices, then kill what is left
+        hostroot.cleanup(self.root)   # unmount, free loop devices, then kill what is left
 
 
 @pytest.fixture
 def smtap_root(monkeypatch):
     """A short root (the VDI links must fit a unix socket path), removed afterwards with
     anything that still runs or is mounted under it."""
-    root = demo.short_root("/tmp/e")
+    root = hostroot.short_root("/tmp/e")
     monkeypatch.setenv("SMTAP_ROOT", root)
     monkeypatch.setenv("PATH", os.path.join(TOP, ".venv", "bin") + os.pathsep
                        + os.environ.get("PATH", ""))
     yield root
-    demo.cleanup(root)
-    if not demo.mounts_under(root):
+    hostroot.cleanup(root)
+    if not hostroot.mounts_under(root):
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -163,6 +163,6 @@ def mnt(smtap_root):
     point = os.path.join(smtap_root, "mnt", "fs")
     os.makedirs(point)
     yield point
-    if any(m[0] == point for m in demo.mounts_under(smtap_root)):
+    if any(m[0] == point for m in hostroot.mounts_under(smtap_root)):
         if subprocess.run(["umount", point]).returncode:
             subprocess.run(["umount", "-l", point])

@@ -7,7 +7,7 @@ import struct
 import subprocess
 import time
 
-from smtap.toolstack import demo
+from smtap.toolstack import hostroot
 
 MiB = 1 << 20
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,11 +58,11 @@ def traces(host, sr, vdi):
     """What a plugged VDI leaves on this host besides the toolstack itself."""
     xapi_pid = host.proc.pid if host.proc else None
     found = []
-    found += ["process %d: %s" % p for p in demo.processes_under(host.root) if p[0] != xapi_pid]
-    found += ["loop %s -> %s" % d for d in demo.loops_under(host.root)]
-    found += ["mount %s (%s)" % m[:2] for m in demo.mounts_under(host.root)
+    found += ["process %d: %s" % p for p in hostroot.processes_under(host.root) if p[0] != xapi_pid]
+    found += ["loop %s -> %s" % d for d in hostroot.loops_under(host.root)]
+    found += ["mount %s (%s)" % m[:2] for m in hostroot.mounts_under(host.root)
               if m[1] != "tmpfs"]           # the ram SR's own tmpfs stays while it is plugged
-    found += ["runtime %s" % e for e in demo.runtime_entries(host.root)]
+    found += ["runtime %s" % e for e in hostroot.runtime_entries(host.root)]
     if os.path.lexists(host.link(sr, vdi)):
         found.append("link " + host.link(sr, vdi))
     if host.xe_ok("vdi-list", "uuid=" + vdi, "--minimal"):     # still a record

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from e2e_helpers import MiB, TOP, check_fs, make_fs, read_files, sh, traces, write_files
-from smtap.toolstack import demo
+from smtap.toolstack import hostroot
 
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
@@ -27,7 +27,7 @@ def test_flow(e2e, mnt, sr_type):
     vbd_ref = x.VBD.get_by_uuid(vbd)
     assert x.VBD.get_currently_attached(vbd_ref) is True
     assert x.VBD.get_device(vbd_ref) == os.path.basename(dev)
-    backing = dict(demo.loops_under(e2e.root))[dev]
+    backing = dict(hostroot.loops_under(e2e.root))[dev]
     assert [m for m in e2e.nbdfuse_mounts() if backing.startswith(m[0] + "/")], backing
     assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
     assert len(e2e.tapdisks()) == 1
@@ -81,9 +81,9 @@ def test_flow(e2e, mnt, sr_type):
     for cls in ("vbd", "vdi", "pbd", "sr"):
         assert e2e.xe_ok(cls + "-list", "--minimal") == "", cls
     assert traces(e2e, sr, vdi) == []
-    assert demo.mounts_under(e2e.root) == []            # the ram SR's tmpfs too
+    assert hostroot.mounts_under(e2e.root) == []            # the ram SR's tmpfs too
     e2e.stop()
-    assert demo.leftovers(e2e.root) == []
+    assert hostroot.leftovers(e2e.root) == []
 
 
 def run_demo(*args):
@@ -116,7 +116,7 @@ def test_make_demo_module(tmp_path):
     others = [l for l in proc.stdout.splitlines()[1:] if not STEP.match(l)]
     assert len(others) == 1 and re.match(r"smtap demo: ok: \d+ steps in [\d.]+ s$", others[0])
     assert not os.path.exists(root)
-    assert demo.leftovers(root) == []
+    assert hostroot.leftovers(root) == []
 
 
 def test_make_demo_fails_cleanly():
@@ -131,4 +131,4 @@ def test_make_demo_fails_cleanly():
     assert "nothing left behind" in done[-1][0] and done[-1][1] == "ok", proc.stdout
     assert "smtap demo: FAILED" in proc.stdout
     assert not os.path.exists(root)
-    assert demo.leftovers(root) == []
+    assert hostroot.leftovers(root) == []
