@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import run
+from enginelib import run
 from smtap import settings
 from smtap.tapdisk import blockdev
 

@@ -11,7 +11,7 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import control
 
-from conftest import tap_ctl, wait_for
+from enginelib import tap_ctl, wait_for
 
 
 @pytest.fixture

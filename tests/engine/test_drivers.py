@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import nbd_map, run
+from enginelib import nbd_map, run
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, image, vbd

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import nbd_map, run
+from enginelib import nbd_map, run
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import time
 
 from smtap.tapdisk import control
 
-from conftest import image_file, tap_ctl
+from enginelib import image_file, tap_ctl
 
 MiB = 1 << 20
 PAUSED = 0x2a

@@ -13,7 +13,7 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import control, minors
 
-from conftest import image_file, tap_ctl, tapdisks_under, wait_for
+from enginelib import image_file, tap_ctl, tapdisks_under, wait_for
 
 MiB = 1 << 20
 

@@ -246,10 +246,15 @@ def test_attach_and_activate_once_per_vdi(test_host):
     x.VBD.plug(ro)
     assert h.last_call("vdi_attach")["params"]["args"] == ["false"]
     assert h.last_call("vdi_activate")["params"]["args"] == ["false"]
-    # pbd-unplug deactivates and detaches what is still attached, then sr_detach.
-    x.PBD.unplug(x.SR.get_PBDs(sr)[0])
+    # pbd-unplug refuses while a VBD uses a VDI of the SR (XAPI: VDI_IN_USE <vdi>)...
+    pbd = x.SR.get_PBDs(sr)[0]
+    assert failure(x.PBD.unplug, pbd) == ["VDI_IN_USE", vdi]
+    assert x.VBD.get_currently_attached(ro) is True
+    assert h.commands()[-1] == "vdi_activate"
+    # ...and detaches the SR once they are unplugged.
+    x.VBD.unplug(ro)
+    x.PBD.unplug(pbd)
     assert h.commands()[-3:] == ["vdi_deactivate", "vdi_detach", "sr_detach"]
-    assert x.VBD.get_currently_attached(ro) is False
 
 
 def test_failed_activate_undoes_the_attach(test_host):

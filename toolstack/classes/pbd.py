@@ -2,6 +2,7 @@
 import logging
 
 from smtap.toolstack import errors, smapi
+from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import ApiClass, Field, BOOL, MAP, REF, RW, call, record_fields
 
@@ -56,9 +57,15 @@ def unplug(ctx, self):
     with ctx.ts.lock("SR", sr):
         if not ctx.store.get("PBD", self)["currently_attached"]:
             return
-        for vdi, _ in ctx.store.find("VDI", SR=sr):
-            for vbd, rec in ctx.store.find("VBD", VDI=vdi):
-                if rec["currently_attached"]:
-                    call(ctx, "VBD.unplug", vbd)
+        # As XAPI: a VDI some VBD still uses keeps the SR plugged; an attachment no VBD
+        # holds any more (a crash between plug steps) is deactivated and detached.
+        vdis = ctx.store.find("VDI", SR=sr)
+        in_use = [vdi for vdi, _ in vdis
+                  if any(rec["currently_attached"] for _, rec in ctx.store.find("VBD", VDI=vdi))]
+        if in_use:
+            raise ApiError(errors.VDI_IN_USE, *in_use)
+        for vdi, rec in vdis:
+            if rec.get("attach"):
+                vbd_module.detach(ctx, sr, vdi)
         smapi.call(ctx, sr, "sr_detach", device_config=pbd["device_config"])
         ctx.store.update("PBD", self, {"currently_attached": False})
