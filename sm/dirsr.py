@@ -7,7 +7,7 @@ import re
 
 from smtap.sm import errors
 from smtap.sm import log
-from smtap.sm import sparse
+from smtap import sparse
 from smtap.sm import sr
 from smtap.sm import tapdisk
 from smtap.sm import vdi as vdilib

@@ -395,13 +395,3 @@ class TapdiskVDI(vdi.VDI):
                 errors.raise_error("VDIUnavailable", "VDI %s stayed paused for %ds"
                                    % (self.uuid, PAUSE_WAIT))
             time.sleep(0.5)
-
-    def db_update(self, record=None):
-        """Scan knows the storage's sm_config keys only: keep XAPI's others (host_ tags,
-        paused...) instead of wiping them."""
-        if record is None:
-            record = self.xenapi.VDI.get_record(self.ref)
-        merged = dict(record["sm_config"])
-        merged.update(self.sm_config)
-        self.sm_config = merged
-        vdi.VDI.db_update(self, record)

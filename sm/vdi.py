@@ -209,10 +209,15 @@ class VDI(object):
         return self.ref
 
     def db_update(self, record=None):
-        """Write the fields that differ from XAPI's record: sizes, read_only, sm_config."""
+        """Write the fields that differ from XAPI's record: sizes, read_only, sm_config.
+        The storage knows its own sm_config keys only: XAPI's others (host_ tags,
+        paused...) are kept, not wiped."""
         ref = self.ref
         if record is None:
             record = self.xenapi.VDI.get_record(ref)
+        merged = dict(record["sm_config"])
+        merged.update(self.sm_config)
+        self.sm_config = merged
         if int(record["virtual_size"]) != int(self.size):
             self.xenapi.VDI.set_virtual_size(ref, str(int(self.size)))
         if int(record["physical_utilisation"]) != int(self.utilisation):

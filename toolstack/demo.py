@@ -21,14 +21,13 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from smtap import settings
 from smtap.toolstack.hostroot import (cleanup, leftovers, loops_under, mounts_under,
-                                      processes_under, short_root)
+                                      processes_under, short_root, wait_for_socket)
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
@@ -45,20 +44,6 @@ def sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def wait_for_socket(path, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            s.close()
-    return False
 
 
 class Demo(object):

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import string
 import subprocess
 import time
@@ -58,6 +59,24 @@ def loops_under(root):
     return sorted(found)
 
 
+def _is_zombie(pid):
+    with open("/proc/%s/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_dead(pid, timeout=10):
+    """True once pid is gone or a zombie (a killed process nobody reaped yet)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if _is_zombie(pid):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def processes_under(root):
     """[(pid, command line)] of processes of this root: SMTAP_ROOT=root in their
     environment, or the root in their command line (tapdisk, nbdfuse)."""
@@ -73,9 +92,8 @@ def processes_under(root):
                 cmdline = f.read()
             with open("/proc/%s/environ" % entry, "rb") as f:
                 environ = f.read().split(b"\0")
-            with open("/proc/%s/stat" % entry) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue      # a zombie holds nothing; its parent reaps it
+            if _is_zombie(entry):
+                continue          # a zombie holds nothing; its parent reaps it
         except OSError:
             continue
         if marker in environ or rootb in cmdline:
@@ -141,3 +159,17 @@ def short_root(prefix="/tmp/s"):
         except FileExistsError:
             continue
     raise RuntimeError("no free directory name under %s" % prefix)
+
+
+def wait_for_socket(path, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            s.close()
+    return False

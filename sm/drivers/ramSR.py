@@ -31,7 +31,7 @@ from smtap.sm import command
 from smtap.sm import dirsr
 from smtap.sm import errors
 from smtap.sm import log
-from smtap.sm import sparse
+from smtap import sparse
 from smtap.sm import tapdisk
 from smtap.sm import units
 

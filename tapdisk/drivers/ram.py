@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 
+from smtap import sparse
 from smtap.tapdisk import driver
 from smtap.tapdisk.drivers import register
 
@@ -104,7 +105,7 @@ class RamDriver(driver.Driver):
         """Copy the non-zero chunks of the seed file in."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for start, end in _data_segments(fd, size):
+            for start, end in sparse.data_segments(fd, size):
                 pos = start & ~(CHUNK - 1)
                 while pos < end:
                     n = min(4 << 20, end - pos)
@@ -274,22 +275,3 @@ def _pwrite_all(fd, buf, offset):
         n = os.pwrite(fd, buf, offset)
         buf = buf[n:]
         offset += n
-
-
-def _data_segments(fd, size):
-    """[(start, end)] of the regions of fd that may hold data (holes skipped)."""
-    out = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break           # only a hole is left
-            return [(pos, size)]   # SEEK_DATA unsupported: read it all
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
-        pos = end
-    return out

@@ -1,7 +1,6 @@
 """Helpers for the driver tests: NBD I/O on a VDI's link, engine state under the root."""
 import os
 import subprocess
-import time
 import xmlrpc.client
 
 import pytest
@@ -54,20 +53,6 @@ def tapdisk_of(x, vdi):
     name = os.path.basename(os.readlink(link_path(x, vdi)))
     pid, minor = name[len("nbd"):].split(".")
     return int(pid), int(minor)
-
-
-def wait_dead(pid, timeout=10):
-    """True once pid is gone or a zombie (a killed tapdisk nobody reaps)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def minor_allocated(minor):

@@ -6,8 +6,9 @@ import subprocess
 import time
 
 from smtap import settings
+from smtap.toolstack import hostroot
 from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
-                             tap_list, tapdisk_of, vdi_call, wait_dead, write)
+                             tap_list, tapdisk_of, vdi_call, write)
 
 
 def mount_point(x, sr):
@@ -184,7 +185,7 @@ def test_kill_9_then_unplug_cleans_up(dhost, ram_sr):
     write(x, vdi, 0x3c, 0, MiB)
     pid, minor = tapdisk_of(x, vdi)
     os.kill(pid, signal.SIGKILL)
-    assert wait_dead(pid)
+    assert hostroot.wait_dead(pid)
     dhost.unplug(vbd)                                  # deactivate + detach of a dead tapdisk
     assert not os.path.lexists(link_path(x, vdi))
     assert host_tags(x, vdi) == []

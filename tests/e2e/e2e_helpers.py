@@ -5,7 +5,6 @@ import os
 import random
 import struct
 import subprocess
-import time
 
 from smtap.toolstack import hostroot
 
@@ -68,20 +67,6 @@ def traces(host, sr, vdi):
     if host.xe_ok("vdi-list", "uuid=" + vdi, "--minimal"):     # still a record
         found += ["tag %s" % t for t in host.host_tags(vdi)]
     return found
-
-
-def wait_dead(pid, timeout=10):
-    """True once pid is gone or a zombie."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # --- fio's verify blocks --------------------------------------------------------------------

@@ -8,8 +8,9 @@ import time
 import pytest
 import XenAPI
 
-from e2e_helpers import (MiB, check_fio_blocks, check_fs, make_fs, read_files, sh, traces,
-                         wait_dead, write_files)
+from smtap.toolstack import hostroot
+
+from e2e_helpers import (MiB, check_fio_blocks, check_fs, make_fs, read_files, sh, traces, write_files)
 
 
 def test_budget_exceeded(e2e):
@@ -69,7 +70,7 @@ def test_kill_9_of_tapdisk_then_unplug_cleans_up(e2e, mnt, sr_type):
     pid = e2e.tapdisk_pid(sr, vdi)
     assert [p for p, _ in e2e.tapdisks()] == [pid]
     os.kill(pid, signal.SIGKILL)
-    assert wait_dead(pid)
+    assert hostroot.wait_dead(pid)
 
     e2e.xe_ok("vbd-unplug", "uuid=" + vbd)          # with its tapdisk dead
     assert traces(e2e, sr, vdi) == []               # no loop, nbdfuse, tapdisk, link, tag

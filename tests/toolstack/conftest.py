@@ -2,48 +2,16 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 
 from smtap import settings
-from smtap.toolstack import client
+from smtap.toolstack import client, hostroot
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 START_TIMEOUT = 20
-
-
-def wait_for_socket(path, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            time.sleep(0.05)
-        finally:
-            s.close()
-    return False
-
-
-def root_processes(root):
-    """Pids of processes running under this root (SMTAP_ROOT in their environment)."""
-    marker = ("%s=%s" % (settings.ROOT_ENV, root)).encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
 
 
 class Host(object):
@@ -106,7 +74,7 @@ class Host(object):
         out = open(self.log, "a")
         self.proc = subprocess.Popen(["smtap-xapi"], stdout=out, stderr=subprocess.STDOUT)
         out.close()
-        if not wait_for_socket(settings.xapi_socket(), START_TIMEOUT):
+        if not hostroot.wait_for_socket(settings.xapi_socket(), START_TIMEOUT):
             self.stop()
             raise RuntimeError("smtap-xapi did not start:\n" + self.output())
         return self
@@ -145,7 +113,7 @@ class Host(object):
 
     def cleanup(self):
         self.stop()
-        for pid in root_processes(self.root):
+        for pid in (pid for pid, _ in hostroot.processes_under(self.root)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
