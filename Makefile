@@ -38,7 +38,7 @@ RPMBUILD_FLAGS ?= --nodeps
 # venv's to run the installed drivers on this machine.
 RPM_PYTHON ?= /usr/bin/python3
 
-.PHONY: build deps venv cffi commands test demo install install-host rpm bench clean vermin
+.PHONY: build deps venv cffi commands test demo install install-host rpm bench clean vermin py36
 
 build: deps venv cffi commands
 
@@ -69,6 +69,22 @@ commands: $(VENV)/.stamp
 		cmp -s $(VENV)/bin/$$name.tmp $(VENV)/bin/$$name && rm $(VENV)/bin/$$name.tmp || mv $(VENV)/bin/$$name.tmp $(VENV)/bin/$$name; \
 	done
 
+# py36: .venv36/ on dom0's Python 3.6 (PYTHON36, python3.6 or pyenv's) + its cffi build, for tests/dom0.
+VENV36 := $(TOP)/.venv36
+PY36_PACKAGES := cffi==1.15.1 pycparser==2.21 lxml==5.4.0 XenAPI==26.21.1
+py36:
+	@set -e; is36() { "$$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 6))' >/dev/null 2>&1; }; \
+	py=; for c in $(PYTHON36) python3.6 /root/.pyenv/versions/3.6.*/bin/python3.6; do \
+		if is36 "$$c"; then py=$$c; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then echo "py36: no Python 3.6 interpreter found (set PYTHON36=...): skipped"; exit 0; fi; \
+	if ! is36 $(VENV36)/bin/python; then rm -rf $(VENV36); "$$py" -m venv $(VENV36); fi; \
+	if [ "$$(cat $(VENV36)/.stamp 2>/dev/null)" != "$(PY36_PACKAGES)" ]; then \
+		$(VENV36)/bin/python -m pip install -q --disable-pip-version-check $(PY36_PACKAGES); \
+		echo "$(PY36_PACKAGES)" > $(VENV36)/.stamp; \
+	fi; \
+	$(VENV36)/bin/python $(TOP)/tapdisk/aio_build.py --if-needed
+
 vermin: build
 	$(VENV)/bin/vermin --target=3.6- --no-tips --violations sm tapdisk plugins smtap
 
@@ -80,6 +96,7 @@ demo: build
 
 bench: build
 	$(VPY) bench/engine.py
+	$(VPY) bench/sm_ops.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a

@@ -114,6 +114,7 @@ class DirVDI(tapdisk.TapdiskVDI):
         except BaseException:
             self.remove_files()
             raise
+        self.sr.update()    # as upstream: the SR's allocation follows each VDI change
         return self
 
     def make_file(self, size):
@@ -141,6 +142,7 @@ class DirVDI(tapdisk.TapdiskVDI):
             errors.raise_error("VDIInUse", "VDI %s is active; deactivate it first" % self.uuid)
         self.remove_files()
         self.db_forget()
+        self.sr.update()
 
     def remove_files(self):
         for path in [self.file] + self.extra_files():
@@ -165,6 +167,7 @@ class DirVDI(tapdisk.TapdiskVDI):
             log.info("VDI %s resized %d -> %d", self.uuid, self.size, size)
         self.load_storage()
         self.db_update()
+        self.sr.update()
         return self
 
     # -- copies -----------------------------------------------------------------------------
@@ -187,6 +190,7 @@ class DirVDI(tapdisk.TapdiskVDI):
         except BaseException:
             new.remove_files()
             raise
+        self.sr.update()
         return new
 
     def copy_extra_files(self, new):

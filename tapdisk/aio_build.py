@@ -159,9 +159,10 @@ def build():
     workdir = os.path.join(HERE, "_aio_build")
     if not os.path.isdir(workdir):
         os.makedirs(workdir)
-    csrc = os.path.join(workdir, MODULE + ".c")
-    ffi.emit_c_code(csrc)
     out = target()
+    # One C file per interpreter (cffi versions differ): builds for 3.6 and 3.11 can overlap.
+    csrc = os.path.join(workdir, os.path.basename(out)[:-len(".so")] + ".c")
+    ffi.emit_c_code(csrc)
     tmp = out + ".tmp"
     cc = os.environ.get("CC", "gcc")
     cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wno-unused-function",

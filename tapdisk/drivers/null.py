@@ -28,9 +28,6 @@ class NullDriver(driver.Driver):
             return _ZEROS[:length]
         return bytes(length)
 
-    def preadv(self, requests):
-        return [self.pread(length, offset) for length, offset in requests]
-
     def pwrite(self, buf, offset):
         pass
 

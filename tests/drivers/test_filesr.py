@@ -26,6 +26,7 @@ def test_file_sr_lifecycle(dhost, tmp_path):
     assert path.stat().st_size == 10 * MiB + 512                   # rounded to sectors
     assert path.stat().st_blocks == 0                              # sparse
     assert x.VDI.get_virtual_size(vdi) == str(10 * MiB + 512)
+    assert x.SR.get_virtual_allocation(sr) == str(10 * MiB + 512)  # kept up to date
 
     vbd = dhost.plug(vdi)
     pid, _ = tapdisk_of(x, vdi)
@@ -41,6 +42,8 @@ def test_file_sr_lifecycle(dhost, tmp_path):
 
     x.VDI.resize(vdi, str(20 * MiB))
     assert path.stat().st_size == 20 * MiB and x.VDI.get_virtual_size(vdi) == str(20 * MiB)
+    assert x.SR.get_virtual_allocation(sr) == str(20 * MiB)
+    assert x.SR.get_physical_utilisation(sr) == str(MiB)             # what was written
     err = failure(x.VDI.resize, vdi, str(MiB))
     assert err[0] == "SR_BACKEND_FAILURE_79"
     vbd = dhost.plug(vdi, mode="RO")

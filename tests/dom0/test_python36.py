@@ -1,0 +1,351 @@
+"""dom0 runs Python 3.6: the suite's dom0 code run for real on a Python 3.6 interpreter
+(`make py36` builds .venv36/ with it, its cffi extension included), not only checked by
+vermin (tests/test_vermin.py).
+
+- every module under sm/, tapdisk/, smtap/ (and each host plugin's top level) imports;
+- the engine installed with PYTHON=.venv36/bin/python: the installed tap-ctl creates ram
+  and aio tapdisks (whose processes are checked to be that interpreter), real NBD
+  clients write and read them back, pause/unpause, destroy;
+- the SR drivers and host plugins installed for 3.6 under the local toolstack (3.11, a
+  dev tool): the e2e flow (ram SR, VDI, dom0 plug on a loop device, a file system, a
+  snapshot, unplug, destroy) and host.call_plugin;
+- tests/sm with SMTAP_SM_PYTHON pointing at 3.6.
+
+Skipped (with the reason) when no Python 3.6 is found or .venv36 cannot be made.
+"""
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import XenAPI
+
+from smtap import settings
+from smtap.toolstack import hostroot
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV36 = os.path.join(TOP, ".venv36")
+PY36 = os.path.join(VENV36, "bin", "python")
+VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
+# Dev-only commands (modern Python): an installed tree keeps them on the venv's 3.11.
+TOOLSTACK_COMMANDS = ("xe", "smtap-xapi")
+MiB = 1 << 20
+PAUSED = "0x2a"
+
+
+def _e2e():
+    # Not `import conftest`: every tests/*/conftest.py has that name.
+    spec = importlib.util.spec_from_file_location(
+        "dom0_e2e_fixtures", os.path.join(TOP, "tests", "e2e", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)      # also puts tests/e2e (e2e_helpers) on sys.path
+    return module
+
+
+E2EHost = _e2e().E2EHost
+from e2e_helpers import check_fs, make_fs, read_files, sh, traces, write_files  # noqa: E402
+
+
+# --- the interpreter ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def py36():
+    """`make py36` once per session; the path of .venv36's python (skip if none)."""
+    proc = subprocess.run(["make", "-s", "-C", TOP, "py36"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
+    if not os.path.exists(PY36):
+        pytest.skip("no .venv36 (make py36, exit %d): %s" % (proc.returncode, proc.stdout.strip()))
+    assert proc.returncode == 0, "make py36 failed:\n" + proc.stdout
+    version = subprocess.run([PY36, "-c", "import sys; print(sys.version_info[:2])"],
+                             stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    assert version == "(3, 6)", version
+    return PY36
+
+
+def ext_suffix(python):
+    return subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var"
+                           "('EXT_SUFFIX'))"], stdout=subprocess.PIPE,
+                          universal_newlines=True, check=True).stdout.strip()
+
+
+def assert_runs_python36(pid):
+    """The process is .venv36's interpreter: its executable and its argv[0]."""
+    exe = os.path.realpath("/proc/%d/exe" % pid)
+    assert exe == os.path.realpath(PY36), exe
+    assert re.search(r"python3\.6m?$", exe), exe
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[0].decode() == PY36, argv
+
+
+def aio_modules_mapped(pid):
+    """The _smtap_aio extension files the process has mapped."""
+    with open("/proc/%d/maps" % pid) as f:
+        return {os.path.basename(l.split()[-1]) for l in f if "_smtap_aio" in l}
+
+
+def install(root, python):
+    subprocess.run(["make", "-s", "-C", TOP, "install", "DESTDIR=%s" % root,
+                    "PYTHON=" + python], check=True, stdout=subprocess.DEVNULL)
+
+
+# --- every dom0 module imports under 3.6 ----------------------------------------------
+def dom0_modules():
+    """smtap.<layer>.<module> for every .py under sm/, tapdisk/, smtap/ (not toolstack/)."""
+    names = []
+    for layer in ("sm", "tapdisk", "smtap"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(TOP, layer)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+            for f in sorted(filenames):
+                if not f.endswith(".py") or f == "aio_build.py":    # a build script
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f[:-3]), TOP).split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                names.append(".".join(rel if layer == "smtap" else ["smtap"] + rel))
+    return names
+
+
+IMPORTER = r"""
+import importlib, json, os, runpy, sys, traceback
+todo = json.loads(sys.argv[1])
+failed = {}
+for name in todo["modules"]:
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        failed[name] = traceback.format_exc()
+for path in todo["plugins"]:                 # top level only: imports and definitions
+    try:
+        runpy.run_path(path, run_name="dom0_import_check")
+    except BaseException:
+        failed[path] = traceback.format_exc()
+import smtap, smtap.tapdisk._smtap_aio as aio
+print(json.dumps({"failed": failed, "version": list(sys.version_info[:2]),
+                  "smtap": smtap.__file__, "aio": aio.__file__}))
+"""
+
+
+def test_dom0_modules_import_under_python36(py36):
+    modules = dom0_modules()
+    for expected in ("smtap.settings", "smtap.sm.drivers.ramSR", "smtap.tapdisk.daemon",
+                     "smtap.tapdisk.drivers.aio", "smtap.sm.xapiplugin"):
+        assert expected in modules
+    plugins = sorted(os.path.join(TOP, "plugins", p) for p in os.listdir(os.path.join(TOP, "plugins"))
+                     if p.startswith("smtap-"))
+    assert plugins
+    env = dict(os.environ, PYTHONPATH=TOP, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([py36, "-c", IMPORTER, json.dumps({"modules": modules, "plugins": plugins})],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          env=env, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["version"] == [3, 6]
+    assert out["smtap"] == os.path.join(TOP, "smtap", "__init__.py")
+    assert out["aio"].endswith(ext_suffix(py36)) and "cpython-36m" in out["aio"], out["aio"]
+    assert out["failed"] == {}, "\n".join(out["failed"].values())
+
+
+# --- the engine under 3.6 -------------------------------------------------------------
+def run(*argv, check=True, timeout=60):
+    proc = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, "%s: %s%s" % (" ".join(map(str, argv)), proc.stdout,
+                                                   proc.stderr)
+    return proc
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind,flags", [("ram", []), ("aio", []), ("aio", ["-D"])],
+                         ids=["ram", "aio-O_DIRECT", "aio-D"])
+def test_engine_under_python36(py36, smtap_root, kind, flags):
+    root = str(smtap_root)
+    install(root, py36)
+    tap_ctl = os.path.join(root, "opt", "smtap", "bin", "tap-ctl")
+    assert file_bytes(tap_ctl).split(b"\n", 1)[0] == b"#!" + py36.encode()
+    size = 8 * MiB
+    rng = random.Random(kind + "".join(flags))
+    seed = rng.getrandbits(8 * size).to_bytes(size, "little")
+    img = os.path.join(root, "disk.img")
+    with open(img, "wb") as f:
+        f.write(seed)
+    params = "%s:%s" % (kind, img) + ("?writeback=1" if kind == "ram" else "")
+
+    device = run(tap_ctl, "create", "-a", params, *flags).stdout.strip()
+    assert os.path.exists(device), device
+    (line,) = run(tap_ctl, "list").stdout.splitlines()
+    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
+    assert m and m.group(3) == params, line
+    pid, minor = int(m.group(1)), m.group(2)
+    assert_runs_python36(pid)
+    uri = "nbd+unix:///?socket=%s/nbd%d.%s" % (settings.runtime_dir(), pid, minor)
+    assert int(run("nbdinfo", "--size", uri).stdout) == size
+
+    # Real clients: the seed reads back, then writes from nbdcopy and qemu-io.
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri)
+    data = bytearray(rng.getrandbits(8 * size).to_bytes(size, "little"))
+    src = os.path.join(root, "src.img")
+    with open(src, "wb") as f:
+        f.write(data)
+    run("nbdcopy", src, uri)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1048576 65536", uri)
+    data[MiB:MiB + 65536] = b"\x5a" * 65536
+    with open(src, "wb") as f:
+        f.write(data)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri)
+    out = os.path.join(root, "out.img")
+    run("nbdcopy", uri, out)
+    assert file_bytes(out) == data
+    mapped = aio_modules_mapped(pid)
+    assert all("cpython-36m" in n for n in mapped), mapped
+    if kind == "aio":       # the libaio path really went through the 3.6 cffi build
+        assert mapped == {"_smtap_aio" + ext_suffix(py36)}, mapped
+
+    # pause: images closed, the data on the file (ram writes back); unpause: served again.
+    run(tap_ctl, "pause", "-p", pid, "-m", minor)
+    assert run(tap_ctl, "list").stdout.split() == [
+        "pid=%d" % pid, "minor=%s" % minor, "state=" + PAUSED, "args=" + params]
+    assert file_bytes(img) == data
+    run(tap_ctl, "unpause", "-p", pid, "-m", minor)
+    assert "state=0 " in run(tap_ctl, "list").stdout
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 1048576 65536", uri)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri)
+
+    run(tap_ctl, "destroy", "-p", pid, "-m", minor)
+    assert hostroot.wait_dead(pid)
+    assert run(tap_ctl, "list").stdout == ""
+    assert not os.path.exists(device)
+    assert hostroot.leftovers(root) == []
+
+
+# --- the SR drivers and host plugins under 3.6, on the local toolstack ----------------
+class Host36(E2EHost):
+    """The e2e host with its drivers, plugins and engine installed for .venv36's python;
+    the dev toolstack (smtap-xapi, xe) stays on the venv's modern Python."""
+
+    def install(self):
+        install(self.root, PY36)
+        bindir = os.path.join(self.root, "opt", "smtap", "bin")
+        for name in TOOLSTACK_COMMANDS:
+            path = os.path.join(bindir, name)
+            with open(path) as f:
+                first, rest = f.read().split("\n", 1)
+            assert first == "#!" + PY36, first
+            with open(path, "w") as f:
+                f.write("#!%s\n%s" % (VENV_PYTHON, rest))
+
+    def shebangs(self):
+        """{installed script: its interpreter} for SR drivers, plugins and engine commands."""
+        found = {}
+        for d in (settings.sm_dir(), settings.plugins_dir(), os.path.join(self.root, "opt", "smtap", "bin")):
+            for name in os.listdir(d):
+                path = os.path.join(d, name)
+                if name in TOOLSTACK_COMMANDS or not os.path.isfile(path):
+                    continue
+                with open(path, "rb") as f:
+                    head = f.readline()
+                if head.startswith(b"#!"):
+                    found[path] = head[2:].strip().decode()
+        return found
+
+
+@pytest.fixture
+def host36(py36, smtap_root):
+    h = Host36(smtap_root)
+    h.session_obj = None
+    h.install()
+    try:
+        yield h.start_all()
+    finally:
+        h.cleanup()
+
+
+def tap_state(pid):
+    out = run(os.path.join(TOP, ".venv", "bin", "tap-ctl"), "list").stdout
+    (state,) = re.findall(r"^pid=%d minor=\d+ state=(\S+)" % pid, out, re.M)
+    return state
+
+
+@pytest.mark.timeout(180)
+def test_sr_drivers_and_plugins_under_python36(host36):
+    h, x = host36, host36.x
+    shebangs = h.shebangs()
+    assert os.path.join(settings.sm_dir(), "ramSR") in shebangs
+    assert os.path.join(settings.plugins_dir(), "smtap-tapdisk-pause") in shebangs
+    assert set(shebangs.values()) == {PY36}, shebangs
+
+    sr = h.sr_create("ram", size="128MiB")
+    vdi = h.vdi_create(sr, "32MiB")
+    vbd, dev = h.plug(vdi)
+    assert re.fullmatch(r"/dev/loop\d+", dev), dev
+    ((pid, _),) = h.tapdisks()
+    assert pid == h.tapdisk_pid(sr, vdi)
+    assert_runs_python36(pid)           # spawned by the 3.6 driver with its sys.executable
+
+    point = os.path.join(h.root, "mnt", "fs")
+    os.makedirs(point)
+    make_fs(dev, point)
+    files = write_files(point)
+    sh("umount", point)
+    sh("mount", dev, point)
+    read_files(point, files)
+    sh("umount", point)
+
+    # The host plugins through host.call_plugin, run by 3.6.
+    host = x.host.get_by_uuid(h.host_uuid)
+    ids = {"sr_uuid": sr, "vdi_uuid": vdi}
+    assert x.host.call_plugin(host, "smtap-on-slave", "is_open", ids) == "True"
+    assert x.host.call_plugin(host, "smtap-tapdisk-pause", "pause", ids) == "True"
+    assert tap_state(pid) == PAUSED
+    assert x.host.call_plugin(host, "smtap-tapdisk-pause", "unpause", ids) == "True"
+    assert tap_state(pid) == "0"
+    with pytest.raises(XenAPI.Failure) as err:
+        x.host.call_plugin(host, "smtap-tapdisk-pause", "frobnicate", ids)
+    assert err.value.details == ["UNKNOWN_XENAPI_PLUGIN_FUNCTION", "frobnicate"]
+
+    snap = h.xe_ok("vdi-snapshot", "uuid=" + vdi)          # paused by the plugin, while plugged
+    assert h.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=snapshot-of") == vdi
+    sh("mount", dev, point)
+    read_files(point, files)
+    sh("umount", point)
+    h.unplug(vbd)
+    assert hostroot.wait_dead(pid)
+    assert traces(h, sr, vdi) == []
+    assert x.host.call_plugin(host, "smtap-on-slave", "is_open", ids) == "False"
+
+    svbd, sdev = h.plug(snap, mode="RO")
+    ((spid, _),) = h.tapdisks()
+    assert_runs_python36(spid)
+    check_fs(sdev, files)
+    h.unplug(svbd)
+    h.xe_ok("vdi-destroy", "uuid=" + snap)
+    h.xe_ok("vdi-destroy", "uuid=" + vdi)
+    h.destroy_sr(sr)
+    for cls in ("vbd", "vdi", "pbd", "sr"):
+        assert h.xe_ok(cls + "-list", "--minimal") == "", cls
+    h.stop()
+    assert hostroot.leftovers(h.root) == []
+
+
+# --- tests/sm with its drivers on 3.6 -------------------------------------------------
+@pytest.mark.timeout(300)
+def test_sm_suite_under_python36(py36):
+    env = {k: v for k, v in os.environ.items() if k != settings.ROOT_ENV}
+    env.update(SMTAP_SM_PYTHON=py36, PYTHONPATH=TOP, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-o", "addopts=", os.path.join(TOP, "tests", "sm")],
+                          cwd=TOP, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=280)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    m = re.search(r"(\d+) passed", summary)
+    assert m and int(m.group(1)) > 0 and "skipped" not in summary, summary
