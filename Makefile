@@ -72,9 +72,10 @@ commands: $(VENV)/.stamp
 # py36: .venv36/ on dom0's Python 3.6 (PYTHON36, python3.6 or pyenv's) + its cffi build, for tests/dom0.
 VENV36 := $(TOP)/.venv36
 PY36_PACKAGES := cffi==1.15.1 pycparser==2.21 lxml==5.4.0 XenAPI==26.21.1
+PY36_CANDIDATES ?= $(PYTHON36) python3.6 /root/.pyenv/versions/3.6.*/bin/python3.6
 py36:
 	@set -e; is36() { "$$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 6))' >/dev/null 2>&1; }; \
-	py=; for c in $(PYTHON36) python3.6 /root/.pyenv/versions/3.6.*/bin/python3.6; do \
+	py=; for c in $(PY36_CANDIDATES); do \
 		if is36 "$$c"; then py=$$c; break; fi; \
 	done; \
 	if [ -z "$$py" ]; then echo "py36: no Python 3.6 interpreter found (set PYTHON36=...): skipped"; exit 0; fi; \
@@ -156,7 +157,7 @@ rpm: $(VENV)/.stamp
 	rm -rf $(RPMTOP)
 	mkdir -p $(RPMTOP)/SOURCES $(RPMTOP)/BUILD $(RPMTOP)/RPMS $(RPMTOP)/SRPMS
 	tar -C $(TOP) --transform 's,^\.,smtap-$(VERSION),' \
-		--exclude=./.git --exclude=./.venv --exclude=./rpmbuild --exclude=./build \
+		--exclude=./.git --exclude=./.venv --exclude=./.venv36 --exclude=./rpmbuild --exclude=./build \
 		--exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude=_aio_build \
 		--exclude=.pytest_cache --exclude='*.tmp' --exclude=./tests/install \
 		--warning=no-file-changed --warning=no-file-removed \

@@ -9,6 +9,8 @@ vermin (tests/test_vermin.py).
 - the SR drivers and host plugins installed for 3.6 under the local toolstack (3.11, a
   dev tool): the e2e flow (ram SR, VDI, dom0 plug on a loop device, a file system, a
   snapshot, unplug, destroy) and host.call_plugin;
+- the RPM's host profile (make install-host) for 3.6: byte-compiled by 3.6 (%install),
+  sr_get_driver_info (%check), smtap-sm-plugins --write/--check (%post);
 - tests/sm with SMTAP_SM_PYTHON pointing at 3.6.
 
 Skipped (with the reason) when no Python 3.6 is found or .venv36 cannot be made.
@@ -20,6 +22,7 @@ import random
 import re
 import subprocess
 import sys
+import xmlrpc.client
 
 import pytest
 import XenAPI
@@ -56,8 +59,9 @@ def py36():
     """`make py36` once per session; the path of .venv36's python (skip if none)."""
     proc = subprocess.run(["make", "-s", "-C", TOP, "py36"], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
-    if not os.path.exists(PY36):
-        pytest.skip("no .venv36 (make py36, exit %d): %s" % (proc.returncode, proc.stdout.strip()))
+    if not os.path.exists(os.path.join(VENV36, ".stamp")):     # no 3.6, or pip failed
+        pytest.skip("no .venv36: make py36 (exit %d): %s"
+                    % (proc.returncode, proc.stdout.strip()[-2000:]))
     assert proc.returncode == 0, "make py36 failed:\n" + proc.stdout
     version = subprocess.run([PY36, "-c", "import sys; print(sys.version_info[:2])"],
                              stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
@@ -90,6 +94,17 @@ def aio_modules_mapped(pid):
 def install(root, python):
     subprocess.run(["make", "-s", "-C", TOP, "install", "DESTDIR=%s" % root,
                     "PYTHON=" + python], check=True, stdout=subprocess.DEVNULL)
+
+
+def test_make_py36_is_idempotent_and_succeeds_without_python36(py36):
+    so = os.path.join(TOP, "tapdisk", "_smtap_aio" + ext_suffix(py36))
+    before = os.path.getmtime(so), os.path.getmtime(os.path.join(VENV36, ".stamp"))
+    proc = run("make", "-s", "-C", TOP, "py36")
+    assert proc.stdout == "" and proc.stderr == ""
+    assert (os.path.getmtime(so), os.path.getmtime(os.path.join(VENV36, ".stamp"))) == before
+    assert os.path.exists(os.path.join(TOP, "tapdisk", "_smtap_aio" + ext_suffix(VENV_PYTHON)))
+    proc = run("make", "-s", "-C", TOP, "py36", "PY36_CANDIDATES=/nonexistent/python3.6 false")
+    assert proc.stdout.count("\n") == 1 and "no Python 3.6" in proc.stdout, proc.stdout
 
 
 # --- every dom0 module imports under 3.6 ----------------------------------------------
@@ -134,11 +149,13 @@ def test_dom0_modules_import_under_python36(py36):
     for expected in ("smtap.settings", "smtap.sm.drivers.ramSR", "smtap.tapdisk.daemon",
                      "smtap.tapdisk.drivers.aio", "smtap.sm.xapiplugin"):
         assert expected in modules
-    plugins = sorted(os.path.join(TOP, "plugins", p) for p in os.listdir(os.path.join(TOP, "plugins"))
+    plugdir = os.path.join(TOP, "plugins")
+    plugins = sorted(os.path.join(plugdir, p) for p in os.listdir(plugdir)
                      if p.startswith("smtap-"))
     assert plugins
     env = dict(os.environ, PYTHONPATH=TOP, PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([py36, "-c", IMPORTER, json.dumps({"modules": modules, "plugins": plugins})],
+    todo = json.dumps({"modules": modules, "plugins": plugins})
+    proc = subprocess.run([py36, "-c", IMPORTER, todo],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           env=env, cwd="/", timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -227,6 +244,41 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
     assert hostroot.leftovers(root) == []
 
 
+# --- the RPM's host profile under 3.6: %install's byte-compile, %check, %post ----------
+DRIVER_INFO_CALL = xmlrpc.client.dumps(
+    ({"host_ref": "OpaqueRef:NULL", "command": "sr_get_driver_info", "args": [],
+      "device_config": {}},), "sr_get_driver_info")
+
+
+def test_host_profile_under_python36(py36, smtap_root):
+    root = str(smtap_root)
+    subprocess.run(["make", "-s", "-C", TOP, "install-host", "DESTDIR=" + root, "PYTHON=" + py36],
+                   check=True, stdout=subprocess.DEVNULL)
+    lib = os.path.join(root, "opt", "smtap", "lib")
+    assert not os.path.exists(os.path.join(lib, "smtap", "toolstack"))
+    run(py36, "-m", "compileall", "-q", "-d", "/opt/smtap/lib", lib)     # as %install does
+    assert any(f.endswith(".cpython-36.pyc")
+               for f in os.listdir(os.path.join(lib, "smtap", "sm", "drivers", "__pycache__")))
+
+    # %check: the SR launcher answers sr_get_driver_info, run by its 3.6 shebang.
+    launcher = os.path.join(root, "opt", "xensource", "sm", "ramSR")
+    assert file_bytes(launcher).split(b"\n", 1)[0] == b"#!" + py36.encode()
+    (info,), _ = xmlrpc.client.loads(run(launcher, DRIVER_INFO_CALL).stdout)
+    assert info["driver_version"] and "VDI_SNAPSHOT" in info["capabilities"], info
+
+    # %post: smtap-sm-plugins keeps the host's list and adds ours.
+    with open(os.path.join(root, "etc", "xapi.conf"), "w") as f:
+        f.write("sm-plugins = ext nfs lvm iso\n")
+    helper = os.path.join(root, "opt", "smtap", "bin", "smtap-sm-plugins")
+    run(helper, "--write")
+    assert run(helper).stdout.split() == ["ext", "nfs", "lvm", "iso", "ram"]
+    run(helper, "--check")
+    with open(os.path.join(root, "etc", "xapi.conf.d", "zz-site.conf"), "w") as f:
+        f.write("sm-plugins = ext\n")              # read after ours: drops ram
+    proc = run(helper, "--check", check=False)
+    assert proc.returncode == 1 and "ram" in proc.stderr, proc.stderr
+
+
 # --- the SR drivers and host plugins under 3.6, on the local toolstack ----------------
 class Host36(E2EHost):
     """The e2e host with its drivers, plugins and engine installed for .venv36's python;
@@ -246,7 +298,8 @@ class Host36(E2EHost):
     def shebangs(self):
         """{installed script: its interpreter} for SR drivers, plugins and engine commands."""
         found = {}
-        for d in (settings.sm_dir(), settings.plugins_dir(), os.path.join(self.root, "opt", "smtap", "bin")):
+        bindir = os.path.join(self.root, "opt", "smtap", "bin")
+        for d in (settings.sm_dir(), settings.plugins_dir(), bindir):
             for name in os.listdir(d):
                 path = os.path.join(d, name)
                 if name in TOOLSTACK_COMMANDS or not os.path.isfile(path):

@@ -6,7 +6,8 @@ import xmlrpc.client
 
 import pytest
 
-from smtap.sm import errors, sparse, units, xapiplugin
+from smtap import sparse
+from smtap.sm import errors, units, xapiplugin
 from smtap.tapdisk import driver, drivers
 
 
