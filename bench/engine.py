@@ -139,6 +139,9 @@ class Servers(object):
 
 
 def fio(uri, rw, bs, qd, runtime, size):
+    # Each run starts with no dirty pages: otherwise the page-cache writers' writeback
+    # lands on whichever server runs next.
+    os.sync()
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
            "--iodepth=%d" % qd, "--size=%d" % size, "--runtime=%d" % runtime, "--time_based",
            "--randrepeat=0", "--output-format=json"]
