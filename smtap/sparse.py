@@ -44,7 +44,7 @@ def copy(src, dst, size=None):
                     for i in range(0, len(data), BLOCK):
                         piece = data[i:i + BLOCK]
                         if piece != _ZEROS[:len(piece)]:
-                            _pwrite_all(dfd, piece, pos + i)
+                            pwrite_all(dfd, piece, pos + i)
                     pos += len(data)
             os.fsync(dfd)
         finally:
@@ -53,7 +53,8 @@ def copy(src, dst, size=None):
         os.close(sfd)
 
 
-def _pwrite_all(fd, data, offset):
+def pwrite_all(fd, data, offset):
+    """os.pwrite until every byte is written (a pwrite may write less)."""
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)

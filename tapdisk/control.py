@@ -186,14 +186,21 @@ def ctl_path(pid):
     return os.path.join(settings.runtime_dir(), "ctl%d" % pid)
 
 
-def _recv_exactly(sock, size):
+def recv_exactly(sock, size, partial_on_timeout=False):
+    """`size` bytes, or fewer if the peer closed first. A timeout raises socket.timeout,
+    or with partial_on_timeout returns what came (the daemon answers a peer that went
+    quiet mid-message with "short message")."""
     chunks, got = [], 0
-    while got < size:
-        chunk = sock.recv(size - got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
+    try:
+        while got < size:
+            chunk = sock.recv(size - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except socket.timeout:
+        if not partial_on_timeout:
+            raise
     return b"".join(chunks)
 
 
@@ -223,7 +230,7 @@ class Client(object):
         return sock
 
     def _read_message(self, sock, what):
-        data = _recv_exactly(sock, SIZE)
+        data = recv_exactly(sock, SIZE)
         if len(data) != SIZE:
             raise ControlError(errno.EPROTO, "tapdisk %d closed the connection during %s"
                                " (%d of %d bytes)" % (self.pid, what, len(data), SIZE))
@@ -348,7 +355,7 @@ class Client(object):
             if reply["type"] != STATS_RSP:
                 raise ControlError(errno.EPROTO, "tapdisk %d answered stats with %s"
                                    % (self.pid, NAMES.get(reply["type"], reply["type"])))
-            data = _recv_exactly(sock, reply["length"])
+            data = recv_exactly(sock, reply["length"])
         except socket.timeout:
             raise ControlError(errno.ETIMEDOUT, "tapdisk %d: stats timed out" % self.pid)
         finally:

@@ -104,7 +104,7 @@ class Daemon(object):
         cookie = control.ALL
         try:
             conn.settimeout(RECV_TIMEOUT)
-            data = self._recv(conn, control.SIZE)
+            data = control.recv_exactly(conn, control.SIZE, partial_on_timeout=True)
             if len(data) != control.SIZE:
                 _fail(errno.EINVAL, "short message: %d of %d bytes", len(data), control.SIZE)
             cookie = struct.unpack_from("=HH", data)[1]
@@ -148,20 +148,6 @@ class Daemon(object):
         if self.exit_requested:
             self.stop(self.exit_requested)
 
-    @staticmethod
-    def _recv(conn, size):
-        chunks, got = [], 0
-        try:
-            while got < size:
-                chunk = conn.recv(size - got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
-        except socket.timeout:
-            pass
-        return b"".join(chunks)
-
     def _read_trailers(self, conn, msg):
         """Upstream's 256-byte log path after OPEN/RESUME with ADD_LOG, and smtap's
         JSON options after OPEN with FLAG_EXTRA."""
@@ -169,17 +155,17 @@ class Daemon(object):
         if msg["type"] not in (control.OPEN, control.RESUME):
             return
         if msg["flags"] & control.FLAG_ADD_LOG:
-            raw = self._recv(conn, control.PATH_LENGTH)
+            raw = control.recv_exactly(conn, control.PATH_LENGTH, partial_on_timeout=True)
             if len(raw) != control.PATH_LENGTH:
                 _fail(errno.EINVAL, "log path missing after the %s message",
                       control.NAMES[msg["type"]])
             msg["logpath"] = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if msg["type"] == control.OPEN and msg["flags"] & control.FLAG_EXTRA:
-            raw = self._recv(conn, 4)
+            raw = control.recv_exactly(conn, 4, partial_on_timeout=True)
             length = struct.unpack("=I", raw)[0] if len(raw) == 4 else -1
             if not 0 <= length <= MAX_EXTRA:
                 _fail(errno.EINVAL, "bad open options trailer")
-            blob = self._recv(conn, length)
+            blob = control.recv_exactly(conn, length, partial_on_timeout=True)
             try:
                 extra = json.loads(blob.decode("utf-8")) if len(blob) == length else None
             except ValueError:

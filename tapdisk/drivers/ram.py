@@ -238,10 +238,10 @@ class RamDriver(driver.Driver):
                     start = first << CHUNK_SHIFT
                     stop = min(last << CHUNK_SHIFT, self.size)
                     if data:
-                        _pwrite_all(fd, self._mv[start:stop], start)
+                        sparse.pwrite_all(fd, self._mv[start:stop], start)
                     elif lib.fallocate(fd, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
                                        start, stop - start):
-                        _pwrite_all(fd, bytes(stop - start), start)   # no hole punching here
+                        sparse.pwrite_all(fd, bytes(stop - start), start)   # no hole punching here
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -267,11 +267,3 @@ def _address(mapping):
         return ctypes.addressof(view)
     finally:
         del view
-
-
-def _pwrite_all(fd, buf, offset):
-    buf = memoryview(buf)
-    while len(buf):
-        n = os.pwrite(fd, buf, offset)
-        buf = buf[n:]
-        offset += n
