@@ -188,7 +188,7 @@ def test_dummysr_end_to_end(xapi):
     assert failure(xapi.SR.destroy, sr) == ["SR_HAS_PBD", sr]
     xapi.PBD.unplug(pbd)
     assert xapi.PBD.get_currently_attached(pbd) is False
-    assert failure(xapi.VDI.create, {"SR": sr, "virtual_size": "1"}) == ["SR_NO_PBDS", sr]
+    assert failure(xapi.VDI.create, {"SR": sr, "virtual_size": "1"}) == ["SR_HAS_NO_PBDS", sr]
     assert failure(xapi.SR.destroy, sr) == ["SR_NOT_EMPTY"]   # DummySR refuses: fault 39
     assert xapi.SR.get_record(sr)["name_label"] == "dummy sr"
     xapi.PBD.plug(pbd)

@@ -30,7 +30,7 @@ def attached_pbds(ctx, sr_ref):
 def assert_attached(ctx, sr_ref):
     ctx.store.get("SR", sr_ref)
     if not attached_pbds(ctx, sr_ref):
-        raise ApiError(errors.SR_NO_PBDS, sr_ref)
+        raise ApiError(errors.SR_HAS_NO_PBDS, sr_ref)
 
 
 def assert_detached(ctx, sr_ref):
