@@ -9,7 +9,6 @@ within a process and excludes other processes.
 import errno
 import fcntl
 import os
-import shutil
 
 from smtap import settings
 
@@ -81,4 +80,5 @@ def cleanup(ns):
     directory = os.path.join(settings.lock_dir(), ns)
     if any(os.path.dirname(path) == directory for path in _held):
         return
+    import shutil  # here: shutil imports bz2, lzma, ... and only vdi_delete needs it
     shutil.rmtree(directory, ignore_errors=True)

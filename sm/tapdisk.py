@@ -12,7 +12,9 @@ local_* functions below on that host.
 """
 import errno
 import os
+import sys
 import time
+import types
 
 from smtap import settings
 from smtap.sm import errors
@@ -22,10 +24,27 @@ from smtap.sm import testhooks
 from smtap.sm import vdi
 from smtap.tapdisk import control, drivers, minors, tapctl
 
-# Every disk type of the engine, and how XAPI plugs each: read from the registry, so a
-# new disk type shows up here without an edit.
-TYPES = sorted(drivers.types())
-VDI_PLUG_TYPE = dict((name, cls.plug_type) for name, cls in drivers.types().items())
+# TYPES (every disk type of the engine) and VDI_PLUG_TYPE (how XAPI plugs each) are read
+# from the registry, so a new disk type shows up here without an edit. Read on first use,
+# not at import: the registry imports every disk driver (ctypes, mmap, ...), which most
+# driver calls never need. A module subclass, as module __getattr__ needs Python 3.7.
+_types = None
+
+
+def _registry_types():
+    global _types
+    if _types is None:
+        found = drivers.types()
+        _types = (sorted(found), dict((name, cls.plug_type) for name, cls in found.items()))
+    return _types
+
+
+class _Module(types.ModuleType):
+    TYPES = property(lambda self: _registry_types()[0])
+    VDI_PLUG_TYPE = property(lambda self: _registry_types()[1])
+
+
+sys.modules[__name__].__class__ = _Module
 
 PAUSE_PLUGIN = "smtap-tapdisk-pause"
 PAUSED_KEY = "paused"

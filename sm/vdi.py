@@ -6,7 +6,6 @@ XAPI grants the driver's session). Methods that make or change a VDI return the 
 (or its get_params() struct); the dispatcher sends {uuid, location} back to XAPI.
 """
 import time
-import uuid as uuidlib
 
 from smtap.sm import errors
 from smtap.sm import wire
@@ -24,7 +23,10 @@ def timestamp(seconds=None):
 class VDI(object):
     def __init__(self, sr, uuid=None):
         self.sr = sr
-        self.uuid = uuid or str(uuidlib.uuid4())
+        if not uuid:
+            import uuid as uuidlib  # here: uuid imports platform; most calls name their VDI
+            uuid = str(uuidlib.uuid4())
+        self.uuid = uuid
         self._ref = None  # looked up by uuid when first needed
         self.location = self.uuid
         self.label = ""

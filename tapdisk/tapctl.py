@@ -7,7 +7,6 @@ the device (the minor's marker path), `spawn` the pid, `stats` JSON. A failure i
 line on stderr and an exit status of its errno.
 """
 import errno
-import getopt
 import json
 import os
 import sys
@@ -298,6 +297,7 @@ def main(argv=None):
         if "-h" in args:
             print("usage: tap-ctl " + usage)
             return 0
+        import getopt  # here: it imports gettext; the SR drivers use tapctl as a module
         try:
             pairs, rest = getopt.getopt(args, spec)
         except getopt.GetoptError as exc:

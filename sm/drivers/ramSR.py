@@ -21,9 +21,7 @@ tmpfs copy), so sr_create and sr_attach refuse a budget above half of MemAvailab
 import json
 import os
 import re
-import subprocess
 import sys
-from html import escape  # not xml.sax.saxutils: it imports urllib.request (slow start-up)
 
 from smtap import settings
 from smtap.version import VERSION
@@ -58,6 +56,7 @@ SR_RECORD = ".sr.json"
 
 
 def _run(argv):
+    import subprocess  # here: only SR attach/detach run commands
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True)
     if proc.returncode:
@@ -163,6 +162,9 @@ class RamSR(dirsr.DirSR):
         self.detach()
 
     def probe(self):
+        # Here, not at import: only probe escapes. Not xml.sax.saxutils: it imports
+        # urllib.request.
+        from html import escape
         items = []
         for point, sr_uuid in sorted(ram_mounts().items()):
             try:
