@@ -138,10 +138,13 @@ class Servers(object):
                 proc.wait()
 
 
-def fio(uri, rw, bs, qd, runtime, size):
-    # Each run starts with no dirty pages: otherwise the page-cache writers' writeback
-    # lands on whichever server runs next.
+def fio(uri, rw, bs, qd, runtime, size, warm=None):
+    # Each run starts with no dirty pages (else the page-cache writers' writeback lands on
+    # whichever server runs next) and, for servers sharing one file, with the whole file
+    # in the page cache (else a run after an O_DIRECT writer pays for the pages it evicted).
     os.sync()
+    if warm:
+        subprocess.run(["cat", warm], stdout=subprocess.DEVNULL, check=True)
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
            "--iodepth=%d" % qd, "--size=%d" % size, "--runtime=%d" % runtime, "--time_based",
            "--randrepeat=0", "--output-format=json"]
@@ -212,7 +215,8 @@ def main():
                 for rnd in range(args.rounds):       # alternate, reversing the order each round
                     order = members if rnd % 2 == 0 else members[::-1]
                     for name, uri in order:
-                        iops, mbs = fio(uri, rw, bs, qd, args.runtime, size)
+                        iops, mbs = fio(uri, rw, bs, qd, args.runtime, size,
+                                        warm=data if gname != "memory" else None)
                         got[name].append((iops, mbs))
                         print("  %-7s %-18s %-32s %9.0f IOPS %8.1f MB/s"
                               % (gname, label, name, iops, mbs), file=sys.stderr)

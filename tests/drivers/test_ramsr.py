@@ -206,7 +206,7 @@ def test_snapshot_while_fio_verifies(dhost, ram_sr):
     vbd = dhost.plug(vdi)
     fio = subprocess.Popen(
         ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + nbd_uri(x, vdi),
-         "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8", "--verify=crc32c",
+         "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
          "--verify_backlog=128", "--verify_fatal=1", "--time_based", "--runtime=12",
          "--output-format=terse"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -130,7 +130,7 @@ def test_snapshot_while_fio_verifies_over_nbd(e2e, tmp_path):
     work.mkdir()                                    # fio's verify state files go here
     fio = subprocess.Popen(
         ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + e2e.nbd_uri(sr, vdi),
-         "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8", "--verify=crc32c",
+         "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
          "--verify_backlog=256", "--verify_fatal=1", "--time_based", "--runtime=12",
          "--output-format=terse"],
         cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

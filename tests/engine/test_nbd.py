@@ -308,7 +308,8 @@ def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
     s = serve("%s:%s" % (kind, img))
     out = run("fio", "--name=v", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
               "--bsrange=512-128k", "--bs_unaligned", "--iodepth=32", "--size=16M",
-              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+              "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",
+              "--output-format=json")
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 15 * MiB
     assert job["read"]["io_bytes"] == job["write"]["io_bytes"]     # all read back, verified

@@ -17,7 +17,7 @@ def fio_verify(uri, size):
     """One fio pass over NBD: random 4k writes then a crc32c read-back."""
     proc = subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
-         "--bs=4k", "--size=%d" % size, "--iodepth=8", "--verify=crc32c",
+         "--bs=4k", "--size=%d" % size, "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
          "--do_verify=1", "--verify_fatal=1", "--randrepeat=0",
          "--output-format=json"],
         capture_output=True, text=True, timeout=120)
