@@ -12,6 +12,8 @@ import signal
 import subprocess
 import time
 
+from smtap import mounts
+
 FILENAME = "disk"
 
 
@@ -40,8 +42,7 @@ def _pidfile(mount_dir):
 
 def _mounted(mount_dir):
     real = os.path.realpath(mount_dir)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
+    return any(point == real for _, point, _ in mounts.entries())
 
 
 def _alive(pid):

@@ -1,19 +1,13 @@
 """Driver discovery at start-up: <Name>SR executables, the sm-plugins whitelist, SM records."""
 import concurrent.futures
-import glob
 import logging
 import os
-import re
 
-from smtap import settings
+from smtap import settings, xapiconf
 from smtap.toolstack import smapi
 from smtap.toolstack.errors import ApiError
 
 log = logging.getLogger("smtap.xapi.discovery")
-
-STOCK_PLUGINS = ("ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe "
-                 "shm smb")
-
 
 class Driver(object):
     def __init__(self, sr_type, path, record):
@@ -23,31 +17,10 @@ class Driver(object):
         self.capabilities = set(record["capabilities"])
 
 
-def conf_value(key):
-    """The last assignment of `key` in xapi.conf then xapi.conf.d/*.conf (name order)."""
-    value = None
-    drop_ins = sorted(glob.glob(os.path.join(settings.xapi_conf_d(), "*.conf")))
-    files = [settings.xapi_conf()] + drop_ins
-    for path in files:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            line = line.split("#", 1)[0]
-            if "=" in line:
-                k, v = line.split("=", 1)
-                if k.strip() == key:
-                    value = v.strip()
-    return value
-
-
 def whitelist():
-    """The allowed SR types, or None when `*` allows every driver."""
-    value = conf_value("sm-plugins")
-    names = re.split(r"[\s,]+", STOCK_PLUGINS if value is None else value)
-    names = set(n.lower() for n in names if n)
+    """The allowed SR types, or None when `*` allows every driver (read as XAPI does:
+    xapi.conf, then the drop-ins in name order; the stock list when nothing sets it)."""
+    names = set(n.lower() for entry in xapiconf.effective() for n in entry.split(",") if n)
     return None if "*" in names else names
 
 

@@ -5,14 +5,13 @@ Shared by `make demo` and the tests: everything a host root can leave on the mac
 """
 import os
 import random
-import re
 import signal
 import socket
 import string
 import subprocess
 import time
 
-from smtap import settings
+from smtap import mounts, settings
 
 # The VDI's runtime link <root>/run/blktap-control/nbd/<sr>/<vdi> (97 bytes past the
 # root) is the NBD socket path clients connect to; sun_path holds 107 bytes.
@@ -24,18 +23,10 @@ def _under(path, root):
     return path == root.rstrip("/") or path.startswith(root)
 
 
-def _unescape(field):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mounts_under(root):
     """[(mount point, fs type, source)] below root, deepest first."""
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and _under(_unescape(fields[1]), root):
-                found.append((_unescape(fields[1]), fields[2], fields[0]))
+    found = [(point, fstype, source) for source, point, fstype in mounts.entries()
+             if _under(point, root)]
     return sorted(found, key=lambda m: len(m[0]), reverse=True)
 
 

@@ -20,16 +20,16 @@ tmpfs copy), so sr_create and sr_attach refuse a budget above half of MemAvailab
 """
 import json
 import os
-import re
 import sys
 
+from smtap import mounts
 from smtap import settings
+from smtap import sparse
 from smtap.version import VERSION
 from smtap.sm import command
 from smtap.sm import dirsr
 from smtap.sm import errors
 from smtap.sm import log
-from smtap import sparse
 from smtap.sm import tapdisk
 from smtap.sm import units
 
@@ -64,24 +64,12 @@ def _run(argv):
                                               proc.stderr.strip()))
 
 
-def _unescape(field):
-    """/proc/mounts escapes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def ram_mounts():
     """{mount point: sr_uuid} of the ram SRs mounted under sr_mount_dir()."""
     base = settings.sr_mount_dir()
-    found = {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 3 or fields[0] != MOUNT_SOURCE or fields[2] != "tmpfs":
-                continue
-            point = _unescape(fields[1])
-            if os.path.dirname(point) == base:
-                found[point] = os.path.basename(point)
-    return found
+    return dict((point, os.path.basename(point)) for source, point, fstype in mounts.entries()
+                if source == MOUNT_SOURCE and fstype == "tmpfs"
+                and os.path.dirname(point) == base)
 
 
 class RamSR(dirsr.DirSR):

@@ -3,11 +3,10 @@ SM records from sr_get_driver_info, start-up speed."""
 import os
 import time
 
-from smtap import settings
-from smtap.toolstack import discovery
+from smtap import settings, xapiconf
 
 
-STOCK = set(discovery.STOCK_PLUGINS.split())
+STOCK = set(xapiconf.STOCK)
 
 
 def sm_types(h):
