@@ -1,22 +1,16 @@
-"""Engine fixtures: every tapdisk a test starts dies with the test, even on failure."""
-import os
-import signal
+"""Engine fixtures. Every tapdisk a test starts dies with the test, even on failure:
+smtap_root's teardown kills every process of the root."""
 import subprocess
 
 import pytest
 
-from enginelib import Served, Tap, tapdisks_under
+from enginelib import Served, Tap
 
 
 @pytest.fixture(autouse=True)
-def reap_tapdisks(smtap_root):
-    """Kill whatever tapdisk the test left running under its root."""
-    yield
-    for pid in tapdisks_under(smtap_root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+def own_root(smtap_root):
+    """Every engine test runs under its own root, whose teardown kills what it left."""
+    return smtap_root
 
 
 @pytest.fixture

@@ -4,25 +4,13 @@ import os
 import subprocess
 import time
 
+from smtap.toolstack import hostroot
+
 
 def tapdisks_under(root):
-    """Pids of the tapdisk daemons running with SMTAP_ROOT=root."""
-    marker = ("SMTAP_ROOT=%s" % root).encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                if b"smtap.tapdisk.daemon" not in f.read():
-                    continue
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                if marker not in f.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        pids.append(int(entry))
-    return pids
+    """Pids of the live tapdisk daemons of this root."""
+    return [pid for pid, cmdline in hostroot.processes_under(str(root))
+            if "smtap.tapdisk.daemon" in cmdline]
 
 
 def tap_ctl(*args, check=True, timeout=60):
