@@ -30,8 +30,6 @@ INSTALL_COMMANDS ?= $(COMMANDS)
 RPM_SR_TYPES := ram
 RPM_LIB_PACKAGES := sm tapdisk
 RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util smtap-sm-plugins
-# The stock sm-plugins whitelist (xapi.conf of XCP-ng 8.3); the drop-in keeps it.
-STOCK_SM_PLUGINS := ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba lvmofcoe shm smb
 RPMTOP ?= $(TOP)/rpmbuild
 RPMBUILD_FLAGS ?= --nodeps
 # The launchers' interpreter in the RPM (dom0's); the tests build a variant with the
@@ -130,14 +128,9 @@ install:
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../../../opt/smtap/lib|" $$p > $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 		chmod 755 $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 	done
-	@# sm-plugins is one list and a later assignment replaces the earlier one: keep the
-	@# stock types, append ours (the RPM's %post recomputes it from the host's own list).
-	@{ echo "# smtap: XAPI's sm-plugins whitelist with the smtap SR types added."; \
-	  echo "# sm-plugins is one list and a later assignment replaces an earlier one, so this line"; \
-	  echo "# repeats the whole list (stock list here; the RPM's %post recomputes it from the"; \
-	  echo "# host's xapi.conf and other drop-ins with /opt/smtap/bin/smtap-sm-plugins --write)."; \
-	  echo "sm-plugins = $$(echo $(STOCK_SM_PLUGINS) $(SR_TYPES) | tr 'A-Z' 'a-z' | tr ' ' '\n' | awk '!seen[$$0]++' | tr '\n' ' ' | sed 's/ $$//')"; \
-	} > $(DESTDIR)/etc/xapi.conf.d/smtap.conf
+	@# The sm-plugins drop-in: the stock list (none is read under DESTDIR) plus the types
+	@# just installed, written by the same code as the RPM's %post (smtap.xapiconf).
+	SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null
 	@printf '# smtap: the tapdisk engine log (smtap.settings.tapdisk_log_file).\n/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tdelaycompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
 
 # The host profile the RPM installs: see RPM_* above.
