@@ -5,9 +5,12 @@ VENV := $(TOP)/.venv
 VPY := $(VENV)/bin/python3
 VERSION := $(shell cat $(TOP)/VERSION)
 
-# Debian packages the build, tests and benchmarks use.
-DEB_PACKAGES := python3-venv qemu-utils nbdkit nbdkit-plugin-python libnbd-bin fio \
-	fuse3 libaio-dev libffi-dev rpm e2fsprogs util-linux gcc python3-dev
+# Debian packages the build, tests, benchmarks and demo use (README "Dependencies" lists
+# the same; tests/test_dependencies.py checks both, and that every tool they run is here).
+# file: nbdinfo runs it for its "content" field and libnbd-bin does not depend on it.
+DEB_PACKAGES := python3-venv python3-dev gcc libffi-dev libaio-dev \
+	qemu-utils nbdkit nbdkit-plugin-python libnbd-bin file fio \
+	fuse3 mount util-linux e2fsprogs rpm
 
 # Engine and toolstack commands: name=module.
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
