@@ -16,7 +16,7 @@ def tapdisks_under(root):
 def tap_ctl(*args, check=True, timeout=60):
     """Run tap-ctl; returns the CompletedProcess (stdout/stderr as text)."""
     proc = subprocess.run(["tap-ctl"] + [str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout)
+                          encoding="utf-8", errors="replace", timeout=timeout)
     if check and proc.returncode:
         raise AssertionError("tap-ctl %s failed (%d): %s" % (
             " ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
@@ -86,9 +86,10 @@ class Served(object):
 
 
 def run(*cmd, check=True, timeout=120, input=None):
-    """Run a command; CompletedProcess with text stdout/stderr."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, input=input)
+    """Run a command; CompletedProcess with text stdout/stderr (undecodable bytes from a
+    tool are replaced, never an exception)."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=timeout, input=input)
     if check and proc.returncode:
         raise AssertionError("%s failed (%d): %s" % (" ".join(map(str, cmd)), proc.returncode,
                                                      (proc.stderr or proc.stdout).strip()))

@@ -59,7 +59,7 @@ def test_block_status_reports_holes(serve, tmp_path):
     qemu_io(s.uri, "write -P 1 8M 1M", "write -P 2 40M 64k")
     assert nbd_map(s.uri) == [(0, 8 * MiB, 3), (8 * MiB, MiB, 0), (9 * MiB, 31 * MiB, 3),
                               (40 * MiB, 65536, 0), (40 * MiB + 65536, 24 * MiB - 65536, 3)]
-    info = json.loads(run("nbdinfo", "--json", s.uri).stdout)["exports"][0]
+    info = json.loads(run("nbdinfo", "--no-content", "--json", s.uri).stdout)["exports"][0]
     assert info["export-size"] == 64 * MiB
     assert info["can_trim"] and info["can_zero"] and info["can_fua"] and info["can_multi_conn"]
     assert info["can_fast_zero"] and info["can_flush"] and not info["is_read_only"]
@@ -99,7 +99,7 @@ def test_read_only_export(serve, tmp_path):
     img = tmp_path / "d.img"
     pattern_file(img, 4 * MiB)
     s = serve("aio:%s" % img, "-R")
-    info = json.loads(run("nbdinfo", "--json", s.uri).stdout)["exports"][0]
+    info = json.loads(run("nbdinfo", "--no-content", "--json", s.uri).stdout)["exports"][0]
     assert info["is_read_only"]
     out = qemu_io(s.uri, "write -P 1 0 4k", check=False)
     assert "Operation not permitted" in out or "Permission denied" in out or "read-only" in out
@@ -127,10 +127,10 @@ def test_several_clients_at_once(serve, tmp_path):
 
 def test_export_name_and_list(serve, tmp_path):
     s = serve("ram:%s?size=%d" % (tmp_path / "x", MiB), "-e", "vdi-1")
-    assert run("nbdinfo", "nbd+unix:///vdi-1?socket=" + s.nbd_path).returncode == 0
-    bad = run("nbdinfo", "nbd+unix:///other?socket=" + s.nbd_path, check=False)
+    assert run("nbdinfo", "--no-content", "nbd+unix:///vdi-1?socket=" + s.nbd_path).returncode == 0
+    bad = run("nbdinfo", "--no-content", "nbd+unix:///other?socket=" + s.nbd_path, check=False)
     assert bad.returncode != 0
-    listed = run("nbdinfo", "--list", "--json", s.uri).stdout
+    listed = run("nbdinfo", "--no-content", "--list", "--json", s.uri).stdout
     assert [e["export-name"] for e in json.loads(listed)["exports"]] == ["vdi-1"]
 
 
