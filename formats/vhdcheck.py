@@ -12,6 +12,7 @@ import uuid as uuidlib
 from smtap.formats import vhd as V
 
 TIMESTAMP_MAX_SLACK = 1800      # NFS clock skew vhd-util tolerates
+MAX_CHS = (65535 << 16) | (16 << 8) | 255
 
 
 class Options(object):
@@ -55,7 +56,8 @@ def validate_footer(f, opts):
         return "creation time in future"
     if f.from_tapdisk() and f.crtr_ver > V.CREATOR_VERSION:
         return "unsupported tap creator version"
-    if V.chs(f.curr_size) < f.geometry:
+    # The largest CHS is qemu's (force_size) mark for "the size is curr_size": allowed.
+    if V.chs(f.curr_size) < f.geometry and f.geometry != MAX_CHS:
         return "geometry too large"
     if f.type not in (V.HD_TYPE_FIXED, V.HD_TYPE_DYNAMIC, V.HD_TYPE_DIFF):
         return "invalid type"
