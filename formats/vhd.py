@@ -448,7 +448,7 @@ class VHD(object):
     """
 
     def __init__(self, path, writable=False, use_backup=False, ignore_disabled=False,
-                 strict=False, io=None, fast=False):
+                 strict=False, io=None, fast=False, lax_batmap=False):
         self.path = path
         self.writable = writable
         self.io = io if io is not None else _open_file(path, writable)
@@ -460,6 +460,7 @@ class VHD(object):
         self.batmap_map = None
         self.bat = None
         self._eod = None
+        self.lax_batmap = lax_batmap    # keep a damaged batmap for `check` to report
         try:
             self._load(use_backup or fast, ignore_disabled, fast)
             if strict and writable:
@@ -576,6 +577,12 @@ class VHD(object):
 
     def _read_batmap(self):
         bh = self._read_batmap_header()
+        if self.lax_batmap:
+            self.batmap = bh
+            n = min(self.batmap_map_bytes(), max(0, self.file_size - bh.batmap_offset))
+            self.batmap_map = bytearray(self.io.pread(n, bh.batmap_offset).ljust(
+                self.batmap_map_bytes(), b"\0"))
+            return
         if bh.cookie != BATMAP_COOKIE:
             raise _einval("%s: invalid batmap cookie" % self.path)
         if bh.batmap_version > BATMAP_VERSION:

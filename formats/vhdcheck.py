@@ -123,7 +123,8 @@ class _Checker(object):
         finally:
             fio.close()
         try:
-            img = V.VHD(self.path, ignore_disabled=True, use_backup=self.primary_missing)
+            img = V.VHD(self.path, ignore_disabled=True, use_backup=self.primary_missing,
+                        lax_batmap=True)
         except V.VHDError as e:
             raise Invalid("error opening %s: %s" % (self.path, e.strerror), e.errno)
         with img:

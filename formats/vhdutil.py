@@ -87,7 +87,7 @@ def _open(ctx, name, fmt="error opening %s: %d\n", **kw):
     try:
         return V.VHD(name, **kw)
     except V.VHDError as e:
-        raise Failed(e.errno, _errmsg(e), fmt % (name, -e.errno))
+        raise Failed(e.errno, _errmsg(e), (fmt % (name, -e.errno)) if fmt else None)
 
 
 # -- create / snapshot ------------------------------------------------------------------

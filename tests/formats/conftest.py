@@ -1,5 +1,4 @@
 """Format tests: each runs in its own temporary directory (images, journals, raw dumps)."""
-
 import pytest
 
 
