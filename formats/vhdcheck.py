@@ -310,8 +310,8 @@ class _Checker(object):
 
 
 def check(path, out, opts=None):
-    """vhd-util check: 0 and "<path> is valid", or the errno after the failing check's
-    message, "<path> appears invalid; dumping metadata" and the read -p dump."""
+    """vhd-util check: (0, None) after "<path> is valid", or (errno, reason) after the
+    failing check's message, "<path> appears invalid; dumping metadata" and the dump."""
     opts = opts or Options()
     try:
         _Checker(path, opts, out).run()
@@ -319,11 +319,11 @@ def check(path, out, opts=None):
         out.write(e.message + "\n")
         out.write("%s appears invalid; dumping metadata\n" % path)
         dump(path, out)
-        return e.errno
+        return e.errno, e.message
     if opts.parents:
         return check_parents(path, out, opts)
     out.write("%s is valid\n" % path)
-    return 0
+    return 0, None
 
 
 def check_parents(path, out, opts):
@@ -333,19 +333,19 @@ def check_parents(path, out, opts):
         try:
             with V.VHD(cur, ignore_disabled=True) as img:
                 if img.type != V.HD_TYPE_DIFF or img.parent_is_raw:
-                    return 0
+                    return 0, None
                 cur = img.parent_path()
         except V.VHDError as e:
             out.write("error getting parent: %d\n" % -e.errno)
             out.write("error checking parents: %d\n" % -e.errno)
-            return e.errno
+            return e.errno, "parent of %s: %s" % (cur, e.strerror)
         sub = Options(**vars(opts))
         sub.parents = False
-        err = check(cur, out, sub)
+        err, why = check(cur, out, sub)
         if err:
             out.write("error checking parents: %d\n" % -err)
-            return err
-    return errno.ELOOP
+            return err, "parent %s: %s" % (cur, why)
+    return errno.ELOOP, "parent loop"
 
 
 # -- read -p -----------------------------------------------------------------------------

@@ -427,9 +427,9 @@ def cmd_check(ctx, args):
             raise Usage()
     if not name or rest or (o2.check_data and o2.no_check_bat):
         raise Usage()
-    err = vhdcheck.check(name, ctx.out, o2)
+    err, why = vhdcheck.check(name, ctx.out, o2)
     if err:
-        raise Failed(err, "%s is not a valid VHD" % name)
+        raise Failed(err, "%s: not a valid VHD: %s" % (name, why))
     return 0
 
 
