@@ -188,3 +188,17 @@ def test_td_util(work):
     out = td_util("query", "vhd", "-v", "junk")
     assert out.returncode == 22 and out.text == "failed opening junk: -22\n"
     assert len(out.err.splitlines()) == 1
+
+
+def test_scan_lvm_volume_group(work, monkeypatch):
+    """-l VG: the group's volumes (here files under SMTAP_ROOT's /dev/VG), by LV name."""
+    monkeypatch.setenv("SMTAP_ROOT", str(work))
+    vg = work / "dev" / "VG_XenStorage-sr1"
+    vg.mkdir(parents=True)
+    for name, mb in (("VHD-aaa", 8), ("VHD-bbb", 4), ("other", 4)):
+        vhd_util("create", "-n", vg / name, "-s", mb, check=0)
+    out = vhd_util("scan", "-f", "-l", "VG_XenStorage-sr1", "-m", "VHD-*", check=0)
+    assert out.text.splitlines() == [
+        "vhd=VHD-aaa capacity=%d size=%d hidden=0 parent=none" % (8 * MiB, os.path.getsize(str(vg / "VHD-aaa"))),
+        "vhd=VHD-bbb capacity=%d size=%d hidden=0 parent=none" % (4 * MiB, os.path.getsize(str(vg / "VHD-bbb")))]
+    assert vhd_util("scan", "-f", "-l", "nosuchvg", "-m", "VHD-*", check=0).text == ""
