@@ -31,22 +31,23 @@ class _Usage(Exception):
         self.text, self.code = text, code
 
 
-def _getopt(args, spec, usage):
+def _getopt(args, spec, usage, operands):
+    """({-x: argument}, the `operands` operands), or the usage."""
     try:
         opts, rest = getopt.gnu_getopt(args, spec)
     except getopt.GetoptError as e:
         raise _Usage("Unknown option %s\n%s" % (e.opt, usage))
     if any(o == "-h" for o, _ in opts):
         raise _Usage(usage, 0)
+    if len(rest) != operands:
+        raise _Usage(usage)
     return dict(opts), rest
 
 
 def td_create(kind, args, out, err):
     usage = ("usage: td-util create %s [-h help] [-r reserve] [-b file_is_fixed_size] "
              "<SIZE(MB)> <FILENAME>" % kind)
-    opts, rest = _getopt(args, "hrb", usage)
-    if len(rest) != 2:
-        raise _Usage(usage)
+    opts, rest = _getopt(args, "hrb", usage, 2)
     try:
         mb = int(rest[0], 10)
     except ValueError:
@@ -80,12 +81,7 @@ def td_create(kind, args, out, err):
 def td_snapshot(kind, args, out, err):
     usage = ("usage: td-util snapshot %s [-h help] [-m parent_raw] [-b file_is_fixed_size] "
              "[-l snapshot depth limit] <FILENAME> <BACKING_FILENAME>" % kind)
-    if kind != "vhd":
-        err.write("Cannot create snapshot of %s image type\n" % kind)
-        return errno.EINVAL
-    opts, rest = _getopt(args, "hbml:", usage)
-    if len(rest) != 2:
-        raise _Usage(usage)
+    opts, rest = _getopt(args, "hbml:", usage, 2)
     name, backing = rest
     if not os.path.exists(backing):
         err.write("File %s not found\n" % backing)
@@ -102,9 +98,7 @@ def td_query(kind, args, out, err):
     usage = ("usage: td-util query %s [-h help] [-v virtsize] [-p parent] [-f fields] "
              "[-d chain depth] [-b don't trust the footer, use the back-up one instead] "
              "<FILENAME>" % kind)
-    opts, rest = _getopt(args, "hvpfdb", usage)
-    if len(rest) != 1:
-        raise _Usage(usage)
+    opts, rest = _getopt(args, "hvpfdb", usage, 1)
     name = rest[0]
     if kind == "aio":
         return _query_aio(name, opts, out, err)
@@ -114,7 +108,7 @@ def td_query(kind, args, out, err):
         out.write("failed opening %s: %d\n" % (name, -e.errno))
         err.write("%s query: %s\n" % (PROG, e.strerror))
         return e.errno
-    rc = 0
+    results = []
     with img:
         if "-v" in opts:
             out.write("%d\n" % (img.size >> 20))
@@ -122,25 +116,19 @@ def td_query(kind, args, out, err):
             if img.type != V.HD_TYPE_DIFF:
                 out.write("%s has no parent\n" % name)
             else:
-                try:
-                    out.write("%s\n" % img.parent_path())
-                except V.VHDError as e:
-                    out.write("failed getting parent: %d\n" % -e.errno)
-                    err.write("%s query: %s\n" % (PROG, e.strerror))
-                    rc = rc or e.errno
+                results.append(vhdutil.report(out.write, "%s\n", img.parent_path,
+                                              "failed getting parent: %d\n"))
         if "-f" in opts:
-            try:
-                out.write("hidden: %d\n" % img.hidden())
-            except V.VHDError as e:
-                out.write("failed checking 'hidden' field: %d\n" % -e.errno)
-                rc = rc or e.errno
+            results.append(vhdutil.report(out.write, "hidden: %d\n", img.hidden,
+                                          "failed checking 'hidden' field: %d\n"))
         if "-d" in opts:
-            try:
-                out.write("chain depth: %d\n" % V.chain_depth(name))
-            except V.VHDError as e:
-                out.write("error checking chain depth: %d\n" % -e.errno)
-                err.write("%s query: %s\n" % (PROG, e.strerror))
-                rc = rc or e.errno
+            results.append(vhdutil.report(out.write, "chain depth: %d\n",
+                                          lambda: V.chain_depth(name),
+                                          "error checking chain depth: %d\n"))
+    failures = [r for r in results if r[0]]
+    for _, why in failures:
+        err.write("%s query: %s\n" % (PROG, why))
+    rc = failures[0][0] if failures else 0
     return rc
 
 
@@ -169,12 +157,7 @@ def _query_aio(name, opts, out, err):
 
 def td_set(kind, args, out, err):
     usage = "usage: td-util set %s [-h help] <FILENAME> <FIELD> <VALUE>\nFIELD := { hidden }" % kind
-    if kind != "vhd":
-        err.write("Cannot set fields of %s images\n" % kind)
-        return errno.EINVAL
-    opts, rest = _getopt(args, "h", usage)
-    if len(rest) != 3:
-        raise _Usage(usage)
+    opts, rest = _getopt(args, "h", usage, 3)
     name, field, value = rest
     if field != "hidden":
         raise _Usage("Invalid field %s\n%s" % (field, usage))
@@ -182,6 +165,8 @@ def td_set(kind, args, out, err):
 
 
 HANDLERS = {"create": td_create, "snapshot": td_snapshot, "query": td_query, "set": td_set}
+VHD_ONLY = {"snapshot": "Cannot create snapshot of %s image type",
+            "set": "Cannot set fields of %s images"}
 
 
 def run(argv, out=None, err=None):
@@ -199,6 +184,9 @@ def run(argv, out=None, err=None):
     if args[1] not in TYPES:
         err.write("invalid TYPE '%s'.\nTYPE := { %s }\n" % (args[1], " | ".join(TYPES)))
         return 255
+    if args[0] in VHD_ONLY and args[1] != "vhd":
+        err.write(VHD_ONLY[args[0]] % args[1] + "\n")
+        return errno.EINVAL
     try:
         return HANDLERS[args[0]](args[1], args[2:], out, err)
     except _Usage as e:
@@ -207,13 +195,7 @@ def run(argv, out=None, err=None):
 
 
 def main(argv=None):
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except BrokenPipeError:
-        return errno.EPIPE
-    except Exception as e:      # noqa: BLE001 - one line, never a traceback
-        sys.stderr.write("%s: internal error: %s: %s\n" % (PROG, type(e).__name__, e))
-        return errno.EIO
+    return vhdutil.guarded(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -73,14 +73,20 @@ def _num(text):
         raise Usage()
 
 
-def _opts(args, spec):
+def _opts(args, spec, numbers=""):
+    """getopt (GNU: options anywhere) -> ({letter: argument or True}, operands); the
+    arguments of the letters in `numbers` as integers; -h: the usage."""
     try:
         opts, rest = getopt.gnu_getopt(args, spec)
     except getopt.GetoptError:
         raise Usage()
-    if any(o == "-h" for o, _ in opts):
-        raise Usage(help=True)
-    return opts, rest
+    found = {}
+    for o, a in opts:
+        if o == "-h":
+            raise Usage(help=True)
+        takes = spec[spec.index(o[1]) + 1:spec.index(o[1]) + 2] == ":"
+        found[o[1]] = _num(a) if o[1] in numbers else (a if takes else True)
+    return found, rest
 
 
 def _open(ctx, name, fmt="error opening %s: %d\n", **kw):
@@ -92,20 +98,9 @@ def _open(ctx, name, fmt="error opening %s: %d\n", **kw):
 
 # -- create / snapshot ------------------------------------------------------------------
 def cmd_create(ctx, args):
-    opts, rest = _opts(args, "n:s:S:rh")
-    name, size, msize, fixed, have = None, 0, 0, False, False
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-s":
-            size, have = _num(a), True
-        elif o == "-S":
-            msize, have = _num(a), True
-        elif o == "-r":
-            fixed = True
-        else:
-            raise Usage()
-    if not have or not name or rest:
+    o, rest = _opts(args, "n:s:S:rh", numbers="sS")
+    name, size, msize, fixed = o.get("n"), o.get("s", 0), o.get("S", 0), "r" in o
+    if not ("s" in o or "S" in o) or not name or rest:
         raise Usage()
     if msize and msize < size:
         raise Failed(errno.EINVAL, "-S must be at least -s",
@@ -124,30 +119,13 @@ def _call(fn, *args, **kw):
 
 
 def cmd_snapshot(ctx, args):
-    opts, rest = _opts(args, "n:p:S:l:meh")
-    name = parent = None
-    msize = limit = 0
-    raw, empty_check = False, True
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-p":
-            parent = a
-        elif o == "-S":
-            msize = _num(a)
-        elif o == "-l":
-            limit = _num(a)
-        elif o == "-m":
-            raw = True
-        elif o == "-e":
-            empty_check = False
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:p:S:l:meh", numbers="Sl")
+    name, parent = o.get("n"), o.get("p")
     if not name or not parent or rest:
         raise Usage()
     try:
-        V.snapshot(name, parent, parent_raw=raw, meta_size=msize << 20,
-                   check_empty=empty_check, limit=limit)
+        V.snapshot(name, parent, parent_raw="m" in o, meta_size=o.get("S", 0) << 20,
+                   check_empty="e" not in o, limit=o.get("l", 0))
     except V.VHDError as e:
         if e.errno == errno.ENOSPC:
             raise Failed(e.errno, _errmsg(e), _errmsg(e) + "\n")
@@ -156,88 +134,64 @@ def cmd_snapshot(ctx, args):
 
 
 # -- query ------------------------------------------------------------------------------
+def report(say, ok, fn, failed):
+    """say(ok % fn()), or say(failed) (% -errno where it has a %d) when fn raises:
+    returns (errno or 0, reason)."""
+    try:
+        say(ok % fn())
+        return 0, None
+    except V.VHDError as e:
+        say(failed % -e.errno if "%d" in failed else failed)
+        return e.errno, _errmsg(e)
+
+
 def cmd_query(ctx, args):
-    opts, rest = _opts(args, "n:vspfdSmaubh")
-    name, want, resolve, backup = None, set(), True, False
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-u":
-            resolve = False
-        elif o == "-b":
-            backup = True
-        else:
-            want.add(o[1])
+    want, rest = _opts(args, "n:vspfdSmaubh")
+    name, resolve, backup = want.get("n"), "u" not in want, "b" in want
     if not name or rest:
         raise Usage()
     img = _open(ctx, name, ignore_disabled=True, use_backup=backup)
-    err, msgs = 0, []
+    results = []
     with img:
         if "v" in want:
             ctx.say("%d\n" % (img.size >> 20))
         if "s" in want:
-            try:
-                ctx.say("%d\n" % img.phys_size())
-            except V.VHDError as e:
-                ctx.say("failed to get physical size: %d\n" % -e.errno)
-                err = err or e.errno
+            results.append(report(ctx.say, "%d\n", img.phys_size,
+                                  "failed to get physical size: %d\n"))
         if "p" in want:
             if img.type != V.HD_TYPE_DIFF:
                 ctx.say("%s has no parent\n" % name)
             else:
-                try:
-                    ctx.say("%s\n" % img.parent_path(resolve=resolve))
-                except V.VHDError as e:
-                    ctx.say("query failed\n")
-                    msgs.append(_errmsg(e))
-                    err = err or e.errno
+                results.append(report(ctx.say, "%s\n", lambda: img.parent_path(resolve=resolve),
+                                      "query failed\n"))
         if "f" in want:
-            try:
-                ctx.say("hidden: %d\n" % img.hidden())
-            except V.VHDError as e:
-                ctx.say("error checking 'hidden' field: %d\n" % -e.errno)
-                err = err or e.errno
+            results.append(report(ctx.say, "hidden: %d\n", img.hidden,
+                                  "error checking 'hidden' field: %d\n"))
         if "m" in want:
             marker = img.marker() if img.has_batmap() else 0
             ctx.say("marker: %d\n" % (marker - 256 if marker > 127 else marker))
         if "d" in want:
-            try:
-                ctx.say("chain depth: %d\n" % V.chain_depth(name))
-            except V.VHDError as e:
-                ctx.say("error checking chain depth: %d\n" % -e.errno)
-                msgs.append(_errmsg(e))
-                err = err or e.errno
+            results.append(report(ctx.say, "chain depth: %d\n", lambda: V.chain_depth(name),
+                                  "error checking chain depth: %d\n"))
         if "a" in want:
             if not img.dynamic:
                 ctx.say("error reading bat: %d\n" % -errno.EINVAL)
-                err = err or errno.EINVAL
+                results.append((errno.EINVAL, "a fixed VHD has no BAT"))
             else:
                 ctx.say("%d\n" % img.allocated_blocks())
         if "S" in want:
             ctx.say("%d\n" % ((img.header.max_bat_size * img.block_size) >> 20
                               if img.dynamic else 0))
-    if err:
-        raise Failed(err, "; ".join(msgs) or os.strerror(err))
+    failures = [r for r in results if r[0]]
+    if failures:
+        raise Failed(failures[0][0], "; ".join(why for _, why in failures))
     return 0
 
 
 # -- set / modify / repair --------------------------------------------------------------
 def cmd_set(ctx, args):
-    opts, rest = _opts(args, "n:f:v:h")
-    name = field = None
-    value = None
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-f":
-            field = a
-        elif o == "-v":
-            try:
-                value = int(a, 10)
-            except ValueError:
-                raise Usage()
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:f:v:h", numbers="v")
+    name, field, value = o.get("n"), o.get("f"), o.get("v")
     if not name or not field or value is None or rest:
         raise Usage()
     if field not in ("hidden", "marker"):
@@ -260,22 +214,8 @@ def cmd_set(ctx, args):
 
 
 def cmd_modify(ctx, args):
-    opts, rest = _opts(args, "n:s:p:mzh")
-    name = parent = None
-    newsize, raw, zero = None, False, False
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-s":
-            newsize = _num(a)
-        elif o == "-p":
-            parent = a
-        elif o == "-m":
-            raw = True
-        elif o == "-z":
-            zero = True
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:s:p:mzh", numbers="s")
+    name, newsize, parent, raw, zero = o.get("n"), o.get("s"), o.get("p"), "m" in o, "z" in o
     if not name or rest:
         raise Usage()
     _open(ctx, name, writable=True).close()     # a VHD we may write, or nothing is touched
@@ -300,15 +240,8 @@ def cmd_modify(ctx, args):
 
 
 def cmd_repair(ctx, args):
-    opts, rest = _opts(args, "n:bh")
-    name, backup = None, False
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-b":
-            backup = True
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:bh")
+    name, backup = o.get("n"), "b" in o
     if not name or rest:
         raise Usage()
     _open(ctx, name, writable=True, use_backup=backup).close()
@@ -321,20 +254,8 @@ def cmd_repair(ctx, args):
 
 # -- resize / revert --------------------------------------------------------------------
 def cmd_resize(ctx, args):
-    opts, rest = _opts(args, "n:s:j:fh")
-    name = journal = None
-    size, fast = None, False
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-s":
-            size = _num(a)
-        elif o == "-j":
-            journal = a
-        elif o == "-f":
-            fast = True
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:s:j:fh", numbers="s")
+    name, size, journal, fast = o.get("n"), o.get("s"), o.get("j"), "f" in o
     if size is None or not name or rest or bool(journal) == fast:
         raise Usage()
     _open(ctx, name).close()
@@ -349,15 +270,8 @@ def cmd_resize(ctx, args):
 
 
 def cmd_revert(ctx, args):
-    opts, rest = _opts(args, "n:j:h")
-    name = journal = None
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-j":
-            journal = a
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:j:h")
+    name, journal = o.get("n"), o.get("j")
     if not name or not journal or rest:
         raise Usage()
     try:
@@ -369,13 +283,8 @@ def cmd_revert(ctx, args):
 
 # -- coalesce / fill ----------------------------------------------------------------------
 def cmd_coalesce(ctx, args):
-    opts, rest = _opts(args, "n:o:a:x:sph")
-    name = None
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-h":
-            raise Usage()
+    o, rest = _opts(args, "n:o:a:x:sph")
+    name = o.get("n")
     if not name or rest:
         raise Usage()
     try:
@@ -387,9 +296,9 @@ def cmd_coalesce(ctx, args):
 
 
 def cmd_fill(ctx, args):
-    opts, rest = _opts(args, "n:h")
-    name = dict(opts).get("-n")
-    if not name or rest or "-h" in dict(opts):
+    o, rest = _opts(args, "n:h")
+    name = o.get("n")
+    if not name or rest:
         raise Usage()
     img = _open(ctx, name, writable=True)
     with img:
@@ -406,25 +315,11 @@ def cmd_fill(ctx, args):
 
 # -- check / read -------------------------------------------------------------------------
 def cmd_check(ctx, args):
-    opts, rest = _opts(args, "n:iItpbBh")
-    name, o2 = None, vhdcheck.Options()
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-i":
-            o2.ignore_footer = True
-        elif o == "-I":
-            o2.ignore_parent_uuid = True
-        elif o == "-t":
-            o2.ignore_timestamps = True
-        elif o == "-p":
-            o2.parents = True
-        elif o == "-b":
-            o2.check_data = True
-        elif o == "-B":
-            o2.no_check_bat = True
-        else:
-            raise Usage()
+    o, rest = _opts(args, "n:iItpbBh")
+    name = o.get("n")
+    o2 = vhdcheck.Options(ignore_footer="i" in o, ignore_parent_uuid="I" in o,
+                          ignore_timestamps="t" in o, check_data="b" in o,
+                          no_check_bat="B" in o, parents="p" in o)
     if not name or rest or (o2.check_data and o2.no_check_bat):
         raise Usage()
     err, why = vhdcheck.check(name, ctx.out, o2)
@@ -434,23 +329,9 @@ def cmd_check(ctx, args):
 
 
 def cmd_read(ctx, args):
-    opts, rest = _opts(args, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh")
-    name, count, hexa, todo = None, 1, False, []
-    for o, a in opts:
-        if o == "-n":
-            name = a
-        elif o == "-c":
-            count = _num(a)
-        elif o == "-x":
-            hexa = True
-        elif o == "-C":
-            pass
-        elif o == "-h":
-            raise Usage()
-        elif o in ("-p", "-B", "-a"):
-            todo.append((o[1], None))
-        else:
-            todo.append((o[1], _num(a)))
+    o, rest = _opts(args, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh", numbers="tbmiejdcrR")
+    name, count, hexa = o.get("n"), o.get("c", 1), "x" in o
+    todo = [(k, None if v is True else v) for k, v in o.items() if k in "ptbBmieajdrR"]
     if not name or rest:
         raise Usage()
     try:
@@ -577,12 +458,7 @@ def _read_key(keypath, vhd_path=None):
 
 
 def cmd_key(ctx, args):
-    opts, rest = _opts(args, "n:k:N:H:scCph")
-    d = {}
-    for o, a in opts:
-        if o == "-h":
-            raise Usage()
-        d[o[1]] = a
+    d, rest = _opts(args, "n:k:N:H:scCph")
     if rest:
         raise Usage()
     name, keypath, nonce, khash = d.get("n"), d.get("k"), d.get("N"), d.get("H")
@@ -773,15 +649,9 @@ def _print_tree(ctx, image, flags, depth, done):
 
 
 def cmd_scan(ctx, args):
-    opts, rest = _opts(args, "m:fcl:pavMh")
-    flags, pattern, vg = set(), None, None
-    for o, a in opts:
-        if o == "-m":
-            pattern = a
-        elif o == "-l":
-            vg = a
-        else:
-            flags.add(o[1])
+    o, rest = _opts(args, "m:fcl:pavMh")
+    pattern, vg = o.get("m"), o.get("l")
+    flags = set(k for k in o if k not in "ml")
     if not pattern and not rest:
         raise Usage()
     if "p" in flags:
@@ -919,16 +789,21 @@ def run(argv, out=None, err=None):
             pass
 
 
-def main(argv=None):
+def guarded(prog, runner, argv=None):
+    """runner(argv) -> exit status; a broken pipe or a bug is one line, never a traceback."""
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        return runner(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:
         return errno.EPIPE
     except KeyboardInterrupt:
         return errno.EINTR
     except Exception as e:      # noqa: BLE001 - one line, never a traceback
-        sys.stderr.write("%s: internal error: %s: %s\n" % (PROG, type(e).__name__, e))
+        sys.stderr.write("%s: internal error: %s: %s\n" % (prog, type(e).__name__, e))
         return errno.EIO
+
+
+def main(argv=None):
+    return guarded(PROG, run, argv)
 
 
 if __name__ == "__main__":

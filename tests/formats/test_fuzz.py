@@ -57,6 +57,22 @@ COMMANDS = [["check", "-n"], ["check", "-b", "-p", "-n"], ["query", "-vsfpdmaS",
             ["read", "-r", "0", "-c", "64", "-n"]]
 
 
+def case(pristine, tmp_path):
+    """A fresh copy of the pristine pair: (directory, the child's path)."""
+    d = tmp_path / "case"
+    shutil.rmtree(str(d), ignore_errors=True)
+    d.mkdir()
+    shutil.copy(str(pristine / "p.vhd"), str(d / "p.vhd"))
+    shutil.copy(str(pristine / "c.vhd"), str(d / "c.vhd"))
+    return d, str(d / "c.vhd")
+
+
+def unchanged(d, path, before=None):
+    now = fingerprint(path), fingerprint(str(d / "p.vhd"))
+    assert before is None or now == before
+    return now
+
+
 def run_all(path):
     for argv in COMMANDS:
         out, err = io.StringIO(), io.StringIO()
@@ -75,12 +91,7 @@ def run_all(path):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(changes=corruptions(), cut=st.one_of(st.none(), st.integers(0, 6 * 1024 * 1024)))
 def test_random_corruption_never_crashes_or_writes(pristine, tmp_path, changes, cut):
-    d = tmp_path / "case"
-    shutil.rmtree(str(d), ignore_errors=True)
-    d.mkdir()
-    shutil.copy(str(pristine / "p.vhd"), str(d / "p.vhd"))
-    path = str(d / "c.vhd")
-    shutil.copy(str(pristine / "c.vhd"), path)
+    d, path = case(pristine, tmp_path)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         for off, byte in changes:
@@ -88,10 +99,10 @@ def test_random_corruption_never_crashes_or_writes(pristine, tmp_path, changes, 
             f.write(bytes([byte]))
         if cut is not None and cut < size:
             f.truncate(cut)
-    before = fingerprint(path), fingerprint(str(d / "p.vhd"))
+    before = unchanged(d, path)
     exercise(path)
     run_all(path)
-    assert (fingerprint(path), fingerprint(str(d / "p.vhd"))) == before
+    unchanged(d, path, before)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -155,12 +166,7 @@ def field_changes(draw):
 def test_fields_changed_with_valid_checksums(pristine, tmp_path, changes):
     """Deeper paths: fields set to odd values and the checksums made right again."""
     import struct
-    d = tmp_path / "case"
-    shutil.rmtree(str(d), ignore_errors=True)
-    d.mkdir()
-    shutil.copy(str(pristine / "p.vhd"), str(d / "p.vhd"))
-    path = str(d / "c.vhd")
-    shutil.copy(str(pristine / "c.vhd"), path)
+    d, path = case(pristine, tmp_path)
     with open(path, "r+b") as f:
         raw = bytearray(f.read())
     footer = V.Footer.unpack(raw[:512])
@@ -180,7 +186,7 @@ def test_fields_changed_with_valid_checksums(pristine, tmp_path, changes):
     raw[512:1536] = header.seal()
     with open(path, "wb") as f:
         f.write(raw)
-    before = fingerprint(path), fingerprint(str(d / "p.vhd"))
+    before = unchanged(d, path)
     exercise(path)
     run_all(path)
-    assert (fingerprint(path), fingerprint(str(d / "p.vhd"))) == before
+    unchanged(d, path, before)
