@@ -15,7 +15,7 @@ DEB_PACKAGES := python3-venv python3-dev gcc libffi-dev libaio-dev \
 # Engine and toolstack commands: name=module.
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
 	smtap-xapi=smtap.toolstack.server xe=smtap.toolstack.xe \
-	smtap-sm-plugins=smtap.xapiconf
+	smtap-sm-plugins=smtap.xapiconf vhd-util=smtap.formats.vhdutil td-util=smtap.formats.tdutil
 
 # Install layout (make install DESTDIR=...). PYTHON: the launchers' interpreter.
 PYTHON ?= /usr/bin/python3
@@ -26,13 +26,13 @@ PLUGINDIR := /etc/xapi.d/plugins
 # What `make install` lays out (the dev tree: everything). SR types = sm/drivers/<Type>SR.py.
 ALL_SR_TYPES := $(patsubst $(TOP)/sm/drivers/%SR.py,%,$(wildcard $(TOP)/sm/drivers/*SR.py))
 SR_TYPES ?= $(ALL_SR_TYPES)
-LIB_PACKAGES ?= sm tapdisk toolstack
+LIB_PACKAGES ?= formats sm tapdisk toolstack
 INSTALL_COMMANDS ?= $(COMMANDS)
 # What the RPM (`make install-host`) lays out: only SR types a stock XCP-ng host lacks,
 # no dev toolstack, engine commands under /opt/smtap/bin only.
 RPM_SR_TYPES := ram
-RPM_LIB_PACKAGES := sm tapdisk
-RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util smtap-sm-plugins
+RPM_LIB_PACKAGES := formats sm tapdisk
+RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util td-util smtap-sm-plugins
 RPMTOP ?= $(TOP)/rpmbuild
 RPMBUILD_FLAGS ?= --nodeps
 # The launchers' interpreter in the RPM (dom0's); the tests build a variant with the
@@ -88,7 +88,7 @@ py36:
 	$(VENV36)/bin/python $(TOP)/tapdisk/aio_build.py --if-needed
 
 vermin: build
-	$(VENV)/bin/vermin --target=3.6- --no-tips --violations sm tapdisk plugins smtap
+	$(VENV)/bin/vermin --target=3.6- --no-tips --violations sm tapdisk plugins smtap formats
 
 test: build
 	$(VENV)/bin/pytest -q tests
@@ -109,7 +109,7 @@ install:
 		$(DESTDIR)$(PLUGINDIR) $(DESTDIR)/etc/xapi.conf.d $(DESTDIR)/etc/logrotate.d
 	rm -f $(DESTDIR)$(LIBDIR)/smtap/*.py
 	cp $(TOP)/smtap/*.py $(DESTDIR)$(LIBDIR)/smtap/
-	@set -e; for d in sm tapdisk toolstack; do \
+	@set -e; for d in formats sm tapdisk toolstack; do \
 		rm -rf $(DESTDIR)$(LIBDIR)/smtap/$$d; \
 		case " $(LIB_PACKAGES) " in *" $$d "*) ;; *) continue;; esac; \
 		[ -d $(TOP)/$$d ] || continue; \

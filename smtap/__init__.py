@@ -1,8 +1,8 @@
 """smtap: the suite's private Python namespace.
 
 Every module is imported as smtap.<layer>.<module> so that no import can ever resolve
-to a host's own `sm` package. In a checkout the layers (sm/, tapdisk/, toolstack/)
-sit beside this directory; in an installed tree they sit inside it.
+to a host's own `sm` package. In a checkout the layers (formats/, sm/, tapdisk/,
+toolstack/) sit beside this directory; in an installed tree they sit inside it.
 """
 import os
 

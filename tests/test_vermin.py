@@ -9,7 +9,7 @@ VENV_BIN = os.path.join(TOP, ".venv", "bin")
 
 
 def test_dom0_code_is_python36_compatible():
-    dirs = [d for d in ("sm", "tapdisk", "plugins", "smtap") if os.path.isdir(os.path.join(TOP, d))]
+    dirs = [d for d in ("sm", "tapdisk", "plugins", "smtap", "formats") if os.path.isdir(os.path.join(TOP, d))]
     out = subprocess.run(
         [os.path.join(VENV_BIN, "vermin"), "--target=3.6-", "--no-tips", "--violations"] + dirs,
         cwd=TOP, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
