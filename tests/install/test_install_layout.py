@@ -77,8 +77,8 @@ def test_host_profile_has_only_new_types_and_no_toolstack(tmp_path):
     assert sorted(p for p in paths if p.startswith("/opt/xensource/sm/") and p[-1] != "/") == \
         sorted("/opt/xensource/sm/%sSR" % t for t in RPM_SR_TYPES if t in ALL_SR_TYPES)
     assert not [p for p in paths if p.startswith("/opt/smtap/lib/smtap/toolstack")]
-    assert set(COMMANDS) <= set(os.listdir(os.path.join(dest, "opt/smtap/bin"))) <= \
-        set(COMMANDS + ["vhd-util"])
+    assert set(os.listdir(os.path.join(dest, "opt/smtap/bin"))) == \
+        set(COMMANDS + ["vhd-util", "td-util"])
     value = read_sm_plugins(os.path.join(dest, "etc/xapi.conf.d/smtap.conf"))
     assert value[:len(STOCK_SM_PLUGINS)] == STOCK_SM_PLUGINS
     assert not set(UPSTREAM_PATHS) & paths
