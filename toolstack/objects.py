@@ -87,7 +87,7 @@ class Method(object):
 class ApiClass(object):
     def __init__(self, name, fields, by_name_label=False, needs_drivers=False):
         self.name = name
-        self.needs_drivers = needs_drivers   # wait for start-up driver discovery
+        self.needs_drivers = needs_drivers   # wait for start-up discovery and resync
         self.fields = {f.name: f for f in [Field("uuid")] + fields}
         self.methods = {}
         self._add_generic_methods(by_name_label)

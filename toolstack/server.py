@@ -19,7 +19,8 @@ from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 from smtap import settings
 from smtap.toolstack import discovery, errors, inventory
 from smtap.toolstack.classes import host as host_class
-from smtap.toolstack.context import Toolstack
+from smtap.toolstack.classes import vbd as vbd_class
+from smtap.toolstack.context import Context, Toolstack
 from smtap.toolstack.db import Database
 from smtap.toolstack.dispatch import dispatch, failure
 from smtap.toolstack.objects import Store
@@ -115,6 +116,12 @@ def start():
             log.exception("driver discovery failed")
         finally:
             ts.drivers_ready.set()
+        try:
+            vbd_class.resync(Context(ts))
+        except Exception:
+            log.exception("start-up resync failed")
+        finally:
+            ts.ready.set()
     threading.Thread(target=discover, name="discovery", daemon=True).start()
     return server
 

@@ -1,6 +1,7 @@
 """VDI: driver-backed create/destroy/snapshot/clone/resize/introduce, and the
 SM-only database calls (db_introduce, db_forget, size setters) drivers report with."""
 from smtap.toolstack import errors, smapi
+from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.classes.sr import assert_attached, forget_vdi_records
 from smtap.toolstack.errors import ApiError, NULL_REF
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, DATETIME, EPOCH, INT, MAP, REF, SET,
@@ -22,8 +23,8 @@ VDI = ApiClass("VDI", [
     Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW),
     Field("metadata_of_pool", REF, setter=SM_ONLY), Field("metadata_latest", BOOL),
     Field("is_tools_iso", BOOL), Field("cbt_enabled", BOOL, setter=SM_ONLY),
-    Field("attach", MAP, hidden=True),   # this host's vdi_attach result, while attached
-], by_name_label=True)
+    Field("attach", MAP, hidden=True),   # this host's attachment and its journal (vbd.py)
+], by_name_label=True, needs_drivers=True)
 
 
 def _ref_arg(ref):
@@ -68,6 +69,8 @@ def destroy(ctx, self):
     if attached_vbds(ctx, self):
         raise ApiError(errors.VDI_IN_USE, self, "destroy")
     assert_attached(ctx, vdi["SR"])
+    with ctx.ts.lock("VDI", self):
+        vbd_module.undo_stale(ctx, vdi["SR"], self)     # what a crashed plug left
     smapi.call(ctx, vdi["SR"], "vdi_delete", vdi_ref=self)
     if ctx.store.exists("VDI", self):
         forget_vdi_records(ctx, self)
