@@ -3,6 +3,7 @@ and wrap the outcome in XAPI's Status/Value or Status/ErrorDescription envelope.
 import logging
 
 from smtap.toolstack import classes  # noqa: F401  (registers every class)
+from smtap.errtext import describe
 from smtap.toolstack import errors
 from smtap.toolstack.context import Context
 from smtap.toolstack.errors import ApiError
@@ -27,7 +28,7 @@ def dispatch(ts, method, params):
         return failure(*e.description)
     except Exception as e:
         log.exception("%s failed", method)
-        return failure(errors.INTERNAL_ERROR, "%s: %s" % (type(e).__name__, e))
+        return failure(errors.INTERNAL_ERROR, describe(e))
 
 
 def _call(ts, method, params):

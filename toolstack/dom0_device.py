@@ -26,7 +26,7 @@ def parse_nbd(params_nbd):
     """(socket path, export name) of an "nbd:unix:<path>:exportname=<name>" URI."""
     m = _NBD.match(params_nbd or "")
     if not m:
-        raise ValueError("not an nbd:unix URI: %r" % params_nbd)
+        raise ValueError("not an nbd:unix URI: %s" % params_nbd)
     return m.group("path"), m.group("name")
 
 

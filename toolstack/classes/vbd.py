@@ -10,6 +10,7 @@ VDI whose journal is not "attached", or whose device is gone, is undone step by 
 """
 import logging
 
+from smtap.errtext import value_text
 from smtap.toolstack import dom0_device, errors, faults, smapi
 from smtap.toolstack.classes.sr import assert_attached
 from smtap.toolstack.errors import ApiError
@@ -127,7 +128,7 @@ def attach(ctx, sr, vdi, writable):
         faults.point("plug-attached")
         if not isinstance(result, dict) or "params_nbd" not in result:
             raise ApiError(errors.SR_BACKEND_FAILURE, "vdi_attach returned no params_nbd",
-                           str(result), "")
+                           value_text(result), "")
         info = {"params_nbd": str(result["params_nbd"]),
                 "params": str(result.get("params", "")), "writable": rw[0]}
         if smapi.has(driver, "vdi_activate"):

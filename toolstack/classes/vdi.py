@@ -1,5 +1,6 @@
 """VDI: driver-backed create/destroy/snapshot/clone/resize/introduce, and the
 SM-only database calls (db_introduce, db_forget, size setters) drivers report with."""
+from smtap.errtext import value_text
 from smtap.toolstack import errors, smapi
 from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.classes.sr import assert_attached, forget_vdi_records
@@ -34,7 +35,8 @@ def _ref_arg(ref):
 def from_result(ctx, result):
     """The record a driver introduced for a {uuid, location} result."""
     if not isinstance(result, dict) or "uuid" not in result:
-        raise ApiError(errors.SR_BACKEND_FAILURE, "driver result has no uuid", str(result), "")
+        raise ApiError(errors.SR_BACKEND_FAILURE, "driver result has no uuid",
+                       value_text(result), "")
     return ctx.store.ref_of_uuid("VDI", result["uuid"])
 
 
