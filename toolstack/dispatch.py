@@ -3,11 +3,11 @@ and wrap the outcome in XAPI's Status/Value or Status/ErrorDescription envelope.
 import logging
 
 from smtap.toolstack import classes  # noqa: F401  (registers every class)
-from smtap.errtext import describe
+from smtap.errtext import describe, value_text
 from smtap.toolstack import errors
 from smtap.toolstack.context import Context
 from smtap.toolstack.errors import ApiError
-from smtap.toolstack.objects import CLASSES, to_wire
+from smtap.toolstack.objects import CLASSES, to_wire, xml_text
 
 log = logging.getLogger("smtap.xapi.dispatch")
 
@@ -17,7 +17,9 @@ def success(value):
 
 
 def failure(*description):
-    return {"Status": "Failure", "ErrorDescription": [str(d) for d in description]}
+    # a parameter may echo what the caller sent (a ref, a name): held to what XML carries
+    return {"Status": "Failure", "ErrorDescription": [xml_text(value_text(d))
+                                                      for d in description]}
 
 
 def dispatch(ts, method, params):
@@ -41,6 +43,7 @@ def _call(ts, method, params):
     if not m.min_args + first <= len(params) <= m.max_args + first:
         raise ApiError(errors.MESSAGE_PARAMETER_COUNT_MISMATCH, method,
                        m.max_args + first, len(params))
+    m.check(params[first:])
     ctx = Context(ts)
     if m.session:
         ref = params[0]

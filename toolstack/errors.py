@@ -1,4 +1,5 @@
 """XenAPI errors: a code and string parameters, sent as ErrorDescription."""
+from smtap.errtext import value_text
 
 NULL_REF = "OpaqueRef:NULL"
 
@@ -8,7 +9,7 @@ class ApiError(Exception):
 
     def __init__(self, code, *params):
         Exception.__init__(self, code, *params)
-        self.description = [code] + [str(p) for p in params]
+        self.description = [code] + [value_text(p) for p in params]
 
     @property
     def code(self):

@@ -21,7 +21,8 @@ VDI = ApiClass("VDI", [
     Field("is_a_snapshot", BOOL, setter=SM_ONLY), Field("snapshot_of", REF, setter=SM_ONLY),
     Field("snapshots", SET, reverse=("VDI", "snapshot_of")),
     Field("snapshot_time", DATETIME, setter=SM_ONLY), Field("tags", SET, setter=RW),
-    Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW),
+    Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW,
+                                                 choices=("persist", "reset")),
     Field("metadata_of_pool", REF, setter=SM_ONLY), Field("metadata_latest", BOOL),
     Field("is_tools_iso", BOOL), Field("cbt_enabled", BOOL, setter=SM_ONLY),
     Field("attach", MAP, hidden=True),   # this host's attachment and its journal (vbd.py)
