@@ -108,7 +108,7 @@ def parts(root, lib, sr_mount, rounds):
         sock = os.path.join(settings.runtime_dir(), "nbd%d.%d" % (pid, minor))
         dev = timed(out, "nbdfuse + losetup (dom0 device attach)", blockdev.attach, sock,
                     "parts", mount_dir)
-        timed(out, "losetup -d + fusermount -u (dom0 device detach)", blockdev.detach, dev)
+        timed(out, "losetup -d + fusermount -u (dom0 device detach)", blockdev.detach, mount_dir)
         timed(out, "tapdisk close + exit (tap-ctl destroy)", tapctl.destroy, pid, minor)
     os.unlink(image)
     return out

@@ -14,6 +14,8 @@ import os
 import sys
 import traceback
 
+from smtap.errtext import value_text
+
 from smtap.sm import driverinfo
 from smtap.sm import errors
 from smtap.sm import lock
@@ -43,7 +45,7 @@ def size_arg(request, index, name):
     try:
         size = int(request.args[index])
     except ValueError:
-        raise errors.error("InvalidArg", "%s must be an integer, got %r"
+        raise errors.error("InvalidArg", "%s must be an integer, got %s"
                            % (name, request.args[index]))
     if size < 0:
         raise errors.error("VDISize", "%s must not be negative, got %d" % (name, size))
@@ -132,16 +134,17 @@ def check_result(op, command, value):
         if isinstance(value, VDI):
             value = value.get_params()
         if not isinstance(value, dict) or not value.get("uuid") or "location" not in value:
-            raise TypeError("%s must return the VDI or its {uuid, location}, not %r"
-                            % (command, value))
+            raise TypeError("%s must return the VDI or its {uuid, location}, not %s"
+                            % (command, value_text(value)))
         return {"uuid": value["uuid"], "location": value["location"]}
     if op.result == "attach":
         if not isinstance(value, dict) or not value.get("params_nbd"):
-            raise TypeError("%s must return a struct with params_nbd, not %r" % (command, value))
+            raise TypeError("%s must return a struct with params_nbd, not %s"
+                            % (command, value_text(value)))
         return value
     if op.result == "string":
         if not isinstance(value, str):
-            raise TypeError("%s must return a string, not %r" % (command, value))
+            raise TypeError("%s must return a string, not %s" % (command, value_text(value)))
     return value
 
 
@@ -198,7 +201,7 @@ def dispatch(sr_class, info, request, strict_keys=False):
             raise
         except Exception as e:
             log.exception("%s failed", command)
-            raise errors.error(op.failure, str(e) or type(e).__name__)
+            raise errors.error(op.failure, errors.describe(e))
     finally:
         locks.release_all()
     if command == "vdi_delete":
@@ -230,7 +233,7 @@ def respond(sr_class, info, argv, strict_keys=False):
         return wire.encode_fault(e.code, e.message)
     except Exception as e:
         log.exception("unexpected failure")
-        return wire.encode_fault(errors.code_of("GenericException"), str(e) or type(e).__name__)
+        return wire.encode_fault(errors.code_of("GenericException"), errors.describe(e))
 
 
 class StdoutGuard(object):

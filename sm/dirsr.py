@@ -125,7 +125,7 @@ class DirVDI(tapdisk.TapdiskVDI):
     def introduce(self):
         """Adopt a file already in the SR, named by vdi_location."""
         if not self.location or "/" in self.location or self.location.startswith("."):
-            errors.raise_error("InvalidArg", "vdi_location must be a file name in the SR, got %r"
+            errors.raise_error("InvalidArg", "vdi_location must be a file name in the SR, got %s"
                                % self.location)
         self.require_file()
         for record in self.sr.db_vdis().values():

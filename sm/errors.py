@@ -6,6 +6,8 @@ expects: Fault(code, "<description> [opterr=<detail>]").
 """
 import os
 
+from smtap.errtext import describe  # noqa: F401  (errors.describe for drivers)
+
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "XE_SR_ERRORCODES.xml")
 
 _table = None  # name -> (code, description), read once per process
@@ -53,7 +55,7 @@ def error(name, opterr=None):
         code = table()[name][0]
     except KeyError:
         return SROSError(table()["SMGeneral"][0],
-                         "unknown error name %r%s" % (name, ": %s" % opterr if opterr else ""))
+                         "unknown error name %s%s" % (name, ": %s" % opterr if opterr else ""))
     return SROSError(code, opterr)
 
 

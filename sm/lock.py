@@ -18,7 +18,7 @@ _held = {}  # path -> [fd, depth]: this process's locks
 class Lock(object):
     def __init__(self, name, ns):
         if not name or not ns or "/" in name or "/" in ns or name in (".", "..") or ns in (".", ".."):
-            raise ValueError("bad lock name %r in namespace %r" % (name, ns))
+            raise ValueError("bad lock name %s in namespace %s" % (name, ns))
         self.name = name
         self.ns = ns
         self.path = os.path.join(settings.lock_dir(), ns, name)

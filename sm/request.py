@@ -3,6 +3,7 @@
 The keys XAPI sends for each command (smapi-v1.md) are tabulated here so a driver can
 check a request strictly (DummySR does) and so the dispatcher knows which args exist.
 """
+from smtap.errtext import value_text
 from smtap.sm import errors
 from smtap.sm import xapi
 
@@ -69,7 +70,7 @@ class Request(object):
         self.session_ref = params.get("session_ref")
         args = params.get("args") or []
         if not isinstance(args, list):
-            raise bad_request("%s: args must be an array, got %r" % (command, args))
+            raise bad_request("%s: args must be an array, got %s" % (command, value_text(args)))
         self.args = [str(a) for a in args]
         self.device_config = _struct(params, "device_config")
         self.sr_ref = params.get("sr_ref")
@@ -109,8 +110,8 @@ class Request(object):
         """Every command gets the args its table row lists, as strings."""
         count = COMMANDS[self.command][2]
         if len(self.args) < count:
-            raise bad_request("%s needs %d args, got %d: %r"
-                              % (self.command, count, len(self.args), self.args))
+            raise bad_request("%s needs %d args, got %d: %s"
+                              % (self.command, count, len(self.args), value_text(self.args)))
 
     def check_keys(self):
         """Strict check: exactly the keys smapi-v1.md lists for this command."""
@@ -125,7 +126,7 @@ class Request(object):
         if "args" in self.params and len(self.args) != count:
             problems.append("expected %d args, got %d" % (count, len(self.args)))
         if self.params.get("command", self.command) != self.command:
-            problems.append("key command=%r differs from the method name" % self.params["command"])
+            problems.append("key command=%s differs from the method name" % self.params["command"])
         if problems:
             raise bad_request("%s: %s" % (self.command, "; ".join(problems)))
 
@@ -133,5 +134,5 @@ class Request(object):
 def _struct(params, key):
     value = params.get(key) or {}
     if not isinstance(value, dict):
-        raise bad_request("%s must be a struct, got %r" % (key, value))
+        raise bad_request("%s must be a struct, got %s" % (key, value_text(value)))
     return value

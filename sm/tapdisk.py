@@ -313,9 +313,7 @@ def refresh(vdi_obj):
     return hosts
 
 
-def _failure_text(e):
-    details = getattr(e, "details", None)
-    return " ".join(str(d) for d in details) if details else str(e)
+_failure_text = errors.describe
 
 
 # -- the VDI base class -------------------------------------------------------------------

@@ -16,13 +16,13 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 def _path(name):
     if not _NAME.match(name or ""):
-        raise ValueError("bad hook name %r" % (name,))
+        raise ValueError("bad hook name %s" % (name,))
     return os.path.join(settings.testing_hooks_dir(), name)
 
 
 def set_hook(name, value="1"):
     if name not in HOOKS:
-        raise ValueError("unknown hook %r; known: %s" % (name, ", ".join(sorted(HOOKS))))
+        raise ValueError("unknown hook %s; known: %s" % (name, ", ".join(sorted(HOOKS))))
     os.makedirs(settings.testing_hooks_dir(), exist_ok=True)
     with open(_path(name), "w") as f:
         f.write(value)
@@ -53,4 +53,4 @@ def hooks():
 def check(name, what):
     """Fail `what` with SMGeneral if hook `name` is set."""
     if os.path.exists(_path(name)):
-        errors.raise_error("SMGeneral", "%s: testing hook %r is set" % (what, name))
+        errors.raise_error("SMGeneral", "%s: testing hook %s is set" % (what, name))

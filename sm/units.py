@@ -18,10 +18,10 @@ def parse_size(text, what="size"):
     unit = m and _UNITS.get(m.group(2).upper())
     if not unit:
         errors.raise_error("InvalidArg", "%s must be a number of bytes, optionally with a "
-                           "KiB/MiB/GiB/TiB suffix; got %r" % (what, text))
+                           "KiB/MiB/GiB/TiB suffix; got %s" % (what, text))
     value = int(m.group(1)) * unit
     if value <= 0:
-        errors.raise_error("InvalidArg", "%s must be positive; got %r" % (what, text))
+        errors.raise_error("InvalidArg", "%s must be positive; got %s" % (what, text))
     return value
 
 

@@ -16,6 +16,7 @@ class Toolstack(object):
         self.host = self.pool = self.dom0 = None
         self.drivers = {}                 # SR type -> discovery.Driver
         self.drivers_ready = threading.Event()
+        self.ready = threading.Event()    # discovery and the start-up resync are done
         self._locks = {}
         self._locks_guard = threading.Lock()
 
@@ -26,6 +27,9 @@ class Toolstack(object):
 
     def wait_for_drivers(self):
         self.drivers_ready.wait(DISCOVERY_WAIT)
+
+    def wait_ready(self):
+        self.ready.wait(DISCOVERY_WAIT)
 
     def driver(self, sr_type):
         self.wait_for_drivers()

@@ -181,7 +181,7 @@ class Demo(object):
 
         def check_device():
             if not name or not os.path.exists(dev):
-                raise RuntimeError("vbd-plug gave no block device (device=%r)" % name)
+                raise RuntimeError("vbd-plug gave no block device (device=%s)" % name)
             backing = dict(loops_under(self.root)).get(dev)
             if backing is None:
                 raise RuntimeError("%s is not a loop device backed under %s" % (dev, self.root))

@@ -3,10 +3,11 @@ and wrap the outcome in XAPI's Status/Value or Status/ErrorDescription envelope.
 import logging
 
 from smtap.toolstack import classes  # noqa: F401  (registers every class)
+from smtap.errtext import describe, value_text
 from smtap.toolstack import errors
 from smtap.toolstack.context import Context
 from smtap.toolstack.errors import ApiError
-from smtap.toolstack.objects import CLASSES, to_wire
+from smtap.toolstack.objects import CLASSES, to_wire, xml_text
 
 log = logging.getLogger("smtap.xapi.dispatch")
 
@@ -16,7 +17,9 @@ def success(value):
 
 
 def failure(*description):
-    return {"Status": "Failure", "ErrorDescription": [str(d) for d in description]}
+    # a parameter may echo what the caller sent (a ref, a name): held to what XML carries
+    return {"Status": "Failure", "ErrorDescription": [xml_text(value_text(d))
+                                                      for d in description]}
 
 
 def dispatch(ts, method, params):
@@ -27,7 +30,7 @@ def dispatch(ts, method, params):
         return failure(*e.description)
     except Exception as e:
         log.exception("%s failed", method)
-        return failure(errors.INTERNAL_ERROR, "%s: %s" % (type(e).__name__, e))
+        return failure(errors.INTERNAL_ERROR, describe(e))
 
 
 def _call(ts, method, params):
@@ -40,8 +43,7 @@ def _call(ts, method, params):
     if not m.min_args + first <= len(params) <= m.max_args + first:
         raise ApiError(errors.MESSAGE_PARAMETER_COUNT_MISMATCH, method,
                        m.max_args + first, len(params))
-    if klass.needs_drivers:
-        ts.wait_for_drivers()
+    m.check(params[first:])
     ctx = Context(ts)
     if m.session:
         ref = params[0]
@@ -49,4 +51,8 @@ def _call(ts, method, params):
         if session is None:
             raise ApiError(errors.SESSION_INVALID, ref)
         ctx = Context(ts, ref, session)
+    # Storage calls wait for start-up (discovery, resync), but not the drivers' own calls
+    # back: the resync runs drivers, and they report through these classes.
+    if klass.needs_drivers and ctx.session.get("originator") != "SM":
+        ts.wait_ready()
     return m.fn(ctx, *params[first:])

@@ -1,4 +1,5 @@
 """XenAPI errors: a code and string parameters, sent as ErrorDescription."""
+from smtap.errtext import value_text
 
 NULL_REF = "OpaqueRef:NULL"
 
@@ -8,7 +9,7 @@ class ApiError(Exception):
 
     def __init__(self, code, *params):
         Exception.__init__(self, code, *params)
-        self.description = [code] + [str(p) for p in params]
+        self.description = [code] + [value_text(p) for p in params]
 
     @property
     def code(self):
@@ -43,6 +44,8 @@ VDI_IN_USE = "VDI_IN_USE"
 VDI_MISSING = "VDI_MISSING"
 DEVICE_ALREADY_ATTACHED = "DEVICE_ALREADY_ATTACHED"
 DEVICE_ALREADY_DETACHED = "DEVICE_ALREADY_DETACHED"
+DEVICE_DETACH_REJECTED = "DEVICE_DETACH_REJECTED"
+VDI_READONLY = "VDI_READONLY"
 PBD_EXISTS = "PBD_EXISTS"
 XENAPI_MISSING_PLUGIN = "XENAPI_MISSING_PLUGIN"
 XENAPI_PLUGIN_FAILURE = "XENAPI_PLUGIN_FAILURE"

@@ -8,6 +8,7 @@ Records live in the Store (SQLite) with XAPI's field names; reverse references
 (SR.VDIs, VDI.VBDs, ...) are computed when a record is read.
 """
 import inspect
+import logging
 import re
 import time
 import uuid as uuidlib
@@ -16,8 +17,10 @@ import xmlrpc.client
 from smtap.toolstack import errors
 from smtap.toolstack.errors import ApiError, NULL_REF
 
-STRING, INT, FLOAT, BOOL, REF, SET, MAP, DATETIME = (
-    "string", "int", "float", "bool", "ref", "set", "map", "datetime")
+log = logging.getLogger("smtap.xapi.objects")
+
+STRING, INT, FLOAT, BOOL, REF, SET, MAP, DATETIME, RECORD = (
+    "string", "int", "float", "bool", "ref", "set", "map", "datetime", "record")
 EPOCH = "19700101T00:00:00Z"
 DEFAULTS = {STRING: "", INT: 0, FLOAT: 0.0, BOOL: False, REF: NULL_REF, SET: [], MAP: {},
             DATETIME: EPOCH}
@@ -34,8 +37,10 @@ def new_ref():
 
 
 class Field(object):
-    def __init__(self, name, kind=STRING, default=None, setter=None, reverse=None, hidden=False):
+    def __init__(self, name, kind=STRING, default=None, setter=None, reverse=None, hidden=False,
+                 choices=None):
         self.name = name
+        self.choices = choices   # an enum: the values it may take
         self.kind = kind
         self.default = DEFAULTS[kind] if default is None else default
         self.setter = setter
@@ -44,50 +49,132 @@ class Field(object):
 
     def coerce(self, value):
         """A wire value (int64 as a string, bool, DateTime...) as stored."""
-        try:
-            if self.kind == INT:
-                return int(value)
-            if self.kind == FLOAT:
-                return float(value)
-            if self.kind == BOOL:
-                if isinstance(value, bool):
-                    return value
-                if str(value).lower() in ("true", "false"):
-                    return str(value).lower() == "true"
-                raise ValueError(value)
-            if self.kind == DATETIME:
-                return value.value if isinstance(value, xmlrpc.client.DateTime) else str(value)
-            if self.kind == SET:
-                if not isinstance(value, (list, tuple)):
-                    raise ValueError(value)
-                return [str(v) for v in value]
-            if self.kind == MAP:
-                if not isinstance(value, dict):
-                    raise ValueError(value)
-                return {str(k): v if isinstance(v, (int, float)) and not isinstance(v, bool)
-                        else str(v) for k, v in value.items()}
-            if isinstance(value, (dict, list, tuple)):
-                raise ValueError(value)
-            return str(value)
-        except (TypeError, ValueError):
-            raise ApiError(errors.FIELD_TYPE_ERROR, self.name)
+        value = coerce(self.kind, value, self.name)
+        if self.choices and value not in self.choices:
+            raise ApiError(errors.FIELD_TYPE_ERROR, self.name)     # as XAPI's enums
+        return value
+
+
+def coerce(kind, value, name):
+    """A wire value checked against its declared kind, as XAPI's server unmarshals it:
+    FIELD_TYPE_ERROR(name) when it is not one. Strings are held to what XML can carry."""
+    try:
+        if kind in (STRING, REF):
+            if not isinstance(value, str):      # an <int>, a <base64>, a struct...
+                raise TypeError(name)
+            return xml_text(value, name)
+        if kind == INT:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise TypeError(name)
+            number = int(value)
+            if not -2 ** 63 <= number < 2 ** 63:
+                raise ValueError(name)
+            return number
+        if kind == FLOAT:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(name)
+            return float(value)
+        if kind == BOOL:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError(name)
+        if kind == DATETIME:
+            if isinstance(value, xmlrpc.client.DateTime):
+                return value.value
+            if not isinstance(value, str):
+                raise TypeError(name)
+            return xml_text(value, name)
+        if kind == SET:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(name)
+            return [coerce(STRING, v, name) for v in value]
+        if kind == MAP:
+            if not isinstance(value, dict):
+                raise TypeError(name)
+            return {coerce(STRING, k, name): _map_value(v, name) for k, v in value.items()}
+        if kind == RECORD:
+            if not isinstance(value, dict):
+                raise TypeError(name)
+            return value
+        return value
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(errors.FIELD_TYPE_ERROR, name)
+
+
+def _map_value(value, name):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return coerce(STRING, value, name)
+
+
+# Characters XML 1.0 cannot carry (XAPI: Encodings.UTF8_XML).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value, name=""):
+    """As XAPI's database (ensure_utf8_xml): a string is kept up to its first character
+    XML cannot carry, so nothing stored can break a reply."""
+    bad = _NOT_XML.search(value)
+    if bad is None:
+        return value
+    log.warning("%s: truncated at a character XML cannot carry (U+%04X at %d)",
+                name, ord(bad.group()), bad.start())
+    return value[:bad.start()]
+
+
+# The kind of each message parameter, by name (a function's annotation overrides it):
+# every parameter of every message is declared, so each is checked before it is used.
+PARAM_KINDS = {
+    REF: ("self", "host", "host_ref", "sr", "vdi", "SR", "metadata_of_pool", "snapshot_of"),
+    STRING: ("uname", "pwd", "version", "originator", "plugin", "fn", "name", "cls",
+             "obj_uuid", "body", "uuid", "name_label", "name_description", "type",
+             "content_type", "label", "description", "location", "expr", "key"),
+    MAP: ("args", "device_config", "sm_config", "driver_params", "other_config",
+          "xenstore_data"),
+    INT: ("physical_size", "size", "virtual_size", "physical_utilisation", "priority"),
+    BOOL: ("shared", "sharable", "read_only", "managed", "is_a_snapshot", "cbt_enabled"),
+    DATETIME: ("snapshot_time",),
+    RECORD: ("record",),
+}
+_KIND_OF = dict((name, kind) for kind, names in PARAM_KINDS.items() for name in names)
 
 
 class Method(object):
-    """A message: fn(ctx, *args). `session` False for the login calls."""
+    """A message: fn(ctx, *args). `session` False for the login calls. `kinds`: the
+    parameters' kinds (default: annotations, then PARAM_KINDS by name)."""
 
-    def __init__(self, fn, session=True):
+    def __init__(self, fn, session=True, kinds=None):
         self.fn = fn
         self.session = session
         params = list(inspect.signature(fn).parameters.values())[1:]
         self.max_args = len(params)
         self.min_args = len([p for p in params if p.default is inspect.Parameter.empty])
+        self.names = [p.name for p in params]
+        if kinds is None:
+            kinds = [p.annotation if p.annotation is not inspect.Parameter.empty
+                     else _KIND_OF[p.name] for p in params]     # KeyError: undeclared
+        self.kinds = list(kinds)
+
+    def check(self, args):
+        """FIELD_TYPE_ERROR(name) for the first argument that is not of its kind."""
+        for name, kind, value in zip(self.names, self.kinds, args):
+            if kind == MAP and value is None:
+                continue               # optional maps may be sent as nil
+            coerce(kind, value, name)
+
+
+def _generic(fn):
+    """A generic message: `self` is the object's ref, every other parameter a string."""
+    names = list(inspect.signature(fn).parameters)[1:]
+    return Method(fn, kinds=[REF if n == "self" else STRING for n in names])
 
 
 class ApiClass(object):
     def __init__(self, name, fields, by_name_label=False, needs_drivers=False):
         self.name = name
-        self.needs_drivers = needs_drivers   # wait for start-up driver discovery
+        self.needs_drivers = needs_drivers   # wait for start-up discovery and resync
         self.fields = {f.name: f for f in [Field("uuid")] + fields}
         self.methods = {}
         self._add_generic_methods(by_name_label)
@@ -112,25 +199,25 @@ class ApiClass(object):
 
         def get_record(ctx, self):
             return ctx.store.export(cls.name, self)
-        m["get_record"] = Method(get_record)
-        m["get_all"] = Method(lambda ctx: [ref for ref, _ in ctx.store.all(cls.name)])
+        m["get_record"] = _generic(get_record)
+        m["get_all"] = _generic(lambda ctx: [ref for ref, _ in ctx.store.all(cls.name)])
 
         def get_all_records(ctx):
             return ctx.store.export_all(cls.name)
-        m["get_all_records"] = Method(get_all_records)
+        m["get_all_records"] = _generic(get_all_records)
 
         def get_all_records_where(ctx, expr):
             test = parse_where(expr)
             return {ref: rec for ref, rec in ctx.store.export_all(cls.name).items() if test(rec)}
-        m["get_all_records_where"] = Method(get_all_records_where)
+        m["get_all_records_where"] = _generic(get_all_records_where)
 
         def get_by_uuid(ctx, uuid):
             return ctx.store.ref_of_uuid(cls.name, uuid)
-        m["get_by_uuid"] = Method(get_by_uuid)
+        m["get_by_uuid"] = _generic(get_by_uuid)
         if by_name_label:
             def get_by_name_label(ctx, label):
                 return [ref for ref, rec in ctx.store.all(cls.name) if rec["name_label"] == label]
-            m["get_by_name_label"] = Method(get_by_name_label)
+            m["get_by_name_label"] = _generic(get_by_name_label)
         for field in self.visible():
             self._add_field_methods(field)
 
@@ -139,7 +226,7 @@ class ApiClass(object):
 
         def get(ctx, self):
             return ctx.store.export(cls.name, self)[name]
-        m["get_" + name] = Method(get)
+        m["get_" + name] = _generic(get)
         if not field.setter:
             return
 
@@ -152,7 +239,7 @@ class ApiClass(object):
 
         def set_(ctx, self, value):
             modify(ctx, self, lambda old: field.coerce(value))
-        m["set_" + name] = Method(set_)
+        m["set_" + name] = Method(set_, kinds=[REF, field.kind])
         if field.kind == MAP:
             def add_to(ctx, self, key, value):
                 def change(old):
@@ -163,16 +250,16 @@ class ApiClass(object):
 
             def remove_from(ctx, self, key):
                 modify(ctx, self, lambda old: {k: v for k, v in old.items() if k != key})
-            m["add_to_" + name] = Method(add_to)
-            m["remove_from_" + name] = Method(remove_from)
+            m["add_to_" + name] = _generic(add_to)
+            m["remove_from_" + name] = _generic(remove_from)
         elif field.kind == SET:
             def add(ctx, self, value):
                 modify(ctx, self, lambda old: old if value in old else old + [str(value)])
 
             def remove(ctx, self, value):
                 modify(ctx, self, lambda old: [v for v in old if v != value])
-            m["add_" + name] = Method(add)
-            m["remove_" + name] = Method(remove)
+            m["add_" + name] = _generic(add)
+            m["remove_" + name] = _generic(remove)
 
     def sr_of(self, ref, rec):
         """The SR whose SM session may use this class's SM-only setters."""
@@ -285,9 +372,11 @@ def to_wire(value):
     if isinstance(value, int):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): to_wire(v) for k, v in value.items()}
+        return {xml_text(str(k)): to_wire(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_wire(v) for v in value]
+    if isinstance(value, str):
+        return xml_text(value)        # a record stored before strings were checked
     return value
 
 
@@ -389,8 +478,8 @@ def record_fields(cls, record, required=()):
         if name not in record:
             raise ApiError(errors.FIELD_TYPE_ERROR, name)
     fields = CLASSES[cls].fields
-    return {k: v for k, v in record.items() if k in fields and not fields[k].reverse
-            and not fields[k].hidden and k != "uuid"}
+    return {k: fields[k].coerce(v) for k, v in record.items()
+            if k in fields and not fields[k].reverse and not fields[k].hidden and k != "uuid"}
 
 
 def now():

@@ -5,6 +5,8 @@ Start-up binds the socket first and discovers drivers in the background; calls t
 need a driver wait for discovery to finish.
 """
 import argparse
+import gzip
+import io
 import logging
 import os
 import signal
@@ -19,7 +21,8 @@ from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 from smtap import settings
 from smtap.toolstack import discovery, errors, inventory
 from smtap.toolstack.classes import host as host_class
-from smtap.toolstack.context import Toolstack
+from smtap.toolstack.classes import vbd as vbd_class
+from smtap.toolstack.context import Context, Toolstack
 from smtap.toolstack.db import Database
 from smtap.toolstack.dispatch import dispatch, failure
 from smtap.toolstack.objects import Store
@@ -39,6 +42,12 @@ def log_path():
     return os.path.join(settings.state_dir(), "smtap-xapi.log")
 
 
+# XAPI's http_limit_max_rpc_size: a larger body is refused before it is read.
+MAX_REQUEST = 300 * 1024
+DRAIN_LIMIT = 1 << 30       # what a refused request may still send, read and dropped
+DRAIN_TIMEOUT = 30
+
+
 class RequestHandler(SimpleXMLRPCRequestHandler):
     protocol_version = "HTTP/1.1"     # keep-alive, as XenAPI's transport expects
     rpc_paths = ()                    # XAPI answers on any path
@@ -46,6 +55,60 @@ class RequestHandler(SimpleXMLRPCRequestHandler):
 
     def address_string(self):
         return "unix"
+
+    def do_POST(self):
+        try:
+            length = int(self.headers.get("content-length"))
+        except (TypeError, ValueError):
+            length = -1
+        if length < 0:
+            return self._refuse(411, "Length Required", "a Content-Length header is required")
+        if length > MAX_REQUEST:
+            log.warning("refused a %d-byte request (limit %d)", length, MAX_REQUEST)
+            self._refuse(413, "Request Entity Too Large",
+                         "request body of %d bytes is over the limit of %d bytes"
+                         % (length, MAX_REQUEST))
+            return self._drain(length)
+        return SimpleXMLRPCRequestHandler.do_POST(self)
+
+    def _refuse(self, code, reason, text):
+        body = (text + "\n").encode()
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def _drain(self, length):
+        """Read and drop what the client still sends (clients read the answer only once
+        their request is written), in small pieces: memory stays flat."""
+        self.connection.settimeout(DRAIN_TIMEOUT)
+        left = min(length, DRAIN_LIMIT)
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def decode_request_content(self, data):
+        """gzip bodies too are held to the limit, decompressed."""
+        if self.headers.get("content-encoding", "identity").lower() != "gzip":
+            return SimpleXMLRPCRequestHandler.decode_request_content(self, data)
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+                decoded = f.read(MAX_REQUEST + 1)
+        except (OSError, EOFError):
+            return self._refuse(400, "Bad Request", "the gzip body does not decompress")
+        if len(decoded) > MAX_REQUEST:
+            return self._refuse(413, "Request Entity Too Large",
+                                "gzip body over the limit of %d bytes" % MAX_REQUEST)
+        return decoded
 
     def log_message(self, fmt, *args):
         log.debug(fmt, *args)
@@ -115,6 +178,12 @@ def start():
             log.exception("driver discovery failed")
         finally:
             ts.drivers_ready.set()
+        try:
+            vbd_class.resync(Context(ts))
+        except Exception:
+            log.exception("start-up resync failed")
+        finally:
+            ts.ready.set()
     threading.Thread(target=discover, name="discovery", daemon=True).start()
     return server
 

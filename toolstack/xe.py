@@ -214,7 +214,7 @@ def simple_action(cls, method):
 
 
 for _cls, _methods in (("PBD", ("plug", "unplug", "destroy")),
-                       ("VBD", ("plug", "unplug", "destroy")), ("VDI", ("destroy", "forget"))):
+                       ("VBD", ("plug", "destroy")), ("VDI", ("destroy", "forget"))):
     for _m in _methods:
         COMMANDS["%s-%s" % (_cls.lower(), _m)] = simple_action(_cls, _m)
 
@@ -265,6 +265,13 @@ def vbd_create(x, args, out):
         "unpluggable": args.flag("unpluggable", True), "empty": not vdi_uuid,
         "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
     uuid_of(x, "VBD", vbd, out)
+
+
+@command("vbd-unplug")
+def vbd_unplug(x, args, out):
+    """As XAPI's CLI: force=true is VBD.unplug_force."""
+    vbd = by_uuid(x, "VBD", args.need("uuid"))
+    (x.VBD.unplug_force if args.flag("force") else x.VBD.unplug)(vbd)
 
 
 # --- host -------------------------------------------------------------------------------

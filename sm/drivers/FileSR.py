@@ -40,18 +40,31 @@ class FileSR(dirsr.DirSR):
             errors.raise_error("ConfigLocationMissing", "device-config:location is required")
         if not os.path.isabs(self.path):
             errors.raise_error("InvalidArg", "device-config:location must be an absolute path, "
-                               "got %r" % self.path)
+                               "got %s" % self.path)
         self.path = os.path.normpath(self.path)
 
     def create(self, size):
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             errors.raise_error("InvalidArg", "%s exists and is not a directory" % self.path)
+        self.refuse_shared_directory("SRExists")
         if not os.path.isdir(self.path):
             os.makedirs(self.path, 0o755)
             log.info("made %s", self.path)
 
     def attach(self):
         self.check_path()
+        self.refuse_shared_directory("SRUnavailable")
+
+    def refuse_shared_directory(self, error):
+        """Two SRs on one directory would each claim the other's VDI files."""
+        mine = os.path.realpath(self.path)
+        for pbd in self.xenapi.PBD.get_all_records().values():
+            other = pbd["device_config"].get("location")
+            if pbd["SR"] == self.ref or not other or os.path.realpath(other) != mine:
+                continue
+            sr = self.xenapi.SR.get_record(pbd["SR"])
+            errors.raise_error(error, "%s is the directory of SR %s (%s)"
+                               % (self.path, sr["uuid"], sr["name_label"]))
 
     def detach(self):
         pass     # nothing mounted; active VDIs are XAPI's to unplug first

@@ -94,3 +94,42 @@ def test_file_sr_lifecycle(dhost, tmp_path):
     x.PBD.unplug(pbd)
     x.SR.destroy(sr)
     assert location.is_dir()                                          # the user's directory
+
+
+def test_a_directory_another_sr_uses_is_refused(dhost, tmp_path):
+    """Failed before: the second sr-create succeeded, and its scan failed with a Python
+    list (a XenAPI failure's repr) as its message."""
+    x = dhost.x
+    location = tmp_path / "shared"
+    first = dhost.sr_create("file", {"location": str(location)}, name="first")
+    vdi = dhost.vdi_create(first, MiB)
+    os.symlink(str(location), str(tmp_path / "alias"))
+    for path in (str(location), str(location) + "/./", str(tmp_path / "alias")):
+        err = failure(dhost.sr_create, "file", {"location": path}, "second")
+        assert err[0] == "SR_BACKEND_FAILURE_42", err              # SRExists
+        assert "is the directory of SR %s (first)" % x.SR.get_uuid(first) in err[2], err
+    assert x.SR.get_all() == [first]
+    # introduced behind sr_create's back, its attach refuses too, readably
+    second = x.SR.introduce("f1d1b2c3-0000-4000-8000-000000000002", "second", "", "file",
+                            "user", False, {})
+    pbd = x.PBD.create({"host": dhost.host_ref, "SR": second,
+                        "device_config": {"location": str(tmp_path / "alias")}})
+    err = failure(x.PBD.plug, pbd)
+    assert err[0] == "SR_BACKEND_FAILURE_47" and "is the directory of SR" in err[2], err
+    assert x.PBD.get_currently_attached(pbd) is False
+    x.PBD.destroy(pbd)
+    x.SR.forget(second)
+    x.SR.scan(first)                                # the first SR is untouched
+    assert x.SR.get_VDIs(first) == [vdi]
+    x.VDI.destroy(vdi)
+
+
+def test_no_error_message_is_a_python_repr():
+    import XenAPI
+    from smtap.sm import errors
+    assert errors.describe(XenAPI.Failure(["INVALID_VALUE", "uuid", "x"])) == \
+        "INVALID_VALUE uuid x"
+    assert errors.describe(FileNotFoundError(2, "No such file or directory", "/a")) == \
+        "No such file or directory: /a"
+    assert errors.describe(KeyError("location")) == "missing location"
+    assert errors.describe(ValueError()) == "unexpected error without a message"

@@ -229,6 +229,7 @@ def test_attach_and_activate_once_per_vdi(test_host):
     x = h.session().xenapi
     sr = setup_sr(h, x)
     vdi = create_vdi(x, sr)
+    x.VDI.set_sharable(vdi, True)       # two RW VBDs: XAPI allows them on a sharable VDI
     first, second = dom0_vbd(x, vdi, "RW", "0"), dom0_vbd(x, vdi, "RW", "1")
     x.VBD.plug(first)
     x.VBD.plug(second)
@@ -265,7 +266,9 @@ def test_failed_activate_undoes_the_attach(test_host):
     vbd = dom0_vbd(x, vdi)
     h.configure_driver(faults={"vdi_activate": [46, "unavailable"]})
     assert failure(x.VBD.plug, vbd)[0] == "SR_BACKEND_FAILURE_46"
-    assert h.commands()[-2:] == ["vdi_activate", "vdi_detach"]
+    # undone step by step, each idempotent: deactivate too (a failed activate may have
+    # started a tapdisk), then detach
+    assert h.commands()[-3:] == ["vdi_activate", "vdi_deactivate", "vdi_detach"]
     assert x.VBD.get_currently_attached(vbd) is False
     h.configure_driver()
     x.VBD.plug(vbd)

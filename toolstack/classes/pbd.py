@@ -11,7 +11,7 @@ log = logging.getLogger("smtap.xapi.pbd")
 PBD = ApiClass("PBD", [
     Field("host", REF), Field("SR", REF), Field("device_config", MAP, setter=RW),
     Field("currently_attached", BOOL), Field("other_config", MAP, setter=RW),
-])
+], needs_drivers=True)
 
 
 @PBD.method
@@ -66,6 +66,6 @@ def unplug(ctx, self):
             raise ApiError(errors.VDI_IN_USE, *in_use)
         for vdi, rec in vdis:
             if rec.get("attach"):
-                vbd_module.detach(ctx, sr, vdi)
+                vbd_module.undo_stale(ctx, sr, vdi)
         smapi.call(ctx, sr, "sr_detach", device_config=pbd["device_config"])
         ctx.store.update("PBD", self, {"currently_attached": False})

@@ -20,7 +20,7 @@ SR = ApiClass("SR", [
     Field("sm_config", MAP, setter=SM_ONLY), Field("blobs", MAP),
     Field("local_cache_enabled", BOOL), Field("introduced_by", REF), Field("clustered", BOOL),
     Field("is_tools_sr", BOOL),
-], by_name_label=True)
+], by_name_label=True, needs_drivers=True)
 
 
 def attached_pbds(ctx, sr_ref):

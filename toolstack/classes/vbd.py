@@ -1,9 +1,17 @@
 """VBD: dom0 plug/unplug -> vdi_attach + vdi_activate / vdi_deactivate + vdi_detach,
-once per VDI however many VBDs use it, plus dom0's block device for the VDI."""
+once per VDI however many VBDs use it, plus dom0's block device for the VDI.
+
+Every step can be cut short (kill -9 of the toolstack or of a driver) and is journalled
+in the VDI's hidden `attach` map first: "attaching" before vdi_attach, "detaching"
+before the device goes, "attached" (with the VBD) in one transaction at the end. A
+VDI whose journal is not "attached", or whose device is gone, is undone step by step
+(each step is idempotent) by the next plug, unplug or destroy, and at start-up
+(resync), as XAPI resynchronises what is really attached after a restart.
+"""
 import logging
 
-from smtap.toolstack import errors, smapi
-from smtap.toolstack import dom0_device
+from smtap.errtext import value_text
+from smtap.toolstack import dom0_device, errors, faults, smapi
 from smtap.toolstack.classes.sr import assert_attached
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, INT, MAP, REF, SET, RW,
@@ -21,9 +29,10 @@ VBD = ApiClass("VBD", [
     Field("runtime_properties", MAP), Field("qos_algorithm_type", setter=RW),
     Field("qos_algorithm_params", MAP, setter=RW), Field("qos_supported_algorithms", SET),
     Field("metrics", REF),
-])
+], by_name_label=False, needs_drivers=True)
 
 MODES = ("RW", "RO")
+ATTACHING, ATTACHED, DETACHING = "attaching", "attached", "detaching"
 
 
 @VBD.method
@@ -48,8 +57,23 @@ def destroy(ctx, self):
 
 
 def _users(ctx, vdi, but):
-    return [ref for ref, rec in ctx.store.find("VBD", VDI=vdi)
+    return [(ref, rec) for ref, rec in ctx.store.find("VBD", VDI=vdi)
             if rec["currently_attached"] and ref != but]
+
+
+def assert_attachable(ctx, vdi, vdi_rec, vbd, mode):
+    """XAPI's rules (xapi_vbd_helpers): a VDI that is not sharable takes one RW VBD or
+    any number of RO ones; a read-only VDI takes no RW VBD."""
+    users = _users(ctx, vdi, vbd)
+    writer = any(rec["mode"] == "RW" for _, rec in users)
+    if not vdi_rec["sharable"] and (writer or (mode == "RW" and users)):
+        raise ApiError(errors.VDI_IN_USE, vdi, "plug")
+    if mode == "RW" and vdi_rec["read_only"]:
+        raise ApiError(errors.VDI_READONLY, vdi)
+    # One attachment per VDI on this host: its mode is the first VBD's (XAPI's
+    # datapath automaton refuses an attached-RO -> RW transition too).
+    if mode == "RW" and users and vdi_rec["attach"].get("writable") == "false":
+        raise ApiError(errors.VDI_IN_USE, vdi, "attached read-only on this host")
 
 
 @VBD.method
@@ -64,69 +88,163 @@ def plug(ctx, self):
     sr = store.get("VDI", vdi)["SR"]
     assert_attached(ctx, sr)
     with ctx.ts.lock("VDI", vdi):
+        vdi_rec = store.get("VDI", vdi)
+        assert_attachable(ctx, vdi, vdi_rec, self, vbd["mode"])
+        info = vdi_rec["attach"]
         if not _users(ctx, vdi, self):
-            attach(ctx, sr, vdi, vbd["mode"] == "RW")
-        device = store.get("VDI", vdi)["attach"].get("device", "")
-        store.update("VBD", self, {"currently_attached": True, "device": device})
+            undo_stale(ctx, sr, vdi)
+            info = attach(ctx, sr, vdi, vbd["mode"] == "RW")
+        with store.transaction():
+            store.update("VDI", vdi, {"attach": dict(info, state=ATTACHED)})
+            store.update("VBD", self, {"currently_attached": True,
+                                       "device": info.get("device", "")})
 
 
-@VBD.method
-def unplug(ctx, self):
+def unplug(ctx, self, force=False):
     store = ctx.store
     vbd = store.get("VBD", self)
     if not vbd["currently_attached"]:
         raise ApiError(errors.DEVICE_ALREADY_DETACHED, self)
     vdi = vbd["VDI"]
     with ctx.ts.lock("VDI", vdi):
-        if not _users(ctx, vdi, self):
-            detach(ctx, store.get("VDI", vdi)["SR"], vdi)
-        store.update("VBD", self, {"currently_attached": False, "device": ""})
+        if _users(ctx, vdi, self):
+            store.update("VBD", self, {"currently_attached": False, "device": ""})
+        else:
+            detach(ctx, store.get("VDI", vdi)["SR"], vdi, force=force, vbd=self)
 
 
-VBD.method(unplug, name="unplug_force")
+VBD.method(lambda ctx, self: unplug(ctx, self), name="unplug")
+VBD.method(lambda ctx, self: unplug(ctx, self, force=True), name="unplug_force")
 
 
 def attach(ctx, sr, vdi, writable):
-    """vdi_attach + vdi_activate, then the block device; a failure undoes what was done."""
+    """vdi_attach + vdi_activate, then the block device; the attach info. A failure
+    undoes what was done (what a crash cuts short, undo_stale undoes later)."""
     rw = ["true" if writable else "false"]
     driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
-    result = smapi.call(ctx, sr, "vdi_attach", rw, vdi_ref=vdi)
-    if not isinstance(result, dict) or "params_nbd" not in result:
-        _undo(ctx, sr, vdi, activated=False)
-        raise ApiError(errors.SR_BACKEND_FAILURE, "vdi_attach returned no params_nbd",
-                       str(result), "")
-    info = {"params_nbd": str(result["params_nbd"]), "params": str(result.get("params", ""))}
+    ctx.store.update("VDI", vdi, {"attach": {"state": ATTACHING, "writable": rw[0]}})
     try:
+        result = smapi.call(ctx, sr, "vdi_attach", rw, vdi_ref=vdi)
+        faults.point("plug-attached")
+        if not isinstance(result, dict) or "params_nbd" not in result:
+            raise ApiError(errors.SR_BACKEND_FAILURE, "vdi_attach returned no params_nbd",
+                           value_text(result), "")
+        info = {"params_nbd": str(result["params_nbd"]),
+                "params": str(result.get("params", "")), "writable": rw[0]}
         if smapi.has(driver, "vdi_activate"):
             smapi.call(ctx, sr, "vdi_activate", rw, vdi_ref=vdi)
-    except ApiError:
-        _undo(ctx, sr, vdi, activated=False)
-        raise
-    try:
+        faults.point("plug-activated")
         vdi_uuid = ctx.store.get("VDI", vdi)["uuid"]
-        info.update(dom0_device.create(vdi_uuid, info["params_nbd"], info["params"], writable))
-    except Exception as e:
-        _undo(ctx, sr, vdi, activated=True)
-        raise ApiError(errors.INTERNAL_ERROR, "dom0 block device: %s" % e)
-    ctx.store.update("VDI", vdi, {"attach": info})
+        try:
+            info.update(dom0_device.create(vdi_uuid, info["params_nbd"], info["params"],
+                                           writable))
+        except dom0_device.Busy as e:
+            raise ApiError(errors.VDI_IN_USE, vdi, "a previous dom0 device is in use: %s" % e)
+        except Exception as e:
+            raise ApiError(errors.INTERNAL_ERROR, "dom0 block device: %s" % e)
+        faults.point("plug-device")
+        return info
+    except BaseException:
+        try:
+            undo(ctx, sr, vdi, force=True)
+        except Exception as e:         # the journal stays: the next plug or resync retries
+            log.warning("undoing the failed plug of %s: %s", vdi, e)
+        raise
 
 
-def detach(ctx, sr, vdi):
+def detach(ctx, sr, vdi, force=False, vbd=None):
+    """The last user goes: the dom0 device (refused while in use, unless forced), then
+    vdi_deactivate + vdi_detach, then the records."""
+    uuid = ctx.store.get("VDI", vdi)["uuid"]
+    if not force:
+        busy = dom0_device.users(uuid)
+        if busy:
+            raise ApiError(errors.DEVICE_DETACH_REJECTED, "VBD", vbd or vdi,
+                           "device in use: %s" % "; ".join(busy))
     info = ctx.store.get("VDI", vdi)["attach"]
-    dom0_device.remove(info)
-    ctx.store.update("VDI", vdi, {"attach": {}})
-    driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
-    if smapi.has(driver, "vdi_deactivate"):
-        smapi.call(ctx, sr, "vdi_deactivate", vdi_ref=vdi)
-    smapi.call(ctx, sr, "vdi_detach", vdi_ref=vdi)
+    ctx.store.update("VDI", vdi, {"attach": dict(info, state=DETACHING)})
+    try:
+        undo(ctx, sr, vdi, force=force, strict=True)
+    except dom0_device.Busy as e:      # opened between the check and the teardown
+        raise ApiError(errors.DEVICE_DETACH_REJECTED, "VBD", vbd or vdi,
+                       "device in use: %s" % e)
 
 
-def _undo(ctx, sr, vdi, activated):
-    driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
-    calls = (["vdi_deactivate"] if activated else []) + ["vdi_detach"]
-    for command in calls:
-        if smapi.has(driver, command):
+def undo(ctx, sr, vdi, force=False, strict=False):
+    """Every step of a plug, last first; each is idempotent. Clears the journal and
+    detaches the VDI's VBDs once all went. strict: driver failures are raised (an unplug
+    says it failed); otherwise logged (undoing a failed plug or a crash)."""
+    store = ctx.store
+    dom0_device.remove(store.get("VDI", vdi)["uuid"], force=force)
+    faults.point("unplug-device-gone")
+    driver = ctx.ts.driver(store.get("SR", sr)["type"])
+    for command in ("vdi_deactivate", "vdi_detach"):
+        if not smapi.has(driver, command):
+            continue
+        try:
+            smapi.call(ctx, sr, command, vdi_ref=vdi)
+        except ApiError as e:
+            if strict:
+                raise
+            log.warning("%s of %s while undoing: %s", command, vdi, e)
+        if command == "vdi_deactivate":
+            faults.point("unplug-deactivated")
+    with store.transaction():
+        store.update("VDI", vdi, {"attach": {}})
+        for ref, _ in store.find("VBD", VDI=vdi, currently_attached=True):
+            store.update("VBD", ref, {"currently_attached": False, "device": ""})
+
+
+def stale(ctx, vdi):
+    """The journal says a plug or unplug was cut short (no VBD uses the VDI)."""
+    rec = ctx.store.get("VDI", vdi)
+    return bool(rec["attach"]) and not _users(ctx, vdi, None)
+
+
+def undo_stale(ctx, sr, vdi):
+    """What a crashed plug or unplug left of a VDI no VBD uses."""
+    if stale(ctx, vdi):
+        log.info("VDI %s: undoing a plug or unplug cut short (%s)", vdi,
+                 ctx.store.get("VDI", vdi)["attach"].get("state", "?"))
+        try:
+            undo(ctx, sr, vdi)
+        except dom0_device.Busy as e:
+            raise ApiError(errors.VDI_IN_USE, vdi, "a previous dom0 device is in use: %s" % e)
+
+
+def resync(ctx):
+    """At start-up: make the records and what is really attached agree, VDI by VDI."""
+    store = ctx.store
+    for vdi, rec in store.all("VDI"):
+        users = _users(ctx, vdi, None)
+        info = rec.get("attach") or {}
+        if not info and not users:
+            continue
+        with ctx.ts.lock("VDI", vdi):
             try:
-                smapi.call(ctx, sr, command, vdi_ref=vdi)
-            except ApiError as e:
-                log.warning("%s while undoing a failed plug: %s", command, e)
+                _resync_vdi(ctx, vdi, rec, info, users)
+            except Exception as e:
+                log.warning("resync of VDI %s: %s", vdi, e)
+
+
+def _resync_vdi(ctx, vdi, rec, info, users):
+    state = info.get("state", ATTACHED if info else "")
+    if users and state == ATTACHED:
+        if not info.get("blockdev"):
+            return                     # no dom0 device was made (DummySR): nothing to check
+        devs = dom0_device.current(rec["uuid"])
+        if dom0_device.healthy(rec["uuid"]):
+            device = devs[0].rsplit("/", 1)[-1]
+            if device != info.get("device"):
+                with ctx.store.transaction():
+                    ctx.store.update("VDI", vdi, {"attach": dict(info, device=device,
+                                                                 blockdev=devs[0])})
+                    for ref, _ in users:
+                        ctx.store.update("VBD", ref, {"device": device})
+            return
+    if dom0_device.users(rec["uuid"]):
+        log.warning("VDI %s: its dom0 device is in use, left as it is", vdi)
+        return
+    log.info("VDI %s: %s with %d VBD(s) attached: undoing", vdi, state or "no journal",
+             len(users))
+    undo(ctx, rec["SR"], vdi)

@@ -1,6 +1,8 @@
 """VDI: driver-backed create/destroy/snapshot/clone/resize/introduce, and the
 SM-only database calls (db_introduce, db_forget, size setters) drivers report with."""
+from smtap.errtext import value_text
 from smtap.toolstack import errors, smapi
+from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.classes.sr import assert_attached, forget_vdi_records
 from smtap.toolstack.errors import ApiError, NULL_REF
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, DATETIME, EPOCH, INT, MAP, REF, SET,
@@ -19,11 +21,12 @@ VDI = ApiClass("VDI", [
     Field("is_a_snapshot", BOOL, setter=SM_ONLY), Field("snapshot_of", REF, setter=SM_ONLY),
     Field("snapshots", SET, reverse=("VDI", "snapshot_of")),
     Field("snapshot_time", DATETIME, setter=SM_ONLY), Field("tags", SET, setter=RW),
-    Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW),
+    Field("allow_caching", BOOL, setter=RW), Field("on_boot", default="persist", setter=RW,
+                                                 choices=("persist", "reset")),
     Field("metadata_of_pool", REF, setter=SM_ONLY), Field("metadata_latest", BOOL),
     Field("is_tools_iso", BOOL), Field("cbt_enabled", BOOL, setter=SM_ONLY),
-    Field("attach", MAP, hidden=True),   # this host's vdi_attach result, while attached
-], by_name_label=True)
+    Field("attach", MAP, hidden=True),   # this host's attachment and its journal (vbd.py)
+], by_name_label=True, needs_drivers=True)
 
 
 def _ref_arg(ref):
@@ -33,7 +36,8 @@ def _ref_arg(ref):
 def from_result(ctx, result):
     """The record a driver introduced for a {uuid, location} result."""
     if not isinstance(result, dict) or "uuid" not in result:
-        raise ApiError(errors.SR_BACKEND_FAILURE, "driver result has no uuid", str(result), "")
+        raise ApiError(errors.SR_BACKEND_FAILURE, "driver result has no uuid",
+                       value_text(result), "")
     return ctx.store.ref_of_uuid("VDI", result["uuid"])
 
 
@@ -68,6 +72,8 @@ def destroy(ctx, self):
     if attached_vbds(ctx, self):
         raise ApiError(errors.VDI_IN_USE, self, "destroy")
     assert_attached(ctx, vdi["SR"])
+    with ctx.ts.lock("VDI", self):
+        vbd_module.undo_stale(ctx, vdi["SR"], self)     # what a crashed plug left
     smapi.call(ctx, vdi["SR"], "vdi_delete", vdi_ref=self)
     if ctx.store.exists("VDI", self):
         forget_vdi_records(ctx, self)
