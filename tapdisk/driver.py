@@ -4,6 +4,9 @@ A disk type is one module in tapdisk/drivers/: a Driver subclass that declares w
 can do and implements only that, registered with one `@register` line. The engine
 (image chains, accounting, retries, NBD) is written against this class alone.
 
+Options ("type:path?k=v&...") are declared per type, name -> parser: the engine parses
+them before open() and refuses unknown ones or bad values with a message naming them.
+
 Offsets and lengths are bytes. Errors are OSError with an errno: the engine retries
 EAGAIN/EBUSY/EINTR until the request timeout and returns every other errno to the client.
 """
@@ -37,6 +40,7 @@ class Driver(object):
     can_multi_conn = False  # a flush on one connection covers writes done on all
     is_filter = False       # no image data of its own: stacks on the image below
     plug_type = "tap"       # how SM plugs a VDI of this type (its VDI_PLUG_TYPE)
+    options = {}            # the "?k=v" options it accepts: name -> parser(text) -> value
 
     def __init__(self):
         self.size = 0           # bytes, set by open()
@@ -46,9 +50,25 @@ class Driver(object):
 
     # -- mandatory --------------------------------------------------------------
     def open(self, path, flags, options):
-        """Open the image. `options` is a dict of the key=value pairs given after
-        '?' in "type:path?k=v&k2=v2". Must set self.size."""
+        """Open the image. `options`: the parsed values of the declared options given
+        after '?' in "type:path?k=v&k2=v2" (absent ones are left out). Must set self.size."""
         raise NotImplementedError
+
+    @classmethod
+    def parse_options(cls, raw):
+        """{name: text} -> {name: value} through the declared parsers; ValueError naming
+        the option for an unknown one or a bad value."""
+        parsed = {}
+        for key, text in raw.items():
+            parser = cls.options.get(key)
+            if parser is None:
+                raise ValueError("%s: unknown option %r (accepted: %s)" % (
+                    cls.name, key, ", ".join(sorted(cls.options)) or "none"))
+            try:
+                parsed[key] = parser(text)
+            except ValueError as e:
+                raise ValueError("%s: option %s=%s: %s" % (cls.name, key, text, e))
+        return parsed
 
     def close(self):
         pass
@@ -108,6 +128,16 @@ class Driver(object):
 
     def debug(self):
         return {}
+
+
+def parse_bool(text):
+    """An option's yes/no: 1/0, yes/no, true/false, on/off."""
+    value = str(text).lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected 1 or 0 (yes/no, true/false, on/off)")
 
 
 def parse_params(params):

@@ -33,8 +33,10 @@ class Image(object):
         except KeyError:
             raise ValueError("unknown disk type %r in %r (known: %s)"
                              % (self.kind, params, ", ".join(sorted(drivers.types()))))
+        self.options = cls.parse_options(options)
+        self.flags = flags
         self.driver = cls()
-        self.driver.open(self.path, flags, options)
+        self.driver.open(self.path, flags, self.options)
         self.hits = [0, 0]
         self.fail = [0, 0]
 

@@ -84,6 +84,7 @@ class AioDriver(driver.Driver):
     can_zero = True
     can_extents = True
     can_multi_conn = True
+    options = {"direct": driver.parse_bool}     # direct=0: never O_DIRECT (as -D)
 
     def __init__(self):
         super(AioDriver, self).__init__()
@@ -114,7 +115,7 @@ class AioDriver(driver.Driver):
             else:
                 self.size = st.st_size
             self.fd = self.bfd
-            if not flags & driver.OPEN_NO_O_DIRECT and options.get("direct", "1") != "0":
+            if not flags & driver.OPEN_NO_O_DIRECT and options.get("direct", True):
                 self._open_direct(path, mode)
         except Exception:
             self.close()

@@ -2,13 +2,15 @@
 
     ram:/path/seed.img[?size=<bytes>][&budget=<bytes>][&writeback=1]
 
-The disk lives in one anonymous private mapping: regions never written cost no memory.
+The disk lives in one anonymous private mapping: regions never written cost no memory,
+nor does the per-chunk bookkeeping of regions never written (it is mapped the same way).
 Memory is accounted in chunks of 64 KiB against `budget` (default: the disk size); a
 write that needs a new chunk past the budget fails with ENOSPC. trim and zero give
 whole chunks back to the kernel.
 
 The image file gives the size and is loaded at open as the seed (holes and zero blocks
-cost nothing); `size=` sets the size (needed when the file does not exist). Volatile by
+cost nothing); `size=` sets the size (needed when the file does not exist). Sizes take
+the suite's suffixes (64M, 2GiB: smtap.units). Volatile by
 default; with `writeback=1` flush and close write the changed chunks back to the file
 (runs of zeros are punched as holes).
 """
@@ -16,9 +18,11 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import threading
 
 from smtap import sparse
+from smtap import units
 from smtap.tapdisk import driver
 from smtap.tapdisk.drivers import register
 
@@ -33,13 +37,20 @@ def _lib():
     return _smtap_aio.ffi, _smtap_aio.lib
 
 
+def _bitmap(n):
+    """n bytes of zeros that cost memory only where written (a private anonymous mapping:
+    reads of untouched pages see the kernel's zero page), so an empty disk's per-chunk
+    bookkeeping costs nothing."""
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+
+
 def _runs(flags, start, end):
     """[(first, last + 1, value)] runs of equal bytes in flags[start:end]."""
     out = []
     i = start
     while i < end:
         value = flags[i]
-        j = flags.find(0 if value else 1, i, end)
+        j = flags.find(b"\1" if not value else b"\0", i, end)
         j = end if j < 0 else j
         out.append((i, j, value))
         i = j
@@ -55,6 +66,8 @@ class RamDriver(driver.Driver):
     can_zero = True
     can_extents = True
     can_multi_conn = True
+    options = {"size": units.parse_size, "budget": units.parse_size,
+               "writeback": driver.parse_bool}
 
     def __init__(self):
         super(RamDriver, self).__init__()
@@ -66,21 +79,20 @@ class RamDriver(driver.Driver):
     def open(self, path, flags, options):
         self.path = path
         self.flags = flags
-        self.writeback = options.get("writeback", "0") not in ("0", "", "no", "false")
+        self.writeback = options.get("writeback", False)
         try:
             st_size = self._file_size(path)
         except OSError as e:
             if e.errno != errno.ENOENT or "size" not in options:
                 raise
             st_size = None
-        self.size = int(options["size"]) if "size" in options else st_size
-        if self.size <= 0:
-            raise ValueError("ram: the disk size must be > 0 (file %s, size=%s)"
-                             % (path, options.get("size")))
-        self.budget = int(options.get("budget", self.size))
+        self.size = options.get("size", st_size)
+        if not self.size:
+            raise OSError(errno.EINVAL, "ram: %s is empty: give size= for a disk of zeros" % path)
+        self.budget = options.get("budget", self.size)
         nchunks = (self.size + CHUNK - 1) >> CHUNK_SHIFT
-        self._alloc = bytearray(nchunks)   # 1: chunk holds memory
-        self._dirty = bytearray(nchunks)   # 1: chunk changed since the last writeback
+        self._alloc = _bitmap(nchunks)     # 1: chunk holds memory
+        self._dirty = _bitmap(nchunks)     # 1: chunk changed since the last writeback
         self.used = 0
         self._map = mmap.mmap(-1, nchunks << CHUNK_SHIFT,
                               flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
@@ -95,8 +107,19 @@ class RamDriver(driver.Driver):
 
     @staticmethod
     def _file_size(path):
-        fd = os.open(path, os.O_RDONLY)
+        """The seed's size: a raw image file or a block device."""
         try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            hint = " (give size= for a disk of zeros)" if e.errno == errno.ENOENT else ""
+            raise OSError(e.errno, "ram: cannot open %s: %s%s" % (path, e.strerror, hint))
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise OSError(errno.EISDIR, "ram: %s is a directory, not a disk image" % path)
+            if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+                raise OSError(errno.EINVAL, "ram: %s is neither a file nor a block device"
+                              % path)
             return os.lseek(fd, 0, os.SEEK_END)
         finally:
             os.close(fd)
@@ -117,7 +140,7 @@ class RamDriver(driver.Driver):
                     pos += n
         finally:
             os.close(fd)
-        self._dirty[:] = bytes(len(self._dirty))
+        self._dirty = _bitmap(len(self._alloc))     # the seed is not a change
 
     def close(self):
         if self._map is None:
@@ -132,6 +155,7 @@ class RamDriver(driver.Driver):
             except BufferError:
                 pass        # a client still holds a read buffer: freed with it
             self._map = self._mv = None
+            self._alloc = self._dirty = None
 
     # -- data path ------------------------------------------------------------------
     def pread(self, length, offset):
@@ -145,7 +169,7 @@ class RamDriver(driver.Driver):
         end = offset + len(buf)
         c0 = offset >> CHUNK_SHIFT
         c1 = ((end - 1) >> CHUNK_SHIFT) + 1
-        if self._alloc.find(0, c0, c1) >= 0:
+        if self._alloc.find(b"\0", c0, c1) >= 0:
             self._allocate(c0, c1)
         self._mv[offset:end] = buf
         if self.writeback:
@@ -159,7 +183,7 @@ class RamDriver(driver.Driver):
     def _allocate(self, c0, c1):
         with self._lock:
             alloc = self._alloc
-            need = alloc.count(0, c0, c1) << CHUNK_SHIFT
+            need = alloc[c0:c1].count(0) << CHUNK_SHIFT
             if self.used + need > self.budget:
                 raise OSError(errno.ENOSPC, "ram disk budget of %d bytes exhausted" % self.budget)
             alloc[c0:c1] = b"\1" * (c1 - c0)

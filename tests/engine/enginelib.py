@@ -101,3 +101,14 @@ def nbd_map(uri):
     out = run("nbdinfo", "--map", "--json", uri).stdout
     import json
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def memory_of(pid):
+    """{"VmRSS": bytes, "RssAnon": ..., "RssShmem": ...} of a process (/proc/<pid>/status)."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
