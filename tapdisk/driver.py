@@ -112,6 +112,17 @@ class Driver(object):
         for buf, offset in requests:
             pwrite(buf, offset)
 
+    # -- pause ----------------------------------------------------------------------
+    def suspend(self):
+        """tap-ctl pause: let go of what the storage layer may change while paused (the
+        image's files). Default: close(). A disk whose data lives only in this process
+        keeps it instead: nothing may be lost across a pause. close() may follow."""
+        self.close()
+
+    def resume(self, path, flags, options):
+        """tap-ctl unpause onto the same image, after suspend(): open it again (default)."""
+        self.open(path, flags, options)
+
     # -- image chains -------------------------------------------------------------
     def get_parent_id(self):
         """"type:path" of the parent image, or None."""

@@ -45,6 +45,7 @@ class VBD(object):
         self.timeout = DEFAULT_TIMEOUT
         self.export_name = None
         self.chain = None
+        self.suspended = None       # the chain a pause suspended, until resume or close
         self.server = None
         self._size = None           # kept across a pause: resume must not change it
         self._sector_size = None
@@ -136,11 +137,17 @@ class VBD(object):
                 self.state = STATE_CLOSED
                 self.params = None
                 self._size = None
-                if chain is not None:
-                    chain.close()
+                suspended, self.suspended = self.suspended, None
+                try:
+                    if chain is not None:
+                        chain.close()
+                finally:
+                    if suspended is not None:
+                        suspended.close()
 
     def pause(self):
-        """Hold new requests, drain in-flight ones, close the images."""
+        """Hold new requests, drain in-flight ones, suspend the images (their files are
+        closed; what lives only in this process is kept for the resume)."""
         with self._control:
             if self.state & STATE_PAUSED:
                 return
@@ -156,25 +163,24 @@ class VBD(object):
             self.chain = None           # the gate stays held: batches wait for resume
             self._bank(chain)
             self.state = STATE_PAUSED_ALL
-            chain.close()
+            self.suspended = chain      # resume picks up what it kept (Chain.suspend)
+            chain.suspend()
 
     def resume(self, params=None):
-        """Reopen (params: another image of the same size and sector size) and release
-        the waiting requests; if that fails they fail with EIO and the VBD stays paused."""
+        """Reopen (params: another image of the same size and sector size; the same one
+        by default, resumed where the pause kept it) and release the waiting requests;
+        if that fails they fail with EIO and the VBD stays paused."""
         with self._control:
             if not self.state & STATE_PAUSED:
                 raise OSError(errno.EINVAL, "minor %d is not paused" % self.minor)
             params = params or self.params
             try:
-                chain = image.Chain(params, self.flags, self.timeout)
-                if (chain.size, chain.sector_size) != (self._size, self._sector_size):
-                    chain.close()
-                    raise ValueError("%s: size %d / sector size %d differ from the paused "
-                                     "disk's %d / %d" % (params, chain.size, chain.sector_size,
-                                                         self._size, self._sector_size))
+                chain = image.Chain(params, self.flags, self.timeout, resume=self.suspended,
+                                    expect=(self._size, self._sector_size))
             except Exception:
                 self._release(None)     # waiting requests fail with EIO
                 raise
+            self.suspended = None
             self.params = params
             self.state = STATE_RUNNING
             self._export_flags = nbd.transmission_flags(chain)

@@ -157,6 +157,16 @@ class RamDriver(driver.Driver):
             self._map = self._mv = None
             self._alloc = self._dirty = None
 
+    def suspend(self):
+        """A pause: with writeback the file gets everything and is closed (the storage
+        layer may copy it, resume reloads it); a volatile disk's data is only here: kept."""
+        if self.writeback:
+            self.close()
+
+    def resume(self, path, flags, options):
+        if self._map is None:
+            self.open(path, flags, options)
+
     # -- data path ------------------------------------------------------------------
     def pread(self, length, offset):
         return self._mv[offset:offset + length]
