@@ -23,6 +23,14 @@ OPEN_SECONDARY = 0x80
 OPEN_STANDBY = 0x100
 OPEN_NO_O_DIRECT = 0x200
 
+_ZEROS = memoryview(bytes(32 << 20))    # calloc'd: costs no memory until read; shared
+
+
+def zeros(length):
+    """A read-only buffer of `length` zero bytes, without allocating (up to 32 MiB)."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
+
 # Extent flags, as NBD base:allocation.
 EXTENT_HOLE = 0x1
 EXTENT_ZERO = 0x2

@@ -14,6 +14,7 @@ import stat
 import struct
 import threading
 
+from smtap import sparse
 from smtap.tapdisk import driver
 from smtap.tapdisk.drivers import register
 
@@ -284,30 +285,8 @@ class AioDriver(driver.Driver):
         """SEEK_DATA / SEEK_HOLE: holes read as zeros."""
         if self.block_device:
             return [(length, 0)]
-        end = offset + length
-        out = []
-        pos = offset
-        try:
-            while pos < end and len(out) < MAX_EXTENTS:
-                try:
-                    data = os.lseek(self.bfd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno != errno.ENXIO:
-                        raise
-                    data = end          # a hole up to the end of the file
-                if data > pos:
-                    stop = min(data, end)
-                    out.append((stop - pos, driver.EXTENT_HOLE | driver.EXTENT_ZERO))
-                    pos = stop
-                    continue
-                stop = min(os.lseek(self.bfd, pos, os.SEEK_HOLE), end)
-                out.append((stop - pos, 0))
-                pos = stop
-        except OSError as e:
-            if e.errno != errno.EINVAL or out:
-                raise
-            return [(length, 0)]        # no SEEK_DATA here: all data
-        return out
+        return [(n, 0 if is_data else driver.EXTENT_HOLE | driver.EXTENT_ZERO)
+                for n, is_data in sparse.extents(self.bfd, offset, length, MAX_EXTENTS)]
 
     def debug(self):
         return {"direct": self.direct, "block_device": self.block_device}

@@ -112,3 +112,16 @@ def memory_of(pid):
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def tmpfs(path, size):
+    """A tmpfs of `size` bytes mounted at path (smtap_root's teardown unmounts it)."""
+    os.makedirs(str(path), exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", "size=%d" % size, "smtap-test", path)
+    return path
+
+
+def used(path):
+    """Bytes used in the file system at path."""
+    st = os.statvfs(str(path))
+    return (st.f_blocks - st.f_bfree) * st.f_frsize

@@ -11,7 +11,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from enginelib import image_file, run, tap_ctl
+from enginelib import image_file, run, tap_ctl, tmpfs
 
 MiB = 1 << 20
 PAUSED = 0x2a
@@ -172,6 +172,8 @@ PAUSE_CASES = {
                    True),
     "ram-writeback": (lambda root, size: "ram:%s?size=%d&writeback=1" % (root / "wb.img", size),
                       True),
+    "ram-shared": (lambda root, size: "ram:%s?shared=1" % image_file(
+        tmpfs(root / "shm", 2 * size) / "s.img", size), True),
     "null": (lambda root, size: "null:x?size=%d" % size, False),
 }
 KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
