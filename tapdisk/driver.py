@@ -120,6 +120,10 @@ class Driver(object):
         for buf, offset in requests:
             pwrite(buf, offset)
 
+    def idle(self):
+        """The calling thread (one NBD client's) has been idle a while: drop what it
+        keeps for its batches (buffers). It may be called on a closed driver."""
+
     # -- pause ----------------------------------------------------------------------
     def suspend(self):
         """tap-ctl pause: let go of what the storage layer may change while paused (the

@@ -132,6 +132,11 @@ class Chain(object):
         if first is not None:
             raise first
 
+    def idle(self):
+        """The calling thread went idle (Driver.idle on every image)."""
+        for image in self.images:
+            image.driver.idle()
+
     # -- retries ------------------------------------------------------------------------
     def _retry(self, fn, *args):
         deadline = None

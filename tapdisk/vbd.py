@@ -73,6 +73,12 @@ class VBD(object):
             if self._held and not self._inflight:
                 gate.notify_all()
 
+    def idle(self):
+        """An NBD client's thread went idle: its per-thread driver buffers may go."""
+        chain = self.chain
+        if chain is not None:
+            chain.idle()
+
     def _hold(self, force=False):
         """Make new batches wait and drain those in flight. EBUSY after the request
         timeout (the gate opens again), unless force."""
