@@ -12,11 +12,13 @@ idle() (this client's thread went idle: drivers may drop its buffers), and
 export_name (None: any name is accepted).
 """
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -279,6 +281,30 @@ class Server(object):
                 sock.close()
             except OSError:
                 pass
+
+    def drop_stalled(self, previous):
+        """Hang up on the clients whose unread replies (their socket's send queue) have
+        not moved since `previous`, the result of the last call: {socket: bytes queued}
+        of the clients with replies unread."""
+        with self._lock:
+            clients = list(self._clients)
+        queued = {}
+        for sock in clients:
+            try:
+                n = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                   b"\0" * 4))[0]
+            except (OSError, ValueError):
+                continue                # it went meanwhile
+            if n and previous.get(sock) == n:
+                log.warning("%s: dropping a client that does not read its replies "
+                            "(%d bytes unread)", self.unix_path, n)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)     # its sender fails with EPIPE
+                except OSError:
+                    pass
+            elif n:
+                queued[sock] = n
+        return queued
 
     def close(self, timeout=10):
         """Stop listening, disconnect every client and wait for their threads."""

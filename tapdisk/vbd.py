@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from smtap import settings
 from smtap.tapdisk import driver as drv
@@ -32,6 +33,7 @@ STATE_RUNNING = 0
 STATE_PAUSED_ALL = STATE_CLOSED | STATE_QUIESCED | STATE_PAUSED     # 0x2a
 
 DEFAULT_TIMEOUT = 120
+STALL_CHECK = 2.0       # seconds between looks at the clients while a pause or close waits
 
 
 class VBD(object):
@@ -80,11 +82,22 @@ class VBD(object):
             chain.idle()
 
     def _hold(self, force=False):
-        """Make new batches wait and drain those in flight. EBUSY after the request
-        timeout (the gate opens again), unless force."""
+        """Make new batches wait and drain those in flight. A batch stuck sending to a
+        client that does not read its replies ends when that client is dropped (its
+        unread replies did not move for STALL_CHECK seconds), so no client can hold a
+        pause or close. EBUSY after the request timeout (the gate opens again), unless
+        force."""
         with self._gate:
             self._held = True
-            if not self._gate.wait_for(lambda: not self._inflight, self.timeout) and not force:
+            deadline = time.monotonic() + self.timeout
+            unread = {}
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not self._gate.wait(min(left, STALL_CHECK)) and self.server is not None:
+                    unread = self.server.drop_stalled(unread)
+            if self._inflight and not force:
                 self._held = False
                 self._gate.notify_all()
                 raise OSError(errno.EBUSY, "%d request batches still in flight after %ss"

@@ -1,10 +1,13 @@
 """Clients that are many, slow or hostile: what a tapdisk spends on them stays bounded,
 and its control socket, pause and destroy keep working whatever they do."""
+import subprocess
 import time
 
-from smtap.tapdisk import nbd
+import pytest
 
-from enginelib import Raw, memory_of, run
+from smtap.tapdisk import control, nbd
+
+from enginelib import Raw, memory_of, run, tap_ctl, wait_for
 
 MiB = 1 << 20
 
@@ -75,3 +78,56 @@ def test_memory_per_client_is_bounded(make_tap, smtap_root):
     for c in clients:
         c.close()
     writer.close()
+
+
+def stalled_reader(path, requests=64):
+    """A client that asks for `requests` MiB and never reads a byte of the replies."""
+    c = Raw(path)
+    c.greet()
+    c.go()
+    for handle in range(requests):
+        c.request(0, handle, 0, MiB)
+    return c
+
+
+def test_a_client_that_never_reads_does_not_block_pause_or_destroy(make_tap, smtap_root):
+    tap = make_tap("null:x?size=%d" % (1 << 30), timeout=30)   # request timeout 30 s
+    client = control.Client(tap.pid)
+    # a well-behaved client, connected and quiet: it must survive the pauses
+    quiet = subprocess.Popen(["qemu-io", "-f", "raw", tap.uri], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: client.stats(tap.minor)["nbd"]["clients"] == 1)
+        stalled = stalled_reader(tap.nbd_path)
+        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] == 1)
+        time.sleep(0.5)
+        assert client.stats(tap.minor)["reqs_outstanding"] == 1    # stuck sending replies
+        started = time.monotonic()
+        tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)            # was: EBUSY after 30 s
+        paused_in = time.monotonic() - started
+        tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
+        assert paused_in < 8, paused_in
+        with pytest.raises((EOFError, ConnectionError)):            # it was dropped
+            while True:
+                stalled.recv(1 << 20)
+        stalled.close()
+        hits = client.stats(tap.minor)["images"][0]["hits"][0]
+        quiet.stdin.write("read -P 0 0 64k\n")
+        quiet.stdin.flush()
+        assert wait_for(lambda: client.stats(tap.minor)["images"][0]["hits"][0] > hits)
+
+        stalled = stalled_reader(tap.nbd_path)
+        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] == 1)
+        started = time.monotonic()
+        tap.destroy()                                               # was: EBUSY after 30 s
+        assert time.monotonic() - started < 8
+        stalled.close()
+        assert tap_ctl("list").stdout == ""
+        quiet.stdin.write("quit\n")
+        quiet.stdin.flush()
+        out = quiet.communicate(timeout=30)[0]
+        assert "read 65536/65536 bytes" in out, out
+    finally:
+        if quiet.poll() is None:
+            quiet.kill()
+            quiet.wait()
