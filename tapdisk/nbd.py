@@ -16,13 +16,14 @@ import fcntl
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import termios
 import threading
-import time
 
 from smtap.tapdisk import driver as drv
+from smtap.tapdisk import fds
 from smtap.tapdisk.ratelog import RateLog
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class Server(object):
         self._clients = {}          # socket -> thread
         self._lock = threading.Lock()
         self._closing = False
+        self._closed = threading.Event()
         try:
             self._listen(socket.AF_UNIX, unix_path)
             if tcp:
@@ -236,14 +238,34 @@ class Server(object):
             return len(self._clients)
 
     def _accept_loop(self, lsock):
+        # poll, then accept under fds.LOCK: no descriptor is taken while waiting
+        lsock.setblocking(False)
+        poller = select.poll()
+        poller.register(lsock, select.POLLIN)
+        backoff = fds.Backoff()
         while not self._closing:
-            try:
-                sock, _ = lsock.accept()
-            except OSError:
+            poller.poll()               # a client, or close()'s shutdown
+            sock = None
+            with fds.LOCK:
+                try:
+                    sock, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    error = e
+            if sock is None:
                 if self._closing:
                     return
-                time.sleep(0.1)         # out of fds or the like: do not spin
+                _refusals.warning("%s: accept failed: %s", self.unix_path, error)
+                self._closed.wait(backoff.next())       # out of fds: do not spin
                 continue
+            backoff.reset()
+            if not fds.headroom():
+                sock.close()
+                _refusals.warning("%s: a client refused: fewer than %d file descriptors "
+                                  "left", self.unix_path, fds.RESERVE)
+                continue
+            sock.setblocking(True)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=self._serve, args=(sock,),
@@ -309,6 +331,7 @@ class Server(object):
     def close(self, timeout=10):
         """Stop listening, disconnect every client and wait for their threads."""
         self._closing = True
+        self._closed.set()
         for sock, _ in self._listeners:
             try:
                 sock.shutdown(socket.SHUT_RDWR)     # wakes accept()

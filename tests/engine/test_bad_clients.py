@@ -1,10 +1,13 @@
 """Clients that are many, slow or hostile: what a tapdisk spends on them stays bounded,
 and its control socket, pause and destroy keep working whatever they do."""
+import os
+import socket
 import subprocess
 import time
 
 import pytest
 
+from smtap import settings
 from smtap.tapdisk import control, nbd
 
 from enginelib import Raw, memory_of, run, tap_ctl, wait_for
@@ -131,3 +134,68 @@ def test_a_client_that_never_reads_does_not_block_pause_or_destroy(make_tap, smt
         if quiet.poll() is None:
             quiet.kill()
             quiet.wait()
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def nofile(pid, limit=None):
+    """Set the soft RLIMIT_NOFILE of pid (None: back to the hard limit)."""
+    if limit is None:
+        limit = int(run("prlimit", "--pid", pid, "--nofile", "--output=HARD",
+                        "--noheadings").stdout)
+    run("prlimit", "--pid", pid, "--nofile=%d:" % limit)
+
+
+def answers_while_quiet(tap):
+    """tap-ctl list answers (within 10 s) and, over the 2 s around it, the tapdisk neither
+    spins nor floods its log."""
+    log = settings.tapdisk_log_file()
+    cpu, size = cpu_seconds(tap.pid), os.path.getsize(log)
+    lister = subprocess.Popen(["tap-ctl", "list"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        busy, logged = cpu_seconds(tap.pid) - cpu, os.path.getsize(log) - size
+        assert busy < 0.3 and logged < 2048, (busy, logged)
+        out, err = lister.communicate(timeout=8)
+    finally:
+        if lister.poll() is None:
+            lister.kill()
+            lister.wait()
+    assert lister.returncode == 0 and "pid=%d minor=%d" % (tap.pid, tap.minor) in out, err
+
+
+def test_out_of_descriptors_backs_off_and_keeps_answering(make_tap, smtap_root):
+    tap = make_tap("null:x?size=%d" % MiB)
+    limit = open_fds(tap.pid) + 24
+    nofile(tap.pid, limit)
+    clients = []
+    try:
+        while len(clients) < 64:                   # clients until the server takes no more
+            c = Raw(tap.nbd_path, timeout=2)
+            clients.append(c)
+            try:
+                c.greet()
+                c.go()
+            except (socket.timeout, EOFError, ConnectionError):
+                break
+        assert 1 < len(clients) < 64
+        answers_while_quiet(tap)
+        # every descriptor taken: the limit lowered under what is open, clients waiting
+        nofile(tap.pid, open_fds(tap.pid) - 4)
+        clients += [Raw(tap.nbd_path, timeout=2) for _ in range(3)]
+        answers_while_quiet(tap)
+        assert "secs" in tap_ctl("stats", "-p", tap.pid, "-m", tap.minor, timeout=10).stdout
+    finally:
+        for c in clients:
+            c.close()
+    nofile(tap.pid)                                 # descriptors again: served again
+    run("qemu-io", "-f", "raw", "-c", "read -P 0 0 64k", tap.uri, timeout=30)
