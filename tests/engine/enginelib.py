@@ -97,6 +97,17 @@ def run(*cmd, check=True, timeout=120, input=None):
     return proc
 
 
+def qemu_io(uri, *cmds, check=True, readonly=False):
+    """qemu-io -c <cmd>... on uri; its output. check: it must succeed, no failure said."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
+    for c in cmds:
+        args += ["-c", c]
+    proc = run(*(args + [uri]), check=check)
+    if check:
+        assert "fail" not in proc.stdout.lower(), proc.stdout
+    return proc.stdout + proc.stderr
+
+
 def nbd_map(uri):
     """nbdinfo --map as [(offset, length, type)]."""
     out = run("nbdinfo", "--map", "--json", uri).stdout

@@ -8,17 +8,9 @@ import time
 
 import pytest
 
-from enginelib import IHAVEOPT, Raw, nbd_map, run
+from enginelib import IHAVEOPT, Raw, nbd_map, qemu_io, run
 
 MiB = 1 << 20
-
-
-def qemu_io(uri, *cmds, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    proc = run(*(args + [uri]), check=check)
-    return proc.stdout + proc.stderr
 
 
 def pattern_file(path, size):

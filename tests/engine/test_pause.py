@@ -31,41 +31,52 @@ def fio_verify(uri, size):
     return job
 
 
+class Pauser(threading.Thread):
+    """Pauses and unpauses a VBD over its control socket, every 20 ms, until stop()
+    (or `limit` cycles); samples the paused state every 10 cycles; keeps its error."""
+
+    def __init__(self, tap, limit=None):
+        threading.Thread.__init__(self)
+        self.client, self.minor, self.limit = control.Client(tap.pid), tap.minor, limit
+        self.cycles, self.states, self.failure = 0, set(), []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self):
+        try:
+            while not self.done.is_set() and self.cycles != self.limit:
+                self.client.pause(self.minor)
+                if self.cycles % 10 == 0:
+                    self.states.add(self.client.list()[0]["state"])
+                time.sleep(0.005)
+                self.client.resume(self.minor)
+                self.cycles += 1
+                time.sleep(0.02)
+        except Exception as exc:    # reported by the main thread
+            self.failure.append(exc)
+
+    def stop(self):
+        self.done.set()
+        self.join(60)
+
+
 def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root):
     size = 16 * MiB
     tap = make_tap("aio:" + image_file(smtap_root / "disk.img", size))
     client = control.Client(tap.pid)
-    cycles, paused_states, failure = [0], set(), []
-    stop = threading.Event()
-
-    def pauser():
-        try:
-            while cycles[0] < 100 and not stop.is_set():
-                client.pause(tap.minor)
-                if cycles[0] % 10 == 0:
-                    paused_states.add(client.list()[0]["state"])
-                time.sleep(0.005)
-                client.resume(tap.minor)
-                cycles[0] += 1
-                time.sleep(0.02)
-        except Exception as exc:    # reported by the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=pauser)
-    thread.start()
+    pauser = Pauser(tap, limit=100)
     runs, overlap = 0, []      # cycles done when each fio pass ended
     try:
-        while thread.is_alive() or runs < 2:
+        while pauser.is_alive() or runs < 2:
             job = fio_verify(tap.uri, size)
             assert job["write"]["io_bytes"] >= size
             assert job["read"]["io_bytes"] >= size      # the verify pass read it all
             runs += 1
-            overlap.append(cycles[0])
+            overlap.append(pauser.cycles)
     finally:
-        stop.set()
-        thread.join(60)
-    assert not failure, failure
-    assert cycles[0] == 100 and paused_states == {PAUSED}
+        pauser.stop()
+    assert not pauser.failure, pauser.failure
+    assert pauser.cycles == 100 and pauser.states == {PAUSED}
     assert overlap[0] > 0       # the first pass really ran across pauses
     assert client.list()[0]["state"] == 0
     stats = client.stats(tap.minor)
@@ -210,29 +221,13 @@ def test_a_flushed_write_survives_pause_and_unpause(make_tap, smtap_root, case):
 def test_fio_verify_across_pause_cycles(make_tap, smtap_root, case):
     size = 8 * MiB
     tap = make_tap(PAUSE_CASES[case][0](smtap_root, size))
-    client = control.Client(tap.pid)
-    cycles, failure, done = [0], [], threading.Event()
-
-    def pauser():
-        try:
-            while not done.is_set():
-                client.pause(tap.minor)
-                time.sleep(0.005)
-                client.resume(tap.minor)
-                cycles[0] += 1
-                time.sleep(0.03)
-        except Exception as exc:    # reported by the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=pauser)
-    thread.start()
+    pauser = Pauser(tap)
     try:
         job = fio_verify(tap.uri, size)         # writes it all, then reads it all back
     finally:
-        done.set()
-        thread.join(60)
-    assert not failure, failure
-    assert job["read"]["io_bytes"] >= size and cycles[0] >= 5, (job["read"], cycles)
+        pauser.stop()
+    assert not pauser.failure, pauser.failure
+    assert job["read"]["io_bytes"] >= size and pauser.cycles >= 5, (job["read"], pauser.cycles)
 
 
 def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):

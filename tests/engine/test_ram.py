@@ -5,20 +5,10 @@ import subprocess
 
 import pytest
 
-from enginelib import image_file, memory_of, nbd_map, run, tap_ctl, tmpfs, used
+from enginelib import image_file, memory_of, nbd_map, qemu_io, run, tap_ctl, tmpfs, used
 
 MiB = 1 << 20
 TiB = 1 << 40
-
-
-def qemu_io(uri, *cmds, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    proc = run(*(args + [uri]), check=check)
-    if check:
-        assert "fail" not in proc.stdout.lower(), proc.stdout
-    return proc.stdout + proc.stderr
 
 
 def test_an_empty_ram_disk_reserves_nothing(make_tap, smtap_root):
