@@ -7,21 +7,41 @@ BLOCK = 1 << 16
 _ZEROS = bytes(BLOCK)
 
 
+def extents(fd, offset, length, limit=None):
+    """[(length, is_data)] covering [offset, offset + length), or its first `limit`
+    regions, from SEEK_DATA / SEEK_HOLE (holes read as zeros). Where the file system
+    has no SEEK_DATA: all data."""
+    end = offset + length
+    out, pos = [], offset
+    try:
+        while pos < end and (limit is None or len(out) < limit):
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = end                  # only a hole is left
+            if data > pos:
+                stop = min(data, end)
+                out.append((stop - pos, False))
+            else:
+                stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                out.append((stop - pos, True))
+            pos = stop
+    except OSError as e:
+        if e.errno != errno.EINVAL or out:
+            raise
+        return [(length, True)]
+    return out
+
+
 def data_segments(fd, size):
-    """[(start, end)] of the regions of fd that may hold data (holes skipped)."""
+    """[(start, end)] of the regions of fd's first `size` bytes that may hold data."""
     out, pos = [], 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break                       # only a hole is left
-            return [(pos, size)]            # no SEEK_DATA here: read it all
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
-        pos = end
+    for length, is_data in extents(fd, 0, size):
+        if is_data:
+            out.append((pos, pos + length))
+        pos += length
     return out
 
 

@@ -1,4 +1,4 @@
-"""Build smtap.tapdisk._smtap_aio: libaio (and a few syscalls Python 3.6 lacks) via cffi.
+"""Build smtap.tapdisk._smtap_aio: libaio (and a few syscalls Python lacks) via cffi.
 
 API mode: one C call submits a whole batch of requests and reaps every completion, so
 the Python side pays one crossing per batch, with the GIL released while the kernel works.
@@ -36,6 +36,9 @@ void free(void *ptr);
 int madvise(void *addr, size_t length, int advice);
 int fallocate(int fd, int mode, long long offset, long long len);
 int smtap_errno(void);
+long long smtap_fs_type(int fd);   /* fstatfs f_type, or -errno */
+
+#define TMPFS_MAGIC ...
 
 #define MADV_DONTNEED ...
 #define FALLOC_FL_KEEP_SIZE ...
@@ -54,10 +57,20 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/mman.h>
 #include <linux/falloc.h>
+#include <linux/magic.h>
+#include <sys/vfs.h>
 
 #define SMTAP_AIO_DEPTH 128
 
 static int smtap_errno(void) { return errno; }
+
+static long long smtap_fs_type(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st))
+        return -errno;
+    return (long long)st.f_type;
+}
 
 static int smtap_aio_batch(io_context_t ctx, int fd, int op, int n,
                            const long long *offlen, char *base, long long *res)

@@ -5,7 +5,7 @@ Started by `tap-ctl spawn` (control.spawn): forks away from its caller, creates
 settings.tapdisk_log_file(). Each connection carries one request (control.py); a
 malformed or unknown request gets an ERROR reply, never a crash. State-changing
 requests are serialised, as upstream; PID, LIST, STATS and DISK_INFO are answered
-even while a pause drains. The process exits once its last VBD is detached, on EXIT,
+even while a pause drains, and even with no file descriptor left (tapdisk/fds.py). The process exits once its last VBD is detached, on EXIT,
 on FORCE_SHUTDOWN of all VBDs, and on SIGTERM/SIGINT, closing its images and
 removing its sockets on the way out.
 """
@@ -20,9 +20,11 @@ import sys
 import threading
 
 from smtap import settings
-from smtap.tapdisk import control, minors
+from smtap.tapdisk import control, fds, minors
+from smtap.tapdisk.ratelog import RateLog
 
 LOG = logging.getLogger("smtap.tapdisk.daemon")
+_accept_failures = RateLog(LOG)
 RECV_TIMEOUT = 2            # seconds a client has to send its whole request
 DEFAULT_REQ_TIMEOUT = 120   # seconds, when OPEN says 0
 MAX_EXTRA = 4096            # bytes of smtap's JSON open-options trailer
@@ -49,6 +51,7 @@ class Daemon(object):
         self.stopping = threading.Event()
         self.exit_requested = None      # why, set by a request; acted on once answered
         self._wake_r, self._wake_w = os.pipe()
+        self.spare = fds.Spare()    # early: a low number, under any limit set later
 
     # -- socket ----------------------------------------------------------------------
     def listen(self):
@@ -66,15 +69,44 @@ class Daemon(object):
     def serve(self):
         import select
         LOG.info("serving %s", self.path)
+        self.sock.setblocking(False)        # accept under fds.LOCK must never wait
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        backoff = fds.Backoff()
         while not self.stopping.is_set():
-            ready = select.select([self.sock, self._wake_r], [], [])[0]
-            if self.sock in ready and not self.stopping.is_set():
-                try:
-                    conn = self.sock.accept()[0]
-                except OSError as exc:
-                    LOG.warning("accept failed: %s", exc)
-                    continue
-                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            poller.poll()
+            if self.stopping.is_set():
+                break
+            try:
+                conn, spare = self._accept()
+            except OSError as exc:
+                _accept_failures.warning("accept failed: %s", exc)
+                self.stopping.wait(backoff.next())      # no spinning on a full fd table
+                continue
+            backoff.reset()
+            if conn is not None:
+                threading.Thread(target=self.handle, args=(conn, spare), daemon=True).start()
+
+    def _accept(self):
+        """(a pending connection or None, whether it took the spare descriptor). With no
+        descriptor left, the spare makes room: the control socket always answers."""
+        with fds.LOCK:
+            try:
+                return self.sock.accept()[0], False
+            except (BlockingIOError, InterruptedError):
+                return None, False
+            except OSError as exc:
+                if exc.errno not in fds.EXHAUSTED or not self.spare.release():
+                    raise
+            try:
+                return self.sock.accept()[0], True
+            except (BlockingIOError, InterruptedError):
+                self.spare.take()
+                return None, False
+            except OSError:
+                self.spare.take()
+                raise
 
     def stop(self, why):
         if not self.stopping.is_set():
@@ -100,7 +132,16 @@ class Daemon(object):
         LOG.info("exited")
 
     # -- one connection ----------------------------------------------------------------
-    def handle(self, conn):
+    def handle(self, conn, spare=False):
+        """Answer one connection (spare: it holds the spare descriptor, retaken after)."""
+        try:
+            self._handle(conn)
+        finally:
+            if spare:
+                with fds.LOCK:
+                    self.spare.take()
+
+    def _handle(self, conn):
         cookie = control.ALL
         try:
             conn.settimeout(RECV_TIMEOUT)

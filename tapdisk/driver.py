@@ -4,6 +4,9 @@ A disk type is one module in tapdisk/drivers/: a Driver subclass that declares w
 can do and implements only that, registered with one `@register` line. The engine
 (image chains, accounting, retries, NBD) is written against this class alone.
 
+Options ("type:path?k=v&...") are declared per type, name -> parser: the engine parses
+them before open() and refuses unknown ones or bad values with a message naming them.
+
 Offsets and lengths are bytes. Errors are OSError with an errno: the engine retries
 EAGAIN/EBUSY/EINTR until the request timeout and returns every other errno to the client.
 """
@@ -19,6 +22,14 @@ OPEN_REUSE_PRT = 0x40
 OPEN_SECONDARY = 0x80
 OPEN_STANDBY = 0x100
 OPEN_NO_O_DIRECT = 0x200
+
+_ZEROS = memoryview(bytes(32 << 20))    # calloc'd: costs no memory until read; shared
+
+
+def zeros(length):
+    """A read-only buffer of `length` zero bytes, without allocating (up to 32 MiB)."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
 
 # Extent flags, as NBD base:allocation.
 EXTENT_HOLE = 0x1
@@ -37,6 +48,7 @@ class Driver(object):
     can_multi_conn = False  # a flush on one connection covers writes done on all
     is_filter = False       # no image data of its own: stacks on the image below
     plug_type = "tap"       # how SM plugs a VDI of this type (its VDI_PLUG_TYPE)
+    options = {}            # the "?k=v" options it accepts: name -> parser(text) -> value
 
     def __init__(self):
         self.size = 0           # bytes, set by open()
@@ -46,9 +58,25 @@ class Driver(object):
 
     # -- mandatory --------------------------------------------------------------
     def open(self, path, flags, options):
-        """Open the image. `options` is a dict of the key=value pairs given after
-        '?' in "type:path?k=v&k2=v2". Must set self.size."""
+        """Open the image. `options`: the parsed values of the declared options given
+        after '?' in "type:path?k=v&k2=v2" (absent ones are left out). Must set self.size."""
         raise NotImplementedError
+
+    @classmethod
+    def parse_options(cls, raw):
+        """{name: text} -> {name: value} through the declared parsers; ValueError naming
+        the option for an unknown one or a bad value."""
+        parsed = {}
+        for key, text in raw.items():
+            parser = cls.options.get(key)
+            if parser is None:
+                raise ValueError("%s: unknown option %r (accepted: %s)" % (
+                    cls.name, key, ", ".join(sorted(cls.options)) or "none"))
+            try:
+                parsed[key] = parser(text)
+            except ValueError as e:
+                raise ValueError("%s: option %s=%s: %s" % (cls.name, key, text, e))
+        return parsed
 
     def close(self):
         pass
@@ -92,6 +120,21 @@ class Driver(object):
         for buf, offset in requests:
             pwrite(buf, offset)
 
+    def idle(self):
+        """The calling thread (one NBD client's) has been idle a while: drop what it
+        keeps for its batches (buffers). It may be called on a closed driver."""
+
+    # -- pause ----------------------------------------------------------------------
+    def suspend(self):
+        """tap-ctl pause: let go of what the storage layer may change while paused (the
+        image's files). Default: close(). A disk whose data lives only in this process
+        keeps it instead: nothing may be lost across a pause. close() may follow."""
+        self.close()
+
+    def resume(self, path, flags, options):
+        """tap-ctl unpause onto the same image, after suspend(): open it again (default)."""
+        self.open(path, flags, options)
+
     # -- image chains -------------------------------------------------------------
     def get_parent_id(self):
         """"type:path" of the parent image, or None."""
@@ -108,6 +151,16 @@ class Driver(object):
 
     def debug(self):
         return {}
+
+
+def parse_bool(text):
+    """An option's yes/no: 1/0, yes/no, true/false, on/off."""
+    value = str(text).lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected 1 or 0 (yes/no, true/false, on/off)")
 
 
 def parse_params(params):

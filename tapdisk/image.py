@@ -33,8 +33,10 @@ class Image(object):
         except KeyError:
             raise ValueError("unknown disk type %r in %r (known: %s)"
                              % (self.kind, params, ", ".join(sorted(drivers.types()))))
+        self.options = cls.parse_options(options)
+        self.flags = flags
         self.driver = cls()
-        self.driver.open(self.path, flags, options)
+        self.driver.open(self.path, flags, self.options)
         self.hits = [0, 0]
         self.fail = [0, 0]
 
@@ -45,9 +47,16 @@ class Image(object):
 
 
 class Chain(object):
-    """The images of one VBD, leaf first."""
+    """The images of one VBD, leaf first.
 
-    def __init__(self, params, flags=0, timeout=120):
+    resume: a chain a pause suspended (suspend()). An image this chain shares with it
+    (same params and flags) is resumed rather than opened anew, so a disk whose data
+    lives in this process (a volatile ram disk) keeps it; on success the suspended
+    chain's other images are closed, on failure it stays suspended as it was.
+    expect: the (size, sector_size) the leaf must have (an unpause must not change them).
+    """
+
+    def __init__(self, params, flags=0, timeout=120, resume=None, expect=None):
         self.params = params
         self.flags = flags
         self.timeout = timeout
@@ -55,29 +64,61 @@ class Chain(object):
         self.retries = 0
         self._lock = threading.Lock()
         self.images = []
+        kept = dict(((i.params, i.flags), i) for i in resume.images) if resume else {}
+        resumed = []
         try:
-            self._open(params, flags)
+            self._open(params, flags, kept, resumed)
+            leaf = self.images[0].driver
+            if expect is not None and (leaf.size, leaf.sector_size) != tuple(expect):
+                raise ValueError("%s: size %d / sector size %d differ from the paused disk's "
+                                 "%d / %d" % ((params, leaf.size, leaf.sector_size) + tuple(expect)))
         except Exception:
+            for image in resumed:               # back to how the pause left them
+                try:
+                    image.driver.suspend()
+                except Exception:       # noqa: BLE001 - the first error is the one to tell
+                    pass
+            self.images = [i for i in self.images if i not in resumed]
             self.close()
             raise
-        leaf = self.images[0].driver
+        if resume is not None:
+            resume.images = [i for i in resume.images if i not in resumed]
+            resume.close()
         self.leaf = leaf
         self.size = leaf.size
         self.sector_size = leaf.sector_size
         self.readonly = bool(flags & drv.OPEN_RDONLY) or not leaf.can_write
         self.has_parent = len(self.images) > 1
 
-    def _open(self, params, flags):
+    def _open(self, params, flags, kept, resumed):
         parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED
         while params:
             if len(self.images) >= MAX_CHAIN:
                 raise ValueError("image chain deeper than %d at %r (a parent loop?)"
                                  % (MAX_CHAIN, params))
-            image = Image(params, flags if not self.images else parent_flags)
+            image_flags = flags if not self.images else parent_flags
+            image = kept.pop((params, image_flags), None)
+            if image is None:
+                image = Image(params, image_flags)
+            else:
+                image.driver.resume(image.path, image.flags, image.options)
+                resumed.append(image)
             self.images.append(image)
             params = image.driver.get_parent_id()
         for child, parent in zip(self.images, self.images[1:]):
             child.driver.validate_parent(parent.driver)
+
+    def suspend(self):
+        """A pause: every image lets go of what the storage layer may change meanwhile
+        (Driver.suspend). Then close(), or a new Chain(..., resume=self)."""
+        first = None
+        for image in self.images:
+            try:
+                image.driver.suspend()
+            except Exception as e:      # noqa: BLE001 - suspend the others
+                first = first or e
+        if first is not None:
+            raise first
 
     def close(self):
         """Close every image; the first error is raised after all were tried."""
@@ -90,6 +131,11 @@ class Chain(object):
         self.images = []
         if first is not None:
             raise first
+
+    def idle(self):
+        """The calling thread went idle (Driver.idle on every image)."""
+        for image in self.images:
+            image.driver.idle()
 
     # -- retries ------------------------------------------------------------------------
     def _retry(self, fn, *args):

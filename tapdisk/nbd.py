@@ -7,20 +7,27 @@ reads (and of writes) as one driver batch, and answers the whole batch with one
 sendmsg. The VBD's pause gate and the accounting are taken once per batch.
 
 The backend (a VBD) provides: enter() -> Chain or None (None: fail with EIO),
-leave(), export_info() -> (size, transmission flags) (known while paused too), and
+leave(), export_info() -> (size, transmission flags) (known while paused too),
+idle() (this client's thread went idle: drivers may drop its buffers), and
 export_name (None: any name is accepted).
 """
 import errno
+import fcntl
 import logging
+import mmap
 import os
+import select
 import socket
 import struct
+import termios
 import threading
-import time
 
 from smtap.tapdisk import driver as drv
+from smtap.tapdisk import fds
+from smtap.tapdisk.ratelog import RateLog
 
 log = logging.getLogger(__name__)
+_refusals = RateLog(log)
 
 NBDMAGIC = 0x4e42444d41474943
 IHAVEOPT = 0x49484156454F5054
@@ -91,7 +98,16 @@ META_ID = 1
 MAX_REQUEST = 32 << 20      # largest read/write accepted (and advertised)
 MAX_OPTION = 64 << 10       # option payloads are names and queries
 MAX_EXTENTS = 2048          # per BLOCK_STATUS reply
+# Per-client memory: the receive buffer starts at RECV_INITIAL, doubles while the client
+# keeps it full (pipelining) up to RECV_BUFFER, and takes a write bigger than that whole
+# (up to MAX_REQUEST + 28). It is an anonymous mapping, so only the bytes that really
+# arrived cost memory (a write announced but not sent costs nothing); after IDLE_RELEASE
+# seconds without a request it shrinks back to RECV_INITIAL and the drivers drop the
+# client thread's buffers (Driver.idle).
+RECV_INITIAL = 64 << 10
 RECV_BUFFER = 4 << 20
+IDLE_RELEASE = 5
+MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
 
@@ -138,6 +154,17 @@ def _recvall(sock, n):
     return bytes(buf)
 
 
+def _skip(sock, n):
+    """Read and drop n bytes, 64 KiB at a time."""
+    while n > 0:
+        n -= len(_recvall(sock, min(n, 65536)))
+
+
+def _buffer(size):
+    """A receive buffer whose pages cost memory only once data lands in them."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+
 def sendall_vectors(sock, bufs):
     """sendmsg a list of buffers, IOV_MAX at a time, looping on partial sends."""
     sendmsg = sock.sendmsg
@@ -175,6 +202,7 @@ class Server(object):
         self._clients = {}          # socket -> thread
         self._lock = threading.Lock()
         self._closing = False
+        self._closed = threading.Event()
         try:
             self._listen(socket.AF_UNIX, unix_path)
             if tcp:
@@ -210,14 +238,34 @@ class Server(object):
             return len(self._clients)
 
     def _accept_loop(self, lsock):
+        # poll, then accept under fds.LOCK: no descriptor is taken while waiting
+        lsock.setblocking(False)
+        poller = select.poll()
+        poller.register(lsock, select.POLLIN)
+        backoff = fds.Backoff()
         while not self._closing:
-            try:
-                sock, _ = lsock.accept()
-            except OSError:
+            poller.poll()               # a client, or close()'s shutdown
+            sock = None
+            with fds.LOCK:
+                try:
+                    sock, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    error = e
+            if sock is None:
                 if self._closing:
                     return
-                time.sleep(0.1)         # out of fds or the like: do not spin
+                _refusals.warning("%s: accept failed: %s", self.unix_path, error)
+                self._closed.wait(backoff.next())       # out of fds: do not spin
                 continue
+            backoff.reset()
+            if not fds.headroom():
+                sock.close()
+                _refusals.warning("%s: a client refused: fewer than %d file descriptors "
+                                  "left", self.unix_path, fds.RESERVE)
+                continue
+            sock.setblocking(True)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=self._serve, args=(sock,),
@@ -226,7 +274,14 @@ class Server(object):
                 if self._closing:
                     sock.close()
                     return
-                self._clients[sock] = thread
+                full = len(self._clients) >= MAX_CLIENTS
+                if not full:
+                    self._clients[sock] = thread
+            if full:
+                sock.close()
+                _refusals.warning("%s: %d clients already: one more refused",
+                                  self.unix_path, MAX_CLIENTS)
+                continue
             thread.start()
 
     def _serve(self, sock):
@@ -249,9 +304,34 @@ class Server(object):
             except OSError:
                 pass
 
+    def drop_stalled(self, previous):
+        """Hang up on the clients whose unread replies (their socket's send queue) have
+        not moved since `previous`, the result of the last call: {socket: bytes queued}
+        of the clients with replies unread."""
+        with self._lock:
+            clients = list(self._clients)
+        queued = {}
+        for sock in clients:
+            try:
+                n = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                   b"\0" * 4))[0]
+            except (OSError, ValueError):
+                continue                # it went meanwhile
+            if n and previous.get(sock) == n:
+                log.warning("%s: dropping a client that does not read its replies "
+                            "(%d bytes unread)", self.unix_path, n)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)     # its sender fails with EPIPE
+                except OSError:
+                    pass
+            elif n:
+                queued[sock] = n
+        return queued
+
     def close(self, timeout=10):
         """Stop listening, disconnect every client and wait for their threads."""
         self._closing = True
+        self._closed.set()
         for sock, _ in self._listeners:
             try:
                 sock.shutdown(socket.SHUT_RDWR)     # wakes accept()
@@ -316,7 +396,7 @@ class Session(object):
                 # too big to be honest: skip it when affordable, else hang up
                 if length > 16 * MAX_OPTION:
                     raise ProtocolError("option %d of %d bytes" % (opt, length))
-                _recvall(sock, length)
+                _skip(sock, length)
                 self._error(opt, REP_ERR_TOO_BIG, "option too long")
                 continue
             data = _recvall(sock, length) if length else b""
@@ -449,16 +529,27 @@ class Session(object):
         backend = self.backend
         enter, leave = backend.enter, backend.leave
         unpack = _REQUEST.unpack_from
-        buf = bytearray(RECV_BUFFER)
+        buf = _buffer(RECV_INITIAL)
         view = memoryview(buf)
+        cap = RECV_INITIAL
         have = 0
         size, tflags = backend.export_info()
         readonly = bool(tflags & TF_READ_ONLY)
+        # a recv that waits IDLE_RELEASE seconds fails with EAGAIN: time to give memory back
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_RELEASE, 0))
         while True:
-            n = sock.recv_into(view[have:])
+            try:
+                n = sock.recv_into(view[have:])
+            except BlockingIOError:
+                if cap > RECV_INITIAL and have <= RECV_INITIAL:
+                    writes = data = None        # the last batch's views of the buffer
+                    buf, view, cap = self._regrow(buf, view, have, RECV_INITIAL)
+                backend.idle()
+                continue
             if not n:
                 return
             have += n
+            full = have == cap      # the client had more to send: batch more next time
             if have < 28:
                 continue
             out = []
@@ -571,12 +662,19 @@ class Session(object):
             if have >= 28:
                 # a write bigger than the buffer: grow it (before the next recv)
                 length = _REQUEST.unpack_from(buf, 0)[5]
-                if _REQUEST.unpack_from(buf, 0)[2] == CMD_WRITE and 28 + length > len(buf):
-                    view.release()
-                    newbuf = bytearray(28 + length)
-                    newbuf[:have] = buf[:have]
-                    buf = newbuf
-                    view = memoryview(buf)
+                if _REQUEST.unpack_from(buf, 0)[2] == CMD_WRITE and 28 + length > cap:
+                    buf, view, cap = self._regrow(buf, view, have, 28 + length)
+                    continue
+            if full and cap < RECV_BUFFER:
+                buf, view, cap = self._regrow(buf, view, have, min(2 * cap, RECV_BUFFER))
+
+    @staticmethod
+    def _regrow(buf, view, have, cap):
+        """A receive buffer of `cap` bytes holding the first `have` bytes of buf."""
+        new = _buffer(cap)
+        new[:have] = buf[:have]
+        view.release()
+        return new, memoryview(new), cap
 
     def _run_reads(self, chain, out, reads, handles, nbytes):
         bufs = chain.preadv(reads, nbytes)

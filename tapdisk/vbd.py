@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from smtap import settings
 from smtap.tapdisk import driver as drv
@@ -32,6 +33,7 @@ STATE_RUNNING = 0
 STATE_PAUSED_ALL = STATE_CLOSED | STATE_QUIESCED | STATE_PAUSED     # 0x2a
 
 DEFAULT_TIMEOUT = 120
+STALL_CHECK = 2.0       # seconds between looks at the clients while a pause or close waits
 
 
 class VBD(object):
@@ -45,6 +47,7 @@ class VBD(object):
         self.timeout = DEFAULT_TIMEOUT
         self.export_name = None
         self.chain = None
+        self.suspended = None       # the chain a pause suspended, until resume or close
         self.server = None
         self._size = None           # kept across a pause: resume must not change it
         self._sector_size = None
@@ -72,12 +75,29 @@ class VBD(object):
             if self._held and not self._inflight:
                 gate.notify_all()
 
+    def idle(self):
+        """An NBD client's thread went idle: its per-thread driver buffers may go."""
+        chain = self.chain
+        if chain is not None:
+            chain.idle()
+
     def _hold(self, force=False):
-        """Make new batches wait and drain those in flight. EBUSY after the request
-        timeout (the gate opens again), unless force."""
+        """Make new batches wait and drain those in flight. A batch stuck sending to a
+        client that does not read its replies ends when that client is dropped (its
+        unread replies did not move for STALL_CHECK seconds), so no client can hold a
+        pause or close. EBUSY after the request timeout (the gate opens again), unless
+        force."""
         with self._gate:
             self._held = True
-            if not self._gate.wait_for(lambda: not self._inflight, self.timeout) and not force:
+            deadline = time.monotonic() + self.timeout
+            unread = {}
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not self._gate.wait(min(left, STALL_CHECK)) and self.server is not None:
+                    unread = self.server.drop_stalled(unread)
+            if self._inflight and not force:
                 self._held = False
                 self._gate.notify_all()
                 raise OSError(errno.EBUSY, "%d request batches still in flight after %ss"
@@ -136,11 +156,17 @@ class VBD(object):
                 self.state = STATE_CLOSED
                 self.params = None
                 self._size = None
-                if chain is not None:
-                    chain.close()
+                suspended, self.suspended = self.suspended, None
+                try:
+                    if chain is not None:
+                        chain.close()
+                finally:
+                    if suspended is not None:
+                        suspended.close()
 
     def pause(self):
-        """Hold new requests, drain in-flight ones, close the images."""
+        """Hold new requests, drain in-flight ones, suspend the images (their files are
+        closed; what lives only in this process is kept for the resume)."""
         with self._control:
             if self.state & STATE_PAUSED:
                 return
@@ -156,25 +182,24 @@ class VBD(object):
             self.chain = None           # the gate stays held: batches wait for resume
             self._bank(chain)
             self.state = STATE_PAUSED_ALL
-            chain.close()
+            self.suspended = chain      # resume picks up what it kept (Chain.suspend)
+            chain.suspend()
 
     def resume(self, params=None):
-        """Reopen (params: another image of the same size and sector size) and release
-        the waiting requests; if that fails they fail with EIO and the VBD stays paused."""
+        """Reopen (params: another image of the same size and sector size; the same one
+        by default, resumed where the pause kept it) and release the waiting requests;
+        if that fails they fail with EIO and the VBD stays paused."""
         with self._control:
             if not self.state & STATE_PAUSED:
                 raise OSError(errno.EINVAL, "minor %d is not paused" % self.minor)
             params = params or self.params
             try:
-                chain = image.Chain(params, self.flags, self.timeout)
-                if (chain.size, chain.sector_size) != (self._size, self._sector_size):
-                    chain.close()
-                    raise ValueError("%s: size %d / sector size %d differ from the paused "
-                                     "disk's %d / %d" % (params, chain.size, chain.sector_size,
-                                                         self._size, self._sector_size))
+                chain = image.Chain(params, self.flags, self.timeout, resume=self.suspended,
+                                    expect=(self._size, self._sector_size))
             except Exception:
                 self._release(None)     # waiting requests fail with EIO
                 raise
+            self.suspended = None
             self.params = params
             self.state = STATE_RUNNING
             self._export_flags = nbd.transmission_flags(chain)

@@ -4,9 +4,9 @@ device-config:size (bytes, or with a KiB/MiB/GiB/TiB suffix) is the SR's RAM bud
 the VDIs' virtual sizes add up to at most that (vdi_create, resize, snapshot and clone
 past it fail with SRNoSpace). sr_attach mounts a tmpfs of that size at
 <sr-mount>/<sr_uuid> holding each VDI as a sparse file <uuid>.ram (and a <uuid>.json
-sidecar remembering its seed). An active VDI lives in its tapdisk's memory
-("ram:<file>?writeback=1"): the tapdisk writes what changed back to the tmpfs file on
-flush, pause and close, so a snapshot (taken paused) is consistent.
+sidecar remembering its seed). An active VDI is served by a tapdisk mapping that file's
+own pages ("ram:<file>?shared=1"): writes land in the file, so a snapshot or clone
+(copied while the VDI is paused) sees every acknowledged write.
 
 Lifetime of the data, by design:
   - survives vdi_deactivate/vdi_activate (and VBD unplug/plug) while the SR is attached;
@@ -15,8 +15,8 @@ Lifetime of the data, by design:
     with its seed (sm-config:seed=<raw image>) or zeros.
   - VDI_RESET_ON_BOOT/2: with on-boot=reset, vdi_epoch_begin (VM start) returns the VDI
     to its seed or zeros.
-RAM use: up to twice the budget while VDIs are active (each tapdisk's live copy plus the
-tmpfs copy), so sr_create and sr_attach refuse a budget above half of MemAvailable.
+RAM use: the data is held once (the tmpfs pages, which the tapdisks map), so the SR
+holds at most its budget; sr_create and sr_attach refuse a budget above MemAvailable.
 """
 import json
 import os
@@ -46,7 +46,7 @@ DRIVER_INFO = {
                      "VDI_CLONE", "VDI_RESIZE", "VDI_INTRODUCE", "VDI_RESET_ON_BOOT/2"],
     "configuration": [
         {"key": "size", "description": "the SR's RAM budget: bytes, or with a KiB/MiB/GiB/TiB "
-                                       "suffix (at most half of the host's MemAvailable)"},
+                                       "suffix (at most the host's MemAvailable)"},
     ],
 }
 
@@ -86,10 +86,10 @@ class RamSR(dirsr.DirSR):
 
     def check_memory(self):
         available = units.mem_available()
-        if 2 * self.budget > available:
+        if self.budget > available:
             errors.raise_error(
-                "SRNoSpace", "a ram SR of %s (%d bytes) may hold twice that in RAM (live "
-                "tapdisk copies + tmpfs), but the host has %s (%d bytes) available"
+                "SRNoSpace", "a ram SR of %s (%d bytes) may hold that much in RAM, but the "
+                "host has %s (%d bytes) available"
                 % (units.human(self.budget), self.budget, units.human(available), available))
 
     def mounted(self):
@@ -189,7 +189,7 @@ class RamVDI(dirsr.DirVDI):
 
     def tapdisk_params(self, writable):
         self.require_file()
-        return "ram:%s?writeback=1&budget=%d" % (self.file, self.size)
+        return "ram:%s?shared=1" % self.file
 
     def load_storage(self):
         dirsr.DirVDI.load_storage(self)

@@ -14,6 +14,7 @@ import stat
 import struct
 import threading
 
+from smtap import sparse
 from smtap.tapdisk import driver
 from smtap.tapdisk.drivers import register
 
@@ -84,6 +85,7 @@ class AioDriver(driver.Driver):
     can_zero = True
     can_extents = True
     can_multi_conn = True
+    options = {"direct": driver.parse_bool}     # direct=0: never O_DIRECT (as -D)
 
     def __init__(self):
         super(AioDriver, self).__init__()
@@ -114,7 +116,7 @@ class AioDriver(driver.Driver):
             else:
                 self.size = st.st_size
             self.fd = self.bfd
-            if not flags & driver.OPEN_NO_O_DIRECT and options.get("direct", "1") != "0":
+            if not flags & driver.OPEN_NO_O_DIRECT and options.get("direct", True):
                 self._open_direct(path, mode)
         except Exception:
             self.close()
@@ -149,6 +151,11 @@ class AioDriver(driver.Driver):
         if arena is None:
             arena = self._local.arena = _Arena(self.ffi, self.lib)
         return arena
+
+    def idle(self):
+        """The thread's buffers and io context go (io_destroy): a client that read
+        32 MiB once keeps none of it while idle."""
+        self._local.arena = None
 
     def _batch(self, op, requests, data=None):
         """Run [(length, offset)] as one AIO batch in this thread's buffer (writes copy
@@ -283,30 +290,8 @@ class AioDriver(driver.Driver):
         """SEEK_DATA / SEEK_HOLE: holes read as zeros."""
         if self.block_device:
             return [(length, 0)]
-        end = offset + length
-        out = []
-        pos = offset
-        try:
-            while pos < end and len(out) < MAX_EXTENTS:
-                try:
-                    data = os.lseek(self.bfd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno != errno.ENXIO:
-                        raise
-                    data = end          # a hole up to the end of the file
-                if data > pos:
-                    stop = min(data, end)
-                    out.append((stop - pos, driver.EXTENT_HOLE | driver.EXTENT_ZERO))
-                    pos = stop
-                    continue
-                stop = min(os.lseek(self.bfd, pos, os.SEEK_HOLE), end)
-                out.append((stop - pos, 0))
-                pos = stop
-        except OSError as e:
-            if e.errno != errno.EINVAL or out:
-                raise
-            return [(length, 0)]        # no SEEK_DATA here: all data
-        return out
+        return [(n, 0 if is_data else driver.EXTENT_HOLE | driver.EXTENT_ZERO)
+                for n, is_data in sparse.extents(self.bfd, offset, length, MAX_EXTENTS)]
 
     def debug(self):
         return {"direct": self.direct, "block_device": self.block_device}

@@ -2,11 +2,9 @@
 
     null:<anything>?size=<bytes>     (default 1 GiB)
 """
+from smtap import units
 from smtap.tapdisk import driver
 from smtap.tapdisk.drivers import register
-
-_ZEROS = memoryview(bytes(32 << 20))    # shared: a read returns a slice, no allocation
-
 
 @register
 class NullDriver(driver.Driver):
@@ -17,16 +15,15 @@ class NullDriver(driver.Driver):
     can_zero = True
     can_extents = True
     can_multi_conn = True
+    options = {"size": units.parse_size}
 
     def open(self, path, flags, options):
         self.path = path
         self.flags = flags
-        self.size = int(options.get("size", 1 << 30))
+        self.size = options.get("size", 1 << 30)
 
     def pread(self, length, offset):
-        if length <= len(_ZEROS):
-            return _ZEROS[:length]
-        return bytes(length)
+        return driver.zeros(length)
 
     def pwrite(self, buf, offset):
         pass

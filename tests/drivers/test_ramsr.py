@@ -8,7 +8,7 @@ import time
 from smtap import settings
 from smtap.toolstack import hostroot
 from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
-                             tap_list, tapdisk_of, vdi_call, write)
+                             qemu_io, tap_list, tapdisk_of, vdi_call, write)
 
 
 def mount_point(x, sr):
@@ -233,3 +233,51 @@ def test_snapshot_while_fio_verifies(dhost, ram_sr):
         assert int(rec["physical_utilisation"]) > 0      # a real copy of written data
     assert len(x.VDI.get_snapshots(vdi)) == len(snaps)
     dhost.unplug(vbd)
+
+
+def private_memory(pid):
+    """Bytes of the process's own (anonymous) memory: what a second copy would cost."""
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+
+def tmpfs_used(path):
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_an_active_vdi_is_held_once(dhost):
+    """The tapdisk serves the tmpfs file's own pages: written data costs its size once
+    (in the SR's tmpfs), not again in the tapdisk; reading holes costs nothing."""
+    x = dhost.x
+    sr = dhost.sr_create("ram", {"size": "256MiB"})     # the VDI and its snapshot
+    vdi = dhost.vdi_create(sr, 128 * MiB)
+    vbd = dhost.plug(vdi)
+    pid, _ = tapdisk_of(x, vdi)
+    mnt = mount_point(x, sr)
+    anon0, tmpfs0 = private_memory(pid), tmpfs_used(mnt)
+    qemu_io(x, vdi, "write -P 0x5c 0 64M", "flush")
+    anon1, tmpfs1 = private_memory(pid), tmpfs_used(mnt)
+    subprocess.run(["nbdcopy", nbd_uri(x, vdi), "null:"], check=True, timeout=60)
+    anon2, tmpfs2 = private_memory(pid), tmpfs_used(mnt)
+    print("RssAnon + tmpfs used: before %d MiB, after a 64 MiB write %d MiB, after reading "
+          "all 128 MiB %d MiB" % ((anon0 + tmpfs0) >> 20, (anon1 + tmpfs1) >> 20,
+                                  (anon2 + tmpfs2) >> 20))
+    assert tmpfs1 - tmpfs0 >= 64 * MiB                 # the data is in the SR's tmpfs ...
+    assert anon1 - anon0 < 8 * MiB                     # ... and only there
+    assert tmpfs2 - tmpfs1 < MiB and anon2 - anon1 < 8 * MiB     # holes stay holes
+    snap = x.VDI.snapshot(vdi, {})                     # taken paused, from the file
+    dhost.unplug(vbd)
+    vbd = dhost.plug(snap, "RO")
+    assert holds(x, snap, 0x5c, 0, 64 * MiB) and holds(x, snap, 0, 64 * MiB, 64 * MiB)
+    dhost.unplug(vbd)
+
+
+def test_the_budget_may_use_all_available_memory(dhost):
+    """One copy of the data: a budget up to MemAvailable is accepted (no longer half)."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    sr = dhost.sr_create("ram", {"size": str(avail * 3 // 4 // MiB * MiB)})
+    assert dhost.x.SR.get_physical_size(sr) == str(avail * 3 // 4 // MiB * MiB)
+    dhost.x.PBD.unplug(dhost.pbd(sr))
+    dhost.x.SR.destroy(sr)

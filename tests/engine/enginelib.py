@@ -1,6 +1,7 @@
 """Engine test helpers (imported as `enginelib`: a test module cannot rely on `conftest`,
 every test directory has one)."""
 import os
+import struct
 import subprocess
 import time
 
@@ -96,8 +97,102 @@ def run(*cmd, check=True, timeout=120, input=None):
     return proc
 
 
+def qemu_io(uri, *cmds, check=True, readonly=False):
+    """qemu-io -c <cmd>... on uri; its output. check: it must succeed, no failure said."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
+    for c in cmds:
+        args += ["-c", c]
+    proc = run(*(args + [uri]), check=check)
+    if check:
+        assert "fail" not in proc.stdout.lower(), proc.stdout
+    return proc.stdout + proc.stderr
+
+
 def nbd_map(uri):
     """nbdinfo --map as [(offset, length, type)]."""
     out = run("nbdinfo", "--map", "--json", uri).stdout
     import json
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def memory_of(pid):
+    """{"VmRSS": bytes, "RssAnon": ..., "RssShmem": ...} of a process (/proc/<pid>/status)."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tmpfs(path, size):
+    """A tmpfs of `size` bytes mounted at path (smtap_root's teardown unmounts it)."""
+    os.makedirs(str(path), exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", "size=%d" % size, "smtap-test", path)
+    return path
+
+
+def used(path):
+    """Bytes used in the file system at path."""
+    st = os.statvfs(str(path))
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+# -- a raw NBD client: what well-behaved clients never send -----------------------------
+NBDMAGIC = 0x4e42444d41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3e889045565a9
+
+
+class Raw(object):
+    def __init__(self, path, timeout=10):
+        import socket
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+
+    def recv(self, n):
+        buf = b""
+        while len(buf) < n:
+            c = self.s.recv(n - len(buf))
+            if not c:
+                raise EOFError
+            buf += c
+        return buf
+
+    def greet(self):
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (NBDMAGIC, IHAVEOPT) and flags & 1
+        self.s.sendall(struct.pack(">I", 3))
+
+    def option(self, opt, data=b""):
+        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+    def reply(self):
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == REPLY_MAGIC
+        return opt, rtype, self.recv(length)
+
+    def go(self):
+        self.option(7, struct.pack(">I", 0) + struct.pack(">H", 0))
+        size = None
+        while True:
+            opt, rtype, data = self.reply()
+            assert rtype < 2 ** 31, data
+            if rtype == 3 and struct.unpack_from(">H", data)[0] == 0:
+                size = struct.unpack_from(">Q", data, 2)[0]
+            if rtype == 1:
+                return size
+
+    def request(self, typ, handle, offset, length, flags=0, payload=b""):
+        self.s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, typ, handle, offset, length)
+                       + payload)
+
+    def simple_reply(self, datalen=0):
+        magic, err, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == 0x67446698
+        return err, handle, (self.recv(datalen) if datalen and not err else b"")
+
+    def close(self):
+        self.s.close()

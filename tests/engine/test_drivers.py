@@ -6,20 +6,12 @@ import time
 
 import pytest
 
-from enginelib import nbd_map, run
+from enginelib import nbd_map, qemu_io, run
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, image, vbd
 
 MiB = 1 << 20
-
-
-def qemu_io(uri, *cmds, check=True, readonly=False):
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
-    for c in cmds:
-        args += ["-c", c]
-    proc = run(*(args + [uri]), check=check)
-    return proc.stdout + proc.stderr
 
 
 def fd_flags_of(pid, path):

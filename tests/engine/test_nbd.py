@@ -2,24 +2,15 @@
 and by a raw socket for what no well-behaved client sends."""
 import json
 import os
-import socket
 import struct
 import subprocess
 import time
 
 import pytest
 
-from enginelib import nbd_map, run
+from enginelib import IHAVEOPT, Raw, nbd_map, qemu_io, run
 
 MiB = 1 << 20
-
-
-def qemu_io(uri, *cmds, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    proc = run(*(args + [uri]), check=check)
-    return proc.stdout + proc.stderr
 
 
 def pattern_file(path, size):
@@ -150,63 +141,6 @@ def test_served_by_tap_ctl_create(make_tap, tmp_path):
 
 
 # -- a raw client: what well-behaved clients never send ---------------------------------
-NBDMAGIC = 0x4e42444d41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3e889045565a9
-
-
-class Raw(object):
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(10)
-        self.s.connect(path)
-
-    def recv(self, n):
-        buf = b""
-        while len(buf) < n:
-            c = self.s.recv(n - len(buf))
-            if not c:
-                raise EOFError
-            buf += c
-        return buf
-
-    def greet(self):
-        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (NBDMAGIC, IHAVEOPT) and flags & 1
-        self.s.sendall(struct.pack(">I", 3))
-
-    def option(self, opt, data=b""):
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
-
-    def reply(self):
-        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == REPLY_MAGIC
-        return opt, rtype, self.recv(length)
-
-    def go(self):
-        self.option(7, struct.pack(">I", 0) + struct.pack(">H", 0))
-        size = None
-        while True:
-            opt, rtype, data = self.reply()
-            assert rtype < 2 ** 31, data
-            if rtype == 3 and struct.unpack_from(">H", data)[0] == 0:
-                size = struct.unpack_from(">Q", data, 2)[0]
-            if rtype == 1:
-                return size
-
-    def request(self, typ, handle, offset, length, flags=0, payload=b""):
-        self.s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, typ, handle, offset, length)
-                       + payload)
-
-    def simple_reply(self, datalen=0):
-        magic, err, handle = struct.unpack(">IIQ", self.recv(16))
-        assert magic == 0x67446698
-        return err, handle, (self.recv(datalen) if datalen and not err else b"")
-
-    def close(self):
-        self.s.close()
-
-
 def test_unknown_option_and_command_get_errors(serve, tmp_path):
     s = serve("ram:%s?size=%d" % (tmp_path / "x", MiB))
     c = Raw(s.nbd_path)

@@ -1,13 +1,17 @@
 """pause / unpause under load: no request lost or corrupted, waiting requests resume,
-unpause -a switches images of the same size only."""
+unpause -a switches images of the same size only; no disk type loses a byte across a
+pause."""
+import hashlib
 import json
 import subprocess
 import threading
 import time
 
-from smtap.tapdisk import control
+import pytest
 
-from enginelib import image_file, tap_ctl
+from smtap.tapdisk import control, drivers
+
+from enginelib import image_file, run, tap_ctl, tmpfs
 
 MiB = 1 << 20
 PAUSED = 0x2a
@@ -27,41 +31,52 @@ def fio_verify(uri, size):
     return job
 
 
+class Pauser(threading.Thread):
+    """Pauses and unpauses a VBD over its control socket, every 20 ms, until stop()
+    (or `limit` cycles); samples the paused state every 10 cycles; keeps its error."""
+
+    def __init__(self, tap, limit=None):
+        threading.Thread.__init__(self)
+        self.client, self.minor, self.limit = control.Client(tap.pid), tap.minor, limit
+        self.cycles, self.states, self.failure = 0, set(), []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self):
+        try:
+            while not self.done.is_set() and self.cycles != self.limit:
+                self.client.pause(self.minor)
+                if self.cycles % 10 == 0:
+                    self.states.add(self.client.list()[0]["state"])
+                time.sleep(0.005)
+                self.client.resume(self.minor)
+                self.cycles += 1
+                time.sleep(0.02)
+        except Exception as exc:    # reported by the main thread
+            self.failure.append(exc)
+
+    def stop(self):
+        self.done.set()
+        self.join(60)
+
+
 def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root):
     size = 16 * MiB
     tap = make_tap("aio:" + image_file(smtap_root / "disk.img", size))
     client = control.Client(tap.pid)
-    cycles, paused_states, failure = [0], set(), []
-    stop = threading.Event()
-
-    def pauser():
-        try:
-            while cycles[0] < 100 and not stop.is_set():
-                client.pause(tap.minor)
-                if cycles[0] % 10 == 0:
-                    paused_states.add(client.list()[0]["state"])
-                time.sleep(0.005)
-                client.resume(tap.minor)
-                cycles[0] += 1
-                time.sleep(0.02)
-        except Exception as exc:    # reported by the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=pauser)
-    thread.start()
+    pauser = Pauser(tap, limit=100)
     runs, overlap = 0, []      # cycles done when each fio pass ended
     try:
-        while thread.is_alive() or runs < 2:
+        while pauser.is_alive() or runs < 2:
             job = fio_verify(tap.uri, size)
             assert job["write"]["io_bytes"] >= size
             assert job["read"]["io_bytes"] >= size      # the verify pass read it all
             runs += 1
-            overlap.append(cycles[0])
+            overlap.append(pauser.cycles)
     finally:
-        stop.set()
-        thread.join(60)
-    assert not failure, failure
-    assert cycles[0] == 100 and paused_states == {PAUSED}
+        pauser.stop()
+    assert not pauser.failure, pauser.failure
+    assert pauser.cycles == 100 and pauser.states == {PAUSED}
     assert overlap[0] > 0       # the first pass really ran across pauses
     assert client.list()[0]["state"] == 0
     stats = client.stats(tap.minor)
@@ -97,6 +112,7 @@ def test_requests_wait_while_paused(make_tap, smtap_root):
 
 
 def read_pattern(uri, pattern, length="64k"):
+    """The first `length` bytes all hold `pattern`."""
     proc = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P %s 0 %s" % (pattern, length),
                            uri], capture_output=True, text=True, timeout=30)
     return proc.returncode == 0 and "fail" not in proc.stdout.lower()
@@ -154,3 +170,77 @@ def test_pause_closes_the_image_so_it_can_be_rewritten(make_tap, smtap_root):
     (smtap_root / "new.img").rename(a)
     tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
     assert read_pattern(tap.uri, "0xdd")
+
+
+# -- every disk type keeps its data across pause / unpause --------------------------------
+# One line per way of serving a disk: name ("<type>[-<variant>]") -> (params of a disk of
+# `size` under `root`, whether it keeps what is written). A new disk type is covered by
+# adding its line (test_every_disk_type_has_a_pause_case fails until it has one).
+PAUSE_CASES = {
+    "aio": (lambda root, size: "aio:" + image_file(root / "a.img", size), True),
+    "ram": (lambda root, size: "ram:%s?size=%d" % (root / "none", size), True),
+    "ram-seeded": (lambda root, size: "ram:" + image_file(root / "seed.img", size, b"\x11"),
+                   True),
+    "ram-writeback": (lambda root, size: "ram:%s?size=%d&writeback=1" % (root / "wb.img", size),
+                      True),
+    "ram-shared": (lambda root, size: "ram:%s?shared=1" % image_file(
+        tmpfs(root / "shm", 2 * size) / "s.img", size), True),
+    "null": (lambda root, size: "null:x?size=%d" % size, False),
+}
+KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
+
+
+def test_every_disk_type_has_a_pause_case():
+    registered = {name for name in drivers.types() if not name.startswith("test-")}
+    assert registered <= {case.split("-")[0] for case in PAUSE_CASES}
+
+
+def disk_sha256(uri, root):
+    out = root / "copy.img"
+    run("nbdcopy", uri, out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+@pytest.mark.parametrize("case", sorted(PAUSE_CASES))
+def test_a_flushed_write_survives_pause_and_unpause(make_tap, smtap_root, case):
+    make_params, keeps = PAUSE_CASES[case]
+    tap = make_tap(make_params(smtap_root, 8 * MiB))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xa5 0 1M", "-c", "flush", tap.uri)
+    before = disk_sha256(tap.uri, smtap_root)
+    for _ in range(2):
+        tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+        assert "state=0x2a" in tap_ctl("list").stdout
+        tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
+    assert disk_sha256(tap.uri, smtap_root) == before
+    assert read_pattern(tap.uri, "0xa5" if keeps else "0", "1M")
+
+
+@pytest.mark.parametrize("case", KEEPING)
+def test_fio_verify_across_pause_cycles(make_tap, smtap_root, case):
+    size = 8 * MiB
+    tap = make_tap(PAUSE_CASES[case][0](smtap_root, size))
+    pauser = Pauser(tap)
+    try:
+        job = fio_verify(tap.uri, size)         # writes it all, then reads it all back
+    finally:
+        pauser.stop()
+    assert not pauser.failure, pauser.failure
+    assert job["read"]["io_bytes"] >= size and pauser.cycles >= 5, (job["read"], pauser.cycles)
+
+
+def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):
+    tap = make_tap("ram:%s?size=%d" % (smtap_root / "v", 4 * MiB))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3e 0 64k", tap.uri)
+    tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+    proc = tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a",
+                   "ram:%s?size=%d" % (smtap_root / "w", 8 * MiB), check=False)
+    assert proc.returncode != 0 and "size" in proc.stderr
+    tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
+    assert read_pattern(tap.uri, "0x3e")
+    # unpause -a onto another disk of the same size: that one is served from then on
+    tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+    tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a",
+            "ram:%s?size=%d" % (smtap_root / "w", 4 * MiB))
+    assert read_pattern(tap.uri, "0")
