@@ -72,14 +72,10 @@ def _abandon(pid, minor):
                 os.kill(pid, 9)
             except OSError:
                 pass
-    for _ in range(50):     # a killed tapdisk drops its minor lock when it is reaped
-        try:
-            minors.free(minor)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                return
-            time.sleep(0.1)
+    try:
+        minors.free_released(minor)    # a killed tapdisk drops its lock as it exits
+    except OSError:
+        pass
 
 
 def _link(devname, minor):

@@ -1,6 +1,5 @@
 """The glue's pure parts: types from the engine's registry, size parsing, sparse copies,
 the plugin dispatch convention."""
-import importlib
 import os
 import xmlrpc.client
 
@@ -12,21 +11,19 @@ from smtap.tapdisk import driver, drivers
 
 
 def test_types_and_plug_types_come_from_the_engine_registry():
-    from smtap.sm import tapdisk
-    assert "ram" in tapdisk.TYPES and "aio" in tapdisk.TYPES
-    assert tapdisk.VDI_PLUG_TYPE["ram"] == "tap"
+    from smtap.sm import disktypes
+    assert "ram" in disktypes.names() and "aio" in disktypes.names()
+    assert disktypes.plug_types()["ram"] == "tap"
 
     @drivers.register
     class NewType(driver.Driver):
         name = "zz-new-type"
         plug_type = "nbd"
     try:
-        tapdisk = importlib.reload(tapdisk)
-        assert "zz-new-type" in tapdisk.TYPES
-        assert tapdisk.VDI_PLUG_TYPE["zz-new-type"] == "nbd"
+        assert "zz-new-type" in disktypes.names()
+        assert disktypes.plug_types()["zz-new-type"] == "nbd"
     finally:
         del drivers._REGISTRY["zz-new-type"]
-        importlib.reload(tapdisk)
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("64MiB", 64 << 20), ("2G", 2 << 30),
@@ -40,6 +37,24 @@ def test_parse_size_refuses(text):
     with pytest.raises(errors.SROSError) as e:
         units.parse_size(text, "device-config:size")
     assert e.value.code == 1 and "device-config:size" in e.value.message
+
+
+def test_runtime_names_are_defined_once_and_parse_back():
+    from smtap import names, settings
+    run = settings.runtime_dir()
+    assert names.ctl_path(42) == os.path.join(run, "ctl42")
+    assert names.pid_of_ctl("ctl42") == 42
+    assert [names.pid_of_ctl(n) for n in ("ctl", "ctlx", "nbd42.0")] == [None] * 3
+    assert names.nbd_path(42, 7) == os.path.join(run, "nbd42.7")
+    assert names.parse_nbd(names.nbd_path(42, 7)) == (42, 7)
+    assert [names.parse_nbd(n) for n in ("nbd42", "nbd.7", "nbd42.x", "ctl42", "nbd4.2.")] == \
+        [None] * 5
+    assert names.nbd_name(42, 7).startswith(names.nbd_prefix(42))
+    assert not names.nbd_name(420, 7).startswith(names.nbd_prefix(42))
+    assert names.link_path("sr", "vdi") == os.path.join(run, "nbd", "sr", "vdi")
+    assert names.params_nbd("sr", "vdi") == "nbd:unix:%s/nbd/sr/vdi:exportname=vdi" % run
+    assert names.marker_path(3) == os.path.join(run, "tapdisk", "tapdisk-3")
+    assert names.minor_of_marker("tapdisk-3") == 3 and names.minor_of_marker("tapdisk-") is None
 
 
 def test_sparse_copy_keeps_holes(tmp_path):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smtap import settings
+from smtap import names, settings
 from smtap.tapdisk import control, minors
 
 from enginelib import image_file, tap_ctl, tapdisks_under, wait_for
@@ -31,7 +31,7 @@ def pid_of(minor):
 
 
 def nbd_uri(pid, minor):
-    return "nbd+unix:///?socket=%s/nbd%d.%d" % (settings.runtime_dir(), pid, minor)
+    return "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
 
 
 def nbd_size(uri):
@@ -149,7 +149,7 @@ def test_export_name_and_tcp_listener(smtap_root):
     tap_ctl("create", "-a", "ram:" + img, "-n", "vdi-uuid", "-L", "127.0.0.1:%d" % port)
     pid = pid_of(0)
     qemu_io("nbd://127.0.0.1:%d/vdi-uuid" % port, "read -P 0x11 0 64k")
-    qemu_io("nbd+unix:///vdi-uuid?socket=%s/nbd%d.0" % (settings.runtime_dir(), pid),
+    qemu_io("nbd+unix:///vdi-uuid?socket=%s" % names.nbd_path(pid, 0),
             "read -P 0x11 0 64k")
     wrong = qemu_io("nbd://127.0.0.1:%d/other" % port, "read 0 512", check=False)
     assert wrong.returncode != 0
