@@ -63,7 +63,9 @@ def host_tags(x, vdi):
 def tap_list():
     out = subprocess.run(["tap-ctl", "list"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [dict(f.split("=", 1) for f in line.split()) for line in out.stdout.splitlines()]
+    rows = [[f.split("=") for f in line.split()] for line in out.stdout.splitlines()]
+    assert all(len(f) == 2 for row in rows for f in row), out.stdout   # upstream's rule
+    return [dict(row) for row in rows]
 
 
 def run_driver(host, sr_type, command, params):

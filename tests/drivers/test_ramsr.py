@@ -200,6 +200,23 @@ def test_kill_9_then_unplug_cleans_up(dhost, ram_sr):
     dhost.unplug(vbd)
 
 
+def test_unplug_without_the_link_finds_the_tapdisk_by_its_params(dhost, ram_sr):
+    """`tap-ctl list` shows the image without its options (ram:<file>, not
+    ram:<file>?shared=1), yet deactivate, its link gone, still finds the tapdisk by the
+    VDI's full params and stops it."""
+    x = dhost.x
+    vdi = dhost.vdi_create(ram_sr, 8 * MiB)
+    vbd = dhost.plug(vdi)
+    pid, minor = tapdisk_of(x, vdi)
+    image = os.path.join(mount_point(x, ram_sr), x.VDI.get_uuid(vdi) + ".ram")
+    assert [e["args"] for e in tap_list() if e.get("pid") == str(pid)] == ["ram:" + image]
+    os.unlink(link_path(x, vdi))
+    dhost.unplug(vbd)
+    assert hostroot.wait_dead(pid)
+    assert not minor_allocated(minor) and tap_list() == []
+    assert host_tags(x, vdi) == []
+
+
 def test_snapshot_while_fio_verifies(dhost, ram_sr):
     x = dhost.x
     vdi = dhost.vdi_create(ram_sr, 8 * MiB)     # + 4 snapshots: within the 64 MiB budget
