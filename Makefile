@@ -28,6 +28,9 @@ ALL_SR_TYPES := $(patsubst $(TOP)/sm/drivers/%SR.py,%,$(wildcard $(TOP)/sm/drive
 SR_TYPES ?= $(ALL_SR_TYPES)
 LIB_PACKAGES ?= formats sm tapdisk toolstack
 INSTALL_COMMANDS ?= $(COMMANDS)
+# The tree's profile (smtap/settings.py): dev keeps upstream's runtime and lock paths,
+# host (install-host, the RPM) the suite's own.
+PROFILE ?= dev
 # What the RPM (`make install-host`) lays out: only SR types a stock XCP-ng host lacks,
 # no dev toolstack, engine commands under /opt/smtap/bin only.
 RPM_SR_TYPES := ram
@@ -109,6 +112,7 @@ install:
 		$(DESTDIR)$(PLUGINDIR) $(DESTDIR)/etc/xapi.conf.d $(DESTDIR)/etc/logrotate.d
 	rm -f $(DESTDIR)$(LIBDIR)/smtap/*.py
 	cp $(TOP)/smtap/*.py $(DESTDIR)$(LIBDIR)/smtap/
+	echo $(PROFILE) > $(DESTDIR)$(LIBDIR)/smtap/profile
 	@set -e; for d in formats sm tapdisk toolstack; do \
 		rm -rf $(DESTDIR)$(LIBDIR)/smtap/$$d; \
 		case " $(LIB_PACKAGES) " in *" $$d "*) ;; *) continue;; esac; \
@@ -140,7 +144,7 @@ install:
 install-host:
 	@$(MAKE) --no-print-directory -f $(TOP)/Makefile install \
 		SR_TYPES="$(filter $(RPM_SR_TYPES),$(ALL_SR_TYPES))" \
-		LIB_PACKAGES="$(RPM_LIB_PACKAGES)" \
+		LIB_PACKAGES="$(RPM_LIB_PACKAGES)" PROFILE=host \
 		INSTALL_COMMANDS="$(filter $(addsuffix =%,$(RPM_COMMAND_NAMES)),$(COMMANDS))"
 
 # --- rpm: specfile.spec built with rpmbuild (dom0: XCP-ng 8.3) ------------------------

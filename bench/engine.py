@@ -26,6 +26,9 @@ import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(TOP, ".venv", "bin")
+sys.path.insert(0, TOP)
+
+from smtap import names, settings               # noqa: E402
 
 JOBS = [
     ("4k randread QD32", "randread", "4k", 32),
@@ -110,8 +113,7 @@ class Servers(object):
                                  stdout=subprocess.PIPE, text=True, check=True).stdout
         pid = int(listing.split("pid=")[1].split()[0])
         self.taps.append((pid, minor))
-        path = os.path.join(self.env["SMTAP_ROOT"], "run", "blktap-control",
-                            "nbd%d.%d" % (pid, minor))
+        path = names.nbd_path(pid, minor, settings.runtime_dir(under=self.env["SMTAP_ROOT"]))
         wait_socket(path, None, params)
         return "nbd+unix:///?socket=" + path
 

@@ -27,7 +27,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 sys.path.insert(0, TOP)
 
-from smtap import settings                      # noqa: E402
+from smtap import names, settings               # noqa: E402
 from smtap.toolstack import client, demo, hostroot  # noqa: E402
 
 TARGET = 1.0
@@ -105,7 +105,7 @@ def parts(root, lib, sr_mount, rounds):
         pid, minor, _ = timed(out, "tapdisk spawn + attach + open (tap-ctl create)",
                               lambda: tapctl.create(params, export_name="parts"))
         mount_dir = os.path.join(root, "parts-mnt")
-        sock = os.path.join(settings.runtime_dir(), "nbd%d.%d" % (pid, minor))
+        sock = names.nbd_path(pid, minor)
         dev = timed(out, "nbdfuse + losetup (dom0 device attach)", blockdev.attach, sock,
                     "parts", mount_dir)
         timed(out, "losetup -d + fusermount -u (dom0 device detach)", blockdev.detach, mount_dir)

@@ -20,6 +20,7 @@ from smtap.sm import driverinfo
 from smtap.sm import errors
 from smtap.sm import lock
 from smtap.sm import log
+from smtap.sm import units
 from smtap.sm import wire
 from smtap.sm.request import COMMANDS, Request
 from smtap.sm.vdi import VDI
@@ -52,8 +53,8 @@ def size_arg(request, index, name):
     return size
 
 
-def bool_arg(request, index):
-    return request.args[index].lower() == "true"
+def bool_arg(request, index, name):
+    return units.parse_bool(request.args[index], "%s (args[%d])" % (name, index))
 
 
 def _uuid_of(vdi, ref):
@@ -65,10 +66,10 @@ def _vdi_create(vdi, request):
     #       snapshot_time, snapshot_of, read_only
     args = request.args
     vdi.label, vdi.description, vdi.metadata_of_pool = args[1], args[2], args[3]
-    vdi.is_a_snapshot = bool_arg(request, 4)
+    vdi.is_a_snapshot = bool_arg(request, 4, "is_a_snapshot")
     vdi.snapshot_time = args[5] or vdi.snapshot_time
     vdi.snapshot_of = args[6]
-    vdi.read_only = bool_arg(request, 7)
+    vdi.read_only = bool_arg(request, 7, "read_only")
     vdi.sm_config = dict(request.vdi_sm_config)
     vdi.vdi_type = request.vdi_type or vdi.vdi_type
     return vdi.create(size_arg(request, 0, "size"))
@@ -93,11 +94,11 @@ OPS = {
     "vdi_introduce": Op(_vdi_introduce, "new_vdi", "VDI_INTRODUCE", result="params", lock="sr"),
     "vdi_update": Op(lambda v, r: v.update(), "vdi", lock="sr"),
     "vdi_delete": Op(lambda v, r: v.delete(), "vdi", "VDI_DELETE", "VDIDelete", lock="sr"),
-    "vdi_attach": Op(lambda v, r: v.attach(bool_arg(r, 0)), "vdi", "VDI_ATTACH",
+    "vdi_attach": Op(lambda v, r: v.attach(bool_arg(r, 0, "writable")), "vdi", "VDI_ATTACH",
                      "VDIUnavailable", "attach", "sr"),
     "vdi_detach": Op(lambda v, r: v.detach(), "vdi", "VDI_DETACH", "VDIUnavailable", lock="sr"),
-    "vdi_activate": Op(lambda v, r: v.activate(bool_arg(r, 0)), "vdi", "VDI_ACTIVATE",
-                       "VDIUnavailable", lock="vdi"),
+    "vdi_activate": Op(lambda v, r: v.activate(bool_arg(r, 0, "writable")), "vdi",
+                       "VDI_ACTIVATE", "VDIUnavailable", lock="vdi"),
     "vdi_deactivate": Op(lambda v, r: v.deactivate(), "vdi", "VDI_DEACTIVATE",
                          "VDIUnavailable", lock="vdi"),
     "vdi_snapshot": Op(lambda v, r: v.snapshot(r.driver_params), "vdi", "VDI_SNAPSHOT",

@@ -9,7 +9,8 @@ from smtap.sm import errors
 from smtap.sm import log
 from smtap import sparse
 from smtap.sm import sr
-from smtap.sm import tapdisk
+from smtap.sm import poolpause
+from smtap.sm import tapvdi
 from smtap.sm import vdi as vdilib
 
 SECTOR = 512
@@ -70,7 +71,7 @@ class DirSR(sr.SR):
                           virtual_allocation=virtual)
 
 
-class DirVDI(tapdisk.TapdiskVDI):
+class DirVDI(tapvdi.TapdiskVDI):
 
     @property
     def file(self):
@@ -178,7 +179,7 @@ class DirVDI(tapdisk.TapdiskVDI):
         new = self.sr.new_vdi()
         new.copy_fields(self)
         try:
-            with tapdisk.Paused(self):
+            with poolpause.Paused(self):
                 sparse.copy(self.file, new.file, self.size)
             self.copy_extra_files(new)
             new.load_storage()

@@ -5,6 +5,7 @@ check a request strictly (DummySR does) and so the dispatcher knows which args e
 """
 from smtap.errtext import value_text
 from smtap.sm import errors
+from smtap.sm import units
 from smtap.sm import xapi
 
 ALWAYS = {"host_ref", "command", "args", "device_config"}
@@ -104,7 +105,8 @@ class Request(object):
 
     @property
     def is_master(self):
-        return self.device_config.get("SRmaster") == "true"
+        return units.parse_bool(self.device_config.get("SRmaster", "false"),
+                                "device_config:SRmaster")
 
     def check_args(self):
         """Every command gets the args its table row lists, as strings."""

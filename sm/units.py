@@ -1,4 +1,4 @@
-"""Sizes in device-config and sm-config: smtap.units' parser, failing with an SR error."""
+"""Sizes and booleans in SMAPI requests: smtap.units' parsers, failing with an SR error."""
 from smtap import units
 from smtap.sm import errors
 
@@ -11,5 +11,13 @@ def parse_size(text, what="size"):
     InvalidArg (code 1) with the offending text otherwise."""
     try:
         return units.parse_size(text, what)
+    except ValueError as e:
+        errors.raise_error("InvalidArg", str(e))
+
+
+def parse_bool(text, what="value", words=units.XAPI_BOOL):
+    """XAPI's "true"/"false" (any case); InvalidArg (code 1) naming `what` otherwise."""
+    try:
+        return units.parse_bool(text, what, words)
     except ValueError as e:
         errors.raise_error("InvalidArg", str(e))

@@ -18,16 +18,48 @@ def host_path(path, under=None):
     return os.path.join(under or root(), path.lstrip("/"))
 
 
-RUNTIME_DIR = "/run/blktap-control"
+# The profile decides the engine's runtime directory and the SM locks' directory:
+#   dev   the checkout and `make install`: upstream's own (blktap's /run/blktap-control,
+#         sm's /var/lock/sm), so that upstream's tools and SM code run against the engine
+#         on the local toolstack unchanged;
+#   host  `make install-host`, the RPM: the suite's own. The host's tap-ctl lists every
+#         control socket in /run/blktap-control and upstream sm raises on a listed type
+#         other than aio/vhd, so a ram tapdisk there would break the host's own VDI
+#         operations; and sm's lock namespaces stay sm's.
+# An installed tree names its profile in a marker next to this file; the checkout has
+# none. An unreadable or unknown marker means host: the profile that touches nothing of
+# upstream's.
+PROFILES = {
+    "dev": {"runtime": "/run/blktap-control", "locks": "/var/lock/sm"},
+    "host": {"runtime": "/run/smtap/blktap-control", "locks": "/var/lock/smtap"},
+}
+PROFILE_MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile")
+
+
+def read_profile(marker=PROFILE_MARKER):
+    try:
+        with open(marker) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return "dev"
+    except OSError:
+        return "host"
+    return name if name in PROFILES else "host"
+
+
+PROFILE = read_profile()
+RUNTIME_DIR = PROFILES[PROFILE]["runtime"]
+LOCK_DIR = PROFILES[PROFILE]["locks"]
 
 
 def runtime_dir(under=None):
-    """tapdisk control and NBD sockets, minor markers (shared with upstream blktap)."""
+    """tapdisk control and NBD sockets, minor markers, SM's links (smtap.names)."""
     return host_path(RUNTIME_DIR, under)
 
 
 def lock_dir():
-    return host_path("/var/lock/sm")
+    """SM's locks: <lock_dir>/<namespace>/<name> (smtap.sm.lock)."""
+    return host_path(LOCK_DIR)
 
 
 def sr_mount_dir():

@@ -1,7 +1,13 @@
-"""Sizes as users write them, for every layer: "1073741824", "512MiB", "2G", "64M".
+"""Sizes and yes/no values as users write them, for every layer.
 
-One parser for the engine (ram:...?size=64M) and SM (device-config:size=2G), so both
-accept the same spellings. K/M/G/T are binary whether or not an "iB" follows.
+One size parser for the engine (ram:...?size=64M), SM (device-config:size=2G) and xe
+(virtual-size=2GiB), so all accept the same spellings: "1073741824", "512MiB", "2G",
+"64M"; K/M/G/T are binary whether or not an "iB" follows.
+
+One boolean parser too; what each interface accepts is its vocabulary, as upstream
+defines it: XAPI's wire and SMAPI args say "true"/"false", xe also takes t/f/1/0
+(XAPI's cli), the engine's options take 1/0, yes/no, true/false, on/off. Anything else
+is refused, never read as false.
 """
 import re
 
@@ -13,17 +19,38 @@ _UNITS = {"": 1, "B": 1,
 _SIZE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(text, what="size"):
-    """Bytes, or a number with a K/M/G/T suffix (KiB, MiB... binary either way), > 0.
-    ValueError naming `what` and the offending text otherwise."""
+def parse_size(text, what="size", minimum=1):
+    """Bytes, or a number with a K/M/G/T suffix (KiB, MiB... binary either way), at
+    least `minimum`. ValueError naming `what` and the offending text otherwise."""
     m = _SIZE.match(str(text))
     unit = m and _UNITS.get(m.group(2).upper())
     if not unit:
         raise ValueError("%s must be a number of bytes, optionally with a KiB/MiB/GiB/TiB "
                          "suffix; got %s" % (what, text))
     value = int(m.group(1)) * unit
-    if value <= 0:
-        raise ValueError("%s must be positive; got %s" % (what, text))
+    if value < minimum:
+        raise ValueError("%s must be %s; got %s" % (
+            what, "positive" if minimum == 1 else "at least %d" % minimum, text))
+    return value
+
+
+def _words(true, false):
+    return dict([(w, True) for w in true.split()] + [(w, False) for w in false.split()])
+
+
+XAPI_BOOL = _words("true", "false")                   # XAPI's wire, SMAPI args, SRmaster
+XE_BOOL = _words("true t 1", "false f 0")             # xe's parameters (XAPI's cli)
+OPTION_BOOL = _words("1 yes true on", "0 no false off")   # the engine's ?k=v options
+
+
+def parse_bool(text, what="value", words=OPTION_BOOL):
+    """True or False for one of `words` (case-insensitive); ValueError naming `what` and
+    the accepted spellings otherwise."""
+    value = words.get(str(text).strip().lower())
+    if value is None:
+        raise ValueError("%s must be one of %s; got %r" % (
+            what, "/".join(w for w in words if words[w]) + " or " +
+            "/".join(w for w in words if not words[w]), text))
     return value
 
 

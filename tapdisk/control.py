@@ -30,7 +30,7 @@ import os
 import socket
 import struct
 
-from smtap import settings
+from smtap import names, settings
 
 # Message types (request, response).
 ERROR = 1
@@ -146,13 +146,13 @@ def pack(kind, cookie=0, **fields):
         fmt = _LAYOUTS["minors"][0]
         fmt.pack_into(buf, _UNION, len(minors), *(minors + [0] * (MAX_MINORS - len(minors))))
     elif layout:
-        fmt, names = _LAYOUTS[layout]
-        unknown = set(fields) - set(names)
+        fmt, keys = _LAYOUTS[layout]
+        unknown = set(fields) - set(keys)
         if unknown:
             raise TypeError("%s message has no field %s" % (NAMES.get(kind, kind),
                                                             ", ".join(sorted(unknown))))
         values = []
-        for name in names:
+        for name in keys:
             value = fields.get(name, b"" if name in _STRINGS else 0)
             if name in _STRINGS:
                 value = _cbytes(value, name)
@@ -176,14 +176,13 @@ def unpack(data):
         count = max(0, min(values[0], MAX_MINORS))
         msg["minors"] = list(values[1:1 + count])
     elif layout:
-        fmt, names = _LAYOUTS[layout]
-        for name, value in zip(names, fmt.unpack_from(data, _UNION)):
+        fmt, keys = _LAYOUTS[layout]
+        for name, value in zip(keys, fmt.unpack_from(data, _UNION)):
             msg[name] = _cstr(value) if name in _STRINGS else value
     return msg
 
 
-def ctl_path(pid):
-    return os.path.join(settings.runtime_dir(), "ctl%d" % pid)
+ctl_path = names.ctl_path
 
 
 def recv_exactly(sock, size, partial_on_timeout=False):
@@ -378,14 +377,14 @@ def find_tapdisks():
     """Pids of the live tapdisks under this root: those whose ctl<pid> answers PID.
     Sockets left by a dead tapdisk are removed on the way."""
     try:
-        names = os.listdir(settings.runtime_dir())
+        entries = os.listdir(settings.runtime_dir())
     except OSError:
         return []
     pids = []
-    for name in names:
-        if not (name.startswith("ctl") and name[3:].isdigit()):
+    for name in entries:
+        pid = names.pid_of_ctl(name)
+        if pid is None:
             continue
-        pid = int(name[3:])
         try:
             if Client(pid).get_pid(timeout=10) == pid:
                 pids.append(pid)
@@ -406,13 +405,13 @@ def _alive(pid):
 def remove_sockets(pid):
     """Remove the control and NBD sockets a tapdisk left behind."""
     rundir = settings.runtime_dir()
-    prefix = "nbd%d." % pid
+    prefix = names.nbd_prefix(pid)
     try:
-        names = os.listdir(rundir)
+        entries = os.listdir(rundir)
     except OSError:
         return
-    for name in names:
-        if name == "ctl%d" % pid or name.startswith(prefix):
+    for name in entries:
+        if name == names.ctl_name(pid) or name.startswith(prefix):
             try:
                 os.unlink(os.path.join(rundir, name))
             except OSError:
@@ -445,9 +444,9 @@ def spawn(timeout=30):
         raise ControlError(errno.ETIMEDOUT, "tapdisk did not start within %ds" % timeout)
     lines = out.decode("utf-8", "replace").splitlines()
     line = lines[0].strip() if lines else ""
-    prefix = os.path.join(settings.runtime_dir(), "ctl")
-    if proc.returncode == 0 and line.startswith(prefix) and line[len(prefix):].isdigit():
-        return int(line[len(prefix):])
+    pid = names.pid_of_ctl(os.path.basename(line))
+    if proc.returncode == 0 and pid is not None and line == ctl_path(pid):
+        return pid
     if line.startswith("error: "):
         why = line[len("error: "):]
     else:

@@ -10,6 +10,7 @@ them before open() and refuses unknown ones or bad values with a message naming 
 Offsets and lengths are bytes. Errors are OSError with an errno: the engine retries
 EAGAIN/EBUSY/EINTR until the request timeout and returns every other errno to the client.
 """
+from smtap import units
 
 # Open flags, values as upstream tapdisk-message.h so they travel unchanged in OPEN.
 OPEN_SHARED = 0x1
@@ -153,14 +154,7 @@ class Driver(object):
         return {}
 
 
-def parse_bool(text):
-    """An option's yes/no: 1/0, yes/no, true/false, on/off."""
-    value = str(text).lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if value in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("expected 1 or 0 (yes/no, true/false, on/off)")
+parse_bool = units.parse_bool      # an option's yes/no: the suite's one boolean parser
 
 
 def parse_params(params):

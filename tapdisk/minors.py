@@ -1,4 +1,5 @@
-"""Minor numbers: marker files <runtime>/tapdisk/tapdisk-<N>, as upstream blktap.
+"""Minor numbers: marker files <runtime>/tapdisk/tapdisk-<N> (smtap.names), as upstream
+blktap.
 
 allocate() holds an flock on the directory while it picks the first free N, so
 concurrent allocations never collide. A tapdisk holds an exclusive flock on its
@@ -9,29 +10,22 @@ dropped its lock) always can be.
 import errno
 import fcntl
 import os
+import time
 
-from smtap import settings
+from smtap import names
 
 MAX_MINOR = 16384
-PREFIX = "tapdisk-"
-
-
-def directory():
-    return os.path.join(settings.runtime_dir(), "tapdisk")
-
-
-def marker(minor):
-    return os.path.join(directory(), "%s%d" % (PREFIX, minor))
+directory = names.minors_dir
+marker = names.marker_path
 
 
 def allocated():
     """Sorted minors that have a marker."""
     try:
-        names = os.listdir(directory())
+        entries = os.listdir(directory())
     except OSError:
         return []
-    return sorted(int(n[len(PREFIX):]) for n in names
-                  if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+    return sorted(m for m in map(names.minor_of_marker, entries) if m is not None)
 
 
 def _check(minor):
@@ -76,6 +70,25 @@ def free(minor):
         os.unlink(path)
     finally:
         os.close(fd)
+
+
+def free_released(minor, timeout=5.0):
+    """free() once the tapdisk holding the minor is gone: the kernel drops a killed
+    process's lock only as it finishes exiting, so EBUSY is waited out. True when the
+    minor is free (or was not allocated), False if still held after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            free(minor)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return True
+            if exc.errno != errno.EBUSY:
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 class Hold(object):

@@ -2,15 +2,16 @@
 operations (create, destroy, list) it is made of, importable by the storage layer.
 
 Output is upstream's: `list` prints `pid=%d minor=%d state=%#x args=%s:%s` lines when
-stdout is not a terminal (fields it does not know left out), `create`/`allocate` print
-the device (the minor's marker path), `spawn` the pid, `stats` JSON. A failure is one
-line on stderr and an exit status of its errno.
+stdout is not a terminal (fields it does not know left out), with the image's options
+(after `?`) left out of `args=`: upstream sm splits each field on `=` into exactly two
+parts, so a field may hold no other `=` (stats and list_vbds keep the full params).
+`create`/`allocate` print the device (the minor's marker path), `spawn` the pid, `stats`
+JSON. A failure is one line on stderr and an exit status of its errno.
 """
 import errno
 import json
 import os
 import sys
-import time
 
 from smtap.tapdisk import control, minors
 
@@ -72,14 +73,10 @@ def _abandon(pid, minor):
                 os.kill(pid, 9)
             except OSError:
                 pass
-    for _ in range(50):     # a killed tapdisk drops its minor lock when it is reaped
-        try:
-            minors.free(minor)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                return
-            time.sleep(0.1)
+    try:
+        minors.free_released(minor)    # a killed tapdisk drops its lock as it exits
+    except OSError:
+        pass
 
 
 def _link(devname, minor):
@@ -138,8 +135,13 @@ def format_entry(entry):
     if entry.get("state") is not None:
         fields.append("state=%s" % _hex(entry["state"]))
     if entry.get("params") and ":" in entry["params"]:
-        fields.append("args=%s" % entry["params"])
+        fields.append("args=%s" % image_of(entry["params"]))
     return " ".join(fields)
+
+
+def image_of(params):
+    """"type:/path?k=v&..." -> "type:/path": what `list` shows and filters on."""
+    return params.partition("?")[0]
 
 
 def _hex(value):
@@ -201,7 +203,7 @@ def cmd_list(opts):
     if tty:
         print("%8s %4s %4s %10s %s" % ("pid", "minor", "state", "type", "file"))
     for entry in list_vbds(pid):
-        kind, _, path = (entry.get("params") or "").partition(":")
+        kind, _, path = image_of(entry.get("params") or "").partition(":")
         if minor is not None and entry.get("minor") != minor:
             continue
         if "-t" in opts and kind != opts["-t"]:

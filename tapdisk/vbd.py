@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from smtap import settings
+from smtap import names, settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import image
 from smtap.tapdisk import nbd
@@ -40,7 +40,7 @@ class VBD(object):
     def __init__(self, minor, runtime_dir):
         self.minor = minor
         self.runtime_dir = runtime_dir
-        self.nbd_path = os.path.join(runtime_dir, "nbd%d.%d" % (os.getpid(), minor))
+        self.nbd_path = names.nbd_path(os.getpid(), minor, runtime_dir)
         self.state = STATE_CLOSED
         self.params = None
         self.flags = 0

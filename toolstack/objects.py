@@ -14,6 +14,7 @@ import time
 import uuid as uuidlib
 import xmlrpc.client
 
+from smtap import units
 from smtap.toolstack import errors
 from smtap.toolstack.errors import ApiError, NULL_REF
 
@@ -77,9 +78,9 @@ def coerce(kind, value, name):
         if kind == BOOL:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError(name)
+            if not isinstance(value, str):
+                raise ValueError(name)
+            return units.parse_bool(value, name, units.XAPI_BOOL)
         if kind == DATETIME:
             if isinstance(value, xmlrpc.client.DateTime):
                 return value.value

@@ -4,21 +4,18 @@
 
 Output and errors as XAPI's CLI prints them; any error exits non-zero.
 """
-import re
 import socket
 import sys
 
 import XenAPI
 
-from smtap import settings
+from smtap import settings, units
 from smtap.toolstack import client
 from smtap.toolstack.cli_records import (PREFIXES, Lookup, fields_of, format_record, render,
                                          text, CLASSES as CLI_CLASSES)
 
 COMMANDS = {}
 MAP_PARAMS = ("device-config", "sm-config", "driver-params", "args", "other-config")
-UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-         "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
 
 
 class CliError(Exception):
@@ -58,19 +55,18 @@ class Args(object):
         value = self.values.get(name)
         if value is None:
             return default
-        if value.lower() in ("true", "t", "1", "yes"):
-            return True
-        if value.lower() in ("false", "f", "0", "no"):
-            return False
-        raise CliError("Failed to parse parameter '%s': expecting 'true' or 'false'" % name)
+        try:
+            return units.parse_bool(value, name, units.XE_BOOL)
+        except ValueError:
+            raise CliError("Failed to parse parameter '%s': expecting 'true' or 'false'" % name)
 
     def size(self, name, required=True):
         value = self.need(name) if required else self.values.get(name, "0")
-        m = re.match(r"^\s*(\d+)\s*([A-Za-z]*)\s*$", value)
-        if not m or m.group(2).lower() not in UNITS:
+        try:
+            return str(units.parse_size(value, name, minimum=0))
+        except ValueError:
             raise CliError("Failed to parse parameter '%s': expecting an integer "
                            "(possibly with suffix)" % name)
-        return str(int(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def command(name):

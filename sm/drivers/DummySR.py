@@ -8,10 +8,9 @@ can read that socket.
 
 A driver module is DRIVER_INFO, an SR class, a VDI class and main().
 """
-import os
 import sys
 
-from smtap import settings
+from smtap import names
 from smtap.version import VERSION
 from smtap.sm import command
 from smtap.sm import errors
@@ -78,13 +77,10 @@ class DummyVDI(vdi.VDI):
         self.db_forget()
 
     def attach(self, writable):
-        return {"params_nbd": "nbd:unix:%s:exportname=%s" % (self.nbd_socket(), self.uuid)}
+        return {"params_nbd": names.params_nbd(self.sr.uuid, self.uuid)}
 
     def attach_from_config(self):
         return self.attach(True)
-
-    def nbd_socket(self):
-        return os.path.join(settings.runtime_dir(), "nbd", self.sr.uuid, self.uuid)
 
     def detach(self):
         pass

@@ -30,8 +30,8 @@ from smtap.sm import command
 from smtap.sm import dirsr
 from smtap.sm import errors
 from smtap.sm import log
-from smtap.sm import tapdisk
 from smtap.sm import units
+from smtap.sm import vdilink
 
 DRIVER_INFO = {
     "name": "RAM",
@@ -136,7 +136,7 @@ class RamSR(dirsr.DirSR):
     def detach(self):
         if not self.mounted():
             return
-        active = tapdisk.active_vdis(self.uuid)
+        active = vdilink.active_vdis(self.uuid)
         if active:
             errors.raise_error("SRInUse", "VDIs still active on this host: %s"
                                % ", ".join(active))

@@ -27,7 +27,7 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
-from smtap import settings
+from smtap import names, settings
 from smtap.toolstack import hostroot
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,10 +201,10 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
     assert os.path.exists(device), device
     (line,) = run(tap_ctl, "list").stdout.splitlines()
     m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
-    assert m and m.group(3) == params, line
+    assert m and m.group(3) == "%s:%s" % (kind, img), line     # the image, not its options
     pid, minor = int(m.group(1)), m.group(2)
     assert_runs_python36(pid)
-    uri = "nbd+unix:///?socket=%s/nbd%d.%s" % (settings.runtime_dir(), pid, minor)
+    uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
     assert int(run("nbdinfo", "--size", uri).stdout) == size
 
     # Real clients: the seed reads back, then writes from nbdcopy and qemu-io.
@@ -230,7 +230,7 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
     # pause: images closed, the data on the file (ram writes back); unpause: served again.
     run(tap_ctl, "pause", "-p", pid, "-m", minor)
     assert run(tap_ctl, "list").stdout.split() == [
-        "pid=%d" % pid, "minor=%s" % minor, "state=" + PAUSED, "args=" + params]
+        "pid=%d" % pid, "minor=%s" % minor, "state=" + PAUSED, "args=%s:%s" % (kind, img)]
     assert file_bytes(img) == data
     run(tap_ctl, "unpause", "-p", pid, "-m", minor)
     assert "state=0 " in run(tap_ctl, "list").stdout

@@ -6,7 +6,7 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
-from smtap import settings
+from smtap import names, settings
 
 MiB = 1 << 20
 
@@ -20,8 +20,7 @@ def failure(fn, *args):
 
 def link_path(x, vdi):
     """The VDI's runtime link, as the glue makes it."""
-    sr_uuid = x.SR.get_uuid(x.VDI.get_SR(vdi))
-    return os.path.join(settings.runtime_dir(), "nbd", sr_uuid, x.VDI.get_uuid(vdi))
+    return names.link_path(x.SR.get_uuid(x.VDI.get_SR(vdi)), x.VDI.get_uuid(vdi))
 
 
 def nbd_uri(x, vdi):
@@ -50,13 +49,11 @@ def holds(x, vdi, pattern, offset, length):
 
 def tapdisk_of(x, vdi):
     """(pid, minor) named by the VDI's link."""
-    name = os.path.basename(os.readlink(link_path(x, vdi)))
-    pid, minor = name[len("nbd"):].split(".")
-    return int(pid), int(minor)
+    return names.parse_nbd(os.readlink(link_path(x, vdi)))
 
 
 def minor_allocated(minor):
-    return os.path.exists(os.path.join(settings.runtime_dir(), "tapdisk", "tapdisk-%d" % minor))
+    return os.path.exists(names.marker_path(minor))
 
 
 def host_tags(x, vdi):
@@ -66,7 +63,9 @@ def host_tags(x, vdi):
 def tap_list():
     out = subprocess.run(["tap-ctl", "list"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [dict(f.split("=", 1) for f in line.split()) for line in out.stdout.splitlines()]
+    rows = [[f.split("=") for f in line.split()] for line in out.stdout.splitlines()]
+    assert all(len(f) == 2 for row in rows for f in row), out.stdout   # upstream's rule
+    return [dict(row) for row in rows]
 
 
 def run_driver(host, sr_type, command, params):

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from smtap import settings
+from smtap import names, settings
 from smtap.toolstack import hostroot
 from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
                              qemu_io, tap_list, tapdisk_of, vdi_call, write)
@@ -42,7 +42,7 @@ def test_contents_survive_unplug_and_are_dropped_by_sr_detach(dhost, ram_sr):
     vbd = dhost.plug(vdi)
     link = link_path(x, vdi)
     pid, minor = tapdisk_of(x, vdi)
-    assert os.readlink(link) == os.path.join(settings.runtime_dir(), "nbd%d.%d" % (pid, minor))
+    assert os.readlink(link) == names.nbd_path(pid, minor)
     assert host_tags(x, vdi) == ["host_" + dhost.host_ref]
     assert x.VDI.get_sm_config(vdi)["host_" + dhost.host_ref] == "RW"
     assert any(e.get("pid") == str(pid) and e.get("args", "").startswith("ram:")
@@ -191,13 +191,30 @@ def test_kill_9_then_unplug_cleans_up(dhost, ram_sr):
     assert host_tags(x, vdi) == []
     assert not minor_allocated(minor)
     rundir = settings.runtime_dir()
-    assert not [n for n in os.listdir(rundir) if n in ("ctl%d" % pid,)
-                or n.startswith("nbd%d." % pid)]
+    assert not [n for n in os.listdir(rundir) if n == names.ctl_name(pid)
+                or n.startswith(names.nbd_prefix(pid))]
     assert not os.path.exists(os.path.dirname(link_path(x, vdi)))
     vbd = dhost.plug(vdi)                              # and the VDI works again
     write(x, vdi, 0x3d, 0, MiB)
     assert holds(x, vdi, 0x3d, 0, MiB)
     dhost.unplug(vbd)
+
+
+def test_unplug_without_the_link_finds_the_tapdisk_by_its_params(dhost, ram_sr):
+    """`tap-ctl list` shows the image without its options (ram:<file>, not
+    ram:<file>?shared=1), yet deactivate, its link gone, still finds the tapdisk by the
+    VDI's full params and stops it."""
+    x = dhost.x
+    vdi = dhost.vdi_create(ram_sr, 8 * MiB)
+    vbd = dhost.plug(vdi)
+    pid, minor = tapdisk_of(x, vdi)
+    image = os.path.join(mount_point(x, ram_sr), x.VDI.get_uuid(vdi) + ".ram")
+    assert [e["args"] for e in tap_list() if e.get("pid") == str(pid)] == ["ram:" + image]
+    os.unlink(link_path(x, vdi))
+    dhost.unplug(vbd)
+    assert hostroot.wait_dead(pid)
+    assert not minor_allocated(minor) and tap_list() == []
+    assert host_tags(x, vdi) == []
 
 
 def test_snapshot_while_fio_verifies(dhost, ram_sr):

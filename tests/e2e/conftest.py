@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from smtap import settings                      # noqa: E402
+from smtap import names                         # noqa: E402
 from smtap.toolstack import hostroot              # noqa: E402
 from e2e_helpers import TOP                      # noqa: E402
 
@@ -104,14 +104,13 @@ class E2EHost(Host):
 
     # -- engine state ------------------------------------------------------------------
     def link(self, sr, vdi):
-        return os.path.join(settings.runtime_dir(), "nbd", sr, vdi)
+        return names.link_path(sr, vdi)
 
     def nbd_uri(self, sr, vdi):
         return "nbd+unix:///%s?socket=%s" % (vdi, self.link(sr, vdi))
 
     def tapdisk_pid(self, sr, vdi):
-        name = os.path.basename(os.readlink(self.link(sr, vdi)))
-        return int(name[len("nbd"):].split(".")[0])
+        return names.parse_nbd(os.readlink(self.link(sr, vdi)))[0]
 
     def host_tags(self, vdi):
         ref = self.x.VDI.get_by_uuid(vdi)

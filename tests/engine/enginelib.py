@@ -39,8 +39,8 @@ class Tap(object):
 
     def __init__(self, pid, minor, device, params):
         self.pid, self.minor, self.device, self.params = pid, minor, device, params
-        from smtap import settings
-        self.nbd_path = os.path.join(settings.runtime_dir(), "nbd%d.%d" % (pid, minor))
+        from smtap import names
+        self.nbd_path = names.nbd_path(pid, minor)
 
     @property
     def uri(self):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from smtap import settings
+from smtap import names, settings
 from smtap.tapdisk import control
 
 from enginelib import tap_ctl, wait_for
@@ -146,12 +146,12 @@ def test_spawn_failure_is_reported(smtap_root):
 
 
 def _sockets():
-    return sorted(n for n in os.listdir(settings.runtime_dir()) if n != "tapdisk")
+    return sorted(n for n in os.listdir(settings.runtime_dir()) if n != names.MINORS)
 
 
 def test_sigterm_with_an_open_vbd_closes_it_and_releases_the_minor(make_tap, smtap_root):
     tap = make_tap("null:/dev/null?size=1048576")
-    assert _sockets() == ["ctl%d" % tap.pid, "nbd%d.%d" % (tap.pid, tap.minor)]
+    assert _sockets() == [names.ctl_name(tap.pid), names.nbd_name(tap.pid, tap.minor)]
     os.kill(tap.pid, signal.SIGTERM)
     assert wait_for(lambda: _sockets() == [])
     from smtap.tapdisk import minors

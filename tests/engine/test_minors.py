@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -77,6 +78,29 @@ def test_held_minor_cannot_be_freed_until_holder_dies(smtap_root):
         holder.wait()
     minors.free(minor)      # a crashed holder's minor can be reclaimed
     assert minors.allocated() == []
+
+
+def test_free_released_waits_out_a_dying_holder(smtap_root):
+    """The one EBUSY wait (SM's reap, tap-ctl create's undo): False while a live
+    tapdisk holds the minor, True once its holder is gone, even if it dies meanwhile."""
+    minor = minors.allocate()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(minor)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert minors.free_released(minor, timeout=0.3) is False
+        assert os.path.exists(minors.marker(minor))
+        killer = threading.Timer(0.3, holder.send_signal, (signal.SIGKILL,))
+        killer.start()
+        assert minors.free_released(minor, timeout=10) is True
+    finally:
+        holder.kill()
+        holder.wait()
+    assert minors.allocated() == []
+    assert minors.free_released(minor) is True        # not allocated: nothing to wait for
+    with pytest.raises(OSError) as exc:
+        minors.free_released(minors.MAX_MINOR)
+    assert exc.value.errno == errno.EINVAL
 
 
 def test_hold_release_and_reuse(smtap_root):

@@ -39,6 +39,7 @@ def test_sizes_take_the_suites_suffixes(make_tap, smtap_root, size, expected):
     ("ram:{dir}/x?size=0", ["size", "positive"]),
     ("ram:{dir}/x?size=1M&budget=lots", ["budget", "lots"]),
     ("ram:{dir}/x?size=1M&sise=2M", ["unknown option", "sise"]),
+    ("ram:{dir}/x?size=1M&budjet=1", ["unknown option 'budjet'", "accepted: budget,"]),
     ("ram:{dir}/x?size=1M&writeback=maybe", ["writeback", "maybe"]),
     ("ram:{img}?shared=1", ["tmpfs"]),                      # shared: the pages of a RAM file
     ("ram:{shm}/s.img?shared=1&writeback=1", ["writeback"]),

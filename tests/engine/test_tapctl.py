@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smtap import settings
+from smtap import names, settings
 from smtap.tapdisk import control, minors
 
 from enginelib import image_file, tap_ctl, tapdisks_under, wait_for
@@ -31,7 +31,7 @@ def pid_of(minor):
 
 
 def nbd_uri(pid, minor):
-    return "nbd+unix:///?socket=%s/nbd%d.%d" % (settings.runtime_dir(), pid, minor)
+    return "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
 
 
 def nbd_size(uri):
@@ -149,7 +149,7 @@ def test_export_name_and_tcp_listener(smtap_root):
     tap_ctl("create", "-a", "ram:" + img, "-n", "vdi-uuid", "-L", "127.0.0.1:%d" % port)
     pid = pid_of(0)
     qemu_io("nbd://127.0.0.1:%d/vdi-uuid" % port, "read -P 0x11 0 64k")
-    qemu_io("nbd+unix:///vdi-uuid?socket=%s/nbd%d.0" % (settings.runtime_dir(), pid),
+    qemu_io("nbd+unix:///vdi-uuid?socket=%s" % names.nbd_path(pid, 0),
             "read -P 0x11 0 64k")
     wrong = qemu_io("nbd://127.0.0.1:%d/other" % port, "read 0 512", check=False)
     assert wrong.returncode != 0
@@ -260,13 +260,15 @@ def test_list_filters(smtap_root):
     tap_ctl("create", "-a", "null:" + b + "?size=1048576")
     pa, pb = pid_of(0), pid_of(1)
     assert tap_ctl("list", "-m", 1).stdout.splitlines() == [
-        "pid=%d minor=1 state=0 args=null:%s?size=1048576" % (pb, b)]
+        "pid=%d minor=1 state=0 args=null:%s" % (pb, b)]       # the image, not its options
     assert tap_ctl("list", "-t", "ram").stdout.splitlines() == [
         "pid=%d minor=0 state=0 args=ram:%s" % (pa, a)]
     assert tap_ctl("list", "-f", a).stdout.splitlines() == [
         "pid=%d minor=0 state=0 args=ram:%s" % (pa, a)]
     assert tap_ctl("list", "-p", pb).stdout.splitlines() == [
-        "pid=%d minor=1 state=0 args=null:%s?size=1048576" % (pb, b)]
+        "pid=%d minor=1 state=0 args=null:%s" % (pb, b)]
+    assert tap_ctl("list", "-f", b).stdout.splitlines() == [
+        "pid=%d minor=1 state=0 args=null:%s" % (pb, b)]
     assert tap_ctl("list", "-t", "vhd").stdout == ""
     stats = control.Client(pa).stats()
     assert [s["name"] for s in stats] == ["ram:" + a]
@@ -286,3 +288,96 @@ def test_create_and_destroy_are_fast(smtap_root):
         elapsed += time.monotonic() - start
         best = elapsed if best is None else min(best, elapsed)
     assert best < 0.5, "create+destroy took %.3fs" % best
+
+
+# -- upstream sm reads this list ----------------------------------------------------------
+# Upstream sm (drivers/blktap2.py: TapCtl.__list, Tapdisk.list, Tapdisk.Arg.parse) reads
+# `tap-ctl list` by these rules, re-implemented here from them: a line is split on " "
+# into at most 4 fields; a field counts only when it splits on "=" into exactly two
+# parts (any other is dropped, so its key goes missing); pid and minor are decimal,
+# state hexadecimal; args splits on its first ":" into type and path, and a type other
+# than aio or vhd raises. A row lacking any of pid, minor, state, type, path is skipped.
+UPSTREAM_TYPES = ("aio", "vhd")
+
+
+class UpstreamInvalidType(Exception):
+    pass
+
+
+def upstream_rows(text):
+    """(rows, dropped fields) as TapCtl.list reads them."""
+    rows, dropped = [], []
+    for line in text.splitlines(True):
+        row = {}
+        for field in line.rstrip().split(" ", 3):
+            bits = field.split("=")
+            if len(bits) != 2:
+                dropped.append(field)
+                continue
+            key, val = bits
+            if key in ("pid", "minor"):
+                row[key] = int(val, 10)
+            elif key == "state":
+                row[key] = int(val, 0x10)
+            else:
+                row[key] = val
+        rows.append(row)
+    return rows, dropped
+
+
+def upstream_tapdisks(rows):
+    """Tapdisk.list over those rows: (pid, minor, state, type, path) of complete ones."""
+    found = []
+    for row in rows:
+        args = dict((k, row.get(k)) for k in ("pid", "minor", "state"))
+        args["type"] = args["path"] = None
+        if "args" in row:
+            kind, path = row["args"].split(":", 1)
+            if kind not in UPSTREAM_TYPES:
+                raise UpstreamInvalidType(kind)
+            args["type"], args["path"] = kind, path
+        if None not in args.values():
+            found.append(args)
+    return found
+
+
+def test_list_parses_by_upstream_sms_rules(smtap_root):
+    """Options after "?" stay out of args= (an "=" there made upstream drop the field);
+    the full params stay in stats, list_vbds and SM's lookup by params."""
+    ram_params = "ram:%s?size=1M&budget=1M" % (smtap_root / "r.img")
+    img = image_file(smtap_root / "a.img", MiB)
+    aio_params = "aio:%s?direct=0" % img
+    tap_ctl("create", "-a", ram_params)
+    tap_ctl("create", "-a", aio_params)
+    ram_pid, aio_pid = pid_of(0), pid_of(1)
+    tap_ctl("pause", "-p", aio_pid, "-m", 1)
+    orphan = int(tap_ctl("allocate").stdout.strip().rsplit("-", 1)[1])
+    idle = int(tap_ctl("spawn").stdout)
+
+    rows, dropped = upstream_rows(tap_ctl("list").stdout)
+    assert dropped == []
+    assert sorted(rows, key=lambda r: (r.get("pid", 0), r.get("minor", -1))) == sorted([
+        {"pid": ram_pid, "minor": 0, "state": 0, "args": "ram:%s" % (smtap_root / "r.img")},
+        {"pid": aio_pid, "minor": 1, "state": 0x2a, "args": "aio:" + img},
+        {"minor": orphan}, {"pid": idle}], key=lambda r: (r.get("pid", 0), r.get("minor", -1)))
+    # Upstream takes the aio tapdisk as its own, and raises on the ram one: why the host
+    # profile keeps the engine out of the host's runtime directory (tests/install).
+    aio_row = [r for r in rows if r.get("pid") == aio_pid]
+    assert upstream_tapdisks(aio_row) == [
+        {"pid": aio_pid, "minor": 1, "state": 0x2a, "type": "aio", "path": img}]
+    with pytest.raises(UpstreamInvalidType):
+        upstream_tapdisks(rows)
+
+    assert json.loads(tap_ctl("stats", "-p", ram_pid, "-m", 0).stdout)["name"] == ram_params
+    assert json.loads(tap_ctl("stats", "-p", aio_pid, "-m", 1).stdout)["name"] == aio_params
+    from smtap.sm.tapvbd import Tapdisk
+    found = Tapdisk.serving(aio_params)
+    assert (found.pid, found.minor, found.state) == (aio_pid, 1, 0x2a)
+    assert Tapdisk.serving("aio:" + img) is None          # params are matched whole
+
+    tap_ctl("unpause", "-p", aio_pid, "-m", 1)
+    for pid, minor in ((ram_pid, 0), (aio_pid, 1)):
+        tap_ctl("destroy", "-p", pid, "-m", minor)
+    tap_ctl("free", "-m", orphan)
+    control.Client(idle).exit()
+    assert wait_for(lambda: not tapdisks_under(smtap_root))

@@ -5,7 +5,7 @@ import subprocess
 import time
 import xmlrpc.client
 
-from smtap import settings
+from smtap import names, settings
 from smtap.sm.lock import Lock
 from sm_harness import (HOST_REF, SESSION_REF, SR_REF, dummy, log_lines,  # noqa: F401
                         run_driver, vdi_create_args, xapi)
@@ -42,6 +42,7 @@ def test_vdi_lifecycle(dummy, xapi):
 
     attach = dummy.ok("vdi_attach", ["true"], vdi)
     sock = os.path.join(settings.runtime_dir(), "nbd", xapi.sr_uuid, vdi[1])
+    assert names.link_path(xapi.sr_uuid, vdi[1]) == sock
     assert attach == {"params_nbd": "nbd:unix:%s:exportname=%s" % (sock, vdi[1])}
     dummy.ok("vdi_activate", ["true"], vdi)
     assert record["sm_config"]["host_" + HOST_REF] == "RW"

@@ -10,6 +10,7 @@ VDI whose journal is not "attached", or whose device is gone, is undone step by 
 """
 import logging
 
+from smtap import units
 from smtap.errtext import value_text
 from smtap.toolstack import dom0_device, errors, faults, smapi
 from smtap.toolstack.classes.sr import assert_attached
@@ -72,7 +73,9 @@ def assert_attachable(ctx, vdi, vdi_rec, vbd, mode):
         raise ApiError(errors.VDI_READONLY, vdi)
     # One attachment per VDI on this host: its mode is the first VBD's (XAPI's
     # datapath automaton refuses an attached-RO -> RW transition too).
-    if mode == "RW" and users and vdi_rec["attach"].get("writable") == "false":
+    writable = units.parse_bool(vdi_rec["attach"].get("writable", "true"), "writable",
+                                units.XAPI_BOOL)
+    if mode == "RW" and users and not writable:
         raise ApiError(errors.VDI_IN_USE, vdi, "attached read-only on this host")
 
 
