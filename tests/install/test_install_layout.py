@@ -1,7 +1,6 @@
 """`make install DESTDIR=...`: the tree as on a host, relocatable, nothing of sm/blktap."""
 import os
 import shutil
-import time
 
 import pytest
 
@@ -48,16 +47,12 @@ def test_install_lays_out_the_host_tree(tmp_path):
     assert set(UPSTREAM_PATHS) & paths <= dev_only
 
 
-def test_install_is_fast_and_idempotent(tmp_path):
+def test_install_is_idempotent(tmp_path):
     dest = tmp_path / "d"
-    t0 = time.monotonic()
     make_install(dest)
-    first = time.monotonic() - t0
     before = tree(dest)
-    t0 = time.monotonic()
     make_install(dest)
     assert tree(dest) == before
-    assert max(first, time.monotonic() - t0) < 1.0
 
 
 def test_dropin_keeps_the_stock_types_and_adds_ours(tmp_path):
