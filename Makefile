@@ -135,9 +135,13 @@ install:
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../../../opt/smtap/lib|" $$p > $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 		chmod 755 $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 	done
-	@# The sm-plugins drop-in: the stock list (none is read under DESTDIR) plus the types
-	@# just installed, written by the same code as the RPM's %post (smtap.xapiconf).
-	SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null
+	@# Development profile: the root simulates a stock 8.3 host (its xapi.conf, unless it
+	@# has one) and gets the sm-plugins drop-in from the code the RPM runs (smtap.xapiconf).
+	@# The host profile (the RPM) carries neither: %post computes the drop-in on the host.
+	@if [ "$(PROFILE)" = dev ] && [ -n "$(DESTDIR)" ]; then \
+		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -c 'from smtap import xapiconf; xapiconf.simulate_stock_host()' && \
+		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null; \
+	fi
 	@printf '# smtap: the tapdisk engine log (smtap.settings.tapdisk_log_file).\n/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tdelaycompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
 
 # The host profile the RPM installs: see RPM_* above.
