@@ -156,10 +156,13 @@ install-host:
 
 # --- rpm: specfile.spec built with rpmbuild (dom0: XCP-ng 8.3) ------------------------
 # The source tarball is the working tree (not just git HEAD). On this Debian machine
-# BuildRequires can't be met by name, hence --nodeps; the build and %check use the
-# venv's python3 (it has cffi, lxml, XenAPI, pytest); the launchers' shebang stays
-# /usr/bin/python3 (dom0's).
-rpm: $(VENV)/.stamp
+# BuildRequires can't be met by name, hence --nodeps. Built for dom0: the byte-code by
+# dom0's Python 3.6 (.venv36, `make py36`; RPM_BUILD_PYTHON), which also runs %check;
+# the launchers' shebang stays /usr/bin/python3 (dom0's); %check fails on byte-code of
+# another Python or an object needing a newer glibc than el7's (bin/check-dom0-build).
+RPM_BUILD_PYTHON ?= $(VENV36)/bin/python
+rpm: py36
+	@[ -x "$(RPM_BUILD_PYTHON)" ] || { echo "rpm: no Python 3.6 to build for dom0 ($(RPM_BUILD_PYTHON)): make py36 found none, set PYTHON36=..." >&2; exit 1; }
 	@missing="$(filter-out $(ALL_SR_TYPES),$(RPM_SR_TYPES))"; [ -z "$$missing" ] || echo "rpm: warning: no driver yet for SR type(s): $$missing (left out)" >&2
 	rm -rf $(RPMTOP)
 	mkdir -p $(RPMTOP)/SOURCES $(RPMTOP)/BUILD $(RPMTOP)/RPMS $(RPMTOP)/SRPMS
@@ -170,7 +173,7 @@ rpm: $(VENV)/.stamp
 		--warning=no-file-changed --warning=no-file-removed \
 		-czf $(RPMTOP)/SOURCES/smtap-$(VERSION).tar.gz . || [ $$? -eq 1 ]
 	cp $(TOP)/VERSION $(RPMTOP)/SOURCES/VERSION
-	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(VPY)" \
+	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(RPM_BUILD_PYTHON)" \
 		--define "smtap_python $(RPM_PYTHON)" $(TOP)/specfile.spec
 	@ls $(RPMTOP)/RPMS/*/smtap-$(VERSION)-*.rpm
 

@@ -1,5 +1,7 @@
 """`make rpm` (real rpmbuild), its contents, and a real `rpm --root` install."""
+import glob
 import os
+import re
 import signal
 import time
 
@@ -127,3 +129,79 @@ def test_local_toolstack_registers_type_ram(built_rpm_local_python, tmp_path):
         if os.path.exists(pid_file):
             with open(pid_file) as f:
                 os.kill(int(f.read()), signal.SIGTERM)
+
+
+# --- built for dom0: Python 3.6 byte-code, el7's glibc -------------------------------
+PY36 = os.path.join(TOP, ".venv36", "bin", "python")
+NEED_PY36 = pytest.mark.skipif(not os.access(PY36, os.X_OK), reason="no .venv36 (make py36)")
+# objdump -T: "0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.14) memcpy"
+SYMBOL_VERSION = re.compile(r"\(?\b(GLIBC|LIBAIO)_([0-9][0-9.]*)\)?\s+\S+$")
+
+
+def needed_versions(path):
+    out = run(["objdump", "-T", path]).stdout
+    found = set()
+    for line in out.splitlines():
+        m = SYMBOL_VERSION.search(line)
+        if m and "*UND*" in line:
+            found.add((m.group(1), tuple(int(p) for p in m.group(2).split("."))))
+    return found
+
+
+@NEED_PY36
+def test_rpm_is_built_for_dom0(built_rpm, tmp_path):
+    """Every .pyc has Python 3.6's magic (asked of 3.6 itself), every module has one,
+    and no ELF object of the package needs a symbol version above GLIBC_2.17."""
+    root = rpm_install(built_rpm, tmp_path / "root")
+    magic = run([PY36, "-c", "import importlib.util, sys; "
+                 "sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"]).stdout
+    pycs, modules, elves = [], [], []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if name.endswith(".pyc"):
+                pycs.append((path, head.hex()))
+            elif name.endswith(".py") and "/opt/smtap/lib/" in path:
+                modules.append(path)
+            elif head == b"\x7fELF":
+                elves.append(path)
+    assert pycs and modules
+    assert [p for p, m in pycs if m != magic or ".cpython-36." not in p] == []
+    for path in modules:
+        cached = os.path.join(os.path.dirname(path), "__pycache__",
+                              os.path.basename(path)[:-3] + ".cpython-36.pyc")
+        assert os.path.exists(cached), path
+    assert [os.path.basename(p) for p in elves] == ["libsmtap-aio.so.1"]
+    for path in elves:
+        versions = needed_versions(path)
+        assert ("LIBAIO", (0, 4)) in versions                # io_getevents: seen at all
+        too_new = [v for v in versions if v[0] == "GLIBC" and v[1] > (2, 17)
+                   or v[0] == "LIBAIO" and v[1] > (0, 4)]
+        assert not too_new, (path, too_new)
+
+
+NEWER_GLIBC = "#define _GNU_SOURCE\n#include <sys/mman.h>\n" \
+    "int smtap_test_newer(void) { return memfd_create(\"x\", 0); }  /* GLIBC_2.27 */\n"
+
+
+@NEED_PY36
+def test_check_refuses_other_bytecode_and_newer_glibc(tmp_path):
+    """%check fails a build whose byte-code is not 3.6's (built with the venv's Python)
+    and whose library needs GLIBC_2.27 (memfd_create linked in), and names both."""
+    newer = tmp_path / "newer.c"
+    newer.write_text(NEWER_GLIBC)
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\nexec gcc "$@" %s\n' % newer)
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc))
+    out = run(["make", "-s", "-C", TOP, "rpm", "RPMTOP=%s" % (tmp_path / "top"),
+               "RPM_BUILD_PYTHON=%s" % VPY], env=env, check=False, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0, log[-3000:]
+    assert "error: Bad exit status" in log and "%check" in log, log[-3000:]
+    assert re.search(r"check-dom0-build: \S+\.cpython-3\d+\.pyc: not Python 3\.6 byte-code",
+                     log), log[-3000:]
+    assert "libsmtap-aio.so.1: needs GLIBC_2.27, dom0 has GLIBC_2.17" in log, log[-3000:]
+    assert not glob.glob(str(tmp_path / "top" / "RPMS" / "*" / "*.rpm"))
