@@ -225,3 +225,16 @@ def fake_rpm(topdir, name, version, files):
     (rpm,) = glob.glob(os.path.join(str(topdir), "RPMS", "noarch", "%s-%s-1.*.rpm"
                                     % (name, version)))
     return rpm
+
+
+def rpm_query_list(rpm_file):
+    """The paths an RPM file carries (rpm -qpl)."""
+    return run(["rpm", "-qpl", rpm_file]).stdout.split()
+
+
+def rpm_install(rpm_file, root):
+    """rpm --root <empty dir> -i --nodeps --noscripts, its database under that root."""
+    os.makedirs(str(root), exist_ok=True)
+    run(["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
+         "--noscripts", rpm_file])
+    return str(root)

@@ -9,7 +9,7 @@ import pytest
 
 from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
                         UPSTREAM_PATHS, VENV_BIN, VERSION, VPY, driver_info, host_env,
-                        read_sm_plugins, run, stock_host)
+                        read_sm_plugins, rpm_install, run, stock_host)
 
 pytestmark = pytest.mark.rpm
 
@@ -20,14 +20,6 @@ NEED_RAMSR = pytest.mark.skipif(not os.path.exists(RAMSR),
 
 def rpm_query(rpm_file, *args):
     return run(["rpm", "-qp"] + list(args) + [rpm_file]).stdout
-
-
-def rpm_install(rpm_file, root):
-    """rpm --root <empty dir> -i --nodeps --noscripts, its database under that root."""
-    os.makedirs(str(root), exist_ok=True)
-    run(["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
-         "--noscripts", rpm_file])
-    return str(root)
 
 
 def test_rpm_metadata(built_rpm):
