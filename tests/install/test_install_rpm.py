@@ -1,4 +1,5 @@
 """`make rpm` (real rpmbuild), its contents, and a real `rpm --root` install."""
+import fnmatch
 import glob
 import os
 import re
@@ -43,6 +44,7 @@ def test_rpm_paths_do_not_clash_with_sm_or_blktap(built_rpm):
               if not (p == "/opt/smtap" or p.startswith("/opt/smtap/")
                       or p.startswith("/etc/xapi.d/plugins/smtap-")
                       or p.startswith("/usr/share/doc/smtap")
+                      or p.startswith("/usr/share/licenses/smtap")
                       or p in allowed_files
                       or (p.startswith("/opt/xensource/sm/") and p.endswith("SR")))]
     assert not strays, strays
@@ -197,3 +199,56 @@ def test_check_refuses_other_bytecode_and_newer_glibc(tmp_path):
                      log), log[-3000:]
     assert "libsmtap-aio.so.1: needs GLIBC_2.27, dom0 has GLIBC_2.17" in log, log[-3000:]
     assert not glob.glob(str(tmp_path / "top" / "RPMS" / "*" / "*.rpm"))
+
+
+# --- the RPM carries exactly what the README lists -----------------------------------
+def readme_install_table():
+    """[(path patterns, names)] of the README's "What it installs" table: the backticked
+    paths of the first column; the backticked names before the first ':' of the second."""
+    with open(os.path.join(TOP, "README.md")) as f:
+        text = f.read()
+    section = text.split("### What it installs", 1)[1].split("\n### ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) != 2 or cells[0] in ("path", "---"):
+            continue
+        if cells[1].startswith("made at run time"):
+            continue                        # not in the package
+        head = cells[1].split(":", 1)[0] if ":" in cells[1] else ""
+        rows.append((re.findall(r"`([^`]+)`", cells[0]), re.findall(r"`([^`]+)`", head)))
+    return rows
+
+
+def covers(pattern, path):
+    """A pattern ending in / is a directory and its tree; * is any run of characters."""
+    if pattern.endswith("/"):
+        return path == pattern[:-1] or path.startswith(pattern)
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def test_rpm_carries_exactly_what_the_readme_lists(built_rpm):
+    rows = readme_install_table()
+    patterns = [p for paths, _ in rows for p in paths]
+    assert len(rows) >= 6 and "/opt/smtap/bin/" in patterns, rows
+    entries = run(["rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]",
+                   built_rpm]).stdout.splitlines()
+    paths = [e.split(" ", 1)[1] for e in entries]
+    files = [e.split(" ", 1)[1] for e in entries if not e.startswith("d")]
+    # Every file is listed; every listed path is carried (directories included).
+    assert [f for f in files if not any(covers(p, f) for p in patterns)] == []
+    assert [p for p in patterns if not any(covers(p, f) for f in paths)] == []
+    # The names a row lists are exactly what the package has there.
+    carried = {
+        "/opt/smtap/bin/": {os.path.basename(f) for f in files if f.startswith("/opt/smtap/bin/")},
+        "/etc/xapi.d/plugins/smtap-*": {os.path.basename(f) for f in files
+                                        if f.startswith("/etc/xapi.d/plugins/")},
+        "/opt/smtap/lib/smtap/": {"smtap." + f.split("/")[5] for f in files
+                                  if re.match(r"/opt/smtap/lib/smtap/\w+/__init__\.py$", f)},
+    }
+    for paths_, names in rows:
+        for p in paths_:
+            if p in carried:
+                assert set(names) == carried[p], (p, names, carried[p])
+                del carried[p]
+    assert carried == {}, "README rows without their names: %s" % sorted(carried)
