@@ -2,7 +2,7 @@
 (`make py36` builds .venv36/ with it and only what dom0 has beside the standard library:
 XenAPI; no cffi, no lxml), not only checked by vermin (tests/test_vermin.py).
 
-- every module under sm/, tapdisk/, smtap/ (and each host plugin's top level) imports;
+- every module under formats/, sm/, tapdisk/, smtap/ (and each host plugin's top level) imports;
 - the engine installed with PYTHON=.venv36/bin/python: the installed tap-ctl creates ram
   and aio tapdisks (whose processes are checked to be that interpreter), real NBD
   clients write and read them back, pause/unpause, destroy;
@@ -106,9 +106,10 @@ def test_make_py36_is_idempotent_bare_and_succeeds_without_python36(py36):
 
 # --- every dom0 module imports under 3.6 ----------------------------------------------
 def dom0_modules():
-    """smtap.<layer>.<module> for every .py under sm/, tapdisk/, smtap/ (not toolstack/)."""
+    """smtap.<layer>.<module> for every .py under formats/, sm/, tapdisk/, smtap/ (not
+    toolstack/)."""
     names = []
-    for layer in ("sm", "tapdisk", "smtap"):
+    for layer in ("formats", "sm", "tapdisk", "smtap"):
         for dirpath, dirnames, filenames in os.walk(os.path.join(TOP, layer)):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
             for f in sorted(filenames):
@@ -146,7 +147,7 @@ print(json.dumps({"failed": failed, "version": list(sys.version_info[:2]),
 def test_dom0_modules_import_under_python36(py36):
     modules = dom0_modules()
     for expected in ("smtap.settings", "smtap.sm.drivers.ramSR", "smtap.tapdisk.daemon",
-                     "smtap.tapdisk.drivers.aio", "smtap.sm.xapiplugin"):
+                     "smtap.tapdisk.drivers.aio", "smtap.sm.xapiplugin", "smtap.formats.vhd"):
         assert expected in modules
     plugdir = os.path.join(TOP, "plugins")
     plugins = sorted(os.path.join(plugdir, p) for p in os.listdir(plugdir)
