@@ -8,9 +8,9 @@ VERSION := $(shell cat $(TOP)/VERSION)
 # Debian packages the build, tests, benchmarks and demo use (README "Dependencies" lists
 # the same; tests/test_dependencies.py checks both, and that every tool they run is here).
 # file: nbdinfo runs it for its "content" field and libnbd-bin does not depend on it.
-DEB_PACKAGES := python3-venv python3-dev gcc libffi-dev libaio-dev \
+DEB_PACKAGES := python3-venv gcc libaio-dev binutils \
 	qemu-utils nbdkit nbdkit-plugin-python libnbd-bin file fio \
-	fuse3 mount util-linux e2fsprogs rpm
+	fuse3 mount util-linux e2fsprogs rpm logrotate
 
 # Engine and toolstack commands: name=module.
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
@@ -42,9 +42,9 @@ RPMBUILD_FLAGS ?= --nodeps
 # venv's to run the installed drivers on this machine.
 RPM_PYTHON ?= /usr/bin/python3
 
-.PHONY: build deps venv cffi commands test demo install install-host rpm bench clean vermin py36
+.PHONY: build deps venv aio commands test demo install install-host rpm bench clean vermin py36
 
-build: deps venv cffi commands
+build: deps venv aio commands
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -61,8 +61,10 @@ $(VENV)/.stamp: requirements.txt
 	echo $(TOP) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/smtap-checkout.pth
 	touch $@
 
-cffi: $(VENV)/.stamp
-	@$(VPY) tapdisk/aio_build.py --if-needed
+# The libaio batch library (tapdisk/libsmtap-aio.so.1, loaded with ctypes): one object for
+# every interpreter.
+aio:
+	@python3 tapdisk/aio_build.py --if-needed
 
 commands: $(VENV)/.stamp
 	@for c in $(COMMANDS); do \
@@ -73,9 +75,10 @@ commands: $(VENV)/.stamp
 		cmp -s $(VENV)/bin/$$name.tmp $(VENV)/bin/$$name && rm $(VENV)/bin/$$name.tmp || mv $(VENV)/bin/$$name.tmp $(VENV)/bin/$$name; \
 	done
 
-# py36: .venv36/ on dom0's Python 3.6 (PYTHON36, python3.6 or pyenv's) + its cffi build, for tests/dom0.
+# py36: .venv36/ on dom0's Python 3.6 (PYTHON36, python3.6 or pyenv's) with what dom0
+# has beside the standard library: XenAPI (xapi-core's); for tests/dom0 and `make rpm`.
 VENV36 := $(TOP)/.venv36
-PY36_PACKAGES := cffi==1.15.1 pycparser==2.21 lxml==5.4.0 XenAPI==26.21.1
+PY36_PACKAGES := XenAPI==26.21.1
 PY36_CANDIDATES ?= $(PYTHON36) python3.6 /root/.pyenv/versions/3.6.*/bin/python3.6
 py36:
 	@set -e; is36() { "$$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 6))' >/dev/null 2>&1; }; \
@@ -83,12 +86,11 @@ py36:
 		if is36 "$$c"; then py=$$c; break; fi; \
 	done; \
 	if [ -z "$$py" ]; then echo "py36: no Python 3.6 interpreter found (set PYTHON36=...): skipped"; exit 0; fi; \
-	if ! is36 $(VENV36)/bin/python; then rm -rf $(VENV36); "$$py" -m venv $(VENV36); fi; \
-	if [ "$$(cat $(VENV36)/.stamp 2>/dev/null)" != "$(PY36_PACKAGES)" ]; then \
+	if ! is36 $(VENV36)/bin/python || [ "$$(cat $(VENV36)/.stamp 2>/dev/null)" != "$(PY36_PACKAGES)" ]; then \
+		rm -rf $(VENV36); "$$py" -m venv $(VENV36); \
 		$(VENV36)/bin/python -m pip install -q --disable-pip-version-check $(PY36_PACKAGES); \
 		echo "$(PY36_PACKAGES)" > $(VENV36)/.stamp; \
-	fi; \
-	$(VENV36)/bin/python $(TOP)/tapdisk/aio_build.py --if-needed
+	fi
 
 vermin: build
 	$(VENV)/bin/vermin --target=3.6- --no-tips --violations sm tapdisk plugins smtap formats
@@ -117,7 +119,8 @@ install:
 		rm -rf $(DESTDIR)$(LIBDIR)/smtap/$$d; \
 		case " $(LIB_PACKAGES) " in *" $$d "*) ;; *) continue;; esac; \
 		[ -d $(TOP)/$$d ] || continue; \
-		tar -C $(TOP) --exclude=__pycache__ --exclude='*.pyc' --exclude=_aio_build --exclude='*.tmp' -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
+		tar -C $(TOP) --exclude=__pycache__ --exclude='*.pyc' --exclude=_aio_build --exclude='*.tmp' \
+			--exclude=aio_build.py --exclude='*.c' -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
 	done
 	@set -e; rm -f $(DESTDIR)$(PREFIX)/bin/*; for c in $(INSTALL_COMMANDS); do \
 		name=$${c%%=*}; mod=$${c#*=}; \
@@ -135,9 +138,13 @@ install:
 		sed -e "s|@PYTHON@|$(PYTHON)|" -e "s|@LIBREL@|../../../opt/smtap/lib|" $$p > $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 		chmod 755 $(DESTDIR)$(PLUGINDIR)/$$(basename $$p); \
 	done
-	@# The sm-plugins drop-in: the stock list (none is read under DESTDIR) plus the types
-	@# just installed, written by the same code as the RPM's %post (smtap.xapiconf).
-	SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null
+	@# Development profile: the root simulates a stock 8.3 host (its xapi.conf, unless it
+	@# has one) and gets the sm-plugins drop-in from the code the RPM runs (smtap.xapiconf).
+	@# The host profile (the RPM) carries neither: %post computes the drop-in on the host.
+	@if [ "$(PROFILE)" = dev ] && [ -n "$(DESTDIR)" ]; then \
+		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -c 'from smtap import xapiconf; xapiconf.simulate_stock_host()' && \
+		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null; \
+	fi
 	@printf '# smtap: the tapdisk engine log (smtap.settings.tapdisk_log_file).\n/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tdelaycompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
 
 # The host profile the RPM installs: see RPM_* above.
@@ -149,25 +156,28 @@ install-host:
 
 # --- rpm: specfile.spec built with rpmbuild (dom0: XCP-ng 8.3) ------------------------
 # The source tarball is the working tree (not just git HEAD). On this Debian machine
-# BuildRequires can't be met by name, hence --nodeps; the build and %check use the
-# venv's python3 (it has cffi, lxml, XenAPI, pytest); the launchers' shebang stays
-# /usr/bin/python3 (dom0's).
-rpm: $(VENV)/.stamp
+# BuildRequires can't be met by name, hence --nodeps. Built for dom0: the byte-code by
+# dom0's Python 3.6 (.venv36, `make py36`; RPM_BUILD_PYTHON), which also runs %check;
+# the launchers' shebang stays /usr/bin/python3 (dom0's); %check fails on byte-code of
+# another Python or an object needing a newer glibc than el7's (bin/check-dom0-build).
+RPM_BUILD_PYTHON ?= $(VENV36)/bin/python
+rpm: py36
+	@[ -x "$(RPM_BUILD_PYTHON)" ] || { echo "rpm: no Python 3.6 to build for dom0 ($(RPM_BUILD_PYTHON)): make py36 found none, set PYTHON36=..." >&2; exit 1; }
 	@missing="$(filter-out $(ALL_SR_TYPES),$(RPM_SR_TYPES))"; [ -z "$$missing" ] || echo "rpm: warning: no driver yet for SR type(s): $$missing (left out)" >&2
 	rm -rf $(RPMTOP)
 	mkdir -p $(RPMTOP)/SOURCES $(RPMTOP)/BUILD $(RPMTOP)/RPMS $(RPMTOP)/SRPMS
 	tar -C $(TOP) --transform 's,^\.,smtap-$(VERSION),' \
 		--exclude=./.git --exclude=./.venv --exclude=./.venv36 --exclude=./rpmbuild --exclude=./build \
-		--exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude=_aio_build \
+		--exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude='*.so.[0-9]' --exclude=_aio_build \
 		--exclude=.pytest_cache --exclude='*.tmp' --exclude=./tests/install \
 		--warning=no-file-changed --warning=no-file-removed \
 		-czf $(RPMTOP)/SOURCES/smtap-$(VERSION).tar.gz . || [ $$? -eq 1 ]
 	cp $(TOP)/VERSION $(RPMTOP)/SOURCES/VERSION
-	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(VPY)" \
+	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(RPM_BUILD_PYTHON)" \
 		--define "smtap_python $(RPM_PYTHON)" $(TOP)/specfile.spec
 	@ls $(RPMTOP)/RPMS/*/smtap-$(VERSION)-*.rpm
 
 clean:
 	rm -rf $(VENV) build rpmbuild tapdisk/_aio_build
 	find . -name __pycache__ -prune -exec rm -rf {} +
-	rm -f tapdisk/_smtap_aio*.so
+	rm -f tapdisk/libsmtap-aio.so* tapdisk/_smtap_aio*.so

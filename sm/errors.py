@@ -16,8 +16,9 @@ _table = None  # name -> (code, description), read once per process
 def table():
     global _table
     if _table is None:
-        from lxml import etree  # here, not at import: most driver runs raise no error
-        root = etree.parse(TABLE_FILE).getroot()
+        # here, not at import: most driver runs raise no error
+        from xml.etree import ElementTree
+        root = ElementTree.parse(TABLE_FILE).getroot()
         _table = {}
         for node in root.iter("code"):
             _table[node.findtext("name").strip()] = (

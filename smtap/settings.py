@@ -29,9 +29,15 @@ def host_path(path, under=None):
 # An installed tree names its profile in a marker next to this file; the checkout has
 # none. An unreadable or unknown marker means host: the profile that touches nothing of
 # upstream's.
+# It decides where the SM drivers log too ("sm_log"): a file under the root in dev (the
+# local toolstack and the tests read it there); None in host: through syslog as sm's
+# util.SMlog does (facility local2: dom0's rsyslog writes /var/log/SMlog, rotates it and
+# may forward it), never appending to SMlog ourselves.
 PROFILES = {
-    "dev": {"runtime": "/run/blktap-control", "locks": "/var/lock/sm"},
-    "host": {"runtime": "/run/smtap/blktap-control", "locks": "/var/lock/smtap"},
+    "dev": {"runtime": "/run/blktap-control", "locks": "/var/lock/sm",
+            "sm_log": "/var/log/SMlog"},
+    "host": {"runtime": "/run/smtap/blktap-control", "locks": "/var/lock/smtap",
+             "sm_log": None},
 }
 PROFILE_MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile")
 
@@ -79,8 +85,16 @@ def plugins_dir():
     return host_path("/etc/xapi.d/plugins")
 
 
+def syslog_socket():
+    """The local syslog daemon's socket (dom0: rsyslog)."""
+    return host_path("/dev/log")
+
+
 def log_file():
-    return host_path("/var/log/SMlog")
+    """The SM drivers' log file under the root, or None: through syslog_socket() (the
+    profile's "sm_log")."""
+    path = PROFILES[PROFILE]["sm_log"]
+    return None if path is None else host_path(path)
 
 
 def tapdisk_log_file():

@@ -20,7 +20,7 @@ import sys
 import threading
 
 from smtap import settings
-from smtap.tapdisk import control, fds, minors
+from smtap.tapdisk import control, fds, logfile, minors
 from smtap.tapdisk.ratelog import RateLog
 
 LOG = logging.getLogger("smtap.tapdisk.daemon")
@@ -418,19 +418,14 @@ def _tcp_address(text):
 
 
 def _setup_logging():
-    path = settings.tapdisk_log_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    from logging.handlers import WatchedFileHandler
-    handler = WatchedFileHandler(path)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s tapdisk[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    # Anything else written to stderr (a thread's traceback) lands in the log too, and
+    # both follow the file across rotation (logfile).
+    handler = logfile.handler(
+        settings.tapdisk_log_file(),
+        "%(asctime)s tapdisk[%(process)d] %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if os.environ.get("SMTAP_TAPDISK_DEBUG") else logging.INFO)
-    # Anything else written to stderr (a thread's traceback) lands in the log too.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
 
 
 def main(argv=None):

@@ -14,7 +14,8 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = [
     "nbdinfo", "nbdcopy", "nbdfuse", "nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "fio",
     "file", "losetup", "mount", "umount", "blockdev", "fallocate", "prlimit",
-    "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc",
+    "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc", "objdump", "unshare",
+    "logrotate",
 ]
 
 

@@ -19,8 +19,8 @@ class Driver(object):
 
 def whitelist():
     """The allowed SR types, or None when `*` allows every driver (read as XAPI does:
-    xapi.conf, then the drop-ins in name order; the stock list when nothing sets it)."""
-    names = set(n.lower() for entry in xapiconf.effective() for n in entry.split(",") if n)
+    smtap.xapiconf; none when nothing sets it)."""
+    names = set(n.lower() for n in xapiconf.effective())
     return None if "*" in names else names
 
 

@@ -1,4 +1,4 @@
-"""aio: a raw file or block device, through Linux native AIO (libaio, via cffi).
+"""aio: a raw file or block device, through Linux native AIO (libaio, tapdisk.native).
 
     aio:/path/disk.img
 
@@ -15,7 +15,7 @@ import struct
 import threading
 
 from smtap import sparse
-from smtap.tapdisk import driver
+from smtap.tapdisk import driver, native
 from smtap.tapdisk.drivers import register
 
 BLKGETSIZE64 = 0x80081272
@@ -26,52 +26,38 @@ PAGE = 4096
 MAX_EXTENTS = 64        # per extents() call
 
 
-def _lib():
-    from smtap.tapdisk import _smtap_aio
-    return _smtap_aio.ffi, _smtap_aio.lib
-
-
 def _raise(err, what):
     raise OSError(err, "%s: %s" % (what, os.strerror(err)))
 
 
 class _Arena(object):
-    """One thread's aligned buffer and io context; freed with the thread."""
+    """One thread's aligned buffers and io context; freed with the thread."""
 
-    def __init__(self, ffi, lib):
-        self.ffi, self.lib = ffi, lib
-        ctx = ffi.new("io_context_t *")
-        r = lib.io_setup(lib.SMTAP_AIO_DEPTH, ctx)
-        if r < 0:
-            _raise(-r, "io_setup")
-        self.ctx = ctx[0]
+    def __init__(self):
+        self.ctx = None
+        self.ctx = native.io_setup(native.aio_depth())
         self.bufs = [None, None]    # reads, writes: a write batch must not clobber the
-        self.caps = [0, 0]          # read buffers a reply is still sending
-        self.nreq = 0
+        self.nreq = 0               # read buffers a reply is still sending
         self.offlen = self.res = None
 
     def buffer(self, op, size):
-        if size > self.caps[op]:
+        buf = self.bufs[op]
+        if buf is None or size > len(buf.view):
             cap = max(size, 1 << 20)
-            cap = (cap + PAGE - 1) & ~(PAGE - 1)
-            ptr = self.ffi.new("void **")
-            r = self.lib.posix_memalign(ptr, PAGE, cap)
-            if r:
-                _raise(r, "posix_memalign")
-            self.bufs[op] = self.ffi.gc(self.ffi.cast("char *", ptr[0]), self.lib.free)
-            self.caps[op] = cap
-        return self.bufs[op]
+            buf = self.bufs[op] = native.AlignedBuffer((cap + PAGE - 1) & ~(PAGE - 1))
+        return buf
 
     def arrays(self, n):
         if n > self.nreq:
             self.nreq = max(n, 64)
-            self.offlen = self.ffi.new("long long[]", 2 * self.nreq)
-            self.res = self.ffi.new("long long[]", self.nreq)
+            self.offlen = native.longlongs(2 * self.nreq)
+            self.res = native.longlongs(self.nreq)
         return self.offlen, self.res
 
     def __del__(self):
         try:
-            self.lib.io_destroy(self.ctx)
+            if self.ctx is not None:
+                native.io_destroy(self.ctx)
         except Exception:       # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -97,7 +83,6 @@ class AioDriver(driver.Driver):
         self._arenas = []
 
     def open(self, path, flags, options):
-        self.ffi, self.lib = _lib()
         self.path, self.flags = path, flags
         mode = os.O_RDONLY if flags & driver.OPEN_RDONLY else os.O_RDWR
         try:
@@ -149,7 +134,7 @@ class AioDriver(driver.Driver):
     def _arena(self):
         arena = getattr(self._local, "arena", None)
         if arena is None:
-            arena = self._local.arena = _Arena(self.ffi, self.lib)
+            arena = self._local.arena = _Arena()
         return arena
 
     def idle(self):
@@ -159,7 +144,8 @@ class AioDriver(driver.Driver):
 
     def _batch(self, op, requests, data=None):
         """Run [(length, offset)] as one AIO batch in this thread's buffer (writes copy
-        `data` in first). Returns (buffer, total). Any failure raises OSError."""
+        `data` in first). Returns (a memoryview of the buffer, total). Any failure
+        raises OSError."""
         arena = self._arena()
         n = len(requests)
         total = 0
@@ -171,13 +157,14 @@ class AioDriver(driver.Driver):
         buf = arena.buffer(op, total)
         offlen, res = arena.arrays(n)
         offlen[0:2 * n] = flat
+        view = buf.view
         if data is not None:
-            memmove = self.ffi.memmove
             pos = 0
             for piece in data:
-                memmove(buf + pos, piece, len(piece))
-                pos += len(piece)
-        failed = self.lib.smtap_aio_batch(arena.ctx, self.fd, op, n, offlen, buf, res)
+                end = pos + len(piece)
+                view[pos:end] = piece
+                pos = end
+        failed = native.aio_batch(arena.ctx, self.fd, op, n, offlen, buf.address, res)
         if failed:
             if failed < 0:
                 _raise(-failed, "io_getevents")
@@ -185,7 +172,7 @@ class AioDriver(driver.Driver):
                 if res[i] < 0:
                     _raise(-res[i], "aio %s at %d" % ("write" if op else "read", flat[2 * i]))
             _raise(errno.EIO, "short aio %s" % ("write" if op else "read"))
-        return buf, total
+        return view, total
 
     def _aligned(self, requests):
         mask = self._mask
@@ -197,8 +184,7 @@ class AioDriver(driver.Driver):
     def preadv(self, requests):
         if self.direct and not self._aligned(requests):
             return [self.pread(length, offset) for length, offset in requests]
-        buf, total = self._batch(0, requests)
-        view = memoryview(self.ffi.buffer(buf, total))
+        view, total = self._batch(0, requests)
         out = []
         pos = 0
         for length, _ in requests:
@@ -219,8 +205,8 @@ class AioDriver(driver.Driver):
     def pread(self, length, offset):
         if self.direct and not (length | offset) & self._mask:
             try:
-                buf, total = self._batch(0, [(length, offset)])
-                return bytes(self.ffi.buffer(buf, total))
+                view, total = self._batch(0, [(length, offset)])
+                return bytes(view[:total])
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -248,32 +234,31 @@ class AioDriver(driver.Driver):
         os.fdatasync(self.fd)
 
     def _fallocate(self, mode, length, offset):
-        if self.lib.fallocate(self.bfd, mode, offset, length):
-            err = self.lib.smtap_errno()
-            raise OSError(err, "fallocate %s: %s" % (self.path, os.strerror(err)))
+        try:
+            native.fallocate(self.bfd, mode, offset, length)
+        except OSError as e:
+            raise OSError(e.errno, "fallocate %s: %s" % (self.path, os.strerror(e.errno)))
 
     def trim(self, length, offset):
-        lib = self.lib
         try:
             if self.block_device:
                 fcntl.ioctl(self.bfd, BLKDISCARD, struct.pack("QQ", offset, length))
             else:
-                self._fallocate(lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
+                self._fallocate(native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE,
                                 length, offset)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
                 raise       # a trim the device cannot do is no error: it is advisory
 
     def zero(self, length, offset, may_trim=False):
-        lib = self.lib
         try:
             if self.block_device:
                 fcntl.ioctl(self.bfd, BLKZEROOUT, struct.pack("QQ", offset, length))
             elif may_trim:
-                self._fallocate(lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
+                self._fallocate(native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE,
                                 length, offset)
             else:
-                self._fallocate(lib.FALLOC_FL_ZERO_RANGE | lib.FALLOC_FL_KEEP_SIZE,
+                self._fallocate(native.FALLOC_FL_ZERO_RANGE | native.FALLOC_FL_KEEP_SIZE,
                                 length, offset)
             return
         except OSError as e:

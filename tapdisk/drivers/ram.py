@@ -22,7 +22,6 @@ Memory is accounted in chunks of 64 KiB against `budget` (default: the disk size
 write that needs a new chunk past the budget fails with ENOSPC. trim and zero give
 whole chunks back to the kernel. Sizes take the suite's suffixes (64M, 2GiB: smtap.units).
 """
-import ctypes
 import errno
 import mmap
 import os
@@ -31,18 +30,13 @@ import threading
 
 from smtap import sparse
 from smtap import units
-from smtap.tapdisk import driver
+from smtap.tapdisk import driver, native
 from smtap.tapdisk.drivers import register
 
 CHUNK_SHIFT = 16
 CHUNK = 1 << CHUNK_SHIFT
 _ZERO_CHUNK = bytes(CHUNK)
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-
-
-def _lib():
-    from smtap.tapdisk import _smtap_aio
-    return _smtap_aio.ffi, _smtap_aio.lib
 
 
 def _bitmap(n):
@@ -63,12 +57,6 @@ def _runs(flags, start, end):
         out.append((i, j, value))
         i = j
     return out
-
-
-def _oserror(what):
-    ffi, lib = _lib()
-    e = lib.smtap_errno()
-    return OSError(e, "%s: %s" % (what, os.strerror(e)))
 
 
 @register
@@ -115,7 +103,7 @@ class RamDriver(driver.Driver):
         self._map = mmap.mmap(-1, nchunks << CHUNK_SHIFT,
                               flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
         self._mv = memoryview(self._map)
-        self._addr = _address(self._map)
+        self._addr = native.address(self._map)
         try:
             if st_size:
                 self._load(min(st_size, self.size))
@@ -136,8 +124,7 @@ class RamDriver(driver.Driver):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "ram: shared=1 needs a file; %s is not one" % path)
-            ffi, lib = _lib()
-            if lib.smtap_fs_type(fd) != lib.TMPFS_MAGIC:
+            if native.fs_type(fd) != native.TMPFS_MAGIC:
                 raise OSError(errno.EINVAL, "ram: shared=1 serves the pages of a file in RAM; "
                               "%s is not on tmpfs" % path)
             if not st.st_size:
@@ -309,14 +296,12 @@ class RamDriver(driver.Driver):
             return
         self._clear(offset, c0 << CHUNK_SHIFT)
         self._clear(c1 << CHUNK_SHIFT, end)
-        ffi, lib = _lib()
         with self._lock:
             alloc = self._alloc
             for first, last, value in _runs(alloc, c0, c1):
                 if value:
-                    if lib.madvise(ffi.cast("void *", self._addr + (first << CHUNK_SHIFT)),
-                                   (last - first) << CHUNK_SHIFT, lib.MADV_DONTNEED):
-                        raise _oserror("madvise")
+                    native.madvise(self._addr + (first << CHUNK_SHIFT),
+                                   (last - first) << CHUNK_SHIFT, native.MADV_DONTNEED)
                     alloc[first:last] = bytes(last - first)
                     self.used -= (last - first) << CHUNK_SHIFT
             if self.writeback:
@@ -325,11 +310,13 @@ class RamDriver(driver.Driver):
     def _punch(self, length, offset):
         """Shared: the range becomes a hole of the file (the kernel zeroes partial pages);
         every chunk it touches may now hold holes, so is no longer known allocated."""
-        ffi, lib = _lib()
         with self._lock:
-            if lib.fallocate(self._fd, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
-                             offset, length):
-                raise _oserror("ram: punching a hole in %s" % self.path)
+            try:
+                native.fallocate(self._fd, native.FALLOC_FL_PUNCH_HOLE
+                                 | native.FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                raise OSError(e.errno, "ram: punching a hole in %s: %s"
+                              % (self.path, os.strerror(e.errno)))
             c0 = offset >> CHUNK_SHIFT
             c1 = ((offset + length - 1) >> CHUNK_SHIFT) + 1
             alloc = self._alloc
@@ -370,7 +357,6 @@ class RamDriver(driver.Driver):
             runs = [(a, b) for a, b, v in _runs(dirty, 0, len(dirty)) if v]
             for a, b in runs:
                 dirty[a:b] = bytes(b - a)
-        ffi, lib = _lib()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.lseek(fd, 0, os.SEEK_END) < self.size:
@@ -381,9 +367,12 @@ class RamDriver(driver.Driver):
                     stop = min(last << CHUNK_SHIFT, self.size)
                     if data:
                         sparse.pwrite_all(fd, self._mv[start:stop], start)
-                    elif lib.fallocate(fd, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
-                                       start, stop - start):
-                        sparse.pwrite_all(fd, bytes(stop - start), start)   # no hole punching here
+                    else:
+                        try:
+                            native.fallocate(fd, native.FALLOC_FL_PUNCH_HOLE
+                                             | native.FALLOC_FL_KEEP_SIZE, start, stop - start)
+                        except OSError:     # no hole punching here
+                            sparse.pwrite_all(fd, bytes(stop - start), start)
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -400,13 +389,3 @@ class RamDriver(driver.Driver):
     def debug(self):
         return {"allocated": self.used, "budget": self.budget, "writeback": self.writeback,
                 "shared": self._fd is not None}
-
-
-def _address(mapping):
-    """The address of a mmap's memory (for madvise); the ctypes export is dropped at once
-    (ffi.from_buffer/release would need cffi >= 1.12, newer than some dom0s have)."""
-    view = ctypes.c_char.from_buffer(mapping)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view

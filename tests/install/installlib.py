@@ -1,6 +1,7 @@
 """Helpers for the install / RPM tests: make install into a tree, the upstream paths."""
 import glob
 import os
+import shlex
 import subprocess
 import sys
 import xmlrpc.client
@@ -15,8 +16,34 @@ VERSION = open(os.path.join(TOP, "VERSION")).read().strip()
 ALL_SR_TYPES = sorted(os.path.basename(p)[:-len("SR.py")]
                       for p in glob.glob(os.path.join(TOP, "sm", "drivers", "*SR.py")))
 RPM_SR_TYPES = ["ram"]
+# XCP-ng 8.3 as shipped (test data, independent of smtap.xapiconf): xapi-core's
+# /etc/xapi.conf (xcp-ng-rpms/xapi, "configure xapi.conf to meet our needs") and
+# xcp-ng-linstor's drop-in, which repeats the whole list and adds linstor.
 STOCK_SM_PLUGINS = ("ext nfs iscsi lvmoiscsi dummy file hba rawhba udev iso lvm lvmohba "
-                    "lvmofcoe shm smb").split()
+                    "lvmofcoe shm smb cephfs glusterfs xfs zfs largeblock").split()
+XAPI_CONF_83 = """\
+# WARNING: any changes made to this file may be overwritten by future
+# updates of the xapi-core RPM.
+# You may want to create a file in the /etc/xapi.conf.d/ directory instead
+
+# The xapi config file has 3 sections: a global policy section;
+# a section for paths to helper utilities; and a timeout tweak section.
+allow-custom-uefi-certs = true
+# sm-dir =  @OPTDIR@/sm
+
+# Whitelist of SM plugins
+sm-plugins=%s
+
+# The command to query current xen livepatch list
+xen_livepatch_list = "/usr/sbin/xen-livepatch list"
+kpatch_list = "/usr/sbin/kpatch list"
+website-https-only = false
+""" % " ".join(STOCK_SM_PLUGINS)
+LINSTOR_DROPIN = ("99-enable-sm-driver-linstor.conf",
+                  "# DO NOT MODIFY: Add sm linstor plugin.\nsm-plugins=%s linstor\n"
+                  % " ".join(STOCK_SM_PLUGINS))
+# xapi-core's own drop-ins (no sm-plugins).
+XAPI_CORE_DROPINS = [("tracing.conf", "# tracing\n"), ("ssh-auto-mode.conf", "ssh-auto-mode=false\n")]
 
 # Paths owned by the host's own packages (XCP-ng 8.3 sm 3.x and blktap 3.x).
 UPSTREAM_SM_DRIVERS = """EXTSR FileSR NFSSR ISCSISR LVHDSR LVMSR LVHDoISCSISR LVHDoHBASR
@@ -102,6 +129,7 @@ def driver_info(launcher, root, python=VPY, env=None):
 
 
 def read_sm_plugins(path):
+    """The sm-plugins of one file we wrote (plain `key = a b c` lines)."""
     value = None
     with open(str(path)) as f:
         for line in f:
@@ -109,3 +137,104 @@ def read_sm_plugins(path):
             if "=" in line and line.split("=", 1)[0].strip() == "sm-plugins":
                 value = line.split("=", 1)[1].split()
     return value
+
+
+def stock_host(root, linstor=True):
+    """root's /etc as on a stock XCP-ng 8.3 host (optionally with LINSTOR's drop-in)."""
+    confd = os.path.join(str(root), "etc", "xapi.conf.d")
+    os.makedirs(confd, exist_ok=True)
+    with open(os.path.join(str(root), "etc", "xapi.conf"), "w") as f:
+        f.write(XAPI_CONF_83)
+    for name, text in XAPI_CORE_DROPINS + ([LINSTOR_DROPIN] if linstor else []):
+        with open(os.path.join(confd, name), "w") as f:
+            f.write(text)
+
+
+# --- rpm --root <dir> with the scriptlets run ------------------------------------------
+def py36_prefix():
+    """The prefix of dom0's interpreter here (.venv36's base, else pyenv's 3.6), or None."""
+    for py in (os.path.join(TOP, ".venv36", "bin", "python"),) + tuple(
+            sorted(glob.glob("/root/.pyenv/versions/3.6.*/bin/python3.6"))):
+        if os.access(py, os.X_OK):
+            out = subprocess.run([py, "-c", "import sys; print(sys.version_info[:2] == (3, 6) "
+                                  "and sys.base_prefix or '')"], stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+    return None
+
+
+# rpm runs scriptlets chrooted into --root: give the empty root what dom0 has for them,
+# in a private mount namespace (gone with the command): this machine's programs and
+# libraries read-only (sh, grep, sed), /dev, and Python 3.6 as /usr/bin/python3, like
+# dom0's. The rest of the root (/usr/share included) is the package's to fill.
+RPM_IN_ROOT = r"""
+set -e
+R=$1 PREFIX=$2; shift 2
+for d in bin sbin lib lib64; do [ -e "$R/$d" ] || ln -s usr/$d "$R/$d"; done
+for d in bin sbin lib lib64; do
+    mkdir -p "$R/usr/$d"; mount --bind /usr/$d "$R/usr/$d"; mount -o remount,bind,ro "$R/usr/$d"
+done
+mkdir -p "$R/dev" "$R$PREFIX"
+mount --bind /dev "$R/dev"
+mount --bind "$PREFIX" "$R$PREFIX"; mount -o remount,bind,ro "$R$PREFIX"
+mount --bind "$PREFIX/bin/python3.6" "$R$(readlink -f /usr/bin/python3)"
+exec rpm --root "$R" --dbpath /var/lib/rpm "$@"
+"""
+
+
+def rpm_root(root, *args, check=True):
+    """`rpm --root root <args>` with scriptlets running on dom0-like Python 3.6."""
+    prefix = py36_prefix()
+    assert prefix, "no Python 3.6 here (make py36)"
+    os.makedirs(str(root), exist_ok=True)
+    return run(["unshare", "--mount", "--propagation", "private", "sh", "-c", RPM_IN_ROOT,
+                "rpm-in-root", str(root), prefix] + list(args), check=check)
+
+
+FAKE_SPEC = """\
+Name: %(name)s
+Version: %(version)s
+Release: 1
+Summary: test stand-in for %(name)s (its sm-plugins configuration only)
+License: none
+BuildArch: noarch
+%%description
+Test stand-in.
+%%install
+%(install)s
+%%files
+%(files)s
+"""
+
+
+def fake_rpm(topdir, name, version, files):
+    """Build a tiny noarch RPM `name-version` carrying {path: text}; its path."""
+    install, listed = [], []
+    for path, text in sorted(files.items()):
+        install.append("mkdir -p %%{buildroot}%s && printf '%%s' %s > %%{buildroot}%s"
+                       % (os.path.dirname(path), shlex.quote(text), path))
+        listed.append(path)
+    spec = os.path.join(str(topdir), "%s-%s.spec" % (name, version))
+    with open(spec, "w") as f:
+        f.write(FAKE_SPEC % {"name": name, "version": version,
+                             "install": "\n".join(install).replace("%", "%%").replace(
+                                 "%%{buildroot}", "%{buildroot}"),
+                             "files": "\n".join(listed)})
+    run(["rpmbuild", "-bb", "--quiet", "--define", "_topdir %s" % topdir, spec])
+    (rpm,) = glob.glob(os.path.join(str(topdir), "RPMS", "noarch", "%s-%s-1.*.rpm"
+                                    % (name, version)))
+    return rpm
+
+
+def rpm_query_list(rpm_file):
+    """The paths an RPM file carries (rpm -qpl)."""
+    return run(["rpm", "-qpl", rpm_file]).stdout.split()
+
+
+def rpm_install(rpm_file, root):
+    """rpm --root <empty dir> -i --nodeps --noscripts, its database under that root."""
+    os.makedirs(str(root), exist_ok=True)
+    run(["rpm", "--root", str(root), "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
+         "--noscripts", rpm_file])
+    return str(root)

@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, STOCK_SM_PLUGINS, TOP, UPSTREAM_PATHS,
-                        VPY, driver_info, host_env, make_install, read_sm_plugins, run, tree)
+                        VPY, driver_info, host_env, make_install, read_sm_plugins, run, stock_host,
+                        tree)
 
 COMMANDS = ["tapdisk", "tap-ctl", "smtap-sm-plugins"]
 PLUGINS = sorted(n for n in os.listdir(os.path.join(TOP, "plugins")) if n.startswith("smtap-"))
@@ -74,8 +75,9 @@ def test_host_profile_has_only_new_types_and_no_toolstack(tmp_path):
     assert not [p for p in paths if p.startswith("/opt/smtap/lib/smtap/toolstack")]
     assert set(os.listdir(os.path.join(dest, "opt/smtap/bin"))) == \
         set(COMMANDS + ["vhd-util", "td-util"])
-    value = read_sm_plugins(os.path.join(dest, "etc/xapi.conf.d/smtap.conf"))
-    assert value[:len(STOCK_SM_PLUGINS)] == STOCK_SM_PLUGINS
+    # No xapi.conf, no drop-in: xapi-core owns the one, the RPM computes the other.
+    assert not [p for p in paths if p.startswith("/etc/xapi.conf")
+                and p != "/etc/xapi.conf.d/"], sorted(paths)
     assert not set(UPSTREAM_PATHS) & paths
 
 
@@ -95,6 +97,9 @@ def test_a_moved_tree_runs_in_place(tmp_path):
     env = host_env(root, PYTHONPATH=str(tmp_path / "poison"))
     out = run([os.path.join(moved, "opt/smtap/bin/tap-ctl"), "list"], env=env)
     assert out.stdout == "" and "POISONED" not in out.stderr
+    out = run([os.path.join(moved, "opt/smtap/bin/smtap-sm-plugins")], env=env)
+    assert out.stdout.split() == []            # no xapi.conf in root: XAPI registers none
+    stock_host(root, linstor=False)
     out = run([os.path.join(moved, "opt/smtap/bin/smtap-sm-plugins")], env=env)
     assert out.stdout.split() == STOCK_SM_PLUGINS
     if not ALL_SR_TYPES:

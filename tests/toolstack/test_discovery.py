@@ -39,10 +39,11 @@ def test_star_and_drop_ins_in_name_order(host):
     host.conf(None, "# main config\nsm-plugins=*\n")
     host.start()
     assert sm_types(host) == sorted(installed | {"other", "test"})
-    # Later drop-ins override earlier ones, whatever the main file says.
+    # Later drop-ins override earlier ones, whatever the main file says; XAPI reads
+    # every entry in byte order, whatever its name ("60-b.conf~" after "60-b.conf").
     host.conf("50-a.conf", "sm-plugins = dummy other\n")
-    host.conf("60-b.conf", "sm-plugins = test,other   # a comment\n")
-    host.conf("not-a-drop-in.txt", "sm-plugins = dummy\n")
+    host.conf("60-b.conf", "sm-plugins = dummy\n")
+    host.conf("60-b.conf~", "sm-plugins = test other   # a comment\n")
     host.restart()
     assert sm_types(host) == ["other", "test"]
     x = host.session().xenapi

@@ -1,0 +1,127 @@
+"""The engine's native calls, through ctypes (the standard library: dom0 has no cffi).
+
+- libsmtap-aio.so.1 (smtap_aio.c, built by aio_build.py): one call runs a batch of
+  libaio requests (io_setup / io_destroy come from libaio through it), and fstatfs's
+  file system type;
+- libc: fallocate (hole punching, zeroing) and madvise (giving RAM back), which
+  Python 3.6's os and mmap lack.
+ctypes releases the GIL during each call. Loaded on first use.
+"""
+import ctypes
+import mmap
+import os
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libsmtap-aio.so.1")
+
+MADV_DONTNEED = 4
+TMPFS_MAGIC = 0x01021994
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_aio = _libc = None
+_c_ll_p = ctypes.POINTER(ctypes.c_longlong)
+
+
+def _load():
+    global _aio, _libc
+    if _aio is None:
+        try:
+            lib = ctypes.CDLL(LIBRARY, use_errno=True)
+        except OSError as e:
+            raise OSError("cannot load %s (built by tapdisk/aio_build.py, `make build`): %s"
+                          % (LIBRARY, e))
+        lib.smtap_aio_depth.restype = ctypes.c_int
+        lib.smtap_aio_depth.argtypes = []
+        lib.smtap_aio_batch.restype = ctypes.c_int
+        lib.smtap_aio_batch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_int, _c_ll_p, ctypes.c_void_p, _c_ll_p]
+        lib.smtap_fs_type.restype = ctypes.c_longlong
+        lib.smtap_fs_type.argtypes = [ctypes.c_int]
+        lib.io_setup.restype = ctypes.c_int
+        lib.io_setup.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        lib.io_destroy.restype = ctypes.c_int
+        lib.io_destroy.argtypes = [ctypes.c_void_p]
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.restype = ctypes.c_int
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                   ctypes.c_longlong]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc, _aio = libc, lib
+    return _aio
+
+
+def _raise(err, what):
+    raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def aio_depth():
+    """How many requests one batch keeps in flight."""
+    return _load().smtap_aio_depth()
+
+
+def io_setup(depth):
+    """A new libaio context (an opaque address)."""
+    ctx = ctypes.c_void_p()
+    r = _load().io_setup(depth, ctypes.byref(ctx))
+    if r < 0:
+        _raise(-r, "io_setup")
+    return ctx.value
+
+
+def io_destroy(ctx):
+    _load().io_destroy(ctx)
+
+
+def fs_type(fd):
+    """The type (f_type magic) of the file system holding fd."""
+    t = _load().smtap_fs_type(fd)
+    if t < 0:
+        _raise(-t, "fstatfs")
+    return t
+
+
+def longlongs(n):
+    """A C array of n long longs (offsets and lengths, results)."""
+    return (ctypes.c_longlong * n)()
+
+
+def aio_batch(ctx, fd, op, n, offlen, base, res):
+    """smtap_aio_batch (smtap_aio.c): how many requests did not complete in full, or
+    -errno; base is the buffer's address."""
+    return _load().smtap_aio_batch(ctx, fd, op, n, offlen, base, res)
+
+
+class AlignedBuffer(object):
+    """size bytes, page aligned (O_DIRECT), in an anonymous mapping: `view` is a
+    memoryview of it, `address` its address for C. Freed with the last reference, so a
+    view a reply still holds keeps its memory alive."""
+
+    def __init__(self, size):
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self.map)
+        self.address = address(self.map)
+
+
+def address(buf):
+    """The address of a writable buffer's memory; the ctypes export is dropped at once."""
+    view = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def fallocate(fd, mode, offset, length):
+    _load()
+    if _libc.fallocate(fd, mode, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, "fallocate: %s" % os.strerror(err))
+
+
+def madvise(addr, length, advice):
+    _load()
+    if _libc.madvise(addr, length, advice):
+        err = ctypes.get_errno()
+        raise OSError(err, "madvise: %s" % os.strerror(err))
