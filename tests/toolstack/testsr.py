@@ -2,7 +2,9 @@
 answers like a minimal driver, with behaviour set by /var/lib/testsr/<Name>.json:
 caps (capability list), faults ({command: [code, message]}), exit ({command: status}),
 garbage ({command: stdout text}), sleep ({command: seconds}), nbd (the socket path
-vdi_attach names; default: one that does not exist)."""
+vdi_attach names; default: one that does not exist), calls ({command: [[xenapi call,
+[args]], ...]}: made with the driver's own session during that command, each outcome
+recorded in <Name>.results as {"value": ...} or {"error": [code, params...]})."""
 import fcntl
 import json
 import os
@@ -48,6 +50,43 @@ def introduce(x, params, label, size, **extra):
                        fields["metadata_of_pool"], fields["is_a_snapshot"],
                        fields["snapshot_time"], fields["snapshot_of"], fields["cbt_enabled"])
     return {"uuid": new, "location": fields["location"]}
+
+
+def plain(value):
+    """A XenAPI value as JSON (DateTime as {"DateTime": text})."""
+    if isinstance(value, xmlrpc.client.DateTime):
+        return {"DateTime": value.value}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def run_calls(params, calls):
+    """Each call as a driver makes it (args: JSON, {"DateTime": t} for a DateTime, "$<n>"
+    for the value call n returned)."""
+    import XenAPI
+    x = xenapi(params)
+    results = []
+
+    def arg(a):
+        if isinstance(a, dict) and list(a) == ["DateTime"]:
+            return xmlrpc.client.DateTime(a["DateTime"])
+        if isinstance(a, str) and a[:1] == "$" and a[1:].isdigit():
+            return results[int(a[1:])].get("value")
+        return a
+    for name, args in calls:
+        args = [arg(a) for a in args]
+        fn = x
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        try:
+            results.append({"call": name, "value": plain(fn(*args))})
+        except XenAPI.Failure as e:
+            results.append({"call": name, "error": e.details})
+    with open(os.path.join(STATE, NAME + ".results"), "w") as f:
+        json.dump(results, f)
 
 
 def answer(command, params, config):
@@ -112,6 +151,8 @@ def main():
     if command in config.get("exit", {}):
         sys.stderr.write("testsr: dying in %s\n" % command)
         return config["exit"][command]
+    if command in config.get("calls", {}):
+        run_calls(params, config["calls"][command])
     try:
         if command in config.get("faults", {}):
             code, message = config["faults"][command]
