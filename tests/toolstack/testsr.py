@@ -2,7 +2,8 @@
 answers like a minimal driver, with behaviour set by /var/lib/testsr/<Name>.json:
 caps (capability list), faults ({command: [code, message]}), exit ({command: status}),
 garbage ({command: stdout text}), sleep ({command: seconds}), nbd (the socket path
-vdi_attach names; default: one that does not exist), calls ({command: [[xenapi call,
+vdi_attach names; default: one that does not exist), bare_copies (snapshots and clones
+introduced with no name and no snapshot fields, as upstream DummySR does), calls ({command: [[xenapi call,
 [args]], ...]}: made with the driver's own session during that command, each outcome
 recorded in <Name>.results as {"value": ...} or {"error": [code, params...]})."""
 import fcntl
@@ -117,6 +118,9 @@ def answer(command, params, config):
     if command == "vdi_delete":
         x.VDI.db_forget(params["vdi_ref"])
         return None
+    if command in ("vdi_snapshot", "vdi_clone") and config.get("bare_copies"):
+        # as upstream DummySR: a new VDI with no name and no snapshot fields
+        return introduce(x, params, "", 0)
     if command in ("vdi_snapshot", "vdi_clone"):
         src = x.VDI.get_record(params["vdi_ref"])
         snap = command == "vdi_snapshot"

@@ -1,12 +1,14 @@
 """VDI: driver-backed create/destroy/snapshot/clone/resize/introduce, and the
 SM-only database calls (db_introduce, db_forget, size setters) drivers report with."""
+import uuid as uuidlib
+
 from smtap.errtext import value_text
 from smtap.toolstack import errors, smapi
 from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.classes.sr import assert_attached, forget_vdi_records
 from smtap.toolstack.errors import ApiError, NULL_REF
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, DATETIME, EPOCH, INT, MAP, REF, SET,
-                                     RW, SM_ONLY, record_fields)
+                                     RW, SM_ONLY, now, record_fields)
 
 VDI = ApiClass("VDI", [
     Field("name_label", setter=RW), Field("name_description", setter=RW),
@@ -79,16 +81,48 @@ def destroy(ctx, self):
         forget_vdi_records(ctx, self)
 
 
+# What the toolstack, not the driver, decides about a snapshot or clone (xapi_vdi.ml
+# snapshot_and_clone): copied from the source over whatever the driver introduced.
+COPIED_ON_COPY = ("name_label", "name_description", "type", "sharable", "other_config",
+                  "xenstore_data", "on_boot", "allow_caching")
+# sm-config keys of driver_params kept on the new VDI (storage_smapiv1.ml)
+SM_CONFIG_PRESERVED = ("base_mirror",)
+
+
 def _copy(ctx, vdi_ref, command, driver_params):
-    vdi = ctx.store.get("VDI", vdi_ref)
-    assert_attached(ctx, vdi["SR"])
-    result = smapi.call(ctx, vdi["SR"], command, vdi_ref=vdi_ref,
-                        driver_params=dict(driver_params or {}))
+    """vdi_snapshot / vdi_clone, then the new VDI finished as XAPI does: the storage
+    layer stamps its name, snapshot_time, is_a_snapshot and content_id and runs
+    vdi_update; then the fields XAPI controls are copied from the source, and a
+    snapshot records what it is a snapshot of."""
+    store = ctx.store
+    src = store.get("VDI", vdi_ref)
+    sr = src["SR"]
+    assert_attached(ctx, sr)
+    params = dict(driver_params or {})
+    result = smapi.call(ctx, sr, command, vdi_ref=vdi_ref, driver_params=params)
     ref = from_result(ctx, result)
-    driver = ctx.ts.driver(ctx.store.get("SR", vdi["SR"])["type"])
+    snapshot = command == "vdi_snapshot"
+    new = store.get("VDI", ref)
+    content_id = src["other_config"].get("content_id") or str(uuidlib.uuid4())
+    store.update("VDI", ref, {
+        "name_label": src["name_label"], "name_description": src["name_description"],
+        "snapshot_time": now(), "is_a_snapshot": snapshot,
+        "other_config": dict(new["other_config"], content_id=content_id),
+        "sm_config": dict(new["sm_config"], **{k: str(params[k]) for k in SM_CONFIG_PRESERVED
+                                               if k in params})})
+    driver = ctx.ts.driver(store.get("SR", sr)["type"])
     if smapi.has(driver, "vdi_update"):
-        smapi.call(ctx, vdi["SR"], "vdi_update", vdi_ref=ref)
+        smapi.call(ctx, sr, "vdi_update", vdi_ref=ref)
+    src = store.get("VDI", vdi_ref)
+    changes = {k: _copy_value(src[k]) for k in COPIED_ON_COPY}
+    if snapshot:
+        changes.update(is_a_snapshot=True, snapshot_of=vdi_ref)
+    store.update("VDI", ref, changes)
     return ref
+
+
+def _copy_value(value):
+    return dict(value) if isinstance(value, dict) else value
 
 
 @VDI.method
