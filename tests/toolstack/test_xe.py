@@ -96,9 +96,9 @@ def test_dummysr_through_xe(h):
     assert h.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=currently-attached") == "true"
     (brec,) = records(listing(h, "vbd-list", "vdi-uuid=" + vdis[0]))
     assert list(brec) == ["uuid", "vm-uuid", "vm-name-label", "vdi-uuid", "empty", "device"]
-    hostref_key = h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config")
-    assert hostref_key.startswith("host_OpaqueRef:") and hostref_key.endswith(": RW")
-    key = hostref_key.split(": ")[0]
+    sm_config = h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config")
+    (key,) = [kv.split(": ")[0] for kv in sm_config.split("; ") if kv.startswith("host_")]
+    assert key.startswith("host_OpaqueRef:") and "read-caching-enabled-on-" in sm_config
     assert h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config",
                    "param-key=" + key) == "RW"
     res = h.xe("vdi-destroy", "uuid=" + vdis[0])

@@ -3,7 +3,8 @@ answers like a minimal driver, with behaviour set by /var/lib/testsr/<Name>.json
 caps (capability list), faults ({command: [code, message]}), exit ({command: status}),
 garbage ({command: stdout text}), sleep ({command: seconds}), nbd (the socket path
 vdi_attach names; default: one that does not exist), bare_copies (snapshots and clones
-introduced with no name and no snapshot fields, as upstream DummySR does), calls ({command: [[xenapi call,
+introduced with no name and no snapshot fields, as upstream DummySR does), attach_result
+(what vdi_attach answers), calls ({command: [[xenapi call,
 [args]], ...]}: made with the driver's own session during that command, each outcome
 recorded in <Name>.results as {"value": ...} or {"error": [code, params...]})."""
 import fcntl
@@ -129,6 +130,8 @@ def answer(command, params, config):
     if command == "vdi_resize":
         x.VDI.set_virtual_size(params["vdi_ref"], args[0])
         return {"uuid": params["vdi_uuid"], "location": params["vdi_location"]}
+    if command == "vdi_attach" and "attach_result" in config:
+        return config["attach_result"]
     if command == "vdi_attach":
         return {"params_nbd": "nbd:unix:%s:exportname=%s" % (
                     config.get("nbd", "%s/nbd/%s" % (STATE, params["vdi_uuid"])),

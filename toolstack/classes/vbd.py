@@ -134,6 +134,7 @@ def attach(ctx, sr, vdi, writable):
                            value_text(result), "")
         info = {"params_nbd": str(result["params_nbd"]),
                 "params": str(result.get("params", "")), "writable": rw[0]}
+        _record_read_caching(ctx, vdi, result)
         if smapi.has(driver, "vdi_activate"):
             smapi.call(ctx, sr, "vdi_activate", rw, vdi_ref=vdi)
         faults.point("plug-activated")
@@ -153,6 +154,34 @@ def attach(ctx, sr, vdi, writable):
         except Exception as e:         # the journal stays: the next plug or resync retries
             log.warning("undoing the failed plug of %s: %s", vdi, e)
         raise
+
+
+def _read_caching_keys(ctx):
+    host_uuid = ctx.store.get("host", ctx.ts.host)["uuid"]
+    return "read-caching-enabled-on-" + host_uuid, "read-caching-reason-" + host_uuid
+
+
+def _record_read_caching(ctx, vdi, result):
+    """As XAPI after vdi_attach: whether this host reads the VDI through the page cache
+    (the driver's o_direct, true when absent) and why not, in the VDI's sm-config."""
+    on_key, reason_key = _read_caching_keys(ctx)
+    o_direct = result.get("o_direct", True)
+    with ctx.store.transaction():
+        sm_config = dict(ctx.store.get("VDI", vdi)["sm_config"])
+        sm_config.pop(reason_key, None)
+        sm_config[on_key] = "false" if o_direct else "true"
+        if o_direct:
+            sm_config[reason_key] = str(result.get("o_direct_reason", ""))
+        ctx.store.update("VDI", vdi, {"sm_config": sm_config})
+
+
+def _forget_read_caching(ctx, vdi):
+    keys = _read_caching_keys(ctx)
+    with ctx.store.transaction():
+        sm_config = ctx.store.get("VDI", vdi)["sm_config"]
+        if any(k in sm_config for k in keys):
+            ctx.store.update("VDI", vdi, {"sm_config": {k: v for k, v in sm_config.items()
+                                                        if k not in keys}})
 
 
 def detach(ctx, sr, vdi, force=False, vbd=None):
@@ -193,6 +222,7 @@ def undo(ctx, sr, vdi, force=False, strict=False):
         if command == "vdi_deactivate":
             faults.point("unplug-deactivated")
     with store.transaction():
+        _forget_read_caching(ctx, vdi)
         store.update("VDI", vdi, {"attach": {}})
         for ref, _ in store.find("VBD", VDI=vdi, currently_attached=True):
             store.update("VBD", ref, {"currently_attached": False, "device": ""})
