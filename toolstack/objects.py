@@ -31,6 +31,8 @@ RW = "rw"        # any session
 SM_ONLY = "sm"   # only the SM session of the object's SR (drivers reporting state)
 
 CLASSES = {}
+# (class, field) -> fn(store, ref, record): fields computed when read (operations.py)
+COMPUTED = {}
 
 
 def new_ref():
@@ -128,7 +130,8 @@ def xml_text(value, name=""):
 # The kind of each message parameter, by name (a function's annotation overrides it):
 # every parameter of every message is declared, so each is checked before it is used.
 PARAM_KINDS = {
-    REF: ("self", "host", "host_ref", "sr", "vdi", "SR", "metadata_of_pool", "snapshot_of"),
+    REF: ("self", "host", "host_ref", "sr", "vdi", "SR", "metadata_of_pool", "snapshot_of",
+          "base_vdi", "into_vdi"),
     STRING: ("uname", "pwd", "version", "originator", "plugin", "fn", "name", "cls",
              "obj_uuid", "body", "uuid", "name_label", "name_description", "type",
              "content_type", "label", "description", "location", "expr", "key"),
@@ -364,7 +367,9 @@ class Store(object):
                 field = columns.get(name)
                 if field is None:
                     raise ApiError(errors.INTERNAL_ERROR, "missing field", name, "")
-                if field.reverse:
+                if (cls, field.name) in COMPUTED:
+                    value = COMPUTED[cls, field.name](self, ref, rec)
+                elif field.reverse:
                     if field.name not in reverse:
                         reverse[field.name] = self._reverse_index(field)
                     value = reverse[field.name].get(ref, [])
@@ -391,7 +396,12 @@ class Store(object):
         for ref, rec in rows:
             wire = {}
             for f in klass.visible():
-                value = reverse[f.name].get(ref, []) if f.reverse else rec.get(f.name, f.default)
+                if (cls, f.name) in COMPUTED:
+                    value = COMPUTED[cls, f.name](self, ref, rec)
+                elif f.reverse:
+                    value = reverse[f.name].get(ref, [])
+                else:
+                    value = rec.get(f.name, f.default)
                 wire[f.name] = wire_value(f, value)
             out[ref] = wire
         return out

@@ -1,7 +1,7 @@
 """SR: create/introduce/forget/destroy/scan/probe, as XAPI sequences them."""
 import logging
 
-from smtap.toolstack import errors, smapi
+from smtap.toolstack import errors, operations, smapi
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, INT, MAP, REF, SET, RW, SM_ONLY,
                                      call)
@@ -85,7 +85,7 @@ def destroy(ctx, sr):
     (upstream FileSR.delete runs the GC, which checks it)."""
     assert_detached(ctx, sr)
     pbds = [ref for ref, _ in ctx.store.find("PBD", SR=sr, host=ctx.ts.host)]
-    with ctx.ts.lock("SR", sr):
+    with ctx.ts.lock("SR", sr), operations.running(ctx, ("SR", sr, "destroy")):
         smapi.call(ctx, sr, "sr_attach")
         try:
             for pbd in pbds:
@@ -126,7 +126,8 @@ def forget_vdi_records(ctx, vdi):
 @SR.method
 def scan(ctx, sr):
     assert_attached(ctx, sr)
-    smapi.call(ctx, sr, "sr_scan")
+    with operations.running(ctx, ("SR", sr, "scan")):
+        smapi.call(ctx, sr, "sr_scan")
     update(ctx, sr)
 
 
@@ -134,7 +135,8 @@ def scan(ctx, sr):
 def update(ctx, sr):
     driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
     if smapi.has(driver, "sr_update"):
-        smapi.call(ctx, sr, "sr_update")
+        with operations.running(ctx, ("SR", sr, "update")):
+            smapi.call(ctx, sr, "sr_update")
 
 
 @SR.method
