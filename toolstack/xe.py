@@ -129,14 +129,14 @@ for _prefix, _cls in PREFIXES.items():
 
 
 # --- SR ---------------------------------------------------------------------------------
-@command("sr-create", ["name-label"], ["host-uuid", "physical-size", "content-type", "type",
-                                       "shared", "device-config:", "sm-config:",
-                                       "name-description"],
+@command("sr-create", ["name-label", "type"], ["host-uuid", "physical-size", "content-type",
+                                               "shared", "device-config:", "sm-config:",
+                                               "name-description"],
          "Create an SR, and its PBD on this host, and plug it.")
 def sr_create(x, args, out):
     sr = x.SR.create(this_host(x, args), args.map("device-config"),
                      args.size("physical-size", required=False), args.need("name-label"),
-                     args.get("name-description", ""), args.get("type", "lvm"),
+                     args.get("name-description", ""), args.need("type"),
                      args.get("content-type", ""), args.flag("shared"), args.map("sm-config"))
     uuid_of(x, "SR", sr, out)
 
