@@ -2,13 +2,16 @@
 vdi-forget, vdi-copy, help <command>, xe's global options, enums in any case, device and
 size checks, allowed/current operations, and errors printed as XAPI's CLI prints them
 (the datamodel's description and named parameters, never a Python class name)."""
+import os
 import re
 import threading
 import time
 
 import pytest
 
-from smtap.toolstack import errors, inventory
+from smtap.toolstack import errors, inventory, xe
+from smtap.toolstack.cli_params import GENERIC
+from smtap.toolstack.cli_records import PREFIXES
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -198,3 +201,16 @@ def test_allowed_and_current_operations(h):
     finally:
         scan.join()
     assert get(h, "sr", sr, "current-operations") == ""
+
+
+def test_readme_lists_every_xe_command():
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(top, "README.md")) as f:
+        readme = f.read().split("## The local toolstack by hand", 1)[1].split("\n## ", 1)[0]
+    generic = ["%s-%s" % (p, suffix) for p in PREFIXES for suffix, *_ in GENERIC]
+    for suffix, *_ in GENERIC:
+        assert "-" + suffix + "`" in readme, suffix
+    for prefix in PREFIXES:
+        assert "`%s`" % prefix in readme, prefix
+    missing = [n for n in xe.COMMANDS if n not in generic and "`%s`" % n not in readme]
+    assert not missing, missing
