@@ -159,45 +159,44 @@ def param_set_command(cls):
     return run
 
 
+def named_field(x, cls, args, kinds):
+    """(ref, cli name, XenAPI field, qualifier, the class's API) of the uuid= object's
+    param-name= field; refused unless the field is of one of these kinds."""
+    ref = by_uuid(x, cls, args.need("uuid"))
+    name = args.need("param-name")
+    _, source, qual = field(cls, name)
+    writable(cls, name, kinds)
+    return ref, name, source, qual, api(x, cls)
+
+
 def param_add_command(cls):
     """param-name=<map> <key>=<value>..., or param-name=<set> param-key=<value>."""
     def run(x, args, out):
-        ref = by_uuid(x, cls, args.need("uuid"))
-        name = args.need("param-name")
-        _, source, qual = field(cls, name)
-        writable(cls, name, ("MRW", "SRW"))
+        ref, _, source, qual, calls = named_field(x, cls, args, ("MRW", "SRW"))
         if qual == "SRW":
-            getattr(api(x, cls), "add_" + source)(ref, args.need("param-key"))
+            getattr(calls, "add_" + source)(ref, args.need("param-key"))
             return
-        pairs = {k: v for k, v in args.values.items() if k not in ("uuid", "param-name")}
-        for key, value in pairs.items():
-            getattr(api(x, cls), "add_to_" + source)(ref, key, value)
+        for key, value in args.values.items():
+            if key not in ("uuid", "param-name"):
+                getattr(calls, "add_to_" + source)(ref, key, value)
     return run
 
 
 def param_remove_command(cls):
     def run(x, args, out):
-        ref = by_uuid(x, cls, args.need("uuid"))
-        name = args.need("param-name")
-        _, source, qual = field(cls, name)
-        writable(cls, name, ("MRW", "SRW"))
-        key = args.need("param-key")
+        ref, _, source, qual, calls = named_field(x, cls, args, ("MRW", "SRW"))
         prefix = "remove_" if qual == "SRW" else "remove_from_"
-        getattr(api(x, cls), prefix + source)(ref, key)
+        getattr(calls, prefix + source)(ref, args.need("param-key"))
     return run
 
 
 def param_clear_command(cls):
     """A map or set emptied, a string field set to ""."""
     def run(x, args, out):
-        ref = by_uuid(x, cls, args.need("uuid"))
-        name = args.need("param-name")
-        _, source, qual = field(cls, name)
-        writable(cls, name, ("RW", "MRW", "SRW"))
-        empty = {"MRW": {}, "SRW": []}.get(qual, "")
+        ref, name, source, qual, calls = named_field(x, cls, args, ("RW", "MRW", "SRW"))
         if qual == "RW" and (name in BOOL_FIELDS or name in INT_FIELDS or name in ENUMS):
             raise CliError("Error: Parameter '%s' cannot be cleared" % name)
-        getattr(api(x, cls), "set_" + source)(ref, empty)
+        getattr(calls, "set_" + source)(ref, {"MRW": {}, "SRW": []}.get(qual, ""))
     return run
 
 
