@@ -20,12 +20,11 @@ INT_FIELDS = ("user-version", "VCPUs-max", "VCPUs-at-startup")
 ENUMS = {"on-boot": ("persist", "reset"), "mode": ("RO", "RW"), "type": ("Disk", "CD", "Floppy")}
 
 
-def parse_bool(name, value):
+def cli_bool(name, value):
     try:
         return units.parse_bool(value, name, units.XE_BOOL)
     except ValueError:
-        raise CliError("Error: Failed to parse parameter '%s': expecting 'true' or 'false'"
-                       % name)
+        raise CliError("Failed to parse parameter '%s': expecting 'true' or 'false'" % name)
 
 
 def parse_enum(name, value, choices):
@@ -46,7 +45,7 @@ def field(cls, name):
 
 def setter_value(name, value):
     if name in BOOL_FIELDS:
-        return parse_bool(name, value)
+        return cli_bool(name, value)
     if name in INT_FIELDS:
         try:
             return str(int(value))

@@ -21,8 +21,12 @@ A column is compared as the database stores it: strings as they are, booleans
 LEX_ERROR = 'Failure("lexing: empty token")'
 PARSE_ERROR = "Stdlib.Parsing.Parse_error"
 
-EQ, LPAREN, RPAREN, STRING, EOF = "=", "(", ")", "string", "eof"
-KEYWORDS = ("true", "false", "field", "and", "or", "not")
+# Token kinds, named as in db_filter_parse.mly; a keyword's text -> its kind.
+EQ, LPAREN, RPAREN, IDENT, EOF = "EQ", "LPAREN", "RPAREN", "IDENT", "EOF"
+TRUE, FALSE, FIELD, LAND, LOR, LNOT = "TRUE", "FALSE", "FIELD", "LAND", "LOR", "LNOT"
+KEYWORDS = (("true", TRUE), ("false", FALSE), ("field", FIELD), ("and", LAND), ("or", LOR),
+            ("not", LNOT))
+PUNCTUATION = {"=": EQ, "(": LPAREN, ")": RPAREN}
 _BLANKS = " \t\n"
 
 
@@ -41,21 +45,21 @@ def _lex(text):
             yield EOF, ""
             return
         c = text[i]
-        if c in (EQ, LPAREN, RPAREN):
+        if c in PUNCTUATION:
             i += 1
-            yield c, c
+            yield PUNCTUATION[c], c
             continue
         if c == '"':
             end = text.find('"', i + 1)
             if end < 0:
                 raise FilterSyntaxError(LEX_ERROR)
-            yield STRING, text[i + 1:end]
+            yield IDENT, text[i + 1:end]
             i = end + 1
             continue
-        for word in KEYWORDS:
+        for word, kind in KEYWORDS:
             if text.startswith(word, i):
                 i += len(word)
-                yield word, word
+                yield kind, word
                 break
         else:
             raise FilterSyntaxError(LEX_ERROR)
@@ -79,17 +83,20 @@ class _Parser(object):
 
     def expr(self):
         left = self.unary()
-        while self.kind in ("and", "or"):
-            op = self.advance()
+        while self.kind in (LAND, LOR):
+            op = self.kind
+            self.advance()
             left = (op, left, self.unary())
         return left
 
     def unary(self):
-        if self.kind == "not":
+        if self.kind == LNOT:
             self.advance()
-            return ("not", self.expr())
-        if self.kind in ("true", "false"):
-            return (self.advance(),)
+            return (LNOT, self.expr())
+        if self.kind in (TRUE, FALSE):
+            kind = self.kind
+            self.advance()
+            return (kind,)
         if self.kind == LPAREN:
             self.advance()
             inner = self.expr()
@@ -97,13 +104,13 @@ class _Parser(object):
             return inner
         left = self.value()
         self.expect(EQ)
-        return ("eq", left, self.value())
+        return (EQ, left, self.value())
 
     def value(self):
-        if self.kind == "field":
+        if self.kind == FIELD:
             self.advance()
-            return ("field", self.expect(STRING))
-        return ("literal", self.expect(STRING))
+            return (FIELD, self.expect(IDENT))
+        return (IDENT, self.expect(IDENT))
 
 
 def parse(text):
@@ -119,22 +126,22 @@ def evaluate(tree, column):
     raises for an unknown one). Evaluated lazily, left to right, as XAPI does: a column
     named only behind a short-circuited branch is never looked up."""
     op = tree[0]
-    if op == "true":
+    if op == TRUE:
         return True
-    if op == "false":
+    if op == FALSE:
         return False
-    if op == "not":
+    if op == LNOT:
         return not evaluate(tree[1], column)
-    if op == "and":
+    if op == LAND:
         return evaluate(tree[1], column) and evaluate(tree[2], column)
-    if op == "or":
+    if op == LOR:
         return evaluate(tree[1], column) or evaluate(tree[2], column)
     return _value(tree[1], column) == _value(tree[2], column)
 
 
 def _value(value, column):
     kind, text = value
-    return column(text) if kind == "field" else text
+    return column(text) if kind == FIELD else text
 
 
 # --- the database's text of a value (Schema.Value.marshal) ------------------------------

@@ -14,7 +14,7 @@ import XenAPI
 from smtap import settings, units
 from smtap.toolstack import client
 from smtap.toolstack.cli_errors import USAGE, failure_lines, internal_error_lines
-from smtap.toolstack.cli_params import (GENERIC, CliError, by_uuid, parse_bool, parse_enum)
+from smtap.toolstack.cli_params import GENERIC, CliError, by_uuid, cli_bool, parse_enum
 from smtap.toolstack.cli_records import PREFIXES, format_table
 
 COMMANDS = {}     # name -> Command
@@ -70,7 +70,7 @@ class Args(object):
 
     def flag(self, name, default=False):
         value = self.values.get(name)
-        return default if value is None else parse_bool(name, value)
+        return default if value is None else cli_bool(name, value)
 
     def enum(self, name, choices, default):
         value = self.values.get(name)
