@@ -42,7 +42,7 @@ RPMBUILD_FLAGS ?= --nodeps
 # venv's to run the installed drivers on this machine.
 RPM_PYTHON ?= /usr/bin/python3
 
-.PHONY: build deps venv aio commands test demo install install-host rpm bench clean vermin py36
+.PHONY: build deps venv venv-owner aio commands test demo install install-host rpm bench clean vermin py36
 
 build: deps venv aio commands
 
@@ -53,7 +53,18 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-venv: $(VENV)/.stamp
+venv: venv-owner $(VENV)/.stamp
+
+# A venv copied along with its checkout (cp -a) still runs the original checkout's code:
+# its scripts' #! lines name the original venv, its smtap-checkout.pth the original tree.
+# Repoint both at this checkout (the #! of pip says whose venv it is).
+venv-owner:
+	@old=$$(sed -n '1s|^#!\(.*\)/\.venv/bin/python3*$$|\1|p' $(VENV)/bin/pip 2>/dev/null); \
+	if [ -n "$$old" ] && [ "$$old" != "$(TOP)" ]; then \
+		echo "venv: $(VENV) was made for $$old: repointing it to $(TOP)"; \
+		grep -rlIF -- "$$old/.venv" $(VENV)/bin $(VENV)/pyvenv.cfg | xargs -r sed -i "s|$$old/\.venv|$(VENV)|g"; \
+		echo $(TOP) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/smtap-checkout.pth; \
+	fi
 
 $(VENV)/.stamp: requirements.txt
 	test -x $(VPY) || python3 -m venv $(VENV)

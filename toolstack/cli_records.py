@@ -159,6 +159,14 @@ CLASSES = {
             ("tags", "tags", "SRW")],
         "default": ["uuid", "name-label", "name-description"],
     },
+    "pool": {
+        "fields": NAME + [
+            ("master", ref_uuid("host", "master"), "RO"),
+            ("default-SR", ref_uuid("SR", "default_SR"), "RO"),
+            ("ha-enabled", "ha_enabled", "RO"), ("other-config", "other_config", "MRW"),
+            ("restrictions", "restrictions", "MRO"), ("tags", "tags", "SRW")],
+        "default": ["uuid", "name-label", "name-description", "master", "default-SR"],
+    },
     "VM": {
         "fields": NAME + [
             ("user-version", "user_version", "RW"), ("is-a-template", "is_a_template", "RW"),
@@ -175,7 +183,7 @@ CLASSES = {
 
 # The CLI's class prefixes (sr-list, vm-list, ...).
 PREFIXES = {"sr": "SR", "pbd": "PBD", "vdi": "VDI", "vbd": "VBD", "sm": "SM", "host": "host",
-            "vm": "VM"}
+            "vm": "VM", "pool": "pool"}
 
 
 def fields_of(cls):
@@ -197,8 +205,13 @@ def render(cls, rec, look, names=None):
 
 def format_record(rows):
     """XAPI's multi-line record: first key padded right, others right-aligned."""
-    keys = ["%s (%3s)" % (name, qual) for name, qual, _, _ in rows]
-    width = 4 + max(len(k) for k in keys)
-    lines = [(k.ljust(width) if i == 0 else k.rjust(width)) + ": " + rows[i][2]
-             for i, k in enumerate(keys)]
+    return format_table([("%s (%3s)" % (name, qual), shown) for name, qual, shown, _ in rows])
+
+
+def format_table(pairs):
+    """XAPI's CLI table (Cli_printer.PTable): keys aligned on the widest + 4, the first
+    padded on the right, the others on the left."""
+    width = 4 + max(len(k) for k, _ in pairs)
+    lines = [(k.ljust(width) if i == 0 else k.rjust(width)) + ": " + v
+             for i, (k, v) in enumerate(pairs)]
     return "\n".join(lines) + "\n"

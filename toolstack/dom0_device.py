@@ -42,7 +42,11 @@ def mount_dir(vdi_uuid):
 
 
 def create(vdi_uuid, params_nbd, params="", writable=True):
-    """Fields for the VDI's attach info: the device name (and whether we made one)."""
+    """Fields for the VDI's attach info: the device name (and whether we made one).
+    An empty params_nbd (upstream blktap2's answer when it starts no tapdisk) is no NBD
+    export: as XAPI, the block device in `params`, if any, is the VDI's device."""
+    if not params_nbd:
+        return {"device": os.path.basename(params) if params else ""}
     path, name = parse_nbd(params_nbd)
     blockdev = _blockdev()
     if blockdev is None or not os.path.exists(path):

@@ -15,7 +15,7 @@ import uuid as uuidlib
 import xmlrpc.client
 
 from smtap import units
-from smtap.toolstack import errors
+from smtap.toolstack import dbfilter, errors
 from smtap.toolstack.errors import ApiError, NULL_REF
 
 log = logging.getLogger("smtap.xapi.objects")
@@ -31,6 +31,8 @@ RW = "rw"        # any session
 SM_ONLY = "sm"   # only the SM session of the object's SR (drivers reporting state)
 
 CLASSES = {}
+# (class, field) -> fn(store, ref, record): fields computed when read (operations.py)
+COMPUTED = {}
 
 
 def new_ref():
@@ -128,7 +130,8 @@ def xml_text(value, name=""):
 # The kind of each message parameter, by name (a function's annotation overrides it):
 # every parameter of every message is declared, so each is checked before it is used.
 PARAM_KINDS = {
-    REF: ("self", "host", "host_ref", "sr", "vdi", "SR", "metadata_of_pool", "snapshot_of"),
+    REF: ("self", "host", "host_ref", "sr", "vdi", "SR", "metadata_of_pool", "snapshot_of",
+          "base_vdi", "into_vdi"),
     STRING: ("uname", "pwd", "version", "originator", "plugin", "fn", "name", "cls",
              "obj_uuid", "body", "uuid", "name_label", "name_description", "type",
              "content_type", "label", "description", "location", "expr", "key"),
@@ -191,6 +194,10 @@ class ApiClass(object):
     def visible(self):
         return [f for f in self.fields.values() if not f.hidden]
 
+    def columns(self):
+        """{database column name: field} of the fields a filter may name."""
+        return {DB_NAMES.get(f.name, f.name): f for f in self.visible()}
+
     def defaults(self):
         return {f.name: _copy(f.default) for f in self.fields.values() if not f.reverse}
 
@@ -208,8 +215,7 @@ class ApiClass(object):
         m["get_all_records"] = _generic(get_all_records)
 
         def get_all_records_where(ctx, expr):
-            test = parse_where(expr)
-            return {ref: rec for ref, rec in ctx.store.export_all(cls.name).items() if test(rec)}
+            return ctx.store.where(cls.name, expr)
         m["get_all_records_where"] = _generic(get_all_records_where)
 
         def get_by_uuid(ctx, uuid):
@@ -343,22 +349,59 @@ class Store(object):
     def export_all(self, cls):
         return self._export(cls, self.db.all(cls))
 
+    def where(self, cls, expr):
+        """The wire records whose row matches a get_all_records_where expression: a
+        malformed one is INVALID_VALUE [expr, message], an unknown column
+        INTERNAL_ERROR [missing field, name, ""] once a row is compared (as XAPI)."""
+        try:
+            tree = dbfilter.parse(xml_text(str(expr)))
+        except dbfilter.FilterSyntaxError as e:
+            raise ApiError(errors.INVALID_VALUE, expr, str(e))
+        columns = CLASSES[cls].columns()
+        reverse = {}
+
+        def matches(ref, rec):
+            def column(name):
+                if name == "_ref":
+                    return ref
+                field = columns.get(name)
+                if field is None:
+                    raise ApiError(errors.INTERNAL_ERROR, "missing field", name, "")
+                if (cls, field.name) in COMPUTED:
+                    value = COMPUTED[cls, field.name](self, ref, rec)
+                elif field.reverse:
+                    if field.name not in reverse:
+                        reverse[field.name] = self._reverse_index(field)
+                    value = reverse[field.name].get(ref, [])
+                else:
+                    value = rec.get(field.name, field.default)
+                return db_text(field, value)
+            return dbfilter.evaluate(tree, column)
+        return self._export(cls, [(ref, rec) for ref, rec in self.db.all(cls)
+                                  if matches(ref, rec)])
+
+    def _reverse_index(self, field):
+        """{ref: [refs of the other class pointing at it]} for a reverse field."""
+        other, pointer = field.reverse
+        index = {}
+        for oref, orec in self.db.all(other):
+            index.setdefault(orec.get(pointer), []).append(oref)
+        return index
+
     def _export(self, cls, rows):
         """Wire records ({ref: record}), reverse references filled in."""
         klass = CLASSES[cls]
-        reverse = {}
-        for f in klass.visible():
-            if f.reverse:
-                other, pointer = f.reverse
-                index = {}
-                for oref, orec in self.db.all(other):
-                    index.setdefault(orec.get(pointer), []).append(oref)
-                reverse[f.name] = index
+        reverse = {f.name: self._reverse_index(f) for f in klass.visible() if f.reverse}
         out = {}
         for ref, rec in rows:
             wire = {}
             for f in klass.visible():
-                value = reverse[f.name].get(ref, []) if f.reverse else rec.get(f.name, f.default)
+                if (cls, f.name) in COMPUTED:
+                    value = COMPUTED[cls, f.name](self, ref, rec)
+                elif f.reverse:
+                    value = reverse[f.name].get(ref, [])
+                else:
+                    value = rec.get(f.name, f.default)
                 wire[f.name] = wire_value(f, value)
             out[ref] = wire
         return out
@@ -381,94 +424,28 @@ def to_wire(value):
     return value
 
 
-# --- get_all_records_where: XAPI's expression language ------------------------------
-_TOKEN = re.compile(r'\s*(?:(\()|(\))|(=)|"((?:[^"\\]|\\.)*)"|(\w+))')
+# --- get_all_records_where: columns as XAPI's database stores them -------------------
+# Fields in a datamodel namespace are stored as <namespace>__<name> (name/label ->
+# name__label): a filter names those columns, not the wire names.
+DB_NAMES = dict((n.replace("__", "_"), n) for n in (
+    "name__label", "name__description", "API_version__major", "API_version__minor",
+    "API_version__vendor", "API_version__vendor_implementation", "memory__static_max",
+    "memory__dynamic_max", "memory__dynamic_min", "memory__static_min", "VCPUs__max",
+    "VCPUs__at_startup", "qos__algorithm_type", "qos__algorithm_params",
+    "qos__supported_algorithms"))
 
 
-def parse_where(expr):
-    """A predicate over wire records for `field "X" = "Y" and (...) or not ...`."""
-    tokens = []
-    pos = 0
-    expr = str(expr)
-    while pos < len(expr.rstrip()):
-        m = _TOKEN.match(expr, pos)
-        if not m:
-            raise ApiError(errors.INVALID_VALUE, "expr", expr)
-        lp, rp, eq, string, word = m.groups()
-        tokens.append(("str", string.replace('\\"', '"')) if string is not None
-                      else ("op", lp or rp or eq or word.lower()))
-        pos = m.end()
-    parser = _WhereParser(tokens, expr)
-    pred = parser.or_expr()
-    if parser.i != len(tokens):
-        raise ApiError(errors.INVALID_VALUE, "expr", expr)
-    return pred
-
-
-class _WhereParser(object):
-    def __init__(self, tokens, expr):
-        self.tokens, self.expr, self.i = tokens, expr, 0
-
-    def peek(self):
-        return self.tokens[self.i] if self.i < len(self.tokens) else (None, None)
-
-    def take(self, kind=None, value=None):
-        tok = self.peek()
-        if tok[0] is None or (kind and tok[0] != kind) or (value and tok[1] != value):
-            raise ApiError(errors.INVALID_VALUE, "expr", self.expr)
-        self.i += 1
-        return tok[1]
-
-    def or_expr(self):
-        left = self.and_expr()
-        while self.peek() == ("op", "or"):
-            self.take()
-            right, prev = self.and_expr(), left
-            left = lambda r, a=prev, b=right: a(r) or b(r)
-        return left
-
-    def and_expr(self):
-        left = self.unary()
-        while self.peek() == ("op", "and"):
-            self.take()
-            right, prev = self.unary(), left
-            left = lambda r, a=prev, b=right: a(r) and b(r)
-        return left
-
-    def unary(self):
-        tok = self.peek()
-        if tok == ("op", "not"):
-            self.take()
-            inner = self.unary()
-            return lambda r: not inner(r)
-        if tok == ("op", "("):
-            self.take()
-            inner = self.or_expr()
-            self.take("op", ")")
-            return inner
-        if tok in (("op", "true"), ("op", "false")):
-            self.take()
-            return lambda r, v=tok[1] == "true": v
-        left = self.operand()
-        self.take("op", "=")
-        right = self.operand()
-        return lambda r: left(r) == right(r)
-
-    def operand(self):
-        if self.peek() == ("op", "field"):
-            self.take()
-            name = self.take("str").replace("__", "_")
-            return lambda r: _as_text(r.get(name))
-        value = self.take("str")
-        return lambda r: value
-
-
-def _as_text(value):
-    if isinstance(value, bool):
+def db_text(field, value):
+    """A field's value as the database's text (what a filter compares)."""
+    if field.kind == BOOL:
         return "true" if value else "false"
-    if isinstance(value, xmlrpc.client.DateTime):
-        return value.value
-    return "" if value is None else str(value)
+    if field.kind == FLOAT:
+        return "%.16g" % value
+    if field.kind == SET:
+        return dbfilter.stored_set(value)
+    if field.kind == MAP:
+        return dbfilter.stored_map(value)
+    return str(value)
 
 
 def record_fields(cls, record, required=()):

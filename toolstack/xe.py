@@ -1,8 +1,10 @@
 """xe: XAPI's command line for the local toolstack, through the real XenAPI client.
 
-    xe <command> [key=value ...] [map:key=value ...] [--minimal]
+    xe [-s server] [-p port] [-u user] [-pw password] [-pwf file] [--compat]
+       <command> [key=value ...] [map:key=value ...] [--minimal]
 
-Output and errors as XAPI's CLI prints them; any error exits non-zero.
+Output and errors as XAPI's CLI prints them; any error exits non-zero. The global
+options are accepted as xe takes them; the toolstack is always this root's own.
 """
 import socket
 import sys
@@ -11,15 +13,30 @@ import XenAPI
 
 from smtap import settings, units
 from smtap.toolstack import client
-from smtap.toolstack.cli_records import (PREFIXES, Lookup, fields_of, format_record, render,
-                                         text, CLASSES as CLI_CLASSES)
+from smtap.toolstack.cli_errors import USAGE, failure_lines, internal_error_lines
+from smtap.toolstack.cli_params import GENERIC, CliError, by_uuid, cli_bool, parse_enum
+from smtap.toolstack.cli_records import PREFIXES, format_table
 
-COMMANDS = {}
-MAP_PARAMS = ("device-config", "sm-config", "driver-params", "args", "other-config")
+COMMANDS = {}     # name -> Command
+MAX_TIB = (2 ** 63 - 1) >> 40
+# xe's global options: those with a value, those without; and the parameters xe
+# itself consumes (XAPI filters them from every command's parameters).
+GLOBAL_VALUE_OPTIONS = ("-s", "-p", "-u", "-pw", "-pwf", "-h")
+GLOBAL_FLAGS = ("--compat", "--nossl", "--debug", "--debug-on-fail", "--traceback")
+GLOBAL_PARAMS = ("server", "port", "username", "password", "passwordfile")
 
 
-class CliError(Exception):
-    pass
+class Command(object):
+    def __init__(self, name, fn, reqd=(), optn=(), help=""):
+        self.name, self.fn, self.reqd, self.optn, self.help = name, fn, list(reqd), \
+            list(optn), help
+
+
+def command(name, reqd=(), optn=(), help=""):
+    def register(fn):
+        COMMANDS[name] = Command(name, fn, reqd, optn, help)
+        return fn
+    return register
 
 
 class Args(object):
@@ -33,10 +50,10 @@ class Args(object):
                 continue
             key, sep, value = arg.partition("=")
             if not sep or not key:
-                raise CliError("Syntax error: expected key=value, got '%s'" % arg)
-            prefix, colon, mkey = key.partition(":")
-            if colon and prefix in MAP_PARAMS:
-                self.maps.setdefault(prefix, {})[mkey] = value
+                raise CliError("Syntax error: expected key=value, got '%s'" % arg, usage=True)
+            mapname, colon, mkey = key.partition(":")
+            if colon:
+                self.maps.setdefault(mapname, {})[mkey] = value
             else:
                 self.values[key] = value
 
@@ -45,7 +62,7 @@ class Args(object):
 
     def need(self, name):
         if name not in self.values:
-            raise CliError("Required parameter not found: %s" % name)
+            raise CliError("Required parameter not found: %s" % name, usage=True)
         return self.values[name]
 
     def map(self, name):
@@ -53,31 +70,47 @@ class Args(object):
 
     def flag(self, name, default=False):
         value = self.values.get(name)
-        if value is None:
-            return default
-        try:
-            return units.parse_bool(value, name, units.XE_BOOL)
-        except ValueError:
-            raise CliError("Failed to parse parameter '%s': expecting 'true' or 'false'" % name)
+        return default if value is None else cli_bool(name, value)
+
+    def enum(self, name, choices, default):
+        value = self.values.get(name)
+        return default if value is None else parse_enum(name, value, choices)
 
     def size(self, name, required=True):
+        """A number and a unit (smtap.units); an int64, or refused with XAPI's words
+        (Record_util.bytes_of_string)."""
         value = self.need(name) if required else self.values.get(name, "0")
         try:
-            return str(units.parse_size(value, name, minimum=0))
+            size = units.parse_size(value, name, minimum=0)
         except ValueError:
-            raise CliError("Failed to parse parameter '%s': expecting an integer "
-                           "(possibly with suffix)" % name)
+            raise CliError("Error: Failed to parse field '%s': expecting an integer (possibly "
+                           "with suffix)" % name)
+        if size >= 2 ** 63:
+            raise CliError("Error: Failed to parse field '%s': number too big (maximum = %d "
+                           "TiB)" % (name, MAX_TIB))
+        return str(size)
 
 
-def command(name):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
-    return register
-
-
-def by_uuid(x, cls, uuid):
-    return getattr(x, cls).get_by_uuid(uuid)
+def split_globals(argv):
+    """(xe's global options, the rest); a global option without its value is refused."""
+    options, rest = {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in GLOBAL_VALUE_OPTIONS:
+            if i + 1 >= len(argv):
+                raise CliError("Syntax error: %s needs a value" % arg, usage=True)
+            options[arg] = argv[i + 1]
+            i += 2
+            continue
+        if arg in GLOBAL_FLAGS:
+            options[arg] = True
+        elif arg.partition("=")[0] in GLOBAL_PARAMS and "=" in arg:
+            options[arg.partition("=")[0]] = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+        i += 1
+    return options, rest
 
 
 def this_host(x, args):
@@ -86,91 +119,31 @@ def this_host(x, args):
     return by_uuid(x, "host", uuid) if uuid else x.pool.get_master(x.pool.get_all()[0])
 
 
-# --- generic list / param commands ------------------------------------------------------
-def list_command(cls):
-    def run(x, args, out):
-        look = Lookup(x)
-        records = look.records(cls)
-        wanted = args.get("params")
-        all_names = [f[0] for f in fields_of(cls)]
-        if wanted == "all":
-            names = all_names
-        elif wanted:
-            names = [n.strip() for n in wanted.split(",") if n.strip()]
-            unknown = [n for n in names if n not in all_names]
-            if unknown:
-                raise CliError("Unknown field '%s'" % unknown[0])
-        else:
-            names = CLI_CLASSES[cls]["default"]
-        filters = {k: v for k, v in args.values.items() if k != "params"}
-        for k in filters:
-            if k not in all_names:
-                raise CliError("Unknown field '%s'" % k)
-        rows = []
-        for rec in records.values():
-            full = {n: t for n, _, t, _ in render(cls, rec, look)}
-            if all(full[k] == v for k, v in filters.items()):
-                rows.append(render(cls, rec, look, names))
-        print_table(rows, "minimal" in args.flags, out)
-    return run
-
-
-def print_table(rows, minimal, out):
-    if minimal:
-        out.write(",".join(r[0][2].replace("\\", "\\\\").replace(",", "\\,")
-                           for r in rows if r) + "\n")
-        return
-    for r in rows:
-        out.write(format_record(r) + "\n\n")
-
-
-def param_list_command(cls):
-    def run(x, args, out):
-        ref = by_uuid(x, cls, args.need("uuid"))
-        look = Lookup(x)
-        out.write(format_record(render(cls, look.records(cls)[ref], look)) + "\n\n")
-    return run
-
-
-def param_get_command(cls):
-    def run(x, args, out):
-        name = args.need("param-name")
-        ref = by_uuid(x, cls, args.need("uuid"))
-        if name not in [f[0] for f in fields_of(cls)]:
-            raise CliError("Unknown field '%s'" % name)
-        look = Lookup(x)
-        (_, _, shown, value), = render(cls, look.records(cls)[ref], look, [name])
-        key = args.get("param-key")
-        if key is not None:
-            if not isinstance(value, dict) or key not in value:
-                raise CliError("Key %s not found in map" % key)
-            shown = text(value[key])
-        out.write(shown + "\n")
-    return run
-
-
-for _prefix, _cls in PREFIXES.items():
-    COMMANDS[_prefix + "-list"] = list_command(_cls)
-    COMMANDS[_prefix + "-param-list"] = param_list_command(_cls)
-    COMMANDS[_prefix + "-param-get"] = param_get_command(_cls)
-
-
 def uuid_of(x, cls, ref, out):
     out.write(getattr(x, cls).get_uuid(ref) + "\n")
 
 
+for _prefix, _cls in PREFIXES.items():
+    for _suffix, _factory, _reqd, _optn, _help in GENERIC:
+        command("%s-%s" % (_prefix, _suffix), _reqd, _optn, _help % _cls)(_factory(_cls))
+
+
 # --- SR ---------------------------------------------------------------------------------
-@command("sr-create")
+@command("sr-create", ["name-label", "type"], ["host-uuid", "physical-size", "content-type",
+                                               "shared", "device-config:", "sm-config:",
+                                               "name-description"],
+         "Create an SR, and its PBD on this host, and plug it.")
 def sr_create(x, args, out):
-    name, sr_type = args.need("name-label"), args.need("type")
     sr = x.SR.create(this_host(x, args), args.map("device-config"),
-                     args.size("physical-size", required=False), name,
-                     args.get("name-description", ""), sr_type, args.get("content-type", ""),
-                     args.flag("shared"), args.map("sm-config"))
+                     args.size("physical-size", required=False), args.need("name-label"),
+                     args.get("name-description", ""), args.need("type"),
+                     args.get("content-type", ""), args.flag("shared"), args.map("sm-config"))
     uuid_of(x, "SR", sr, out)
 
 
-@command("sr-introduce")
+@command("sr-introduce", ["name-label", "type", "uuid"],
+         ["content-type", "shared", "sm-config:", "name-description"],
+         "Introduce an SR that exists on its storage (no PBD, nothing attached).")
 def sr_introduce(x, args, out):
     sr = x.SR.introduce(args.need("uuid"), args.need("name-label"),
                         args.get("name-description", ""), args.need("type"),
@@ -178,24 +151,37 @@ def sr_introduce(x, args, out):
     uuid_of(x, "SR", sr, out)
 
 
-@command("sr-probe")
+@command("sr-probe", ["type"], ["host-uuid", "device-config:", "sm-config:"],
+         "Ask the SR type's driver what it finds with this device-config.")
 def sr_probe(x, args, out):
     out.write(x.SR.probe(this_host(x, args), args.map("device-config"), args.need("type"),
                          args.map("sm-config")) + "\n")
 
 
-def sr_action(method):
+def object_action(cls, method):
     def run(x, args, out):
-        getattr(x.SR, method)(by_uuid(x, "SR", args.need("uuid")))
+        getattr(getattr(x, cls), method)(by_uuid(x, cls, args.need("uuid")))
     return run
 
 
-for _name in ("scan", "destroy", "forget"):
-    COMMANDS["sr-" + _name] = sr_action(_name)
+for _cls, _method, _help in (
+        ("SR", "scan", "Scan the SR: the driver reconciles the VDI records with its storage."),
+        ("SR", "update", "Refresh the SR's sizes from its driver (sr_update)."),
+        ("SR", "destroy", "Destroy an unplugged SR and its storage (sr_delete)."),
+        ("SR", "forget", "Forget an unplugged SR's records, leaving its storage."),
+        ("PBD", "plug", "Attach the SR on the PBD's host (sr_attach)."),
+        ("PBD", "unplug", "Detach the SR on the PBD's host (sr_detach). The contents of an "
+                          "SR kept in memory (type ram) go with it."),
+        ("PBD", "destroy", "Destroy an unplugged PBD."),
+        ("VBD", "plug", "Attach the VDI to dom0 (vdi_attach, vdi_activate)."),
+        ("VBD", "destroy", "Destroy an unplugged VBD."),
+        ("VDI", "destroy", "Destroy a VDI and its data (vdi_delete)."),
+        ("VDI", "forget", "Forget a VDI's record, leaving its data.")):
+    command("%s-%s" % (_cls.lower(), _method), ["uuid"], [], _help)(object_action(_cls, _method))
 
 
-# --- PBD --------------------------------------------------------------------------------
-@command("pbd-create")
+@command("pbd-create", ["host-uuid", "sr-uuid"], ["device-config:"],
+         "Connect an SR to a host (unplugged).")
 def pbd_create(x, args, out):
     pbd = x.PBD.create({"host": by_uuid(x, "host", args.need("host-uuid")),
                         "SR": by_uuid(x, "SR", args.need("sr-uuid")),
@@ -203,38 +189,77 @@ def pbd_create(x, args, out):
     uuid_of(x, "PBD", pbd, out)
 
 
-def simple_action(cls, method):
-    def run(x, args, out):
-        getattr(getattr(x, cls), method)(by_uuid(x, cls, args.need("uuid")))
-    return run
-
-
-for _cls, _methods in (("PBD", ("plug", "unplug", "destroy")),
-                       ("VBD", ("plug", "destroy")), ("VDI", ("destroy", "forget"))):
-    for _m in _methods:
-        COMMANDS["%s-%s" % (_cls.lower(), _m)] = simple_action(_cls, _m)
+@command("pbd-unplug", ["uuid"], [], "Detach the SR on the PBD's host (sr_detach). The "
+         "contents of an SR kept in memory (type ram) go with it: xe warns.")
+def pbd_unplug(x, args, out):
+    pbd = by_uuid(x, "PBD", args.need("uuid"))
+    sr = x.PBD.get_SR(pbd)
+    if x.SR.get_type(sr) == "ram":
+        sys.stderr.write("Warning: SR %s is of type ram: unplugging its PBD drops every VDI's "
+                         "contents.\n" % x.SR.get_uuid(sr))
+    x.PBD.unplug(pbd)
 
 
 # --- VDI --------------------------------------------------------------------------------
-@command("vdi-create")
+VDI_TYPES = ("user", "system", "suspend", "crashdump", "ha_statefile", "metadata",
+             "redo_log", "rrd", "pvs_cache", "cbt_metadata")
+
+
+@command("vdi-create", ["sr-uuid", "name-label", "virtual-size"],
+         ["type", "sharable", "read-only", "name-description", "sm-config:", "other-config:",
+          "xenstore-data:", "tags:"], "Create a VDI (vdi_create).")
 def vdi_create(x, args, out):
-    size, sr_uuid, label = args.size("virtual-size"), args.need("sr-uuid"), args.need("name-label")
+    size = args.size("virtual-size")        # the command line first, then the toolstack
     vdi = x.VDI.create({
-        "name_label": label, "name_description": args.get("name-description", ""),
-        "SR": by_uuid(x, "SR", sr_uuid), "virtual_size": size,
-        "type": args.get("type", "user"), "sharable": args.flag("sharable"),
-        "read_only": args.flag("read-only"), "other_config": {}, "xenstore_data": {},
-        "sm_config": args.map("sm-config"), "tags": []})
+        "name_label": args.need("name-label"), "name_description": args.get("name-description", ""),
+        "SR": by_uuid(x, "SR", args.need("sr-uuid")), "virtual_size": size,
+        "type": args.enum("type", VDI_TYPES, "user"), "sharable": args.flag("sharable"),
+        "read_only": args.flag("read-only"), "other_config": args.map("other-config"),
+        "xenstore_data": args.map("xenstore-data"), "sm_config": args.map("sm-config"),
+        "tags": list(args.map("tags"))})
     uuid_of(x, "VDI", vdi, out)
 
 
-@command("vdi-snapshot")
+@command("vdi-introduce", ["uuid", "sr-uuid", "type", "location"],
+         ["name-label", "name-description", "sharable", "read-only", "other-config:",
+          "xenstore-data:", "sm-config:", "managed", "virtual-size", "physical-utilisation",
+          "metadata-of-pool", "is-a-snapshot", "snapshot-time", "snapshot-of"],
+         "Introduce a VDI that exists on its SR's storage (vdi_introduce).")
+def vdi_introduce(x, args, out):
+    snapshot_of = args.get("snapshot-of")
+    vdi = x.VDI.introduce(
+        args.need("uuid"), args.get("name-label", ""), args.get("name-description", ""),
+        by_uuid(x, "SR", args.need("sr-uuid")), args.enum("type", VDI_TYPES, "user"),
+        args.flag("sharable"), args.flag("read-only"), args.map("other-config"),
+        args.need("location"), args.map("xenstore-data"), args.map("sm-config"),
+        args.flag("managed", True), args.size("virtual-size", required=False),
+        args.size("physical-utilisation", required=False), "OpaqueRef:NULL",
+        args.flag("is-a-snapshot"), args.get("snapshot-time", "19700101T00:00:00Z"),
+        by_uuid(x, "VDI", snapshot_of) if snapshot_of else "OpaqueRef:NULL")
+    uuid_of(x, "VDI", vdi, out)
+
+
+@command("vdi-copy", ["uuid"], ["sr-uuid", "into-vdi-uuid", "base-vdi-uuid"],
+         "Copy a VDI's data into a new VDI of an SR (or into an existing VDI).")
+def vdi_copy(x, args, out):
+    vdi = by_uuid(x, "VDI", args.need("uuid"))
+    into = args.get("into-vdi-uuid")
+    sr = args.get("sr-uuid")
+    if not into and not sr:
+        raise CliError("Required parameter not found: sr-uuid", usage=True)
+    new = x.VDI.copy(vdi, by_uuid(x, "SR", sr) if sr else "OpaqueRef:NULL",
+                     "OpaqueRef:NULL", by_uuid(x, "VDI", into) if into else "OpaqueRef:NULL")
+    uuid_of(x, "VDI", new, out)
+
+
+@command("vdi-snapshot", ["uuid"], ["driver-params:"], "Snapshot a VDI (vdi_snapshot).")
 def vdi_snapshot(x, args, out):
     vdi = by_uuid(x, "VDI", args.need("uuid"))
     uuid_of(x, "VDI", x.VDI.snapshot(vdi, args.map("driver-params")), out)
 
 
-@command("vdi-clone")
+@command("vdi-clone", ["uuid"], ["driver-params:", "new-name-label", "new-name-description"],
+         "Clone a VDI (vdi_clone).")
 def vdi_clone(x, args, out):
     new = x.VDI.clone(by_uuid(x, "VDI", args.need("uuid")), args.map("driver-params"))
     if args.get("new-name-label") is not None:
@@ -244,26 +269,31 @@ def vdi_clone(x, args, out):
     uuid_of(x, "VDI", new, out)
 
 
-@command("vdi-resize")
+@command("vdi-resize", ["uuid", "disk-size"], [], "Resize a VDI (vdi_resize).")
 def vdi_resize(x, args, out):
     x.VDI.resize(by_uuid(x, "VDI", args.need("uuid")), args.size("disk-size"))
 
 
 # --- VBD --------------------------------------------------------------------------------
-@command("vbd-create")
+@command("vbd-create", ["vm-uuid", "device"], ["vdi-uuid", "bootable", "type", "mode",
+                                               "unpluggable"],
+         "Create a VBD (device: a disk number, or autodetect).")
 def vbd_create(x, args, out):
     vdi_uuid = args.get("vdi-uuid")
     vbd = x.VBD.create({
         "VM": by_uuid(x, "VM", args.need("vm-uuid")),
         "VDI": by_uuid(x, "VDI", vdi_uuid) if vdi_uuid else "OpaqueRef:NULL",
         "userdevice": args.need("device"), "bootable": args.flag("bootable"),
-        "mode": args.get("mode", "RW"), "type": args.get("type", "Disk"),
+        "mode": args.enum("mode", ("RO", "RW"), "RW"),
+        "type": args.enum("type", ("Disk", "CD", "Floppy"), "Disk"),
         "unpluggable": args.flag("unpluggable", True), "empty": not vdi_uuid,
         "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
     uuid_of(x, "VBD", vbd, out)
 
 
-@command("vbd-unplug")
+@command("vbd-unplug", ["uuid"], ["force"],
+         "Detach the VBD (vdi_deactivate, vdi_detach); force=true: even if its device is "
+         "still open.")
 def vbd_unplug(x, args, out):
     """As XAPI's CLI: force=true is VBD.unplug_force."""
     vbd = by_uuid(x, "VBD", args.need("uuid"))
@@ -271,63 +301,86 @@ def vbd_unplug(x, args, out):
 
 
 # --- host -------------------------------------------------------------------------------
-@command("host-call-plugin")
+@command("host-call-plugin", ["host-uuid", "plugin", "fn"], ["args:"],
+         "Run a host plugin's function (/etc/xapi.d/plugins).")
 def host_call_plugin(x, args, out):
     result = x.host.call_plugin(by_uuid(x, "host", args.need("host-uuid")),
                                 args.need("plugin"), args.need("fn"), args.map("args"))
     out.write(str(result) + "\n")
 
 
-@command("help")
-def help_(x, args, out):
-    out.write("Commands:\n" + "".join("  %s\n" % c for c in sorted(COMMANDS)))
-
-
-def print_failure(details, err):
-    """As XAPI's CLI: the error code, then its parameters."""
-    details = list(details) or ["INTERNAL_ERROR"]
-    err.write("Error code: %s\n" % details[0])
-    err.write("Error parameters: %s\n" % ", ".join(str(d) for d in details[1:]))
+@command("help", [], ["<command>"], "Show a command's parameters, or the list of commands.")
+def help_(x, names, out):
+    """As XAPI's cmd_help: a table per named command (the argv words, not key=value)."""
+    names = [n for n in names if not n.startswith("-")]
+    if not names:
+        out.write("Usage: xe [-s server] [-p port] [-u user] [-pw password] <command> "
+                  "[key=value ...]\n\nTo get help on a specific command: xe help <command>\n"
+                  "\nCommands:\n" + "".join("  %s\n" % c for c in sorted(COMMANDS)))
+        return
+    for name in names:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            out.write("Unknown command '%s'\n" % name)
+            continue
+        out.write(format_table([("command name        ", spec.name),
+                                ("reqd params     ", ", ".join(spec.reqd)),
+                                ("optional params ", ", ".join(spec.optn)),
+                                ("description     ", spec.help)]) + "\n")
 
 
 def main(argv=None, out=None, err=None):
     argv = sys.argv[1:] if argv is None else argv
     out, err = out or sys.stdout, err or sys.stderr
-    if not argv:
-        err.write("Usage: xe <command> [key=value ...] [--minimal]\nFor usage run: 'xe help'\n")
-        return 1
-    name = argv[0]
-    fn = COMMANDS.get(name)
-    if fn is None:
-        err.write("Unknown command: %s\nFor usage run: 'xe help'\n" % name)
-        return 1
     try:
-        args = Args(argv[1:])
-        if name == "help":
-            fn(None, args, out)
-            return 0
-        session = client.login(settings.xapi_socket(), originator="xe")
+        options, argv = split_globals(list(argv))
     except CliError as e:
-        err.write("%s\n" % e)
+        err.write("%s\n%s\n" % (e, USAGE))
         return 1
-    except (OSError, socket.error) as e:
-        err.write("Error: cannot connect to the toolstack at %s: %s\n"
-                  % (settings.xapi_socket(), e))
+    if not argv:
+        err.write("Usage: xe <command> [key=value ...] [--minimal]\n%s\n" % USAGE)
         return 1
+    name, rest = argv[0], argv[1:]
+    spec = COMMANDS.get(name)
+    if spec is None:
+        err.write("Unknown command: %s\n%s\n" % (name, USAGE))
+        return 1
+    session = None
     try:
-        fn(session.xenapi, args, out)
+        if name == "help":
+            spec.fn(None, rest, out)
+            return 0
+        args = Args(rest)
+        for key in spec.reqd:
+            args.need(key)
+        session = client.session(settings.xapi_socket())
+        session.xenapi.login_with_password(options.get("-u", options.get("username", "root")),
+                                           options.get("-pw", options.get("password", "")),
+                                           "1.0", "xe")
+        spec.fn(session.xenapi, args, out)
         return 0
     except CliError as e:
         err.write("%s\n" % e)
-        return 1
+        if e.usage:
+            err.write(USAGE + "\n")
     except XenAPI.Failure as e:
-        print_failure(e.details, err)
-        return 1
+        xenapi = session.xenapi if session is not None and session._session else None
+        err.write("".join(line + "\n" for line in failure_lines(e.details, xenapi)))
+    except (OSError, socket.error) as e:
+        if session is not None and session._session:
+            err.write("".join(line + "\n" for line in internal_error_lines(e)))
+        else:
+            err.write("Error: cannot connect to the toolstack at %s: %s\n"
+                      % (settings.xapi_socket(), e))
+    except Exception as e:          # a protocol error, a bug: never a Python traceback
+        err.write("".join(line + "\n" for line in internal_error_lines(e)))
     finally:
-        try:
-            session.xenapi.session.logout()
-        except Exception:
-            pass
+        if session is not None and session._session:
+            try:
+                session.xenapi.session.logout()
+            except Exception:
+                pass
+    return 1
 
 
 if __name__ == "__main__":

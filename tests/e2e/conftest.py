@@ -16,7 +16,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from smtap import names                         # noqa: E402
-from smtap.toolstack import hostroot              # noqa: E402
+from smtap.toolstack import errors, hostroot      # noqa: E402
 from e2e_helpers import TOP                      # noqa: E402
 
 
@@ -34,10 +34,10 @@ Host = _toolstack_fixtures().Host
 
 class XeError(AssertionError):
     def __init__(self, args, res):
-        self.code = None
+        # xe prints a documented error as its description, any other as its code
         m = re.search(r"^Error code: (\S+)", res.stderr, re.M)
-        if m:
-            self.code = m.group(1)
+        self.code = m.group(1) if m else errors.code_of_description(
+            res.stderr.split("\n", 1)[0])
         self.stderr = res.stderr
         AssertionError.__init__(self, "xe %s failed (%d): %s" % (" ".join(args), res.returncode,
                                                                 res.stderr.strip()))

@@ -67,3 +67,16 @@ def test_capabilities_and_features():
 def test_version_matches_the_version_file():
     with open(os.path.join(TOP, "VERSION")) as f:
         assert VERSION == f.read().strip()
+
+
+def test_table_is_upstreams_current_one():
+    """Every code of upstream sm's current XE_SR_ERRORCODES.xml, with its current text."""
+    table = errors.table()
+    assert len(table) == 173
+    assert table["VBDListNotStable"] == (205, "LVHDRT: found a non-stable VBD")
+    assert table["LeafGCSkip"] == (
+        204, "Gave up on leaf coalesce after leaf grew bigger than before snapshot taken")
+    assert table["ISOInvalidXeMountOptions"] == (
+        228, 'Require "-o" along with xe-mount-iso-sr')
+    assert table["WipefsFailure"][0] == 462 and table["NoRootDev"][0] == 118
+    assert table["SRScan"][1] == "The SR scan failed"       # upstream's trailing space, stripped

@@ -175,8 +175,12 @@ def test_dummysr_end_to_end(xapi):
     assert xapi.VM.get_VBDs(dom0) == [vbd] and xapi.VDI.get_VBDs(vdi) == [vbd]
     xapi.VBD.plug(vbd)
     assert xapi.VBD.get_currently_attached(vbd) is True
-    # DummySR marks the host's activation in sm_config (vdi_activate [rw] reached it).
-    assert xapi.VDI.get_sm_config(vdi) == {"host_%s" % host: "RW"}
+    # DummySR marks the host's activation in sm_config (vdi_activate [rw] reached it);
+    # the toolstack, as XAPI, whether this host reads it through the page cache.
+    host_uuid = xapi.host.get_uuid(host)
+    assert xapi.VDI.get_sm_config(vdi) == {
+        "host_%s" % host: "RW", "read-caching-enabled-on-" + host_uuid: "false",
+        "read-caching-reason-" + host_uuid: ""}
     assert failure(xapi.VDI.destroy, vdi) == ["VDI_IN_USE", vdi, "destroy"]
     assert failure(xapi.VBD.plug, vbd)[0] == "DEVICE_ALREADY_ATTACHED"
     assert failure(xapi.VBD.destroy, vbd)[0] == "OPERATION_NOT_ALLOWED"

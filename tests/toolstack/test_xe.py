@@ -96,13 +96,15 @@ def test_dummysr_through_xe(h):
     assert h.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=currently-attached") == "true"
     (brec,) = records(listing(h, "vbd-list", "vdi-uuid=" + vdis[0]))
     assert list(brec) == ["uuid", "vm-uuid", "vm-name-label", "vdi-uuid", "empty", "device"]
-    hostref_key = h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config")
-    assert hostref_key.startswith("host_OpaqueRef:") and hostref_key.endswith(": RW")
-    key = hostref_key.split(": ")[0]
+    sm_config = h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config")
+    (key,) = [kv.split(": ")[0] for kv in sm_config.split("; ") if kv.startswith("host_")]
+    assert key.startswith("host_OpaqueRef:") and "read-caching-enabled-on-" in sm_config
     assert h.xe_ok("vdi-param-get", "uuid=" + vdis[0], "param-name=sm-config",
                    "param-key=" + key) == "RW"
     res = h.xe("vdi-destroy", "uuid=" + vdis[0])
-    assert res.returncode != 0 and res.stderr.startswith("Error code: VDI_IN_USE\n")
+    assert res.returncode != 0 and res.stderr == (
+        "This operation cannot be performed because this VDI is in use by some other "
+        "operation\nvdi: %s (disk0)\noperation: destroy\n" % vdis[0])
     h.xe_ok("vbd-unplug", "uuid=" + vbd)
     h.xe_ok("vbd-destroy", "uuid=" + vbd)
     assert h.xe_ok("vbd-list", "--minimal") == ""
@@ -111,8 +113,8 @@ def test_dummysr_through_xe(h):
     assert "<SRlist>" in h.xe_ok("sr-probe", "type=dummy", "device-config:a=b")
     res = h.xe("sr-destroy", "uuid=" + sr)
     assert res.returncode == 1
-    assert res.stderr == "Error code: SR_HAS_PBD\nError parameters: %s\n" % (
-        res.stderr.split("\n")[1].split(": ")[1])
+    assert res.stderr == ("The SR is still connected to a host via a PBD. It cannot be "
+                          "destroyed or forgotten.\nsr: %s (my sr)\n" % sr)
     for v in vdis + [snap, clone]:
         h.xe_ok("vdi-destroy", "uuid=" + v)
     h.xe_ok("pbd-unplug", "uuid=" + pbd)
@@ -139,18 +141,23 @@ def test_sr_introduce_pbd_create_plug_forget(h):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["sr-create", "type=dummy"], "Required parameter not found: name-label\n"),
-    (["vdi-create", "name-label=x", "virtual-size=1"], "Required parameter not found: sr-uuid\n"),
-    (["vdi-param-get", "uuid=x"], "Required parameter not found: param-name\n"),
+    (["sr-create", "type=dummy"],
+     "Required parameter not found: name-label\nFor usage run: 'xe help'\n"),
+    (["vdi-create", "name-label=x", "virtual-size=1"],
+     "Required parameter not found: sr-uuid\nFor usage run: 'xe help'\n"),
+    (["vdi-param-get", "uuid=x"],
+     "Required parameter not found: param-name\nFor usage run: 'xe help'\n"),
     (["vdi-create", "sr-uuid=x", "name-label=x", "virtual-size=12 parsecs"],
-     "Failed to parse parameter 'virtual-size': expecting an integer (possibly with suffix)\n"),
+     "Error: Failed to parse field 'virtual-size': expecting an integer (possibly with "
+     "suffix)\n"),
     (["sr-create", "name-label=x", "type=nope"],
-     "Error code: SR_UNKNOWN_DRIVER\nError parameters: nope\n"),
+     "The SR could not be connected because the driver was not recognised.\ndriver: nope\n"),
     (["sr-scan", "uuid=no-such-sr"],
-     "Error code: UUID_INVALID\nError parameters: SR, no-such-sr\n"),
+     "The uuid you supplied was invalid.\ntype: SR\nuuid: no-such-sr\n"),
     (["vdi-list", "colour=blue"], "Unknown field 'colour'\n"),
     (["vdi-list", "params=uuid,colour"], "Unknown field 'colour'\n"),
-    (["sr-list", "garbage"], "Syntax error: expected key=value, got 'garbage'\n"),
+    (["sr-list", "garbage"],
+     "Syntax error: expected key=value, got 'garbage'\nFor usage run: 'xe help'\n"),
     (["frobnicate"], "Unknown command: frobnicate\nFor usage run: 'xe help'\n"),
     ([], "Usage: xe <command> [key=value ...] [--minimal]\nFor usage run: 'xe help'\n"),
 ])
@@ -177,7 +184,7 @@ def test_xe_host_call_plugin(h):
                    "args:a=b") == "hi there"
     res = h.xe("host-call-plugin", "host-uuid=" + host_uuid, "plugin=nope", "fn=f")
     assert res.returncode == 1
-    assert res.stderr == "Error code: XENAPI_MISSING_PLUGIN\nError parameters: nope\n"
+    assert res.stderr == "The requested plug-in could not be found.\nname: nope\n"
 
 
 def test_daemon_mode(host):

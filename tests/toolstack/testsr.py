@@ -2,7 +2,11 @@
 answers like a minimal driver, with behaviour set by /var/lib/testsr/<Name>.json:
 caps (capability list), faults ({command: [code, message]}), exit ({command: status}),
 garbage ({command: stdout text}), sleep ({command: seconds}), nbd (the socket path
-vdi_attach names; default: one that does not exist)."""
+vdi_attach names; default: one that does not exist), bare_copies (snapshots and clones
+introduced with no name and no snapshot fields, as upstream DummySR does), attach_result
+(what vdi_attach answers), calls ({command: [[xenapi call,
+[args]], ...]}: made with the driver's own session during that command, each outcome
+recorded in <Name>.results as {"value": ...} or {"error": [code, params...]})."""
 import fcntl
 import json
 import os
@@ -50,6 +54,43 @@ def introduce(x, params, label, size, **extra):
     return {"uuid": new, "location": fields["location"]}
 
 
+def plain(value):
+    """A XenAPI value as JSON (DateTime as {"DateTime": text})."""
+    if isinstance(value, xmlrpc.client.DateTime):
+        return {"DateTime": value.value}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def run_calls(params, calls):
+    """Each call as a driver makes it (args: JSON, {"DateTime": t} for a DateTime, "$<n>"
+    for the value call n returned)."""
+    import XenAPI
+    x = xenapi(params)
+    results = []
+
+    def arg(a):
+        if isinstance(a, dict) and list(a) == ["DateTime"]:
+            return xmlrpc.client.DateTime(a["DateTime"])
+        if isinstance(a, str) and a[:1] == "$" and a[1:].isdigit():
+            return results[int(a[1:])].get("value")
+        return a
+    for name, args in calls:
+        args = [arg(a) for a in args]
+        fn = x
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        try:
+            results.append({"call": name, "value": plain(fn(*args))})
+        except XenAPI.Failure as e:
+            results.append({"call": name, "error": e.details})
+    with open(os.path.join(STATE, NAME + ".results"), "w") as f:
+        json.dump(results, f)
+
+
 def answer(command, params, config):
     args = params.get("args", [])
     if command == "sr_get_driver_info":
@@ -78,6 +119,9 @@ def answer(command, params, config):
     if command == "vdi_delete":
         x.VDI.db_forget(params["vdi_ref"])
         return None
+    if command in ("vdi_snapshot", "vdi_clone") and config.get("bare_copies"):
+        # as upstream DummySR: a new VDI with no name and no snapshot fields
+        return introduce(x, params, "", 0)
     if command in ("vdi_snapshot", "vdi_clone"):
         src = x.VDI.get_record(params["vdi_ref"])
         snap = command == "vdi_snapshot"
@@ -86,6 +130,8 @@ def answer(command, params, config):
     if command == "vdi_resize":
         x.VDI.set_virtual_size(params["vdi_ref"], args[0])
         return {"uuid": params["vdi_uuid"], "location": params["vdi_location"]}
+    if command == "vdi_attach" and "attach_result" in config:
+        return config["attach_result"]
     if command == "vdi_attach":
         return {"params_nbd": "nbd:unix:%s:exportname=%s" % (
                     config.get("nbd", "%s/nbd/%s" % (STATE, params["vdi_uuid"])),
@@ -112,6 +158,8 @@ def main():
     if command in config.get("exit", {}):
         sys.stderr.write("testsr: dying in %s\n" % command)
         return config["exit"][command]
+    if command in config.get("calls", {}):
+        run_calls(params, config["calls"][command])
     try:
         if command in config.get("faults", {}):
             code, message = config["faults"][command]

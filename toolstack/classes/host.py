@@ -7,13 +7,33 @@ import xmlrpc.client
 from smtap import settings
 from smtap.toolstack import errors, smapi
 from smtap.toolstack.errors import ApiError
-from smtap.toolstack.objects import ApiClass, Field, BOOL, INT, MAP, REF, SET, RW
+from smtap.toolstack.objects import (ApiClass, Field, BOOL, DATETIME, FLOAT, INT, MAP, REF,
+                                     SET, RW, now)
+
+# What a license allows, as XAPI reports it in pool.restrictions (Features.to_assoc_list):
+# XCP-ng restricts nothing. Upstream blktap2 reads restrict_read_caching in vdi_attach.
+RESTRICTIONS = dict(("restrict_" + name, "false") for name in (
+    "vswitch_controller", "lab", "stage", "storagelink", "storagelink_site_recovery",
+    "web_selfservice", "web_selfservice_manager", "hotfix_apply", "export_resource_data",
+    "read_caching", "cifs", "health_check", "xcm", "vm_memory_introspection",
+    "batch_hotfix_apply", "management_on_vlan", "ws_proxy", "vlan", "qos",
+    "pool_attached_storage", "netapp", "equalogic", "pooling", "xen_motion", "dmc", "rbac",
+    "ad", "nested_virt", "live_patching", "set_vcpus_number_live", "pvs_proxy",
+    "igmp_snooping", "rpu", "pool_size", "cbt", "usb_passthrough", "network_sriov",
+    "corosync", "zstd_export", "pool_secret_rotation", "certificate_verification",
+    "updates", "internal_repo_access", "vtpm"))
 
 pool = ApiClass("pool", [
     Field("name_label", setter=RW), Field("name_description", setter=RW),
     Field("master", REF), Field("default_SR", REF, setter=RW),
     Field("suspend_image_SR", REF, setter=RW), Field("crash_dump_SR", REF, setter=RW),
     Field("other_config", MAP, setter=RW), Field("tags", SET, setter=RW),
+    Field("allowed_operations", SET), Field("current_operations", MAP),
+    Field("ha_enabled", BOOL), Field("ha_configuration", MAP), Field("ha_statefiles", SET),
+    Field("blobs", MAP), Field("gui_config", MAP, setter=RW), Field("wlb_enabled", BOOL),
+    Field("redo_log_enabled", BOOL), Field("redo_log_vdi", REF),
+    Field("restrictions", MAP, default=RESTRICTIONS), Field("metadata_VDIs", SET),
+    Field("cpu_info", MAP),
 ])
 
 host = ApiClass("host", [
@@ -31,17 +51,24 @@ host = ApiClass("host", [
     Field("PBDs", SET, reverse=("PBD", "host")), Field("host_CPUs", SET),
     Field("hostname"), Field("address"), Field("metrics", REF),
     Field("control_domain", REF), Field("tags", SET, setter=RW),
+    Field("iscsi_iqn"), Field("multipathing", BOOL), Field("edition", default="xcp-ng"),
+    Field("license_params", MAP), Field("memory_overhead", INT),
 ], by_name_label=True)
+
+host_metrics = ApiClass("host_metrics", [
+    Field("memory_total", INT), Field("memory_free", INT), Field("live", BOOL, True),
+    Field("last_updated", DATETIME), Field("other_config", MAP, setter=RW),
+])
 
 VM = ApiClass("VM", [
     Field("name_label", setter=RW), Field("name_description", setter=RW),
     Field("allowed_operations", SET), Field("current_operations", MAP),
-    Field("power_state", default="Halted"), Field("user_version", INT, 1),
-    Field("is_a_template", BOOL), Field("is_default_template", BOOL),
+    Field("power_state", default="Halted"), Field("user_version", INT, 1, setter=RW),
+    Field("is_a_template", BOOL, setter=RW), Field("is_default_template", BOOL),
     Field("resident_on", REF), Field("affinity", REF, setter=RW),
     Field("memory_static_max", INT), Field("memory_dynamic_max", INT),
     Field("memory_dynamic_min", INT), Field("memory_static_min", INT),
-    Field("VCPUs_max", INT, 1), Field("VCPUs_at_startup", INT, 1),
+    Field("VCPUs_max", INT, 1, setter=RW), Field("VCPUs_at_startup", INT, 1, setter=RW),
     Field("VBDs", SET, reverse=("VBD", "VM")), Field("is_control_domain", BOOL),
     Field("domid", INT, -1), Field("other_config", MAP, setter=RW),
     Field("tags", SET, setter=RW), Field("is_a_snapshot", BOOL), Field("snapshot_of", REF),
@@ -54,10 +81,20 @@ def bootstrap(ts, host_uuid, dom0_uuid):
     name = socket.gethostname()
     with store.transaction():
         found = store.db.ref_of_uuid("host", host_uuid)
+        iqn = "iqn.2024-01.org.xcp-ng:%s" % host_uuid[:8]
         ts.host = found or store.create("host", {
             "uuid": host_uuid, "name_label": name, "hostname": name, "address": "127.0.0.1",
             "software_version": {"product_brand": "smtap", "platform_name": "XCP"},
-            "API_version_vendor_implementation": {}})
+            "API_version_vendor_implementation": {}, "iscsi_iqn": iqn,
+            # what upstream sm reads there (SR._mpathinit, BaseISCSI)
+            "other_config": {"iscsi_iqn": iqn, "multipathing": "false",
+                             "multipathhandle": "dmp"}})
+        if not store.exists("host_metrics", store.get("host", ts.host)["metrics"]):
+            total = _memory_total()
+            metrics = store.create("host_metrics", {
+                "memory_total": total, "memory_free": total, "live": True,
+                "last_updated": now()})
+            store.update("host", ts.host, {"metrics": metrics})
         found = store.db.ref_of_uuid("VM", dom0_uuid)
         ts.dom0 = found or store.create("VM", {
             "uuid": dom0_uuid, "name_label": "Control domain on host: %s" % name,
@@ -66,6 +103,13 @@ def bootstrap(ts, host_uuid, dom0_uuid):
         store.update("host", ts.host, {"control_domain": ts.dom0})
         pools = store.all("pool")
         ts.pool = pools[0][0] if pools else store.create("pool", {"master": ts.host})
+
+
+def _memory_total():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 @host.method

@@ -1,7 +1,7 @@
 """PBD: an SR's connection from a host; plug -> sr_attach (+ scan), unplug -> sr_detach."""
 import logging
 
-from smtap.toolstack import errors, smapi
+from smtap.toolstack import errors, operations, smapi
 from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import ApiClass, Field, BOOL, MAP, REF, RW, call, record_fields
@@ -22,8 +22,9 @@ def create(ctx, record):
     with store.transaction():
         store.get("host", fields["host"])
         store.get("SR", fields["SR"])
-        if store.find("PBD", SR=fields["SR"], host=fields["host"]):
-            raise ApiError(errors.PBD_EXISTS, fields["SR"], fields["host"])
+        existing = store.find("PBD", SR=fields["SR"], host=fields["host"])
+        if existing:
+            raise ApiError(errors.PBD_EXISTS, fields["SR"], fields["host"], existing[0][0])
         return store.create("PBD", fields)
 
 
@@ -38,7 +39,7 @@ def destroy(ctx, self):
 def plug(ctx, self):
     pbd = ctx.store.get("PBD", self)
     sr = pbd["SR"]
-    with ctx.ts.lock("SR", sr):
+    with ctx.ts.lock("SR", sr), operations.running(ctx, ("SR", sr, "plug")):
         if ctx.store.get("PBD", self)["currently_attached"]:
             return
         smapi.call(ctx, sr, "sr_attach", device_config=pbd["device_config"])
@@ -54,7 +55,7 @@ def plug(ctx, self):
 def unplug(ctx, self):
     pbd = ctx.store.get("PBD", self)
     sr = pbd["SR"]
-    with ctx.ts.lock("SR", sr):
+    with ctx.ts.lock("SR", sr), operations.running(ctx, ("SR", sr, "unplug")):
         if not ctx.store.get("PBD", self)["currently_attached"]:
             return
         # As XAPI: a VDI some VBD still uses keeps the SR plugged; an attachment no VBD

@@ -1,7 +1,7 @@
 """SR: create/introduce/forget/destroy/scan/probe, as XAPI sequences them."""
 import logging
 
-from smtap.toolstack import errors, smapi
+from smtap.toolstack import errors, operations, smapi
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, INT, MAP, REF, SET, RW, SM_ONLY,
                                      call)
@@ -79,18 +79,29 @@ def forget(ctx, sr):
 
 @SR.method
 def destroy(ctx, sr):
-    """sr_attach, sr_delete, then forget; a refused delete leaves the SR as it was."""
+    """sr_attach, sr_delete, then forget; a refused delete is followed by sr_detach and
+    leaves the SR as it was. As XAPI (Storage_access.destroy_sr): this host's PBD is
+    marked currently_attached around sr_delete, as backends expect of an attached SR
+    (upstream FileSR.delete runs the GC, which checks it)."""
     assert_detached(ctx, sr)
-    with ctx.ts.lock("SR", sr):
+    pbds = [ref for ref, _ in ctx.store.find("PBD", SR=sr, host=ctx.ts.host)]
+    with ctx.ts.lock("SR", sr), operations.running(ctx, ("SR", sr, "destroy")):
         smapi.call(ctx, sr, "sr_attach")
         try:
-            smapi.call(ctx, sr, "sr_delete")
-        except ApiError:
+            for pbd in pbds:
+                ctx.store.update("PBD", pbd, {"currently_attached": True})
             try:
-                smapi.call(ctx, sr, "sr_detach")
-            except ApiError as e:
-                log.warning("sr_detach after a failed sr_delete: %s", e)
-            raise
+                smapi.call(ctx, sr, "sr_delete")
+            except ApiError:
+                try:
+                    smapi.call(ctx, sr, "sr_detach")
+                except ApiError as e:
+                    log.warning("sr_detach after a failed sr_delete: %s", e)
+                raise
+        finally:
+            for pbd in pbds:
+                if ctx.store.exists("PBD", pbd):
+                    ctx.store.update("PBD", pbd, {"currently_attached": False})
     forget_records(ctx, sr)
 
 
@@ -115,7 +126,8 @@ def forget_vdi_records(ctx, vdi):
 @SR.method
 def scan(ctx, sr):
     assert_attached(ctx, sr)
-    smapi.call(ctx, sr, "sr_scan")
+    with operations.running(ctx, ("SR", sr, "scan")):
+        smapi.call(ctx, sr, "sr_scan")
     update(ctx, sr)
 
 
@@ -123,7 +135,8 @@ def scan(ctx, sr):
 def update(ctx, sr):
     driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
     if smapi.has(driver, "sr_update"):
-        smapi.call(ctx, sr, "sr_update")
+        with operations.running(ctx, ("SR", sr, "update")):
+            smapi.call(ctx, sr, "sr_update")
 
 
 @SR.method

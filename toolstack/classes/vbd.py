@@ -9,10 +9,11 @@ VDI whose journal is not "attached", or whose device is gone, is undone step by 
 (resync), as XAPI resynchronises what is really attached after a restart.
 """
 import logging
+import re
 
 from smtap import units
 from smtap.errtext import value_text
-from smtap.toolstack import dom0_device, errors, faults, smapi
+from smtap.toolstack import dom0_device, errors, faults, operations, smapi
 from smtap.toolstack.classes.sr import assert_attached
 from smtap.toolstack.errors import ApiError
 from smtap.toolstack.objects import (ApiClass, Field, BOOL, INT, MAP, REF, SET, RW,
@@ -20,11 +21,15 @@ from smtap.toolstack.objects import (ApiClass, Field, BOOL, INT, MAP, REF, SET, 
 
 log = logging.getLogger("smtap.xapi.vbd")
 
+MODES = ("RW", "RO")
+TYPES = ("Disk", "CD", "Floppy")
+
 VBD = ApiClass("VBD", [
     Field("allowed_operations", SET), Field("current_operations", MAP),
     Field("VM", REF), Field("VDI", REF), Field("device"), Field("userdevice", setter=RW),
-    Field("bootable", BOOL, setter=RW), Field("mode", default="RW", setter=RW),
-    Field("type", default="Disk", setter=RW), Field("unpluggable", BOOL, True, setter=RW),
+    Field("bootable", BOOL, setter=RW), Field("mode", default="RW", setter=RW, choices=MODES),
+    Field("type", default="Disk", setter=RW, choices=TYPES),
+    Field("unpluggable", BOOL, True, setter=RW),
     Field("storage_lock", BOOL), Field("empty", BOOL), Field("other_config", MAP, setter=RW),
     Field("currently_attached", BOOL), Field("status_code", INT), Field("status_detail"),
     Field("runtime_properties", MAP), Field("qos_algorithm_type", setter=RW),
@@ -32,7 +37,6 @@ VBD = ApiClass("VBD", [
     Field("metrics", REF),
 ], by_name_label=False, needs_drivers=True)
 
-MODES = ("RW", "RO")
 ATTACHING, ATTACHED, DETACHING = "attaching", "attached", "detaching"
 
 
@@ -44,10 +48,45 @@ def create(ctx, record):
     empty = VBD.fields["empty"].coerce(fields.get("empty", False))
     if not empty:
         store.get("VDI", fields.get("VDI", ""))
-    if fields.get("mode", "RW") not in MODES:
-        raise ApiError(errors.INVALID_VALUE, "mode", fields["mode"])
     fields["currently_attached"] = False
-    return store.create("VBD", fields)
+    with store.transaction():
+        fields["userdevice"] = _userdevice(ctx, fields["VM"], fields.get("userdevice", ""))
+        return store.create("VBD", fields)
+
+
+_DEVICE = re.compile(r"^(?:(?P<n>\d+)|(?:xvd|sd)(?P<x>[a-z]+)\d*|hd(?P<h>[a-z])\d*)$")
+MAX_DEVICES = 255
+
+
+def _disk_number(device):
+    """The disk number a userdevice names (0, xvda, sda, hda are all disk 0), or None."""
+    m = _DEVICE.match(device)
+    if not m:
+        return None
+    if m.group("n") is not None:
+        return int(m.group("n"))
+    letters = m.group("x") or m.group("h")
+    number = 0
+    for c in letters:
+        number = number * 26 + ord(c) - ord("a") + 1
+    return number - 1
+
+
+def _userdevice(ctx, vm, device):
+    """As XAPI's VBD.create: "autodetect" becomes the lowest free disk number, a name
+    that is no device is INVALID_DEVICE, one the VM already uses DEVICE_ALREADY_EXISTS."""
+    used = set(_disk_number(rec["userdevice"]) for _, rec in ctx.store.find("VBD", VM=vm))
+    if device == "autodetect":
+        free = [n for n in range(MAX_DEVICES) if n not in used]
+        if not free:
+            raise ApiError(errors.INVALID_DEVICE, device)
+        return str(free[0])
+    number = _disk_number(device)
+    if number is None or number >= MAX_DEVICES:
+        raise ApiError(errors.INVALID_DEVICE, device)
+    if number in used:
+        raise ApiError(errors.DEVICE_ALREADY_EXISTS, device)
+    return device
 
 
 @VBD.method
@@ -90,7 +129,7 @@ def plug(ctx, self):
     vdi = vbd["VDI"]
     sr = store.get("VDI", vdi)["SR"]
     assert_attached(ctx, sr)
-    with ctx.ts.lock("VDI", vdi):
+    with ctx.ts.lock("VDI", vdi), operations.running(ctx, ("VBD", self, "plug")):
         vdi_rec = store.get("VDI", vdi)
         assert_attachable(ctx, vdi, vdi_rec, self, vbd["mode"])
         info = vdi_rec["attach"]
@@ -109,7 +148,8 @@ def unplug(ctx, self, force=False):
     if not vbd["currently_attached"]:
         raise ApiError(errors.DEVICE_ALREADY_DETACHED, self)
     vdi = vbd["VDI"]
-    with ctx.ts.lock("VDI", vdi):
+    with ctx.ts.lock("VDI", vdi), operations.running(
+            ctx, ("VBD", self, "unplug_force" if force else "unplug")):
         if _users(ctx, vdi, self):
             store.update("VBD", self, {"currently_attached": False, "device": ""})
         else:
@@ -120,9 +160,9 @@ VBD.method(lambda ctx, self: unplug(ctx, self), name="unplug")
 VBD.method(lambda ctx, self: unplug(ctx, self, force=True), name="unplug_force")
 
 
-def attach(ctx, sr, vdi, writable):
-    """vdi_attach + vdi_activate, then the block device; the attach info. A failure
-    undoes what was done (what a crash cuts short, undo_stale undoes later)."""
+def attach(ctx, sr, vdi, writable, device=True):
+    """vdi_attach + vdi_activate, then (device) the block device; the attach info. A
+    failure undoes what was done (what a crash cuts short, undo_stale undoes later)."""
     rw = ["true" if writable else "false"]
     driver = ctx.ts.driver(ctx.store.get("SR", sr)["type"])
     ctx.store.update("VDI", vdi, {"attach": {"state": ATTACHING, "writable": rw[0]}})
@@ -134,9 +174,12 @@ def attach(ctx, sr, vdi, writable):
                            value_text(result), "")
         info = {"params_nbd": str(result["params_nbd"]),
                 "params": str(result.get("params", "")), "writable": rw[0]}
+        _record_read_caching(ctx, vdi, result)
         if smapi.has(driver, "vdi_activate"):
             smapi.call(ctx, sr, "vdi_activate", rw, vdi_ref=vdi)
         faults.point("plug-activated")
+        if not device:
+            return info
         vdi_uuid = ctx.store.get("VDI", vdi)["uuid"]
         try:
             info.update(dom0_device.create(vdi_uuid, info["params_nbd"], info["params"],
@@ -153,6 +196,34 @@ def attach(ctx, sr, vdi, writable):
         except Exception as e:         # the journal stays: the next plug or resync retries
             log.warning("undoing the failed plug of %s: %s", vdi, e)
         raise
+
+
+def _read_caching_keys(ctx):
+    host_uuid = ctx.store.get("host", ctx.ts.host)["uuid"]
+    return "read-caching-enabled-on-" + host_uuid, "read-caching-reason-" + host_uuid
+
+
+def _record_read_caching(ctx, vdi, result):
+    """As XAPI after vdi_attach: whether this host reads the VDI through the page cache
+    (the driver's o_direct, true when absent) and why not, in the VDI's sm-config."""
+    on_key, reason_key = _read_caching_keys(ctx)
+    o_direct = result.get("o_direct", True)
+    with ctx.store.transaction():
+        sm_config = dict(ctx.store.get("VDI", vdi)["sm_config"])
+        sm_config.pop(reason_key, None)
+        sm_config[on_key] = "false" if o_direct else "true"
+        if o_direct:
+            sm_config[reason_key] = str(result.get("o_direct_reason", ""))
+        ctx.store.update("VDI", vdi, {"sm_config": sm_config})
+
+
+def _forget_read_caching(ctx, vdi):
+    keys = _read_caching_keys(ctx)
+    with ctx.store.transaction():
+        sm_config = ctx.store.get("VDI", vdi)["sm_config"]
+        if any(k in sm_config for k in keys):
+            ctx.store.update("VDI", vdi, {"sm_config": {k: v for k, v in sm_config.items()
+                                                        if k not in keys}})
 
 
 def detach(ctx, sr, vdi, force=False, vbd=None):
@@ -193,6 +264,7 @@ def undo(ctx, sr, vdi, force=False, strict=False):
         if command == "vdi_deactivate":
             faults.point("unplug-deactivated")
     with store.transaction():
+        _forget_read_caching(ctx, vdi)
         store.update("VDI", vdi, {"attach": {}})
         for ref, _ in store.find("VBD", VDI=vdi, currently_attached=True):
             store.update("VBD", ref, {"currently_attached": False, "device": ""})
