@@ -337,28 +337,6 @@ def test_bad_images_are_refused_clearly_and_left_untouched(smtap_root):
     assert tap_ctl("list").stdout == ""
 
 
-# -- pause / unpause -a: the storage layer's snapshot of a live leaf ------------------------------
-@pytest.mark.parametrize("depth", [1, 3])
-def test_snapshot_while_paused_then_unpause_onto_the_new_leaf(make_tap, smtap_root, depth):
-    leaf = vhd_chain(smtap_root, 8 * MiB, depth)
-    tap = make_tap("vhd:" + leaf)
-    qemu_io(tap.uri, "write -P 0xa1 0 1M", "flush")
-    tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
-    new = str(smtap_root / "new.vhd")
-    vhd_util("snapshot", "-n", new, "-p", leaf)
-    frozen = sha(leaf)
-    tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a", "vhd:" + new)
-    assert "args=vhd:%s" % new in tap_ctl("list").stdout
-    images = control.Client(tap.pid).stats(tap.minor)["images"]
-    assert len(images) == depth + 1
-    qemu_io(tap.uri, "read -P 0xa1 0 1M", "write -P 0xa2 512k 1M", "read -P 0xa1 0 512k",
-            "read -P 0xa2 512k 1M")
-    assert sha(leaf) == frozen                  # the old leaf is a parent now: untouched
-    tap.destroy()
-    vhd_check(new, "-p")
-    vhd_check(leaf)
-
-
 # -- corrupted images ----------------------------------------------------------------------------
 def _region_offsets(img_path):
     """Where a VHD's metadata lives: [(name, offset, length)]."""
