@@ -195,43 +195,55 @@ class Chain(object):
         # pieces still to read: (length, offset, request index, position in the request)
         pending = [(length, offset, i, 0) for i, (length, offset) in enumerate(requests)]
         last = len(self.images) - 1
+        hole = drv.EXTENT_HOLE
         for level, image in enumerate(self.images):
             d = image.driver
             size = d.size
+            answers_all = level == last or not d.can_extents
+            extents = d.extents
             reads, where, below = [], [], []
-            for length, offset, i, rpos in pending:
+            for piece in pending:
+                length, offset, i, rpos = piece
                 if offset + length > size:              # past a smaller parent: zeros
-                    keep = max(0, size - offset)
                     if out[i] is None:
                         out[i] = bytearray(requests[i][0])
-                    if not keep:
+                    if offset >= size:
                         continue
-                    length = keep
-                if level == last or not d.can_extents:
+                    length = size - offset
+                    piece = (length, offset, i, rpos)
+                if answers_all:
                     reads.append((length, offset))
-                    where.append((i, rpos))
+                    where.append(piece)
+                    continue
+                ext = extents(length, offset)
+                if ext and ext[0][0] >= length:         # one extent answers for it all
+                    if ext[0][1] & hole:
+                        below.append(piece)
+                    else:
+                        reads.append((length, offset))
+                        where.append(piece)
                     continue
                 done = 0
                 while done < length:
-                    ext = d.extents(length - done, offset + done)
                     if not ext or ext[0][0] <= 0:       # says nothing: read it here
                         ext = [(length - done, 0)]
                     for elen, flags in ext:
-                        elen = min(elen, length - done)
+                        if elen > length - done:
+                            elen = length - done
                         if elen <= 0:
                             break
-                        piece = (elen, offset + done, i, rpos + done)
-                        if flags & drv.EXTENT_HOLE:
-                            below.append(piece)
+                        part = (elen, offset + done, i, rpos + done)
+                        if flags & hole:
+                            below.append(part)
                         else:
-                            reads.append(piece[:2])
-                            where.append(piece[2:])
+                            reads.append((elen, offset + done))
+                            where.append(part)
                         done += elen
-                        if done >= length:
-                            break
+                    if done < length:
+                        ext = extents(length - done, offset + done)
             if reads:
-                for (i, rpos), (length, _), buf in zip(where, reads, d.preadv(reads)):
-                    if rpos == 0 and length == requests[i][0] and out[i] is None:
+                for (length, _, i, rpos), buf in zip(where, d.preadv(reads)):
+                    if rpos == 0 and out[i] is None and length == requests[i][0]:
                         out[i] = buf
                     else:
                         if out[i] is None:

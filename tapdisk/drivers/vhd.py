@@ -186,6 +186,15 @@ class VhdDriver(driver.Driver):
         k = len(whole)
         return bm[:k] == whole and (not last or bm[k] & last == last)
 
+    @staticmethod
+    def _uniform(bm, first, last):
+        """1 if bitmap bm has sectors [first, last) all set, 0 if all clear, else None."""
+        b0, b1 = first >> 3, (last + 7) >> 3
+        word = int.from_bytes(bm[b0:b1], "big")
+        mask = ((1 << (last - first)) - 1) << ((b1 << 3) - last)
+        bits = word & mask
+        return 1 if bits == mask else (0 if not bits else None)
+
     def _bitmap(self, blk):
         """Block blk's bitmap, or None if it is full (then marked so). Without the lock:
         cached only if no bitmap was written meanwhile."""
@@ -332,9 +341,12 @@ class VhdDriver(driver.Driver):
             else:
                 base = (sec << 9) + bmb
                 bm = None if full[blk] else self._bitmap(blk)
-                if bm is None:
+                state = 1 if bm is None else self._uniform(bm, boff >> 9, (boff + n + 511) >> 9)
+                if state == 1:
                     req += (base + boff, n, pos)
                     acc |= base + boff | n
+                elif state == 0:
+                    zeros.append((pos, n))
                 else:
                     for s, e, bit in V.bit_runs(bm, boff >> 9, (boff + n + 511) >> 9):
                         s, e = max(s << 9, boff), min(e << 9, boff + n)
@@ -364,6 +376,11 @@ class VhdDriver(driver.Driver):
                 return [(length, HOLE)]
             if self.full[blk]:
                 return [(length, 0)]
+            bm = self._bitmap(blk)
+            boff = offset & self.bmask
+            state = 1 if bm is None else self._uniform(bm, boff >> 9, (boff + length + 511) >> 9)
+            if state is not None:
+                return [(length, 0 if state else HOLE)]
         out = []
         end = offset + length
         pos = offset
