@@ -181,6 +181,19 @@ def file_bytes(path):
         return f.read()
 
 
+def create_tap36(tap_ctl, params, *flags):
+    """tap-ctl create (the installed one) of params: (device, pid, minor, NBD URI) of a
+    VBD running on Python 3.6, listed as upstream lists it."""
+    device = run(tap_ctl, "create", "-a", params, *flags).stdout.strip()
+    assert os.path.exists(device), device
+    (line,) = run(tap_ctl, "list").stdout.splitlines()
+    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
+    assert m and m.group(3) == params.split("?")[0], line      # the image, not its options
+    pid, minor = int(m.group(1)), m.group(2)
+    assert_runs_python36(pid)
+    return device, pid, minor, "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind,flags", [("ram", []), ("aio", []), ("aio", ["-D"])],
                          ids=["ram", "aio-O_DIRECT", "aio-D"])
@@ -197,14 +210,7 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
         f.write(seed)
     params = "%s:%s" % (kind, img) + ("?writeback=1" if kind == "ram" else "")
 
-    device = run(tap_ctl, "create", "-a", params, *flags).stdout.strip()
-    assert os.path.exists(device), device
-    (line,) = run(tap_ctl, "list").stdout.splitlines()
-    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
-    assert m and m.group(3) == "%s:%s" % (kind, img), line     # the image, not its options
-    pid, minor = int(m.group(1)), m.group(2)
-    assert_runs_python36(pid)
-    uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
+    device, pid, minor, uri = create_tap36(tap_ctl, params, *flags)
     assert int(run("nbdinfo", "--size", uri).stdout) == size
 
     # Real clients: the seed reads back, then writes from nbdcopy and qemu-io.
@@ -422,13 +428,7 @@ def test_vhd_engine_under_python36(py36, smtap_root):
     src = os.path.join(root, "src.img")
     with open(src, "wb") as f:
         f.write(data)
-    device = run(tap_ctl, "create", "-a", "vhd:" + base).stdout.strip()
-    (line,) = run(tap_ctl, "list").stdout.splitlines()
-    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=vhd:(\S+)$", line)
-    assert m and m.group(3) == base, line
-    pid, minor = int(m.group(1)), m.group(2)
-    assert_runs_python36(pid)
-    uri = "nbd+unix:///?socket=%s/nbd%d.%s" % (settings.runtime_dir(), pid, minor)
+    device, pid, minor, uri = create_tap36(tap_ctl, "vhd:" + base)
     run("nbdcopy", src, uri)
     mapped = aio_modules_mapped(pid)
     assert mapped == {"_smtap_aio" + ext_suffix(py36)}, mapped

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from smtap import names
 from smtap.sm import dirsr
 from smtap.tapdisk import tapctl
 
@@ -37,8 +38,7 @@ def test_vhd_sizes_are_what_vhd_util_reports(smtap_root):
         dirsr.file_format(path).create(path, MiB)       # never over an existing file
     pid, minor, _ = tapctl.create("vhd:" + path)
     try:
-        uri = "nbd+unix:///?socket=%s/nbd%d.%d" % (
-            os.path.join(str(smtap_root), "run", "blktap-control"), pid, minor)
+        uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
         subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 3M 3M", uri], check=True,
                        stdout=subprocess.DEVNULL)
         with open(path, "rb") as f:                     # open: the trailing footer poisoned

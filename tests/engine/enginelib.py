@@ -231,3 +231,16 @@ def vhd_check(path, *flags):
     out = run("vhd-util", "check", "-n", path, *flags, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("is valid"), out.stdout
+
+
+# the VHD disks the engine's generic tests also run on: one image, and a chain of three
+VHD_DISKS = {
+    "vhd": lambda root, size: vhd_disk(root, size),
+    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
+}
+
+
+def check_vhds(root):
+    """vhd-util check passes on every VHD under root (what the engine wrote is valid)."""
+    for path in sorted(root.glob("*.vhd")):
+        vhd_check(path)

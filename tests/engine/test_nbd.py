@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from enginelib import IHAVEOPT, Raw, nbd_map, qemu_io, run, vhd_check, vhd_disk
+from enginelib import IHAVEOPT, VHD_DISKS, Raw, check_vhds, nbd_map, qemu_io, run
 
 MiB = 1 << 20
 
@@ -168,16 +168,7 @@ def test_unknown_option_and_command_get_errors(serve, tmp_path):
 
 
 # the disks the garbage tests run on: memory, a VHD and a VHD chain
-GARBAGE_DISKS = {
-    "ram": lambda root, size: "ram:%s?size=%d" % (root / "x", size),
-    "vhd": lambda root, size: vhd_disk(root, size),
-    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
-}
-
-
-def check_vhds(root):
-    for path in sorted(root.glob("*.vhd")):
-        vhd_check(path)
+GARBAGE_DISKS = dict(VHD_DISKS, ram=lambda root, size: "ram:%s?size=%d" % (root / "x", size))
 
 
 @pytest.mark.parametrize("disk", sorted(GARBAGE_DISKS))
@@ -258,7 +249,7 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
 def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
     """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it."""
     if kind.startswith("vhd"):
-        params = GARBAGE_DISKS[kind](tmp_path, 16 * MiB)
+        params = VHD_DISKS[kind](tmp_path, 16 * MiB)
     else:
         img = tmp_path / "d.img"
         img.write_bytes(b"")

@@ -11,7 +11,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from enginelib import image_file, run, tap_ctl, tmpfs, vhd_check, vhd_disk
+from enginelib import VHD_DISKS, check_vhds, image_file, run, tap_ctl, tmpfs, vhd_disk
 
 MiB = 1 << 20
 PAUSED = 0x2a
@@ -60,17 +60,8 @@ class Pauser(threading.Thread):
         self.join(60)
 
 
-DISKS = {   # the disk types the heavier pause tests run on: raw, a VHD, a VHD chain
-    "aio": lambda root, size: "aio:" + image_file(root / "disk.img", size),
-    "vhd": lambda root, size: vhd_disk(root, size),
-    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
-}
-
-
-def check_vhds(root):
-    """vhd-util check passes on every VHD under root (what the engine wrote is valid)."""
-    for path in sorted(root.glob("*.vhd")):
-        vhd_check(path)
+# the disks the heavier pause tests run on: raw, a VHD, a VHD chain
+DISKS = dict(VHD_DISKS, aio=lambda root, size: "aio:" + image_file(root / "disk.img", size))
 
 
 @pytest.mark.parametrize("disk", sorted(DISKS))
@@ -226,8 +217,8 @@ PAUSE_CASES = {
     "ram-shared": (lambda root, size: "ram:%s?shared=1" % image_file(
         tmpfs(root / "shm", 2 * size) / "s.img", size), True),
     "null": (lambda root, size: "null:x?size=%d" % size, False),
-    "vhd": (lambda root, size: vhd_disk(root, size), True),
-    "vhd-chain3": (lambda root, size: vhd_disk(root, size, 3), True),
+    "vhd": (VHD_DISKS["vhd"], True),
+    "vhd-chain3": (VHD_DISKS["vhd-chain3"], True),
 }
 KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
 
