@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import uuid as uuidlib
 
 import pytest
@@ -488,8 +487,9 @@ def _acknowledged_writes(log):
 
 @pytest.mark.timeout(600)
 def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
-    """At random points of fio writes (verify headers, a flush every 8 writes) the
-    tapdisk is killed -9; then `vhd-util repair` (the trailing footer was poisoned) and
+    """At random points of fio writes (verify headers, a flush every 8 writes; a point is
+    when 1 to 48 of its 64 MiB went through) the tapdisk is killed -9; then
+    `vhd-util repair` (the trailing footer was poisoned) and
     `vhd-util check` pass, and fio's verify pass reads back every write it saw complete
     (a superset of those before the last acknowledged flush). fio's verify state also
     counts the writes in flight at the kill, so a verify error is allowed only at a write
@@ -512,7 +512,10 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
                                                  "--verify_state_save=1", "--write_lat_log=ack",
                                                  "--log_offset=1"], cwd=str(state),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.3, 1.3))      # fio starts in ~0.3 s, writes for ~1.4 s
+        # a random point of the write stream: once the tapdisk wrote 1 to 48 of the 64 MiB
+        mark = rng.randint(2048, 48 * 2048)
+        client = control.Client(pid, io_timeout=10)
+        assert wait_for(lambda: client.stats(minor)["secs"][1] >= mark, 60, 0.005), point
         os.kill(pid, signal.SIGKILL)
         out, err = fio.communicate(timeout=60)
         assert hostroot.wait_dead(pid)
@@ -537,4 +540,4 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         verified = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
         assert verified["io_bytes"] >= sum(acked.values()), point
     print("kill -9 points tried: %d (%d in the middle of writes)" % (tried, during))
-    assert tried == points and during >= points // 2
+    assert tried == points and during == points
