@@ -126,6 +126,23 @@ class Servers(object):
     def sock(self, name):
         return os.path.join(self.tmp, name + ".sock")
 
+    def untap(self, uri):
+        """Destroy the tapdisk tap() made for uri."""
+        for pid, minor in list(self.taps):
+            if uri.endswith("nbd%d.%d" % (pid, minor)):
+                subprocess.run(["tap-ctl", "destroy", "-p", str(pid), "-m", str(minor)],
+                               env=self.env, check=True, stdout=subprocess.DEVNULL)
+                self.taps.remove((pid, minor))
+
+    def unspawn(self, uri):
+        """Stop the server spawn() started for uri."""
+        for proc in list(self.procs):
+            if uri.endswith(proc.args[proc.args.index("-k") + 1] if "-k" in proc.args
+                            else proc.args[proc.args.index("-U") + 1]):
+                proc.terminate()
+                proc.wait(10)
+                self.procs.remove(proc)
+
     def close(self):
         for pid, minor in self.taps:
             subprocess.run(["tap-ctl", "destroy", "-p", str(pid), "-m", str(minor)],
@@ -140,7 +157,9 @@ class Servers(object):
                 proc.wait()
 
 
-def fio(uri, rw, bs, qd, runtime, size, warm=None):
+def fio_side(uri, rw, bs, qd, runtime, size, warm=None, time_based=True):
+    """One fio run; its JSON for the direction it measured (iops, bw_bytes, clat_ns...).
+    runtime None: the whole size once."""
     # Each run starts with no dirty pages (else the page-cache writers' writeback lands on
     # whichever server runs next) and, for servers sharing one file, with the whole file
     # in the page cache (else a run after an O_DIRECT writer pays for the pages it evicted).
@@ -148,13 +167,18 @@ def fio(uri, rw, bs, qd, runtime, size, warm=None):
     if warm:
         subprocess.run(["cat", warm], stdout=subprocess.DEVNULL, check=True)
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
-           "--iodepth=%d" % qd, "--size=%d" % size, "--runtime=%d" % runtime, "--time_based",
-           "--randrepeat=0", "--output-format=json"]
+           "--iodepth=%d" % qd, "--size=%d" % size, "--randrepeat=0", "--output-format=json"]
+    if time_based:
+        cmd += ["--runtime=%d" % runtime, "--time_based"]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if out.returncode:
         sys.exit("fio %s: %s" % (uri, out.stderr.strip()))
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-    side = job["write" if "write" in rw else "read"]
+    return job["write" if "write" in rw else "read"]
+
+
+def fio(uri, rw, bs, qd, runtime, size, warm=None):
+    side = fio_side(uri, rw, bs, qd, runtime, size, warm)
     return side["iops"], side["bw_bytes"] / 1e6
 
 

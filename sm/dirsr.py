@@ -1,7 +1,10 @@
-"""SRs that keep each VDI as one raw file, <location><EXT>, in a directory (sr.path):
-what ramSR (a tmpfs) and FileSR (any directory) share. Files are sparse; the VDI's
-virtual size is the file's length, its physical utilisation the blocks it holds.
+"""SRs that keep each VDI as one file, <location><EXT>, in a directory (sr.path): what
+ramSR (a tmpfs) and FileSR (any directory) share. How a file gives its sizes and how a
+new one is made depends on its format, looked up by extension in FORMATS: raw (a
+sparse file: its length is the virtual size, the blocks it holds its utilisation) or
+VHD (sizes from its metadata, smtap.formats). The SRs here create raw files (EXT).
 """
+import errno
 import os
 import re
 
@@ -19,6 +22,56 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 
 def round_up(size, unit=SECTOR):
     return (size + unit - 1) // unit * unit
+
+
+class RawFormat(object):
+    """A raw sparse file: its length is the virtual size."""
+    exts = (".raw", ".ram")     # FileSR's, ramSR's (on tmpfs)
+    disk_type = "aio"           # the engine's disk type that serves it
+
+    @staticmethod
+    def sizes(path):
+        """(virtual size, physical utilisation) in bytes."""
+        st = os.stat(path)
+        return st.st_size, st.st_blocks * 512
+
+    @staticmethod
+    def create(path, size):
+        with open(path, "xb") as f:
+            f.truncate(size)
+
+
+class VhdFormat(object):
+    """A VHD: the virtual size from its footer (the backup at offset 0 is valid while a
+    tapdisk has it open), the utilisation as `vhd-util query -s` reports it."""
+    exts = (".vhd",)
+    disk_type = "vhd"
+
+    @staticmethod
+    def sizes(path):
+        from smtap.formats import vhd
+        with vhd.VHD(path) as img:
+            return img.size, img.phys_size()
+
+    @staticmethod
+    def create(path, size):
+        from smtap.formats import vhd
+        if os.path.lexists(path):
+            raise OSError(errno.EEXIST, "%s exists" % path)
+        vhd.create(path, size)
+
+
+FORMATS = {ext: f for f in (RawFormat, VhdFormat) for ext in f.exts}
+
+
+def file_format(path):
+    """The format of a VDI file, by its extension."""
+    return FORMATS[os.path.splitext(path)[1]]
+
+
+def file_sizes(path):
+    """(virtual size, physical utilisation) of a VDI file of any format in FORMATS."""
+    return file_format(path).sizes(path)
 
 
 class DirSR(sr.SR):
@@ -47,9 +100,9 @@ class DirSR(sr.SR):
         """(sum of virtual sizes, bytes allocated) of the VDI files."""
         virtual = allocated = 0
         for location in self.locations():
-            path = os.path.join(self.path, location + self.EXT)
-            virtual += os.path.getsize(path)
-            allocated += sparse.allocated(path)
+            size, used = file_sizes(os.path.join(self.path, location + self.EXT))
+            virtual += size
+            allocated += used
         return virtual, allocated
 
     def physical_size(self):
@@ -85,10 +138,9 @@ class DirVDI(tapvdi.TapdiskVDI):
     def load_storage(self):
         """Sizes from the file (the truth), when it is there."""
         try:
-            st = os.stat(self.file)
+            self.size, self.utilisation = file_sizes(self.file)
         except OSError:
             return
-        self.size, self.utilisation = st.st_size, st.st_blocks * 512
 
     def require_file(self):
         self.sr.check_path()
@@ -119,9 +171,8 @@ class DirVDI(tapvdi.TapdiskVDI):
         return self
 
     def make_file(self, size):
-        """Write the new VDI's file(s): an empty sparse file by default."""
-        with open(self.file, "xb") as f:
-            f.truncate(size)
+        """Write the new VDI's file(s): an empty one of the SR's format by default."""
+        file_format(self.file).create(self.file, size)
 
     def introduce(self):
         """Adopt a file already in the SR, named by vdi_location."""

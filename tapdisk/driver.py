@@ -48,6 +48,10 @@ class Driver(object):
     can_extents = False     # extents() reports holes / zero regions
     can_multi_conn = False  # a flush on one connection covers writes done on all
     is_filter = False       # no image data of its own: stacks on the image below
+    write_align = 1         # writes it takes are multiples of this at multiples of it:
+                            # the engine reads-modifies-writes others (a VHD's sectors)
+    trim_hides_parent = False   # after trim() the region still reads as this image's
+                                # (zeros), never a parent's: trims pass down with a parent
     plug_type = "tap"       # how SM plugs a VDI of this type (its VDI_PLUG_TYPE)
     options = {}            # the "?k=v" options it accepts: name -> parser(text) -> value
 

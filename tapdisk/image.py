@@ -165,14 +165,16 @@ class Chain(object):
     def preadv(self, requests, nbytes):
         """[(length, offset)] -> [buffer or OSError] in order. Buffers stay valid until
         this thread's next call into the chain."""
-        if not self.has_parent:
-            try:
-                bufs = self.leaf.preadv(requests)
-            except OSError:
-                pass
+        try:
+            if self.has_parent:
+                bufs = self._preadv_levels(requests)
             else:
-                self._account(0, nbytes, len(requests))
-                return bufs
+                bufs = self.leaf.preadv(requests)
+        except OSError:
+            pass
+        else:
+            self._account(0, nbytes, len(requests))
+            return bufs
         out = []
         failed = 0
         for length, offset in requests:
@@ -182,6 +184,77 @@ class Chain(object):
                 out.append(e)
                 failed += 1
         self._account(0, nbytes, len(requests), failed)
+        return out
+
+    def _preadv_levels(self, requests):
+        """A batch through the chain, one preadv per image: each image reads the pieces
+        it holds (its extents) in one batch and hands its holes to the next image down;
+        the last one answers for all that is left. A request held whole by one image is
+        that image's buffer; others are put together from their pieces."""
+        out = [None] * len(requests)
+        # pieces still to read: (length, offset, request index, position in the request)
+        pending = [(length, offset, i, 0) for i, (length, offset) in enumerate(requests)]
+        last = len(self.images) - 1
+        hole = drv.EXTENT_HOLE
+        for level, image in enumerate(self.images):
+            d = image.driver
+            size = d.size
+            answers_all = level == last or not d.can_extents
+            extents = d.extents
+            reads, where, below = [], [], []
+            for piece in pending:
+                length, offset, i, rpos = piece
+                if offset + length > size:              # past a smaller parent: zeros
+                    if out[i] is None:
+                        out[i] = bytearray(requests[i][0])
+                    if offset >= size:
+                        continue
+                    length = size - offset
+                    piece = (length, offset, i, rpos)
+                if answers_all:
+                    reads.append((length, offset))
+                    where.append(piece)
+                    continue
+                ext = extents(length, offset)
+                if ext and ext[0][0] >= length:         # one extent answers for it all
+                    if ext[0][1] & hole:
+                        below.append(piece)
+                    else:
+                        reads.append((length, offset))
+                        where.append(piece)
+                    continue
+                done = 0
+                while done < length:
+                    if not ext or ext[0][0] <= 0:       # says nothing: read it here
+                        ext = [(length - done, 0)]
+                    for elen, flags in ext:
+                        if elen > length - done:
+                            elen = length - done
+                        if elen <= 0:
+                            break
+                        part = (elen, offset + done, i, rpos + done)
+                        if flags & hole:
+                            below.append(part)
+                        else:
+                            reads.append((elen, offset + done))
+                            where.append(part)
+                        done += elen
+                    if done < length:
+                        ext = extents(length - done, offset + done)
+            if reads:
+                for (length, _, i, rpos), buf in zip(where, d.preadv(reads)):
+                    if rpos == 0 and out[i] is None and length == requests[i][0]:
+                        out[i] = buf
+                    else:
+                        if out[i] is None:
+                            out[i] = bytearray(requests[i][0])
+                        out[i][rpos:rpos + length] = buf
+                if level:
+                    with self._lock:
+                        image.hits[0] += len(reads)
+            if not below:
+                break
+            pending = below
         return out
 
     def _read(self, level, length, offset):
@@ -230,6 +303,9 @@ class Chain(object):
     # -- writes ---------------------------------------------------------------------------
     def pwritev(self, requests, nbytes):
         """[(buffer, offset)] -> None when all were written, else [None or OSError]."""
+        align = self.leaf.write_align
+        if align > 1 and not self._aligned(requests, align - 1):
+            return self._pwritev_widened(requests, nbytes)
         try:
             self.leaf.pwritev(requests)
         except OSError:
@@ -249,6 +325,49 @@ class Chain(object):
         self._account(1, nbytes, len(requests), failed)
         return out
 
+    @staticmethod
+    def _aligned(requests, mask):
+        for buf, offset in requests:
+            if (len(buf) | offset) & mask:
+                return False
+        return True
+
+    def _widen(self, buf, offset):
+        """(buffer, offset) grown to the leaf's write_align: the bytes around it as the
+        chain shows them now (a parent's, for a region the leaf does not hold yet)."""
+        mask = self.leaf.write_align - 1
+        start, end = offset & ~mask, (offset + len(buf) + mask) & ~mask
+        out = bytearray(end - start)
+        partial = set()                         # the first and the last unit, if partial
+        if offset & mask:
+            partial.add(start)
+        if (offset + len(buf)) & mask:
+            partial.add(end - mask - 1)
+        for pos in partial:
+            out[pos - start:pos - start + mask + 1] = self._read(0, mask + 1, pos)
+        out[offset - start:offset - start + len(buf)] = buf
+        return out, start
+
+    def _write_widened(self, buf, offset):
+        if (len(buf) | offset) & (self.leaf.write_align - 1):
+            buf, offset = self._widen(buf, offset)
+        self.leaf.pwrite(buf, offset)
+
+    def _pwritev_widened(self, requests, nbytes):
+        """A batch with writes the leaf cannot take as they are: one at a time, in order,
+        each read-modify-written (a write must see the ones before it)."""
+        out = []
+        failed = 0
+        for buf, offset in requests:
+            try:
+                self._retry(self._write_widened, buf, offset)
+                out.append(None)
+            except OSError as e:
+                out.append(e)
+                failed += 1
+        self._account(1, nbytes, len(requests), failed)
+        return out if failed else None
+
     def _leaf_op(self, rw, fn, *args):
         try:
             return self._retry(fn, *args)
@@ -261,14 +380,27 @@ class Chain(object):
         self._leaf_op(1, self.leaf.flush)
 
     def trim(self, length, offset):
-        # With a parent a trimmed region would show the parent's data: zero instead.
-        if self.has_parent:
+        # With a parent a trimmed region could show the parent's data: zero instead,
+        # unless the leaf's trim keeps the region its own.
+        if self.has_parent and not self.leaf.trim_hides_parent:
             return self.zero(length, offset, False)
         self._leaf_op(1, self.leaf.trim, length, offset)
 
     def zero(self, length, offset, may_trim=False):
         """Make a region read as zeros (never the parent's data)."""
         may_trim = may_trim and not self.has_parent
+        mask = self.leaf.write_align - 1
+        if (offset | length) & mask:        # partial units: written, the middle zeroed
+            start, end = (offset + mask) & ~mask, (offset + length) & ~mask
+            edges = [(offset, min(start, offset + length) - offset)]
+            if start < end:
+                edges.append((end, offset + length - end))
+            for pos, n in edges:
+                if n > 0:
+                    self._leaf_op(1, self._write_widened, bytes(n), pos)
+            if start >= end:
+                return
+            offset, length = start, end - start
         if self.leaf.can_zero:
             self._leaf_op(1, self.leaf.zero, length, offset, may_trim)
         else:

@@ -87,10 +87,11 @@ def longlongs(n):
     return (ctypes.c_longlong * n)()
 
 
-def aio_batch(ctx, fd, op, n, offlen, base, res):
-    """smtap_aio_batch (smtap_aio.c): how many requests did not complete in full, or
-    -errno; base is the buffer's address."""
-    return _load().smtap_aio_batch(ctx, fd, op, n, offlen, base, res)
+def aio_batch(ctx, fd, op, n, req, base, res):
+    """smtap_aio_batch (smtap_aio.c): req holds n (offset, length, buffer position)
+    triples; how many requests did not complete in full, or -errno; base is the
+    buffer's address."""
+    return _load().smtap_aio_batch(ctx, fd, op, n, req, base, res)
 
 
 class AlignedBuffer(object):

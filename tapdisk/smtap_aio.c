@@ -28,19 +28,18 @@ long long smtap_fs_type(int fd)
 }
 
 /* Run n requests of one kind (0 read, 1 write) on fd and wait for all of them.
-   offlen holds n (offset, length) pairs; request i uses the buffer at
-   base + the sum of the lengths before it. res[i] gets bytes done or -errno.
-   Returns how many requests did not complete in full (0: all done; see res),
-   or -errno if completions could not be reaped. */
+   req holds n (offset, length, buffer position) triples: request i uses the buffer at
+   base + its position (so a batch may leave gaps, e.g. an image's holes to zero).
+   res[i] gets bytes done or -errno. Returns how many requests did not complete in
+   full (0: all done; see res), or -errno if completions could not be reaped. */
 int smtap_aio_batch(io_context_t ctx, int fd, int op, int n,
-                    const long long *offlen, char *base, long long *res)
+                    const long long *req, char *base, long long *res)
 {
     struct iocb cbs[SMTAP_AIO_DEPTH];
     struct iocb *ptrs[SMTAP_AIO_DEPTH];
     struct io_event events[SMTAP_AIO_DEPTH];
     int freeslots[SMTAP_AIO_DEPTH];
     int nfree = SMTAP_AIO_DEPTH, next = 0, inflight = 0, failed = 0, i, r;
-    char *buf = base;
 
     for (i = 0; i < SMTAP_AIO_DEPTH; i++)
         freeslots[i] = i;
@@ -52,14 +51,13 @@ int smtap_aio_batch(io_context_t ctx, int fd, int op, int n,
         while (next + batch < n && nfree > 0) {
             struct iocb *cb = &cbs[freeslots[--nfree]];
             long idx = next + batch;
-            long long off = offlen[2 * idx], len = offlen[2 * idx + 1];
+            const long long *t = req + 3 * idx;
             if (op == 0)
-                io_prep_pread(cb, fd, buf, (size_t)len, off);
+                io_prep_pread(cb, fd, base + t[2], (size_t)t[1], t[0]);
             else
-                io_prep_pwrite(cb, fd, buf, (size_t)len, off);
+                io_prep_pwrite(cb, fd, base + t[2], (size_t)t[1], t[0]);
             cb->data = (void *)idx;
             ptrs[batch++] = cb;
-            buf += len;
         }
         while (sub < batch) {
             r = io_submit(ctx, batch - sub, ptrs + sub);
@@ -85,7 +83,6 @@ int smtap_aio_batch(io_context_t ctx, int fd, int op, int n,
         inflight += sub;
         if (rollback) {
             next = (int)(long)ptrs[sub]->data;
-            buf = ptrs[sub]->u.c.buf;
             for (i = sub; i < batch; i++)
                 freeslots[nfree++] = (int)(ptrs[i] - cbs);
         } else {
@@ -101,7 +98,7 @@ int smtap_aio_batch(io_context_t ctx, int fd, int op, int n,
                 long idx = (long)events[i].data;
                 long long got = (long long)(long)events[i].res;
                 res[idx] = got;
-                if (got != offlen[2 * idx + 1])
+                if (got != req[3 * idx + 1])
                     failed++;
                 freeslots[nfree++] = (int)(events[i].obj - cbs);
             }

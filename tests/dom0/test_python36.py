@@ -181,6 +181,19 @@ def file_bytes(path):
         return f.read()
 
 
+def create_tap36(tap_ctl, params, *flags):
+    """tap-ctl create (the installed one) of params: (device, pid, minor, NBD URI) of a
+    VBD running on Python 3.6, listed as upstream lists it."""
+    device = run(tap_ctl, "create", "-a", params, *flags).stdout.strip()
+    assert os.path.exists(device), device
+    (line,) = run(tap_ctl, "list").stdout.splitlines()
+    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
+    assert m and m.group(3) == params.split("?")[0], line      # the image, not its options
+    pid, minor = int(m.group(1)), m.group(2)
+    assert_runs_python36(pid)
+    return device, pid, minor, "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind,flags", [("ram", []), ("aio", []), ("aio", ["-D"])],
                          ids=["ram", "aio-O_DIRECT", "aio-D"])
@@ -197,14 +210,7 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
         f.write(seed)
     params = "%s:%s" % (kind, img) + ("?writeback=1" if kind == "ram" else "")
 
-    device = run(tap_ctl, "create", "-a", params, *flags).stdout.strip()
-    assert os.path.exists(device), device
-    (line,) = run(tap_ctl, "list").stdout.splitlines()
-    m = re.match(r"pid=(\d+) minor=(\d+) state=0 args=(\S+)$", line)
-    assert m and m.group(3) == "%s:%s" % (kind, img), line     # the image, not its options
-    pid, minor = int(m.group(1)), m.group(2)
-    assert_runs_python36(pid)
-    uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
+    device, pid, minor, uri = create_tap36(tap_ctl, params, *flags)
     assert int(run("nbdinfo", "--size", uri).stdout) == size
 
     # Real clients: the seed reads back, then writes from nbdcopy and qemu-io.
@@ -402,3 +408,47 @@ def test_sm_suite_under_python36(py36):
     assert proc.returncode == 0, proc.stdout[-6000:]
     m = re.search(r"(\d+) passed", summary)
     assert m and int(m.group(1)) > 0 and "skipped" not in summary, summary
+
+
+@pytest.mark.timeout(120)
+def test_vhd_engine_under_python36(py36, smtap_root):
+    """A VHD chain (made by the installed vhd-util, on 3.6) served by a 3.6 tapdisk on
+    the libaio path: written and read back by real clients, paused (the trailing footer
+    valid while paused, poisoned while open), destroyed; vhd-util check passes."""
+    root = str(smtap_root)
+    install(root, py36)
+    bindir = os.path.join(root, "opt", "smtap", "bin")
+    tap_ctl, vhd_util = os.path.join(bindir, "tap-ctl"), os.path.join(bindir, "vhd-util")
+    assert file_bytes(vhd_util).split(b"\n", 1)[0] == b"#!" + py36.encode()
+    base, leaf = os.path.join(root, "base.vhd"), os.path.join(root, "leaf.vhd")
+    run(vhd_util, "create", "-n", base, "-s", 8)
+    size = 8 * MiB
+    rng = random.Random("vhd36")
+    data = bytearray(rng.getrandbits(8 * size).to_bytes(size, "little"))
+    src = os.path.join(root, "src.img")
+    with open(src, "wb") as f:
+        f.write(data)
+    device, pid, minor, uri = create_tap36(tap_ctl, "vhd:" + base)
+    run("nbdcopy", src, uri)
+    mapped = aio_libraries_mapped(pid)
+    assert "libsmtap-aio.so.1" in mapped, mapped    # the libaio path, from Python 3.6
+    with open(base, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        assert f.read() == b"\xc7" * 512            # strict: poisoned while open
+    # pause, snapshot, unpause onto the new leaf: the storage layer's snapshot
+    run(tap_ctl, "pause", "-p", pid, "-m", minor)
+    assert run(vhd_util, "check", "-n", base).stdout.strip().endswith("is valid")
+    run(vhd_util, "snapshot", "-n", leaf, "-p", base)
+    run(tap_ctl, "unpause", "-p", pid, "-m", minor, "-a", "vhd:" + leaf)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1048576 65536", uri)
+    data[MiB:MiB + 65536] = b"\x5a" * 65536
+    out = os.path.join(root, "out.img")
+    run("nbdcopy", uri, out)
+    assert file_bytes(out) == data
+    run(tap_ctl, "destroy", "-p", pid, "-m", minor)
+    assert hostroot.wait_dead(pid)
+    assert not os.path.exists(device)
+    for path in (base, leaf):
+        assert run(vhd_util, "check", "-n", path).stdout.strip().endswith("is valid")
+    assert run(vhd_util, "query", "-d", "-n", leaf).stdout.strip() == "chain depth: 2"
+    assert hostroot.leftovers(root) == []

@@ -196,3 +196,51 @@ class Raw(object):
 
     def close(self):
         self.s.close()
+
+
+# -- VHD images (made with vhd-util, data written through smtap.formats) ------------------
+MiB = 1 << 20
+
+
+def vhd_chain(root, size, depth, name="v"):
+    """A chain of `depth` VHDs under root made with vhd-util (create, then snapshots of
+    the one before), each level holding data of its own: byte 0x10 + level in half-MiB
+    pieces (partly filled blocks), at offsets no other level writes. Returns the leaf."""
+    from smtap.formats import vhd as V
+    paths = []
+    for level in range(depth):
+        path = str(root / ("%s%d.vhd" % (name, level)))
+        if level:
+            run("vhd-util", "snapshot", "-n", path, "-p", paths[-1])
+        else:
+            run("vhd-util", "create", "-n", path, "-s", size >> 20)
+        with V.VHD(path, writable=True) as img:
+            for off in range(level * MiB, size, depth * MiB):
+                img.write(bytes([0x10 + level]) * (MiB // 2), off)
+        paths.append(path)
+    return paths[-1]
+
+
+def vhd_disk(root, size, depth=1):
+    """"vhd:<leaf>" of a vhd_chain (depth 1: one dynamic VHD)."""
+    return "vhd:" + vhd_chain(root, size, depth)
+
+
+def vhd_check(path, *flags):
+    """vhd-util check passes on path."""
+    out = run("vhd-util", "check", "-n", path, *flags, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("is valid"), out.stdout
+
+
+# the VHD disks the engine's generic tests also run on: one image, and a chain of three
+VHD_DISKS = {
+    "vhd": lambda root, size: vhd_disk(root, size),
+    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
+}
+
+
+def check_vhds(root):
+    """vhd-util check passes on every VHD under root (what the engine wrote is valid)."""
+    for path in sorted(root.glob("*.vhd")):
+        vhd_check(path)

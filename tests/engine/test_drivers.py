@@ -1,6 +1,7 @@
 """Disk drivers (aio, ram, null) and the generic engine parts: image chains, pause/resume."""
 import errno
 import os
+import random
 import subprocess
 import time
 
@@ -165,6 +166,10 @@ class LayerDriver(drv.Driver):
             raise OSError(err, os.strerror(err))
         return bytes(self.layer["data"][offset:offset + length])
 
+    def preadv(self, requests):
+        self.layer["batches"] = self.layer.get("batches", 0) + 1
+        return drv.Driver.preadv(self, requests)
+
     def extents(self, length, offset):
         held = self.layer["held"]
         first = offset // BLOCK
@@ -217,6 +222,79 @@ def test_chain_reads_through_parents(smtap_root):
         assert st["secs"][0] >= 4 * BLOCK // 512     # nbdcopy skips the holes
     finally:
         v.close()
+
+
+def test_chain_reads_are_batched_per_image(smtap_root):
+    """A batch of reads through a chain is one preadv per image (not one read per
+    request), and it reads what the request-at-a-time path reads."""
+    layer("b3", 512 * 1024, {0: 1, 1: 1, 2: 1, 7: 1})        # smaller than the others
+    layer("m3", MiB, {1: 2, 5: 2, 9: 2}, parent="test-layer:b3")
+    layer("l3", MiB, {2: 3, 9: 3, 10: 3}, parent="test-layer:m3")
+    chain = image.Chain("test-layer:l3", drv.OPEN_RDONLY)
+    try:
+        rng = random.Random(3)
+        requests = [(BLOCK * 2, 0), (BLOCK, 7 * BLOCK), (BLOCK, 11 * BLOCK), (100, BLOCK - 50)] + [
+            (rng.randint(1, 3 * BLOCK), rng.randrange(0, MiB - 3 * BLOCK)) for _ in range(40)]
+        before = {n: LAYERS[n].get("batches", 0) for n in ("b3", "m3", "l3")}
+        bufs = chain.preadv(requests, sum(n for n, _ in requests))
+        assert {n: LAYERS[n].get("batches", 0) - before[n] for n in before} == \
+            {"b3": 1, "m3": 1, "l3": 1}
+        for (length, offset), buf in zip(requests, bufs):
+            assert bytes(buf) == bytes(chain._read(0, length, offset)), (length, offset)
+        assert bytes(bufs[1]) == b"\x01" * BLOCK    # from the base, through two holes
+        assert bytes(bufs[2]) == bytes(BLOCK)       # past the smaller base: zeros
+    finally:
+        chain.close()
+
+
+@drivers.register
+class SectorDriver(LayerDriver):
+    """A writable layer that takes only whole 512-byte sectors (as a VHD)."""
+    name = "test-sectors"
+    can_write = True
+    write_align = 512
+
+    def open(self, path, flags, options):
+        LayerDriver.open(self, path, flags, options)
+        self.layer.setdefault("sectors", {s for b in self.layer["held"]
+                                          for s in range(b * BLOCK // 512, (b + 1) * BLOCK // 512)})
+
+    def pwrite(self, buf, offset):
+        if (len(buf) | offset) & 511:
+            raise OSError(errno.EINVAL, "unaligned write %d at %d" % (len(buf), offset))
+        self.layer["data"][offset:offset + len(buf)] = buf
+        self.layer["sectors"].update(range(offset // 512, (offset + len(buf)) // 512))
+
+    def extents(self, length, offset):
+        """Per sector, as a VHD's bitmap."""
+        held = self.layer["sectors"]
+        state = offset // 512 in held
+        pos = (offset // 512 + 1) * 512
+        end = min(offset + length, self.size)
+        while pos < end and (pos // 512 in held) == state:
+            pos += 512
+        return [(min(pos, end) - offset, 0 if state else drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+
+
+def test_unaligned_writes_are_widened_with_the_chain_data(smtap_root):
+    """A driver with write_align gets whole sectors: the engine reads the rest of a
+    partial sector through the chain (the parent's data where the leaf holds none)."""
+    layer("sp", MiB, {0: 0x11, 1: 0x11})
+    layer("sl", MiB, {1: 0x22}, parent="test-layer:sp")
+    chain = image.Chain("test-sectors:sl")
+    try:
+        want = bytearray(chain._read(0, 2 * BLOCK, 0))
+        writes = [(b"\xaa" * 100, 1000), (b"\xbb" * 1024, BLOCK + 512), (b"\xcc" * 10, 1050),
+                  (b"\xdd" * 700, BLOCK - 300)]
+        assert chain.pwritev(writes, 0) is None
+        for buf, off in writes:
+            want[off:off + len(buf)] = buf
+        chain.zero(1000, 5000)                     # partial sectors at both ends
+        want[5000:6000] = bytes(1000)
+        assert bytes(chain._read(0, 2 * BLOCK, 0)) == bytes(want)
+        assert bytes(LAYERS["sl"]["data"][512:1000]) == b"\x11" * 488   # from the parent
+    finally:
+        chain.close()
 
 
 def test_chain_validation_failure_leaves_nothing_open(smtap_root):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from enginelib import IHAVEOPT, Raw, nbd_map, qemu_io, run
+from enginelib import IHAVEOPT, VHD_DISKS, Raw, check_vhds, nbd_map, qemu_io, run
 
 MiB = 1 << 20
 
@@ -167,24 +167,34 @@ def test_unknown_option_and_command_get_errors(serve, tmp_path):
     c.close()
 
 
+# the disks the garbage tests run on: memory, a VHD and a VHD chain
+GARBAGE_DISKS = dict(VHD_DISKS, ram=lambda root, size: "ram:%s?size=%d" % (root / "x", size))
+
+
+@pytest.mark.parametrize("disk", sorted(GARBAGE_DISKS))
 @pytest.mark.parametrize("garbage", [
     b"\xff" * 64,                                       # bad client flags
     struct.pack(">I", 3) + b"GARBAGE!" * 8,             # bad option magic
     struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 7, 0xfffffff0),  # absurd length
 ])
-def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage):
-    s = serve("ram:%s?size=%d" % (tmp_path / "x", MiB))
+def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage, disk):
+    s = serve(GARBAGE_DISKS[disk](tmp_path, 4 * MiB))
     c = Raw(s.nbd_path)
     c.recv(18)
     c.s.sendall(garbage)
     with pytest.raises((EOFError, ConnectionError)):
         c.recv(1)                                       # the server hangs up on it
     c.close()
-    assert run("nbdinfo", "--size", s.uri).stdout.strip() == str(MiB)
+    assert run("nbdinfo", "--size", s.uri).stdout.strip() == str(4 * MiB)
+    s.stop()
+    check_vhds(tmp_path)
 
 
-def test_garbage_request_and_vanishing_client(serve, tmp_path):
-    s = serve("ram:%s?size=%d" % (tmp_path / "x", 64 * MiB))
+@pytest.mark.parametrize("disk", sorted(GARBAGE_DISKS))
+
+
+def test_garbage_request_and_vanishing_client(serve, tmp_path, disk):
+    s = serve(GARBAGE_DISKS[disk](tmp_path, 64 * MiB))
     c = Raw(s.nbd_path)
     c.greet()
     c.go()
@@ -207,6 +217,8 @@ def test_garbage_request_and_vanishing_client(serve, tmp_path):
     out = qemu_io(s.uri, "write -P 3 0 1M", "read -P 3 0 1M")
     assert "Pattern verification failed" not in out
     assert s.proc.poll() is None
+    s.stop()
+    check_vhds(tmp_path)
 
 
 def test_pipelined_requests_simple_replies(serve, tmp_path):
@@ -233,13 +245,17 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
     c.close()
 
 
-@pytest.mark.parametrize("kind", ["aio", "ram"])
+@pytest.mark.parametrize("kind", ["aio", "ram", "vhd", "vhd-chain3"])
 def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
     """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it."""
-    img = tmp_path / "d.img"
-    img.write_bytes(b"")
-    os.truncate(img, 16 * MiB)
-    s = serve("%s:%s" % (kind, img))
+    if kind.startswith("vhd"):
+        params = VHD_DISKS[kind](tmp_path, 16 * MiB)
+    else:
+        img = tmp_path / "d.img"
+        img.write_bytes(b"")
+        os.truncate(img, 16 * MiB)
+        params = "%s:%s" % (kind, img)
+    s = serve(params)
     out = run("fio", "--name=v", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
               "--bsrange=512-128k", "--bs_unaligned", "--iodepth=32", "--size=16M",
               "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",
@@ -247,3 +263,5 @@ def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 15 * MiB
     assert job["read"]["io_bytes"] == job["write"]["io_bytes"]     # all read back, verified
+    s.stop()
+    check_vhds(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from enginelib import image_file, run, tap_ctl, tmpfs
+from enginelib import VHD_DISKS, check_vhds, image_file, run, tap_ctl, tmpfs, vhd_disk
 
 MiB = 1 << 20
 PAUSED = 0x2a
@@ -60,9 +60,14 @@ class Pauser(threading.Thread):
         self.join(60)
 
 
-def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root):
+# the disks the heavier pause tests run on: raw, a VHD, a VHD chain
+DISKS = dict(VHD_DISKS, aio=lambda root, size: "aio:" + image_file(root / "disk.img", size))
+
+
+@pytest.mark.parametrize("disk", sorted(DISKS))
+def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk):
     size = 16 * MiB
-    tap = make_tap("aio:" + image_file(smtap_root / "disk.img", size))
+    tap = make_tap(DISKS[disk](smtap_root, size))
     client = control.Client(tap.pid)
     pauser = Pauser(tap, limit=100)
     runs, overlap = 0, []      # cycles done when each fio pass ended
@@ -82,6 +87,8 @@ def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root):
     stats = client.stats(tap.minor)
     assert stats["reqs_outstanding"] == 0 and stats["images"]
     assert all(image["fail"] == [0, 0] for image in stats["images"]), stats
+    tap.destroy()
+    check_vhds(smtap_root)
 
 
 def test_requests_wait_while_paused(make_tap, smtap_root):
@@ -116,6 +123,30 @@ def read_pattern(uri, pattern, length="64k"):
     proc = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P %s 0 %s" % (pattern, length),
                            uri], capture_output=True, text=True, timeout=30)
     return proc.returncode == 0 and "fail" not in proc.stdout.lower()
+
+
+def test_unpause_a_onto_a_vhd_snapshot_of_the_same_disk(make_tap, smtap_root):
+    """The storage layer's snapshot of a live VHD: pause, snapshot (the leaf becomes a
+    parent), unpause -a onto the new leaf; data kept, new writes land in the new leaf."""
+    for depth in (1, 3):
+        root = smtap_root / ("d%d" % depth)
+        root.mkdir()
+        params = vhd_disk(root, 8 * MiB, depth)
+        tap = make_tap(params)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xa7 0 1M", tap.uri)
+        before = disk_sha256(tap.uri, smtap_root)
+        tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+        new = str(root / "snap.vhd")
+        run("vhd-util", "snapshot", "-n", new, "-p", params[4:])
+        tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a", "vhd:" + new)
+        assert tap_ctl("list").stdout.splitlines() == [
+            "pid=%d minor=%d state=0 args=vhd:%s" % (tap.pid, tap.minor, new)]
+        assert disk_sha256(tap.uri, smtap_root) == before
+        assert len(control.Client(tap.pid).stats(tap.minor)["images"]) == depth + 1
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xa8 0 64k", tap.uri)
+        assert read_pattern(tap.uri, "0xa8") and not read_pattern(tap.uri, "0xa7", "1M")
+        tap.destroy()
+        check_vhds(root)
 
 
 def test_unpause_switches_to_an_image_of_the_same_size(make_tap, smtap_root):
@@ -186,6 +217,8 @@ PAUSE_CASES = {
     "ram-shared": (lambda root, size: "ram:%s?shared=1" % image_file(
         tmpfs(root / "shm", 2 * size) / "s.img", size), True),
     "null": (lambda root, size: "null:x?size=%d" % size, False),
+    "vhd": (VHD_DISKS["vhd"], True),
+    "vhd-chain3": (VHD_DISKS["vhd-chain3"], True),
 }
 KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
 
@@ -215,6 +248,8 @@ def test_a_flushed_write_survives_pause_and_unpause(make_tap, smtap_root, case):
         tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
     assert disk_sha256(tap.uri, smtap_root) == before
     assert read_pattern(tap.uri, "0xa5" if keeps else "0", "1M")
+    tap.destroy()
+    check_vhds(smtap_root)
 
 
 @pytest.mark.parametrize("case", KEEPING)
@@ -228,6 +263,8 @@ def test_fio_verify_across_pause_cycles(make_tap, smtap_root, case):
         pauser.stop()
     assert not pauser.failure, pauser.failure
     assert job["read"]["io_bytes"] >= size and pauser.cycles >= 5, (job["read"], pauser.cycles)
+    tap.destroy()
+    check_vhds(smtap_root)
 
 
 def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):

@@ -1,0 +1,293 @@
+"""A file or block device on the libaio batch path, shared by the disk types that keep
+their data in one (aio: raw; vhd: the image's blocks).
+
+O_DIRECT when the file system allows it (buffers aligned), buffered otherwise or when
+asked. A batch of requests is one C call (tapdisk.native: io_submit + io_getevents,
+GIL released) into one aligned per-thread buffer (the arena). What O_DIRECT cannot take
+(not aligned to the device's logical block) goes through a second, buffered descriptor,
+as does a batch asked for buffered.
+"""
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+
+from smtap import sparse
+from smtap.tapdisk import native
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127f
+PAGE = 4096
+MAX_EXTENTS = 64        # per extents() call
+
+
+def _raise(err, what):
+    raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+class _Arena(object):
+    """One thread's aligned buffers and io context; freed with the thread."""
+
+    def __init__(self):
+        self.ctx = None
+        self.ctx = native.io_setup(native.aio_depth())
+        self.bufs = [None, None]    # reads, writes: a write batch must not clobber the
+        self.nreq = 0               # read buffers a reply is still sending
+        self.req = self.res = None
+
+    def buffer(self, op, size):
+        buf = self.bufs[op]
+        if buf is None or size > len(buf.view):
+            cap = max(size, 1 << 20)
+            buf = self.bufs[op] = native.AlignedBuffer((cap + PAGE - 1) & ~(PAGE - 1))
+        return buf
+
+    def arrays(self, n):
+        if n > self.nreq:
+            self.nreq = max(n, 64)
+            self.req = native.longlongs(3 * self.nreq)
+            self.res = native.longlongs(self.nreq)
+        return self.req, self.res
+
+    def __del__(self):
+        try:
+            if self.ctx is not None:
+                native.io_destroy(self.ctx)
+        except Exception:       # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class AioFile(object):
+    """path opened read-only or read-write; `direct`: try O_DIRECT. `what` prefixes errors.
+
+    fd: the descriptor batches use (O_DIRECT when `direct` is set), bfd: the buffered one.
+    size: bytes (a block device's, or the file's at open). mask: alignment O_DIRECT needs - 1.
+    """
+
+    def __init__(self, path, writable=True, direct=True, what="aio"):
+        self.path, self.what = path, what
+        self.fd = self.bfd = None
+        self.direct = False
+        self.mask = 511
+        self._local = threading.local()
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self.bfd = os.open(path, mode | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, "%s: cannot open %s: %s" % (what, path, e.strerror))
+        try:
+            st = os.fstat(self.bfd)
+            self.block_device = stat.S_ISBLK(st.st_mode)
+            if not self.block_device and not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "%s: %s is neither a file nor a block device"
+                              % (what, path))
+            if self.block_device:
+                self.size = struct.unpack("Q", fcntl.ioctl(self.bfd, BLKGETSIZE64, b"\0" * 8))[0]
+                self.mask = struct.unpack("i", fcntl.ioctl(self.bfd, BLKSSZGET, b"\0" * 4))[0] - 1
+            else:
+                self.size = st.st_size
+            self.fd = self.bfd
+            if direct:
+                self._open_direct(path, mode)
+        except Exception:
+            self.close()
+            raise
+
+    def _open_direct(self, path, mode):
+        """Use O_DIRECT if the file system takes it, for opens and for a first read."""
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return
+            raise
+        self.fd = fd
+        self.direct = True
+        if self.size:
+            try:
+                n = min(self.size, PAGE) & ~self.mask or self.mask + 1
+                self.batch(0, [0, n, 0], n)
+            except OSError:
+                os.close(fd)
+                self.fd, self.direct = self.bfd, False
+
+    def close(self):
+        for fd in {self.fd, self.bfd}:
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.bfd = None
+
+    # -- the batch path ----------------------------------------------------------------
+    def arena(self):
+        arena = getattr(self._local, "arena", None)
+        if arena is None:
+            arena = self._local.arena = _Arena()
+        return arena
+
+    def idle(self):
+        """The thread's buffers and io context go (io_destroy): a client that read
+        32 MiB once keeps none of it while idle."""
+        self._local.arena = None
+
+    def batch(self, op, req, total, data=None, buffered=False):
+        """Run the requests req = [offset, length, position, ...] (flat triples; request
+        i uses the arena buffer at its position) as one AIO batch in this thread's buffer
+        of `total` bytes, on the buffered descriptor if asked. Writes first copy `data`
+        (buffers laid end to end from position 0) in. Returns the buffer's memoryview;
+        any failure raises OSError."""
+        arena = self.arena()
+        n = len(req) // 3
+        buf = arena.buffer(op, total)
+        creq, res = arena.arrays(n)
+        creq[0:3 * n] = req
+        view = buf.view
+        if data is not None:
+            pos = 0
+            for piece in data:
+                end = pos + len(piece)
+                view[pos:end] = piece
+                pos = end
+        failed = native.aio_batch(arena.ctx, self.bfd if buffered else self.fd, op, n, creq,
+                                  buf.address, res)
+        if failed:
+            if failed < 0:
+                _raise(-failed, "io_getevents")
+            kind = "write" if op else "read"
+            for i in range(n):
+                if res[i] < 0:
+                    _raise(-res[i], "%s: %s %s at %d" % (self.what, self.path, kind, req[3 * i]))
+            _raise(errno.EIO, "%s: short %s of %s" % (self.what, kind, self.path))
+        return view
+
+    @staticmethod
+    def views(view, requests):
+        """A batch's buffer holding [(length, offset)] end to end, one view per request."""
+        out = []
+        pos = 0
+        for length, _ in requests:
+            out.append(view[pos:pos + length])
+            pos += length
+        return out
+
+    def aligned(self, requests):
+        mask = self.mask
+        for length, offset in requests:
+            if (length | offset) & mask:
+                return False
+        return True
+
+    def preadv(self, requests):
+        """[(length, offset)] -> [buffer] (views of the arena, valid until this thread's
+        next batch)."""
+        if self.direct and not self.aligned(requests):
+            return [self.pread(length, offset) for length, offset in requests]
+        req = []
+        pos = 0
+        for length, offset in requests:
+            req += (offset, length, pos)
+            pos += length
+        return self.views(self.batch(0, req, pos), requests)
+
+    def pwritev(self, requests):
+        """[(buffer, offset)]: one batch when O_DIRECT can take them all; else straight
+        from the caller's buffers, no copy into ours. Requests contiguous on the file
+        (and so in the arena) go as one I/O."""
+        if not self.direct or not self.aligned((len(b), o) for b, o in requests):
+            pwrite = self.pwrite_buffered
+            for buf, offset in requests:
+                pwrite(buf, offset)
+            return
+        req = []
+        pos = 0
+        end = -1
+        for buf, offset in requests:
+            n = len(buf)
+            if offset == end:
+                req[-2] += n
+            else:
+                req += (offset, n, pos)
+            pos += n
+            end = offset + n
+        self.batch(1, req, pos, [b for b, _ in requests])
+
+    # -- one request at a time (the slow path): independent buffers ----------------------
+    def pread(self, length, offset):
+        """length bytes at offset (zeros past the end of the file)."""
+        if self.direct and not (length | offset) & self.mask:
+            try:
+                return bytes(self.batch(0, [offset, length, 0], length)[:length])
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        data = os.pread(self.bfd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, buf, offset):
+        if self.direct and not (len(buf) | offset) & self.mask:
+            try:
+                self.batch(1, [offset, len(buf), 0], len(buf), [buf])
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        self.pwrite_buffered(buf, offset)
+
+    def pwrite_buffered(self, buf, offset):
+        sparse.pwrite_all(self.bfd, memoryview(buf).cast("B"), offset)
+
+    # -- the rest ----------------------------------------------------------------------------
+    def flush(self):
+        os.fdatasync(self.fd)
+
+    def _fallocate(self, mode, length, offset):
+        try:
+            native.fallocate(self.bfd, mode, offset, length)
+        except OSError as e:
+            raise OSError(e.errno, "fallocate %s: %s" % (self.path, os.strerror(e.errno)))
+
+    def trim(self, length, offset):
+        """Advisory: a trim the device cannot do is no error."""
+        try:
+            if self.block_device:
+                fcntl.ioctl(self.bfd, BLKDISCARD, struct.pack("QQ", offset, length))
+            else:
+                self._fallocate(native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE,
+                                length, offset)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise
+
+    def zero(self, length, offset, may_trim=False):
+        """Make [offset, offset + length) read as zeros: punched (may_trim) or zeroed in
+        place, else written."""
+        try:
+            if self.block_device:
+                fcntl.ioctl(self.bfd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            elif may_trim:
+                self._fallocate(native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE,
+                                length, offset)
+            else:
+                self._fallocate(native.FALLOC_FL_ZERO_RANGE | native.FALLOC_FL_KEEP_SIZE,
+                                length, offset)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise
+        chunk = bytes(min(length, 1 << 20))
+        pos = 0
+        while pos < length:
+            n = min(len(chunk), length - pos)
+            self.pwrite(chunk[:n], offset + pos)
+            pos += n
+
+    def extents(self, length, offset):
+        """[(length, is_data)] from SEEK_DATA / SEEK_HOLE (a block device: all data)."""
+        if self.block_device:
+            return [(length, True)]
+        return sparse.extents(self.bfd, offset, length, MAX_EXTENTS)
