@@ -115,6 +115,7 @@ demo: build
 bench: build
 	$(VPY) bench/engine.py
 	$(VPY) bench/sm_ops.py
+	$(VPY) bench/vhd.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a
