@@ -45,12 +45,12 @@ def _e2e():
     spec = importlib.util.spec_from_file_location(
         "dom0_e2e_fixtures", os.path.join(TOP, "tests", "e2e", "conftest.py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)      # also puts tests/e2e (e2e_helpers) on sys.path
+    spec.loader.exec_module(module)
     return module
 
 
 E2EHost = _e2e().E2EHost
-from e2e_helpers import check_fs, make_fs, read_files, sh, traces, write_files  # noqa: E402
+from lib.fs import check_fs, make_fs, read_files, sh, traces, write_files  # noqa: E402
 
 
 # --- the interpreter ------------------------------------------------------------------

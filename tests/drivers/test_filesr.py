@@ -1,7 +1,7 @@
 """FileSR driven through the local toolstack: raw sparse files served by aio tapdisks."""
 import os
 
-from drivers_helpers import failure, MiB, holds, host_tags, link_path, tapdisk_of, write
+from lib.vdis import failure, MiB, holds, host_tags, link_path, tapdisk_of, write
 
 
 def test_config_errors(dhost, tmp_path):

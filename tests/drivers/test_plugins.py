@@ -6,7 +6,7 @@ import subprocess
 import xmlrpc.client
 
 from smtap import settings
-from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, tap_list,
+from lib.vdis import (failure, MiB, holds, host_tags, link_path, minor_allocated, tap_list,
                              tapdisk_of, write)
 
 PAUSE = "smtap-tapdisk-pause"

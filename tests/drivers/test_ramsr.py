@@ -7,7 +7,7 @@ import time
 
 from smtap import names, settings
 from smtap.toolstack import hostroot
-from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
+from lib.vdis import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
                              qemu_io, tap_list, tapdisk_of, vdi_call, write)
 
 

@@ -7,17 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from smtap import names                         # noqa: E402
-from smtap.toolstack import errors, hostroot      # noqa: E402
-from e2e_helpers import TOP                      # noqa: E402
+from lib.fs import TOP
+from smtap import names
+from smtap.toolstack import errors, hostroot
 
 
 def _toolstack_fixtures():

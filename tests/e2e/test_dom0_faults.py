@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from e2e_helpers import check_fs, make_fs, read_files, sh, traces, write_files
+from lib.fs import check_fs, make_fs, read_files, sh, traces, write_files
 from smtap.toolstack import faults, hostroot
 
 

@@ -10,7 +10,7 @@ import XenAPI
 
 from smtap.toolstack import hostroot
 
-from e2e_helpers import (MiB, check_fio_blocks, check_fs, make_fs, read_files, sh, traces, write_files)
+from lib.fs import (MiB, check_fio_blocks, check_fs, make_fs, read_files, sh, traces, write_files)
 
 
 def test_budget_exceeded(e2e):

@@ -1,10 +1,10 @@
-"""The snapshot-consistency checker used with fio (e2e_helpers.check_fio_blocks) accepts
+"""The snapshot-consistency checker used with fio (lib.fs.check_fio_blocks) accepts
 what fio writes and catches a torn or misplaced block."""
 import subprocess
 
 import pytest
 
-from e2e_helpers import check_fio_blocks
+from lib.fs import check_fio_blocks
 
 
 def test_checker_accepts_fio_blocks_and_catches_torn_ones(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import MiB, TOP, check_fs, make_fs, read_files, sh, traces, write_files
+from lib.fs import MiB, TOP, check_fs, make_fs, read_files, sh, traces, write_files
 from smtap.toolstack import hostroot
 
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")

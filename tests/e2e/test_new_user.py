@@ -1,7 +1,7 @@
 """A new user, by the README: a copy of the checkout (its .venv copied along) built with
 `make build`, the local toolstack started by hand with the README's own lines, and a
-driver written the way upstream sm's are (upstream_sr.py) added as the README says and
-run on it unchanged, through xe."""
+driver written the way upstream sm's are (tests/lib/drivers/upstream_sr.py) added as the
+README says and run on it unchanged, through xe."""
 import os
 import shutil
 import signal
@@ -9,9 +9,8 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import TOP
+from lib.fs import TOP
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 START = "<!-- the lines below are run as they stand by tests/e2e/test_new_user.py -->"
 DRIVER = "<!-- run by tests/e2e/test_new_user.py too (with MySR and my its driver's names) -->"
 
@@ -74,7 +73,7 @@ def test_new_user(smtap_root, checkout):
         assert where.stdout.strip() == os.path.join(checkout, "toolstack", "xe.py")
 
         # the driver, as the host's sm would have it, then the README's lines to add it
-        with open(os.path.join(HERE, "upstream_sr.py")) as f:
+        with open(os.path.join(TOP, "tests", "lib", "drivers", "upstream_sr.py")) as f:
             code = f.read()
         driver = os.path.join(checkout, "UpstreamSR")
         with open(driver, "w") as f:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from enginelib import Served, Tap
+from lib.engine import Served, Tap
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import control, nbd
 
-from enginelib import Raw, memory_of, run, tap_ctl, wait_for
+from lib.engine import Raw, memory_of, run, tap_ctl, wait_for
 
 MiB = 1 << 20
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from enginelib import image_file, run, wait_for
+from lib.engine import image_file, run, wait_for
 from smtap import settings
 from smtap.tapdisk import blockdev
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from enginelib import nbd_map, qemu_io, run
+from lib.engine import nbd_map, qemu_io, run
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, image, vbd

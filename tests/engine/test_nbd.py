@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from enginelib import IHAVEOPT, VHD_DISKS, Raw, check_vhds, nbd_map, qemu_io, run
+from lib.engine import IHAVEOPT, VHD_DISKS, Raw, check_vhds, nbd_map, qemu_io, run
 
 MiB = 1 << 20
 

@@ -11,7 +11,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from enginelib import VHD_DISKS, check_vhds, image_file, run, tap_ctl, tmpfs, vhd_disk
+from lib.engine import VHD_DISKS, check_vhds, image_file, run, tap_ctl, tmpfs, vhd_disk
 
 MiB = 1 << 20
 PAUSED = 0x2a

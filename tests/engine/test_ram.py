@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from enginelib import image_file, memory_of, nbd_map, qemu_io, run, tap_ctl, tmpfs, used
+from lib.engine import image_file, memory_of, nbd_map, qemu_io, run, tap_ctl, tmpfs, used
 
 MiB = 1 << 20
 TiB = 1 << 40

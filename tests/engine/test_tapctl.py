@@ -12,7 +12,7 @@ import pytest
 from smtap import names, settings
 from smtap.tapdisk import control, minors
 
-from enginelib import image_file, tap_ctl, tapdisks_under, wait_for
+from lib.engine import image_file, tap_ctl, tapdisks_under, wait_for
 
 MiB = 1 << 20
 

@@ -14,7 +14,7 @@ import uuid as uuidlib
 
 import pytest
 
-from enginelib import MiB, nbd_map, qemu_io, run, tap_ctl, vhd_chain, vhd_check, wait_for
+from lib.engine import MiB, nbd_map, qemu_io, run, tap_ctl, vhd_chain, vhd_check, wait_for
 from smtap import names, settings
 from smtap.formats import vhd as V
 from smtap.tapdisk import control, minors

@@ -7,7 +7,7 @@ base; the chain itself is read through smtap.formats.vhd.Chain.
 import hashlib
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, Model, qemu, seeded, vhd_util
+from lib.vhd import MiB, Model, qemu, seeded, vhd_util
 
 SIZE = 40 * MiB
 LEVELS = 30

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, vhd_util
+from lib.vhd import MiB, vhd_util
 
 
 def image(work, name="d.vhd", blocks=(0, 1)):

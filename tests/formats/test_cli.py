@@ -7,7 +7,7 @@ import re
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, fingerprint, td_util, vhd_util
+from lib.vhd import MiB, fingerprint, td_util, vhd_util
 
 
 def test_query_reproduces_upstreams_fixture(work):

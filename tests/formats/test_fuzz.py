@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from smtap.formats import vhd as V
 from smtap.formats import vhdutil
-from vhdlib import MiB, fingerprint, vhd_util
+from lib.vhd import MiB, fingerprint, vhd_util
 
 pytestmark = pytest.mark.timeout(300)
 

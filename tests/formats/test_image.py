@@ -7,7 +7,7 @@ import os
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, td_util, vhd_util
+from lib.vhd import MiB, td_util, vhd_util
 
 
 class Recorder(V.PosixFile):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, Model, qemu, random_writes, seeded, vhd_util
+from lib.vhd import MiB, Model, qemu, random_writes, seeded, vhd_util
 
 SIZE = 24 * MiB
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import BIN, MiB, Model, random_writes, seeded, sha, vhd_util
+from lib.vhd import BIN, MiB, Model, random_writes, seeded, sha, vhd_util
 
 
 def filled(name, mb, seed=1, **create):

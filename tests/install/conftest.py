@@ -1,9 +1,9 @@
-"""Fixtures and markers of the install / RPM tests (helpers: installlib.py)."""
+"""Fixtures and markers of the install / RPM tests (helpers: tests/lib/install.py)."""
 import glob
 
 import pytest
 
-from installlib import VERSION, VPY, make
+from lib.install import VERSION, VPY, make
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ import xmlrpc.client
 
 import pytest
 
-from installlib import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, TOP, py36_prefix, rpm_query_list,
+from lib.install import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, TOP, py36_prefix, rpm_query_list,
                         rpm_install, run, stock_host)
 from smtap.toolstack import hostroot
 

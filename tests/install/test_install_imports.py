@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, TOP, VPY, driver_info, host_env,
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, TOP, VPY, driver_info, host_env,
                         make_install, run)
 
 # Top-level modules of the host's sm (flat in /opt/xensource/sm, or the sm 3.x package)

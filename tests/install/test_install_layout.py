@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, STOCK_SM_PLUGINS, TOP, UPSTREAM_PATHS,
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, STOCK_SM_PLUGINS, TOP, UPSTREAM_PATHS,
                         VPY, driver_info, host_env, make_install, read_sm_plugins, run, stock_host,
                         tree)
 

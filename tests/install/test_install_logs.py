@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from installlib import DRIVER_INFO_CALL, TOP, VPY, make_install, run
+from lib.install import DRIVER_INFO_CALL, TOP, VPY, make_install, run
 from smtap.toolstack import hostroot
 
 PY36 = os.path.join(TOP, ".venv36", "bin", "python")

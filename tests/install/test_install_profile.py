@@ -10,7 +10,7 @@ import pytest
 
 from smtap import names, settings
 
-from installlib import host_env, make_install, run
+from lib.install import host_env, make_install, run
 
 MiB = 1 << 20
 SR = "5e6b0a1c-0000-4000-8000-00000000005e"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
                         UPSTREAM_PATHS, VENV_BIN, VERSION, VPY, driver_info, host_env,
                         read_sm_plugins, rpm_install, run, stock_host)
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from installlib import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, XAPI_CONF_83, XAPI_CORE_DROPINS,
+from lib.install import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, XAPI_CONF_83, XAPI_CORE_DROPINS,
                         fake_rpm, py36_prefix, read_sm_plugins, rpm_root, tree)
 
 pytestmark = [pytest.mark.rpm,

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from installlib import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, TOP, VPY, host_env, make_install,
+from lib.install import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, TOP, VPY, host_env, make_install,
                         read_sm_plugins, run, stock_host)
 
 

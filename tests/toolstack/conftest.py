@@ -43,10 +43,12 @@ class Host(object):
         return self.write(target, text)
 
     def add_driver(self, name="TestSR", **config):
-        """A test driver (see testsr.py), configured by a JSON file it reads each call."""
+        """A test driver (see tests/lib/drivers/testsr.py), configured by a JSON file it
+        reads each call."""
         self.write("/opt/xensource/sm/%s" % name,
                    "#!%s\nimport runpy\nrunpy.run_path(%r, {'DRIVER_NAME': %r}, '__main__')\n"
-                   % (VENV_PYTHON, os.path.join(os.path.dirname(__file__), "testsr.py"), name),
+                   % (VENV_PYTHON, os.path.join(TOP, "tests", "lib", "drivers", "testsr.py"),
+                      name),
                    0o755)
         self.configure_driver(name, **config)
 

@@ -6,7 +6,7 @@ import pytest
 
 from smtap import settings
 from smtap.toolstack import client, inventory
-from toolstack_util import GiB, failure
+from lib.toolstack import GiB, failure
 
 
 def raw_post(body):

@@ -3,7 +3,7 @@ its precedence, and columns compared as XAPI's database stores them."""
 import pytest
 
 from smtap.toolstack import dbfilter
-from toolstack_util import GiB, failure
+from lib.toolstack import GiB, failure
 
 
 def evaluate(text, row=None):

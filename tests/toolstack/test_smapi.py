@@ -11,7 +11,7 @@ import pytest
 
 from smtap import settings
 from smtap.toolstack import smapi
-from toolstack_util import GiB, failure
+from lib.toolstack import GiB, failure
 
 COMMON = {"host_ref", "command", "args", "device_config", "session_ref", "sr_ref", "sr_uuid",
           "subtask_of"}

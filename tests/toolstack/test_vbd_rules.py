@@ -3,7 +3,7 @@ takes one RW VBD or any number of RO ones; a sharable one takes several RW VBDs.
 Failed before: a second RW plug, and RW after RO, were accepted (two VBDs on one loop
 device; an RW VBD on a read-only device)."""
 from test_api import new_sr, new_vdi
-from toolstack_util import failure
+from lib.toolstack import failure
 
 
 def vbd(x, vdi, mode):

@@ -9,7 +9,7 @@ import XenAPI
 
 from smtap import settings
 
-from toolstack_util import failure
+from lib.toolstack import failure
 
 
 @pytest.fixture

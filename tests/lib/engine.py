@@ -1,5 +1,4 @@
-"""Engine test helpers (imported as `enginelib`: a test module cannot rely on `conftest`,
-every test directory has one)."""
+"""Engine test helpers: tap-ctl, VBDs created or served, NBD clients."""
 import os
 import struct
 import subprocess

@@ -1,6 +1,7 @@
 """Test harness for SR drivers: XAPI's request encoding, a driver runner and a small
 real XenAPI server on a unix socket (the toolstack's server replaces it end to end).
 """
+import contextlib
 import os
 import re
 import socketserver
@@ -10,8 +11,6 @@ import uuid
 import xmlrpc.client
 from xml.sax.saxutils import escape
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
-
-import pytest
 
 from smtap import settings
 
@@ -287,25 +286,27 @@ class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         self.xapi = xapi
 
 
-@pytest.fixture
-def xapi(smtap_root):
-    """A XenAPI server on settings.xapi_socket() knowing one SR."""
+@contextlib.contextmanager
+def fake_xapi_server():
+    """A XenAPI server on settings.xapi_socket() knowing one SR: yields its FakeXapi."""
     path = settings.xapi_socket()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fake = FakeXapi(str(uuid.uuid4()))
     server = UnixXMLRPCServer(path, fake)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield fake
-    server.shutdown()
-    server.server_close()
-    thread.join()
-    os.unlink(path)
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        os.unlink(path)
 
 
-@pytest.fixture
-def dummy(xapi):
-    return Driver(install_driver("smtap.sm.drivers.DummySR", "DummySR"), xapi.sr_uuid)
+def dummy_driver(fake):
+    """The installed DummySR, called as XAPI would for the fake's SR."""
+    return Driver(install_driver("smtap.sm.drivers.DummySR", "DummySR"), fake.sr_uuid)
 
 
 def log_lines():
@@ -314,5 +315,5 @@ def log_lines():
 
 
 def helper_driver(name):
-    """A test driver module in this directory, run as a script."""
-    return [PYTHON, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
+    """A test driver of tests/lib/drivers, run as a script."""
+    return [PYTHON, os.path.join(os.path.dirname(os.path.abspath(__file__)), "drivers", name)]

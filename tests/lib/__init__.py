@@ -1,0 +1,1 @@
+"""Test helpers (see the docstring written with the deduplication)."""
