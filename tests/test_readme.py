@@ -6,9 +6,8 @@ import glob
 import os
 import re
 
+from lib.checkout import TOP
 from smtap import names, settings
-
-TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme():

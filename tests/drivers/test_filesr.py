@@ -1,7 +1,9 @@
 """FileSR driven through the local toolstack: raw sparse files served by aio tapdisks."""
 import os
 
-from lib.vdis import failure, MiB, holds, host_tags, link_path, tapdisk_of, write
+from lib.sizes import MiB
+from lib.toolstack import failure
+from lib.vdis import holds, host_tags, link_path, tapdisk_of, write
 
 
 def test_config_errors(dhost, tmp_path):

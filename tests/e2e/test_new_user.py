@@ -5,11 +5,11 @@ README says and run on it unchanged, through xe."""
 import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 
-from lib.fs import TOP
+from lib.checkout import TOP
+from lib.procs import run
 
 START = "<!-- the lines below are run as they stand by tests/e2e/test_new_user.py -->"
 DRIVER = "<!-- run by tests/e2e/test_new_user.py too (with MySR and my its driver's names) -->"
@@ -26,7 +26,7 @@ def readme_block(marker):
 def checkout(tmp_path):
     """The checkout as a user copies it: cp -a, its .venv and build outputs along."""
     copy = str(tmp_path / "checkout")
-    subprocess.run(["cp", "-a", TOP, copy], check=True)
+    run("cp", "-a", TOP, copy)
     shutil.rmtree(os.path.join(copy, ".pytest_cache"), ignore_errors=True)
     yield copy
     shutil.rmtree(copy, ignore_errors=True)
@@ -50,16 +50,13 @@ def test_new_user(smtap_root, checkout):
                       if line.startswith("export "))
 
     def sh(text):
-        res = subprocess.run(["bash", "-ec", text], cwd=checkout, env=env, timeout=600,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True)
+        res = run("bash", "-ec", text, check=False, cwd=checkout, env=env, timeout=600)
         assert res.returncode == 0, "%s\n%s%s" % (text, res.stdout, res.stderr)
         return res
 
     def xe(*args, check=True):
-        res = subprocess.run(["bash", "-ec", exports + 'exec xe "$@"', "xe"] + list(args),
-                             cwd=checkout, env=env, timeout=120, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True)
+        res = run(["bash", "-ec", exports + 'exec xe "$@"', "xe"] + list(args), check=False,
+                  cwd=checkout, env=env, timeout=120)
         assert not check or res.returncode == 0, "xe %s: %s" % (" ".join(args), res.stderr)
         return res
 

@@ -6,7 +6,8 @@ import struct
 import pytest
 
 from smtap.formats import vhd as V
-from lib.vhd import MiB, vhd_util
+from lib.sizes import MiB
+from lib.vhd import vhd_util
 
 
 def image(work, name="d.vhd", blocks=(0, 1)):

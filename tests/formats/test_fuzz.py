@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from smtap.formats import vhd as V
 from smtap.formats import vhdutil
-from lib.vhd import MiB, fingerprint, vhd_util
+from lib.sizes import MiB
+from lib.vhd import fingerprint, vhd_util
 
 pytestmark = pytest.mark.timeout(300)
 

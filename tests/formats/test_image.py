@@ -7,7 +7,8 @@ import os
 import pytest
 
 from smtap.formats import vhd as V
-from lib.vhd import MiB, td_util, vhd_util
+from lib.sizes import MiB
+from lib.vhd import td_util, vhd_util
 
 
 class Recorder(V.PosixFile):

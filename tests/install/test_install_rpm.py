@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
-                        UPSTREAM_PATHS, VENV_BIN, VERSION, VPY, driver_info, host_env,
-                        read_sm_plugins, rpm_install, run, stock_host)
+from lib.checkout import PY36, TOP, VENV_BIN, VENV_PYTHON, VERSION
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS,
+                         UPSTREAM_PATHS, driver_info, host_env, read_sm_plugins, rpm_install,
+                         stock_host)
+from lib.procs import run
 
 pytestmark = pytest.mark.rpm
 
@@ -72,15 +74,15 @@ def test_rpm_installs_into_an_empty_root(built_rpm, tmp_path):
     assert not os.path.exists(os.path.join(root, "etc/xapi.conf.d/smtap.conf"))
     # The installed commands run from that root (with an interpreter that has the deps).
     env = host_env(root)
-    out = run([VPY, os.path.join(root, "opt/smtap/bin/tap-ctl"), "list"], env=env)
+    out = run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/tap-ctl"), "list"], env=env)
     assert out.stdout == ""
     # %post's work on a host whose xapi.conf has its own list: that list is kept.
     with open(os.path.join(root, "etc/xapi.conf"), "w") as f:
         f.write("sm-plugins = ext nfs lvm\n")
-    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--write"], env=env)
+    run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--write"], env=env)
     assert read_sm_plugins(os.path.join(root, "etc/xapi.conf.d/smtap.conf")) == \
         ["ext", "nfs", "lvm"] + [t for t in RPM_SR_TYPES if t in ALL_SR_TYPES]
-    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--check"], env=env)
+    run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--check"], env=env)
 
 
 @NEED_RAMSR
@@ -126,7 +128,6 @@ def test_local_toolstack_registers_type_ram(built_rpm_local_python, tmp_path):
 
 
 # --- built for dom0: Python 3.6 byte-code, el7's glibc -------------------------------
-PY36 = os.path.join(TOP, ".venv36", "bin", "python")
 NEED_PY36 = pytest.mark.skipif(not os.access(PY36, os.X_OK), reason="no .venv36 (make py36)")
 # objdump -T: "0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.14) memcpy"
 SYMBOL_VERSION = re.compile(r"\(?\b(GLIBC|LIBAIO)_([0-9][0-9.]*)\)?\s+\S+$")
@@ -191,7 +192,7 @@ def test_check_refuses_other_bytecode_and_newer_glibc(tmp_path):
     cc.chmod(0o755)
     env = dict(os.environ, CC=str(cc))
     out = run(["make", "-s", "-C", TOP, "rpm", "RPMTOP=%s" % (tmp_path / "top"),
-               "RPM_BUILD_PYTHON=%s" % VPY], env=env, check=False, timeout=120)
+               "RPM_BUILD_PYTHON=%s" % VENV_PYTHON], env=env, check=False, timeout=120)
     log = out.stdout + out.stderr
     assert out.returncode != 0, log[-3000:]
     assert "error: Bad exit status" in log and "%check" in log, log[-3000:]

@@ -1,31 +1,43 @@
-"""Engine test helpers: tap-ctl, VBDs created or served, NBD clients."""
+"""The engine from outside: tap-ctl, VBDs created (Tap) or served in a subprocess
+(Served), raw images, NBD clients (qemu-io, nbdinfo, a raw client that sends what
+well-behaved clients never do)."""
+import json
 import os
+import socket
 import struct
 import subprocess
-import time
+import sys
 
-from smtap.toolstack import hostroot
-
-
-def tapdisks_under(root):
-    """Pids of the live tapdisk daemons of this root."""
-    return [pid for pid, cmdline in hostroot.processes_under(str(root))
-            if "smtap.tapdisk.daemon" in cmdline]
+from lib.fs import tmpfs, used                      # noqa: F401  (enginelib's names)
+from lib.hosts import tapdisks_under                # noqa: F401
+from lib.procs import memory_of, run, wait_for      # noqa: F401
+from lib.vhd import VHD_DISKS, check_vhds, vhd_chain, vhd_check, vhd_disk  # noqa: F401
+from smtap import names
 
 
 def tap_ctl(*args, check=True, timeout=60):
-    """Run tap-ctl; returns the CompletedProcess (stdout/stderr as text)."""
-    proc = subprocess.run(["tap-ctl"] + [str(a) for a in args], capture_output=True,
-                          encoding="utf-8", errors="replace", timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError("tap-ctl %s failed (%d): %s" % (
-            " ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
-    return proc
+    """Run tap-ctl (the checkout's, on PATH); its CompletedProcess."""
+    return run("tap-ctl", *args, check=check, timeout=timeout)
+
+
+def tap_list():
+    """`tap-ctl list` as [{"pid": .., "minor": .., "state": .., "args": ..}] (the fields
+    a line has), each field parsed by upstream sm's rule: exactly one `=`."""
+    out = tap_ctl("list").stdout
+    rows = [[f.split("=") for f in line.split()] for line in out.splitlines()]
+    assert all(len(f) == 2 for row in rows for f in row), out
+    return [dict(row) for row in rows]
+
+
+def tap_state(pid):
+    """The state field (`0`, `0x2a`...) tap-ctl lists for the tapdisk pid."""
+    (entry,) = [e for e in tap_list() if e.get("pid") == str(pid)]
+    return entry["state"]
 
 
 def image_file(path, size, pattern=None):
     """A raw image of `size` bytes; `pattern` (bytes) repeated as its content."""
-    with open(path, "wb") as f:
+    with open(str(path), "wb") as f:
         if pattern:
             f.write((pattern * (size // len(pattern) + 1))[:size])
         else:
@@ -33,33 +45,37 @@ def image_file(path, size, pattern=None):
     return str(path)
 
 
+def nbd_uri(socket_path, export=""):
+    """The NBD URI of a unix socket (and an export name)."""
+    return "nbd+unix:///%s?socket=%s" % (export, socket_path)
+
+
+def linked_tapdisk(link):
+    """(pid, minor) of the tapdisk whose NBD socket a runtime link names."""
+    return names.parse_nbd(os.readlink(link))
+
+
 class Tap(object):
     """A created VBD: pid, minor, device, params, and its NBD socket."""
 
     def __init__(self, pid, minor, device, params):
         self.pid, self.minor, self.device, self.params = pid, minor, device, params
-        from smtap import names
         self.nbd_path = names.nbd_path(pid, minor)
+
+    @classmethod
+    def create(cls, params, **kwargs):
+        """tap-ctl create's operation, in process (smtap.tapdisk.tapctl.create)."""
+        from smtap.tapdisk import tapctl
+        pid, minor, device = tapctl.create(params, **kwargs)
+        return cls(pid, minor, device, params)
 
     @property
     def uri(self):
-        return "nbd+unix:///?socket=%s" % self.nbd_path
+        return nbd_uri(self.nbd_path)
 
     def destroy(self):
         from smtap.tapdisk import tapctl
         tapctl.destroy(self.pid, self.minor, timeout=30)
-
-
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-# -- data path fixtures (VBD served in a subprocess, NBD clients) ------------------------
 
 
 class Served(object):
@@ -68,9 +84,23 @@ class Served(object):
     def __init__(self, proc, nbd_path, tcp=None):
         self.proc, self.nbd_path, self.tcp = proc, nbd_path, tcp
 
+    @classmethod
+    def start(cls, params, *args, minor=0):
+        """Serve params (`type:/path`) with smtap.tapdisk.vbd's flags (`-R`, ...), once
+        it printed its socket."""
+        cmd = [sys.executable, "-m", "smtap.tapdisk.vbd", "-m", str(minor)] + list(args) + [params]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        line = proc.stdout.readline().split()
+        if not line:
+            err = proc.stderr.read()
+            proc.wait()
+            raise AssertionError("serving %s failed: %s" % (params, err.strip()))
+        return cls(proc, line[0], line[1] if len(line) > 1 else None)
+
     @property
     def uri(self):
-        return "nbd+unix:///?socket=%s" % self.nbd_path
+        return nbd_uri(self.nbd_path)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -85,57 +115,29 @@ class Served(object):
                 f.close()
 
 
-def run(*cmd, check=True, timeout=120, input=None):
-    """Run a command; CompletedProcess with text stdout/stderr (undecodable bytes from a
-    tool are replaced, never an exception)."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=timeout, input=input)
-    if check and proc.returncode:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(map(str, cmd)), proc.returncode,
-                                                     (proc.stderr or proc.stdout).strip()))
-    return proc
-
-
+# -- NBD clients ------------------------------------------------------------------------
 def qemu_io(uri, *cmds, check=True, readonly=False):
-    """qemu-io -c <cmd>... on uri; its output. check: it must succeed, no failure said."""
+    """qemu-io -c <cmd>... on uri: the CompletedProcess, with .output (stdout + stderr).
+    check: it must succeed and report no failure."""
     args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
     for c in cmds:
         args += ["-c", c]
     proc = run(*(args + [uri]), check=check)
     if check:
         assert "fail" not in proc.stdout.lower(), proc.stdout
-    return proc.stdout + proc.stderr
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def nbd_size(uri):
+    """nbdinfo --size."""
+    return int(run("nbdinfo", "--size", uri, timeout=30).stdout)
 
 
 def nbd_map(uri):
     """nbdinfo --map as [(offset, length, type)]."""
     out = run("nbdinfo", "--map", "--json", uri).stdout
-    import json
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
-
-
-def memory_of(pid):
-    """{"VmRSS": bytes, "RssAnon": ..., "RssShmem": ...} of a process (/proc/<pid>/status)."""
-    out = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def tmpfs(path, size):
-    """A tmpfs of `size` bytes mounted at path (smtap_root's teardown unmounts it)."""
-    os.makedirs(str(path), exist_ok=True)
-    run("mount", "-t", "tmpfs", "-o", "size=%d" % size, "smtap-test", path)
-    return path
-
-
-def used(path):
-    """Bytes used in the file system at path."""
-    st = os.statvfs(str(path))
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 # -- a raw NBD client: what well-behaved clients never send -----------------------------
@@ -146,7 +148,6 @@ REPLY_MAGIC = 0x3e889045565a9
 
 class Raw(object):
     def __init__(self, path, timeout=10):
-        import socket
         self.s = socket.socket(socket.AF_UNIX)
         self.s.settimeout(timeout)
         self.s.connect(path)
@@ -195,51 +196,3 @@ class Raw(object):
 
     def close(self):
         self.s.close()
-
-
-# -- VHD images (made with vhd-util, data written through smtap.formats) ------------------
-MiB = 1 << 20
-
-
-def vhd_chain(root, size, depth, name="v"):
-    """A chain of `depth` VHDs under root made with vhd-util (create, then snapshots of
-    the one before), each level holding data of its own: byte 0x10 + level in half-MiB
-    pieces (partly filled blocks), at offsets no other level writes. Returns the leaf."""
-    from smtap.formats import vhd as V
-    paths = []
-    for level in range(depth):
-        path = str(root / ("%s%d.vhd" % (name, level)))
-        if level:
-            run("vhd-util", "snapshot", "-n", path, "-p", paths[-1])
-        else:
-            run("vhd-util", "create", "-n", path, "-s", size >> 20)
-        with V.VHD(path, writable=True) as img:
-            for off in range(level * MiB, size, depth * MiB):
-                img.write(bytes([0x10 + level]) * (MiB // 2), off)
-        paths.append(path)
-    return paths[-1]
-
-
-def vhd_disk(root, size, depth=1):
-    """"vhd:<leaf>" of a vhd_chain (depth 1: one dynamic VHD)."""
-    return "vhd:" + vhd_chain(root, size, depth)
-
-
-def vhd_check(path, *flags):
-    """vhd-util check passes on path."""
-    out = run("vhd-util", "check", "-n", path, *flags, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip().endswith("is valid"), out.stdout
-
-
-# the VHD disks the engine's generic tests also run on: one image, and a chain of three
-VHD_DISKS = {
-    "vhd": lambda root, size: vhd_disk(root, size),
-    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
-}
-
-
-def check_vhds(root):
-    """vhd-util check passes on every VHD under root (what the engine wrote is valid)."""
-    for path in sorted(root.glob("*.vhd")):
-        vhd_check(path)

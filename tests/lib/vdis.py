@@ -1,21 +1,13 @@
-"""Helpers for the driver tests: NBD I/O on a VDI's link, engine state under the root."""
+"""A VDI seen from dom0 through XenAPI (x: a session's xenapi, vdi: its ref): its
+runtime link and tapdisk, NBD I/O on it, its host tags; a driver command run on it
+the way XAPI runs one."""
 import os
-import subprocess
 import xmlrpc.client
 
-import pytest
-import XenAPI
-
+from lib import engine, sm
+from lib.engine import tap_list                 # noqa: F401  (drivers_helpers' names)
+from lib.sizes import MiB                       # noqa: F401
 from smtap import names, settings
-
-MiB = 1 << 20
-
-
-def failure(fn, *args):
-    """The ErrorDescription of a XenAPI call that must fail."""
-    with pytest.raises(XenAPI.Failure) as e:
-        fn(*args)
-    return e.value.details
 
 
 def link_path(x, vdi):
@@ -24,17 +16,12 @@ def link_path(x, vdi):
 
 
 def nbd_uri(x, vdi):
-    return "nbd+unix:///%s?socket=%s" % (x.VDI.get_uuid(vdi), link_path(x, vdi))
+    return engine.nbd_uri(link_path(x, vdi), x.VDI.get_uuid(vdi))
 
 
 def qemu_io(x, vdi, *commands, check=True, read_only=False):
-    argv = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
-    for c in commands:
-        argv += ["-c", c]
-    proc = subprocess.run(argv + [nbd_uri(x, vdi)], capture_output=True, text=True, timeout=60)
-    if check:
-        assert proc.returncode == 0, (commands, proc.stdout, proc.stderr)
-    return proc
+    """engine.qemu_io on the VDI's export."""
+    return engine.qemu_io(nbd_uri(x, vdi), *commands, check=check, readonly=read_only)
 
 
 def write(x, vdi, pattern, offset, length):
@@ -49,7 +36,7 @@ def holds(x, vdi, pattern, offset, length):
 
 def tapdisk_of(x, vdi):
     """(pid, minor) named by the VDI's link."""
-    return names.parse_nbd(os.readlink(link_path(x, vdi)))
+    return engine.linked_tapdisk(link_path(x, vdi))
 
 
 def minor_allocated(minor):
@@ -57,30 +44,14 @@ def minor_allocated(minor):
 
 
 def host_tags(x, vdi):
+    """The host_<ref> keys the glue keeps in the VDI's sm_config while it is active."""
     return sorted(k for k in x.VDI.get_sm_config(vdi) if k.startswith("host_"))
 
 
-def tap_list():
-    out = subprocess.run(["tap-ctl", "list"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    rows = [[f.split("=") for f in line.split()] for line in out.stdout.splitlines()]
-    assert all(len(f) == 2 for row in rows for f in row), out.stdout   # upstream's rule
-    return [dict(row) for row in rows]
-
-
-def run_driver(host, sr_type, command, params):
-    """Call an installed driver as XAPI does (for calls the toolstack has no API for)."""
-    name = {"ram": "ramSR", "file": "FileSR"}[sr_type]
-    path = os.path.join(settings.sm_dir(), name)
-    proc = subprocess.run([path, xmlrpc.client.dumps((params,), command)],
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, ORIGINATOR="SM"))
-    assert proc.returncode == 0, proc.stderr
-    return xmlrpc.client.loads(proc.stdout)[0][0]
-
-
 def vdi_call(host, vdi, command, args=()):
-    """The parameters XAPI sends for a command on an existing VDI, from its records."""
+    """Run `command` on an existing VDI through its installed driver, with the parameters
+    XAPI sends (from the VDI's records), for calls the toolstack has no API for; the
+    driver's result."""
     x = host.x
     sr = x.VDI.get_SR(vdi)
     pbd = x.PBD.get_record(x.SR.get_PBDs(sr)[0])
@@ -90,4 +61,10 @@ def vdi_call(host, vdi, command, args=()):
               "sr_uuid": x.SR.get_uuid(sr), "vdi_ref": vdi,
               "vdi_location": x.VDI.get_location(vdi), "vdi_uuid": x.VDI.get_uuid(vdi),
               "vdi_on_boot": x.VDI.get_on_boot(vdi), "vdi_allow_caching": "false"}
-    return run_driver(host, x.SR.get_type(sr), command, params)
+    name = {"ram": "ramSR", "file": "FileSR"}[x.SR.get_type(sr)]
+    reply = sm.run_driver([os.path.join(settings.sm_dir(), name),
+                           xmlrpc.client.dumps((params,), command)], timeout=120)
+    assert reply.returncode == 0, reply.stderr
+    if reply.fault:
+        raise reply.fault
+    return reply.value

@@ -1,18 +1,19 @@
-"""Helpers for the format tests: the command lines as subprocesses, images and models."""
+"""The format tests' helpers: the suite's VHD command lines (vhd-util, td-util) as real
+processes, images' digests, and a model of what a virtual disk should hold."""
 import hashlib
 import os
 import random
-import subprocess
 
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(TOP, ".venv", "bin")
-MiB = 1 << 20
+from lib.checkout import TOP, VENV_BIN as BIN           # noqa: F401  (vhdlib's names)
+from lib.procs import run
+from lib.sizes import MiB
 
 
-def run(prog, *args, check=None, cwd=None, env=None, timeout=60):
-    """Run .venv/bin/<prog> args...; returns the CompletedProcess (bytes stdout)."""
-    out = subprocess.run([os.path.join(BIN, prog)] + [str(a) for a in args], cwd=cwd, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+def tool(prog, *args, check=None, cwd=None, env=None, timeout=60):
+    """Run .venv/bin/<prog> args...: the CompletedProcess, stdout as bytes, .text and .err
+    decoded. check: the exit status it must have."""
+    out = run(os.path.join(BIN, prog), *args, check=False, cwd=cwd, env=env, timeout=timeout,
+              text=False)
     out.text = out.stdout.decode("utf-8", "replace")
     out.err = out.stderr.decode("utf-8", "replace")
     if check is not None:
@@ -21,19 +22,11 @@ def run(prog, *args, check=None, cwd=None, env=None, timeout=60):
 
 
 def vhd_util(*args, **kw):
-    return run("vhd-util", *args, **kw)
+    return tool("vhd-util", *args, **kw)
 
 
 def td_util(*args, **kw):
-    return run("td-util", *args, **kw)
-
-
-def qemu(*args, check=True):
-    out = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=120)
-    if check:
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-    return out
+    return tool("td-util", *args, **kw)
 
 
 def sha(path):
@@ -68,3 +61,48 @@ def random_writes(rng, img, model, count, max_sectors=64, size=None):
 
 def seeded(seed):
     return random.Random(seed)
+
+
+# -- VHD images for the engine tests (made with vhd-util, data written through smtap.formats)
+def vhd_chain(root, size, depth, name="v"):
+    """A chain of `depth` VHDs under root made with vhd-util (create, then snapshots of
+    the one before), each level holding data of its own: byte 0x10 + level in half-MiB
+    pieces (partly filled blocks), at offsets no other level writes. Returns the leaf."""
+    from smtap.formats import vhd as V
+    paths = []
+    for level in range(depth):
+        path = str(root / ("%s%d.vhd" % (name, level)))
+        if level:
+            vhd_util("snapshot", "-n", path, "-p", paths[-1], check=0)
+        else:
+            vhd_util("create", "-n", path, "-s", size >> 20, check=0)
+        with V.VHD(path, writable=True) as img:
+            for off in range(level * MiB, size, depth * MiB):
+                img.write(bytes([0x10 + level]) * (MiB // 2), off)
+        paths.append(path)
+    return paths[-1]
+
+
+def vhd_disk(root, size, depth=1):
+    """"vhd:<leaf>" of a vhd_chain (depth 1: one dynamic VHD)."""
+    return "vhd:" + vhd_chain(root, size, depth)
+
+
+def vhd_check(path, *flags):
+    """vhd-util check passes on path."""
+    out = vhd_util("check", "-n", path, *flags)
+    assert out.returncode == 0, out.text + out.err
+    assert out.text.strip().endswith("is valid"), out.text
+
+
+# the VHD disks the engine's generic tests also run on: one image, and a chain of three
+VHD_DISKS = {
+    "vhd": lambda root, size: vhd_disk(root, size),
+    "vhd-chain3": lambda root, size: vhd_disk(root, size, 3),
+}
+
+
+def check_vhds(root):
+    """vhd-util check passes on every VHD under root (what the engine wrote is valid)."""
+    for path in sorted(root.glob("*.vhd")):
+        vhd_check(path)

@@ -5,8 +5,9 @@ import xmlrpc.client
 
 import pytest
 
-from lib.sm import (TOP, helper_driver, install_driver, log_lines, params_for,
-                    run_driver, vdi_create_args, xapi_call)
+from lib.checkout import TOP
+from lib.sm import (helper_driver, install_driver, log_lines, params_for, run_driver,
+                    vdi_create_args, xapi_call)
 
 SR_UUID = str(uuid.uuid4())
 VDI = ("OpaqueRef:vdi-1", str(uuid.uuid4()), "loc-1")

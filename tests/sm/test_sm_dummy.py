@@ -7,8 +7,7 @@ import xmlrpc.client
 
 from smtap import names, settings
 from smtap.sm.lock import Lock
-from lib.sm import (HOST_REF, SESSION_REF, SR_REF, log_lines,
-                    run_driver, vdi_create_args)
+from lib.sm import HOST_REF, SESSION_REF, SR_REF, log_lines, run_driver, vdi_create_args
 
 
 def vdi_key(xapi, params):

@@ -6,7 +6,7 @@ import pytest
 
 from smtap.sm import driverinfo, errors
 from smtap.version import VERSION
-from lib.sm import TOP
+from lib.checkout import TOP
 
 # smapi-v1.md's selection of upstream codes: same names, same numbers.
 UPSTREAM = {
