@@ -1,12 +1,9 @@
-"""Fixtures and markers of the install / RPM tests (helpers: tests/lib/install.py)."""
+"""Fixtures of the install / RPM tests (helpers: tests/lib/install.py; their marker, rpm,
+is declared in pytest.ini)."""
 import pytest
 
 from lib.checkout import VENV_PYTHON
 from lib.install import build_rpm
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "rpm: builds the RPM with rpmbuild (a few seconds)")
 
 
 @pytest.fixture(scope="session")
