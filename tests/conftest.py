@@ -1,4 +1,5 @@
-"""Shared fixtures: every test that asks for smtap_root runs under its own SMTAP_ROOT."""
+"""Shared fixtures: smtap_root (a test's own SMTAP_ROOT), work (a test's own working
+directory)."""
 import pathlib
 
 import pytest
@@ -13,3 +14,10 @@ def smtap_root(monkeypatch):
     the root."""
     with hosts.host_root(monkeypatch) as root:
         yield pathlib.Path(root)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """The test runs in its own temporary directory (images, journals, raw dumps)."""
+    monkeypatch.chdir(str(tmp_path))
+    return tmp_path

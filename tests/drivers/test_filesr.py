@@ -124,14 +124,3 @@ def test_a_directory_another_sr_uses_is_refused(dhost, tmp_path):
     x.SR.scan(first)                                # the first SR is untouched
     assert x.SR.get_VDIs(first) == [vdi]
     x.VDI.destroy(vdi)
-
-
-def test_no_error_message_is_a_python_repr():
-    import XenAPI
-    from smtap.sm import errors
-    assert errors.describe(XenAPI.Failure(["INVALID_VALUE", "uuid", "x"])) == \
-        "INVALID_VALUE uuid x"
-    assert errors.describe(FileNotFoundError(2, "No such file or directory", "/a")) == \
-        "No such file or directory: /a"
-    assert errors.describe(KeyError("location")) == "missing location"
-    assert errors.describe(ValueError()) == "unexpected error without a message"

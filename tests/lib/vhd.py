@@ -1,6 +1,8 @@
 """The format tests' helpers: the suite's VHD command lines (vhd-util, td-util) as real
-processes, images' digests, and a model of what a virtual disk should hold."""
+processes or in this process, images' digests, and a model of what a virtual disk should
+hold."""
 import hashlib
+import io
 import os
 import random
 
@@ -27,6 +29,36 @@ def vhd_util(*args, **kw):
 
 def td_util(*args, **kw):
     return tool("td-util", *args, **kw)
+
+
+class _Ran(object):
+    def __init__(self, returncode, out, err):
+        self.returncode = returncode
+        self.stdout = out.getvalue().encode("utf-8") + out.buffer.getvalue()
+        self.text = self.stdout.decode("utf-8", "replace")
+        self.err = err.getvalue()
+
+
+def here(module, *args, check=None):
+    """A command line of smtap.formats (its module: vhdutil, tdutil) run in this process,
+    through its run(argv, out, err): what tool() returns, with no process and none of the
+    build's launchers (the unit tier). A bug raises here instead of exiting 5."""
+    out, err = io.StringIO(), io.StringIO()
+    out.buffer = io.BytesIO()
+    ran = _Ran(module.run([str(a) for a in args], out, err), out, err)
+    if check is not None:
+        assert ran.returncode == check, (args, ran.returncode, ran.text, ran.err)
+    return ran
+
+
+def vhd_util_here(*args, **kw):
+    from smtap.formats import vhdutil
+    return here(vhdutil, *args, **kw)
+
+
+def td_util_here(*args, **kw):
+    from smtap.formats import tdutil
+    return here(tdutil, *args, **kw)
 
 
 def sha(path):
