@@ -177,6 +177,28 @@ def test_rpm_is_built_for_dom0(built_rpm, tmp_path):
         assert not too_new, (path, too_new)
 
 
+# What the unit tier may skip under %check: modules the RPM does not carry, Python 3.8's ast.
+UNIT_SKIPS_IN_CHECK = ("smtap.toolstack", "Python 3.8", "shared/reference")
+
+
+@NEED_PY36
+def test_check_runs_the_unit_tier_on_python36(built_rpm):
+    """%check runs all of tests/unit with the build's Python 3.6 (make py36's pytest for
+    it) against the installed library, and it passes."""
+    topdir = os.path.dirname(os.path.dirname(os.path.dirname(built_rpm)))
+    with open(os.path.join(topdir, "make-rpm.log")) as f:
+        log = f.read()
+    assert "+ cd tests" in log and " -m pytest -q -rs -p no:cacheprovider unit" in log, log[-3000:]
+    m = re.search(r"^(\d+) passed(?:, (\d+) skipped)? in ", log, re.M)
+    assert m, log[-3000:]
+    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", log, re.M)
+    assert all(any(s in skip for s in UNIT_SKIPS_IN_CHECK) for skip in skips), skips
+    collected = run(VENV_PYTHON, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                    os.path.join(TOP, "tests", "unit"), cwd=TOP).stdout
+    (total,) = re.findall(r"^(\d+) tests? collected", collected, re.M)
+    assert int(m.group(1)) + int(m.group(2) or 0) == int(total), (m.group(0), total)
+
+
 NEWER_GLIBC = "#define _GNU_SOURCE\n#include <sys/mman.h>\n" \
     "int smtap_test_newer(void) { return memfd_create(\"x\", 0); }  /* GLIBC_2.27 */\n"
 

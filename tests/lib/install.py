@@ -93,8 +93,10 @@ def make_install(destdir, target="install", python=VPY, **variables):
 
 def build_rpm(topdir, *variables):
     """`make rpm` into its own rpmbuild top dir (VAR=value...: the Makefile's): the binary
-    RPM's path."""
+    RPM's path; what make printed is in <topdir>/make-rpm.log."""
     out = make("rpm", "RPMTOP=%s" % topdir, *variables, timeout=120)
+    with open(os.path.join(str(topdir), "make-rpm.log"), "w") as f:
+        f.write(out.stdout + out.stderr)
     rpms = glob.glob(os.path.join(str(topdir), "RPMS", "*", "smtap-%s-*.rpm" % VERSION))
     assert len(rpms) == 1, out.stdout + out.stderr
     return rpms[0]
