@@ -15,7 +15,7 @@ TOOLS = [
     "nbdinfo", "nbdcopy", "nbdfuse", "nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "fio",
     "file", "losetup", "mount", "umount", "blockdev", "fallocate", "prlimit",
     "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc", "objdump", "unshare",
-    "logrotate",
+    "logrotate", "runuser",
 ]
 
 
