@@ -88,8 +88,14 @@ commands: $(VENV)/.stamp
 
 # py36: .venv36/ on dom0's Python 3.6 (PYTHON36, python3.6 or pyenv's) with what dom0
 # has beside the standard library: XenAPI (xapi-core's); for tests/dom0 and `make rpm`.
+# Beside it, not in it (.venv36 holds only what dom0 has), pytest for 3.6: the releases
+# that still run on it, pinned with their dependencies, for %check's tests/unit.
 VENV36 := $(TOP)/.venv36
 PY36_PACKAGES := XenAPI==26.21.1
+PY36_TEST_DIR := $(VENV36)/test-packages
+PY36_TEST_PACKAGES := pytest==7.0.1 pytest-timeout==2.1.0 attrs==22.2.0 iniconfig==1.1.1 \
+	packaging==21.3 pyparsing==3.0.9 pluggy==1.0.0 py==1.11.0 tomli==1.2.3 \
+	importlib-metadata==4.8.3 zipp==3.6.0 typing-extensions==4.1.1
 PY36_CANDIDATES ?= $(PYTHON36) python3.6 /root/.pyenv/versions/3.6.*/bin/python3.6
 py36:
 	@set -e; is36() { "$$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 6))' >/dev/null 2>&1; }; \
@@ -101,6 +107,12 @@ py36:
 		rm -rf $(VENV36); "$$py" -m venv $(VENV36); \
 		$(VENV36)/bin/python -m pip install -q --disable-pip-version-check $(PY36_PACKAGES); \
 		echo "$(PY36_PACKAGES)" > $(VENV36)/.stamp; \
+	fi; \
+	if [ "$$(cat $(PY36_TEST_DIR)/.stamp 2>/dev/null)" != "$(PY36_TEST_PACKAGES)" ]; then \
+		rm -rf $(PY36_TEST_DIR); \
+		$(VENV36)/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+			--target $(PY36_TEST_DIR) $(PY36_TEST_PACKAGES); \
+		echo "$(PY36_TEST_PACKAGES)" > $(PY36_TEST_DIR)/.stamp; \
 	fi
 
 vermin: build
@@ -171,8 +183,10 @@ install-host:
 # BuildRequires can't be met by name, hence --nodeps. Built for dom0: the byte-code by
 # dom0's Python 3.6 (.venv36, `make py36`; RPM_BUILD_PYTHON), which also runs %check;
 # the launchers' shebang stays /usr/bin/python3 (dom0's); %check fails on byte-code of
-# another Python or an object needing a newer glibc than el7's (bin/check-dom0-build).
+# another Python or an object needing a newer glibc than el7's (bin/check-dom0-build),
+# and runs tests/unit with the pytest of RPM_CHECK_PYTHONPATH.
 RPM_BUILD_PYTHON ?= $(VENV36)/bin/python
+RPM_CHECK_PYTHONPATH ?= $(PY36_TEST_DIR)
 rpm: py36
 	@[ -x "$(RPM_BUILD_PYTHON)" ] || { echo "rpm: no Python 3.6 to build for dom0 ($(RPM_BUILD_PYTHON)): make py36 found none, set PYTHON36=..." >&2; exit 1; }
 	@missing="$(filter-out $(ALL_SR_TYPES),$(RPM_SR_TYPES))"; [ -z "$$missing" ] || echo "rpm: warning: no driver yet for SR type(s): $$missing (left out)" >&2
@@ -186,7 +200,8 @@ rpm: py36
 		-czf $(RPMTOP)/SOURCES/smtap-$(VERSION).tar.gz . || [ $$? -eq 1 ]
 	cp $(TOP)/VERSION $(RPMTOP)/SOURCES/VERSION
 	rpmbuild -ba $(RPMBUILD_FLAGS) --define "_topdir $(RPMTOP)" --define "__python3 $(RPM_BUILD_PYTHON)" \
-		--define "smtap_python $(RPM_PYTHON)" $(TOP)/specfile.spec
+		--define "smtap_python $(RPM_PYTHON)" --define "smtap_check_pythonpath $(RPM_CHECK_PYTHONPATH)" \
+		$(TOP)/specfile.spec
 	@ls $(RPMTOP)/RPMS/*/smtap-$(VERSION)-*.rpm
 
 clean:

@@ -1,23 +1,23 @@
-"""Shared fixtures: every test runs under its own SMTAP_ROOT."""
-import os
+"""Shared fixtures: smtap_root (a test's own SMTAP_ROOT), work (a test's own working
+directory)."""
 import pathlib
-import shutil
 
 import pytest
 
-from smtap.toolstack.hostroot import cleanup, short_root
-
-TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_BIN = os.path.join(TOP, ".venv", "bin")
+from lib import hosts
 
 
 @pytest.fixture
 def smtap_root(monkeypatch):
-    """A fresh host root (a pathlib.Path) for this test; subprocesses inherit it through the environment.
-    Whatever the test left (mounts, loop devices, processes) goes, then the root."""
-    root = short_root()
-    monkeypatch.setenv("SMTAP_ROOT", root)
-    monkeypatch.setenv("PATH", VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
-    yield pathlib.Path(root)
-    cleanup(root)   # mounts, loop devices, then processes of the root
-    shutil.rmtree(root, ignore_errors=True)
+    """A fresh host root (a pathlib.Path) for this test; subprocesses inherit it through
+    the environment. Whatever the test left (mounts, loop devices, processes) goes, then
+    the root."""
+    with hosts.host_root(monkeypatch) as root:
+        yield pathlib.Path(root)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """The test runs in its own temporary directory (images, journals, raw dumps)."""
+    monkeypatch.chdir(str(tmp_path))
+    return tmp_path

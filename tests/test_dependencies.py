@@ -4,18 +4,18 @@ has only what `make build` installs runs the whole suite."""
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 
-TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lib.checkout import TOP
+from lib.procs import run
 
 # Commands run by the suite (directly, or by a tool it runs: nbdinfo runs `file`).
 TOOLS = [
     "nbdinfo", "nbdcopy", "nbdfuse", "nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "fio",
     "file", "losetup", "mount", "umount", "blockdev", "fallocate", "prlimit",
     "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc", "objdump", "unshare",
-    "logrotate",
+    "logrotate", "runuser",
 ]
 
 
@@ -42,8 +42,7 @@ def test_readme_lists_the_makefile_packages():
 
 
 def _essential():
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Essential}\n"],
-                         capture_output=True, encoding="utf-8", errors="replace").stdout
+    out = run("dpkg-query", "-W", "-f", "${Package} ${Essential}\n", check=False).stdout
     return {line.split()[0] for line in out.splitlines() if line.endswith(" yes")}
 
 
@@ -51,8 +50,7 @@ def _owner(path):
     """The Debian package of a file (usrmerge: dpkg may know it as /sbin/x or /usr/sbin/x)."""
     real = os.path.realpath(path)
     for candidate in (real, re.sub(r"^/usr(?=/s?bin/)", "", real), path):
-        proc = subprocess.run(["dpkg", "-S", candidate], capture_output=True,
-                              encoding="utf-8", errors="replace")
+        proc = run("dpkg", "-S", candidate, check=False)
         if proc.returncode == 0:
             return proc.stdout.split(":", 1)[0].split(",")[0].strip()
     return None

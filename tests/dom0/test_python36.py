@@ -15,7 +15,6 @@ XenAPI; no cffi, no lxml), not only checked by vermin (tests/test_vermin.py).
 
 Skipped (with the reason) when no Python 3.6 is found or .venv36 cannot be made.
 """
-import importlib.util
 import json
 import os
 import random
@@ -27,30 +26,19 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
+from lib.checkout import PY36, TOP, VENV36, VENV_PYTHON
+from lib.engine import nbd_size, nbd_uri, tap_state
+from lib.fs import check_fs, make_fs, read_files, write_files
+from lib.install import DRIVER_INFO_CALL, make_install
+from lib.procs import run, sh
+from lib.sizes import MiB
+from lib.toolstack import E2EHost, traces
 from smtap import names, settings
 from smtap.toolstack import hostroot
 
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV36 = os.path.join(TOP, ".venv36")
-PY36 = os.path.join(VENV36, "bin", "python")
-VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 # Dev-only commands (modern Python): an installed tree keeps them on the venv's 3.11.
 TOOLSTACK_COMMANDS = ("xe", "smtap-xapi")
-MiB = 1 << 20
 PAUSED = "0x2a"
-
-
-def _e2e():
-    # Not `import conftest`: every tests/*/conftest.py has that name.
-    spec = importlib.util.spec_from_file_location(
-        "dom0_e2e_fixtures", os.path.join(TOP, "tests", "e2e", "conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)      # also puts tests/e2e (e2e_helpers) on sys.path
-    return module
-
-
-E2EHost = _e2e().E2EHost
-from e2e_helpers import check_fs, make_fs, read_files, sh, traces, write_files  # noqa: E402
 
 
 # --- the interpreter ------------------------------------------------------------------
@@ -63,8 +51,7 @@ def py36():
         pytest.skip("no .venv36: make py36 (exit %d): %s"
                     % (proc.returncode, proc.stdout.strip()[-2000:]))
     assert proc.returncode == 0, "make py36 failed:\n" + proc.stdout
-    version = subprocess.run([PY36, "-c", "import sys; print(sys.version_info[:2])"],
-                             stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    version = run(PY36, "-c", "import sys; print(sys.version_info[:2])").stdout.strip()
     assert version == "(3, 6)", version
     return PY36
 
@@ -83,11 +70,6 @@ def aio_libraries_mapped(pid):
     """The libaio libraries (ours and the system's) the process has mapped."""
     with open("/proc/%d/maps" % pid) as f:
         return {os.path.basename(l.split()[-1]) for l in f if "aio" in l.split()[-1]}
-
-
-def install(root, python):
-    subprocess.run(["make", "-s", "-C", TOP, "install", "DESTDIR=%s" % root,
-                    "PYTHON=" + python], check=True, stdout=subprocess.DEVNULL)
 
 
 def test_make_py36_is_idempotent_bare_and_succeeds_without_python36(py36):
@@ -155,9 +137,7 @@ def test_dom0_modules_import_under_python36(py36):
     assert plugins
     env = dict(os.environ, PYTHONPATH=TOP, PYTHONDONTWRITEBYTECODE="1")
     todo = json.dumps({"modules": modules, "plugins": plugins})
-    proc = subprocess.run([py36, "-c", IMPORTER, todo],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                          env=env, cwd="/", timeout=120)
+    proc = run(py36, "-c", IMPORTER, todo, check=False, env=env, cwd="/", timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["version"] == [3, 6]
@@ -167,15 +147,6 @@ def test_dom0_modules_import_under_python36(py36):
 
 
 # --- the engine under 3.6 -------------------------------------------------------------
-def run(*argv, check=True, timeout=60):
-    proc = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, "%s: %s%s" % (" ".join(map(str, argv)), proc.stdout,
-                                                   proc.stderr)
-    return proc
-
-
 def file_bytes(path):
     with open(path, "rb") as f:
         return f.read()
@@ -191,7 +162,7 @@ def create_tap36(tap_ctl, params, *flags):
     assert m and m.group(3) == params.split("?")[0], line      # the image, not its options
     pid, minor = int(m.group(1)), m.group(2)
     assert_runs_python36(pid)
-    return device, pid, minor, "nbd+unix:///?socket=%s" % names.nbd_path(pid, int(minor))
+    return device, pid, minor, nbd_uri(names.nbd_path(pid, int(minor)))
 
 
 @pytest.mark.timeout(120)
@@ -199,7 +170,7 @@ def create_tap36(tap_ctl, params, *flags):
                          ids=["ram", "aio-O_DIRECT", "aio-D"])
 def test_engine_under_python36(py36, smtap_root, kind, flags):
     root = str(smtap_root)
-    install(root, py36)
+    make_install(root, python=py36)
     tap_ctl = os.path.join(root, "opt", "smtap", "bin", "tap-ctl")
     assert file_bytes(tap_ctl).split(b"\n", 1)[0] == b"#!" + py36.encode()
     size = 8 * MiB
@@ -211,7 +182,7 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
     params = "%s:%s" % (kind, img) + ("?writeback=1" if kind == "ram" else "")
 
     device, pid, minor, uri = create_tap36(tap_ctl, params, *flags)
-    assert int(run("nbdinfo", "--size", uri).stdout) == size
+    assert nbd_size(uri) == size
 
     # Real clients: the seed reads back, then writes from nbdcopy and qemu-io.
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri)
@@ -251,15 +222,9 @@ def test_engine_under_python36(py36, smtap_root, kind, flags):
 
 
 # --- the RPM's host profile under 3.6: %install's byte-compile, %check, %post ----------
-DRIVER_INFO_CALL = xmlrpc.client.dumps(
-    ({"host_ref": "OpaqueRef:NULL", "command": "sr_get_driver_info", "args": [],
-      "device_config": {}},), "sr_get_driver_info")
-
-
 def test_host_profile_under_python36(py36, smtap_root):
     root = str(smtap_root)
-    subprocess.run(["make", "-s", "-C", TOP, "install-host", "DESTDIR=" + root, "PYTHON=" + py36],
-                   check=True, stdout=subprocess.DEVNULL)
+    make_install(root, target="install-host", python=py36)
     lib = os.path.join(root, "opt", "smtap", "lib")
     assert not os.path.exists(os.path.join(lib, "smtap", "toolstack"))
     run(py36, "-m", "compileall", "-q", "-d", "/opt/smtap/lib", lib)     # as %install does
@@ -291,7 +256,7 @@ class Host36(E2EHost):
     the dev toolstack (smtap-xapi, xe) stays on the venv's modern Python."""
 
     def install(self):
-        install(self.root, PY36)
+        make_install(self.root, python=PY36)
         bindir = os.path.join(self.root, "opt", "smtap", "bin")
         for name in TOOLSTACK_COMMANDS:
             path = os.path.join(bindir, name)
@@ -320,18 +285,11 @@ class Host36(E2EHost):
 @pytest.fixture
 def host36(py36, smtap_root):
     h = Host36(smtap_root)
-    h.session_obj = None
-    h.install()
     try:
+        h.install()
         yield h.start_all()
     finally:
         h.cleanup()
-
-
-def tap_state(pid):
-    out = run(os.path.join(TOP, ".venv", "bin", "tap-ctl"), "list").stdout
-    (state,) = re.findall(r"^pid=%d minor=\d+ state=(\S+)" % pid, out, re.M)
-    return state
 
 
 @pytest.mark.timeout(180)
@@ -416,7 +374,7 @@ def test_vhd_engine_under_python36(py36, smtap_root):
     the libaio path: written and read back by real clients, paused (the trailing footer
     valid while paused, poisoned while open), destroyed; vhd-util check passes."""
     root = str(smtap_root)
-    install(root, py36)
+    make_install(root, python=py36)
     bindir = os.path.join(root, "opt", "smtap", "bin")
     tap_ctl, vhd_util = os.path.join(bindir, "tap-ctl"), os.path.join(bindir, "vhd-util")
     assert file_bytes(vhd_util).split(b"\n", 1)[0] == b"#!" + py36.encode()

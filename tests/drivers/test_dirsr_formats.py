@@ -2,20 +2,15 @@
 sizes from its metadata as vhd-util reports them (also while a tapdisk holds it open,
 its trailing footer poisoned)."""
 import os
-import subprocess
 
 import pytest
 
 from smtap import names
 from smtap.sm import dirsr
 from smtap.tapdisk import tapctl
-
-MiB = 1 << 20
-
-
-def vhd_util(*args):
-    return subprocess.run(["vhd-util"] + [str(a) for a in args], check=True,
-                          stdout=subprocess.PIPE, universal_newlines=True).stdout
+from lib.engine import nbd_uri, qemu_io
+from lib.sizes import MiB
+from lib.vhd import vhd_util
 
 
 def test_raw_sizes_are_the_file_length_and_its_blocks(tmp_path):
@@ -38,16 +33,14 @@ def test_vhd_sizes_are_what_vhd_util_reports(smtap_root):
         dirsr.file_format(path).create(path, MiB)       # never over an existing file
     pid, minor, _ = tapctl.create("vhd:" + path)
     try:
-        uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
-        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 3M 3M", uri], check=True,
-                       stdout=subprocess.DEVNULL)
+        qemu_io(nbd_uri(names.nbd_path(pid, minor)), "write -P 1 3M 3M")
         with open(path, "rb") as f:                     # open: the trailing footer poisoned
             f.seek(-512, os.SEEK_END)
             assert f.read() == b"\xc7" * 512
         size, used = dirsr.file_sizes(path)
     finally:
         tapctl.destroy(pid, minor)
-    virtual, phys = vhd_util("query", "-v", "-s", "-n", path).split()
+    virtual, phys = vhd_util("query", "-v", "-s", "-n", path, check=0).text.split()
     assert (size, used) == (int(virtual) * MiB, int(phys)) == (20 * MiB, used)
     assert used > 4 * MiB                               # two blocks written
     assert dirsr.file_sizes(path) == (size, used)

@@ -2,19 +2,16 @@
 glue consults (fault injection on real failure paths)."""
 import json
 import os
-import subprocess
 import xmlrpc.client
 
 from smtap import settings
-from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, tap_list,
-                             tapdisk_of, write)
+from lib.engine import tap_list, tap_state
+from lib.procs import run
+from lib.sizes import MiB
+from lib.toolstack import failure
+from lib.vdis import holds, host_tags, link_path, minor_allocated, tapdisk_of, write
 
 PAUSE = "smtap-tapdisk-pause"
-
-
-def state_of(pid):
-    (entry,) = [e for e in tap_list() if e.get("pid") == str(pid)]
-    return entry["state"]
 
 
 def test_pause_unpause_refresh_and_is_open(dhost, ram_sr):
@@ -30,14 +27,14 @@ def test_pause_unpause_refresh_and_is_open(dhost, ram_sr):
                              {"srRef": ram_sr, "vdiUuid": ids["vdi_uuid"]}) == "True"
     write(x, vdi, 0x42, 0, MiB)
     assert dhost.call_plugin(PAUSE, "pause", ids) == "True"
-    assert state_of(pid) == "0x2a"
+    assert tap_state(pid) == "0x2a"
     ram_file = os.path.join(settings.sr_mount_dir(), ids["sr_uuid"], ids["vdi_uuid"] + ".ram")
     with open(ram_file, "rb") as f:                  # paused: written back to the tmpfs
         assert f.read(MiB) == b"\x42" * MiB
     assert dhost.call_plugin(PAUSE, "unpause", ids) == "True"
-    assert state_of(pid) == "0"
+    assert tap_state(pid) == "0"
     assert dhost.call_plugin(PAUSE, "refresh", ids) == "True"
-    assert state_of(pid) == "0" and holds(x, vdi, 0x42, 0, MiB)
+    assert tap_state(pid) == "0" and holds(x, vdi, 0x42, 0, MiB)
 
     err = failure(dhost.call_plugin, PAUSE, "frobnicate", ids)
     assert err == ["UNKNOWN_XENAPI_PLUGIN_FUNCTION", "frobnicate"]
@@ -53,9 +50,8 @@ def test_plugin_stdout_is_only_the_response_and_host_modules_cannot_shadow(dhost
     with open(os.path.join(plugins, "XenAPI.py"), "w") as f:
         f.write("raise ImportError('the host plugin directory shadowed an import')\n")
     call = xmlrpc.client.dumps(("OpaqueRef:none", {}), "list")
-    proc = subprocess.run([os.path.join(plugins, "smtap-testing-hooks"), call],
-                          capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, ORIGINATOR="SM"))
+    proc = run(os.path.join(plugins, "smtap-testing-hooks"), call, check=False, timeout=60,
+               env=dict(os.environ, ORIGINATOR="SM"))
     assert proc.returncode == 0, proc.stderr
     (result,), method = xmlrpc.client.loads(proc.stdout)
     assert result == {"Status": "Success", "Value": "{}"}

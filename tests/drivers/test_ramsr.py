@@ -7,8 +7,13 @@ import time
 
 from smtap import names, settings
 from smtap.toolstack import hostroot
-from drivers_helpers import (failure, MiB, holds, host_tags, link_path, minor_allocated, nbd_uri,
-                             qemu_io, tap_list, tapdisk_of, vdi_call, write)
+from lib.engine import tap_list
+from lib.fs import used
+from lib.procs import memory_of, run, wait_for
+from lib.sizes import MiB
+from lib.toolstack import failure
+from lib.vdis import (holds, host_tags, link_path, minor_allocated, nbd_uri, qemu_io,
+                      tapdisk_of, vdi_call, write)
 
 
 def mount_point(x, sr):
@@ -252,17 +257,6 @@ def test_snapshot_while_fio_verifies(dhost, ram_sr):
     dhost.unplug(vbd)
 
 
-def private_memory(pid):
-    """Bytes of the process's own (anonymous) memory: what a second copy would cost."""
-    with open("/proc/%d/status" % pid) as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
-
-
-def tmpfs_used(path):
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-
 def test_an_active_vdi_is_held_once(dhost):
     """The tapdisk serves the tmpfs file's own pages: written data costs its size once
     (in the SR's tmpfs), not again in the tapdisk; reading holes costs nothing."""
@@ -272,16 +266,14 @@ def test_an_active_vdi_is_held_once(dhost):
     vbd = dhost.plug(vdi)
     pid, _ = tapdisk_of(x, vdi)
     mnt = mount_point(x, sr)
-    anon0, tmpfs0 = private_memory(pid), tmpfs_used(mnt)
+    anon0, tmpfs0 = memory_of(pid)["RssAnon"], used(mnt)
     qemu_io(x, vdi, "write -P 0x5c 0 64M", "flush")
     # A 32 MiB NBD write is received whole into its own buffer, which the client's thread
     # gives back once idle (nbd.IDLE_RELEASE): measure what stays, not what is in transit.
-    deadline = time.monotonic() + 15
-    while private_memory(pid) - anon0 >= 8 * MiB and time.monotonic() < deadline:
-        time.sleep(0.5)
-    anon1, tmpfs1 = private_memory(pid), tmpfs_used(mnt)
-    subprocess.run(["nbdcopy", nbd_uri(x, vdi), "null:"], check=True, timeout=60)
-    anon2, tmpfs2 = private_memory(pid), tmpfs_used(mnt)
+    wait_for(lambda: memory_of(pid)["RssAnon"] - anon0 < 8 * MiB, timeout=15, interval=0.5)
+    anon1, tmpfs1 = memory_of(pid)["RssAnon"], used(mnt)
+    run("nbdcopy", nbd_uri(x, vdi), "null:", timeout=60)
+    anon2, tmpfs2 = memory_of(pid)["RssAnon"], used(mnt)
     print("RssAnon + tmpfs used: before %d MiB, after a 64 MiB write %d MiB, after reading "
           "all 128 MiB %d MiB" % ((anon0 + tmpfs0) >> 20, (anon1 + tmpfs1) >> 20,
                                   (anon2 + tmpfs2) >> 20))

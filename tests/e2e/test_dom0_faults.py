@@ -3,12 +3,13 @@ plain unplug (DEVICE_DETACH_REJECTED, the VBD keeps working, a retry after umoun
 works), force=true unplugs anyway, a reused loop number is never mistaken for ours, and
 a kill -9 of the toolstack at any step of a plug or unplug is undone at restart."""
 import os
-import subprocess
 import time
 
 import pytest
 
-from e2e_helpers import check_fs, make_fs, read_files, sh, traces, write_files
+from lib.fs import check_fs, make_fs, read_files, write_files
+from lib.procs import run, sh
+from lib.toolstack import traces
 from smtap.toolstack import faults, hostroot
 
 
@@ -64,7 +65,7 @@ def test_unplug_force_of_a_mounted_device(e2e, mnt):
     e2e.xe_ok("vbd-unplug", "uuid=" + vbd, "force=true")
     assert attached(e2e, vbd) == "false"
     assert e2e.tapdisks() == [] and e2e.nbdfuse_mounts() == []
-    if subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL).returncode:
+    if run("umount", mnt, check=False).returncode:
         sh("umount", "-l", mnt)               # the file system lost its disk
     deadline = time.monotonic() + 10                # the loop device goes at its last close
     while hostroot.loops_under(e2e.root) and time.monotonic() < deadline:

@@ -10,7 +10,10 @@ import XenAPI
 
 from smtap.toolstack import hostroot
 
-from e2e_helpers import (MiB, check_fio_blocks, check_fs, make_fs, read_files, sh, traces, write_files)
+from lib.fs import check_fio_blocks, check_fs, make_fs, read_files, write_files
+from lib.procs import sh
+from lib.sizes import MiB
+from lib.toolstack import traces
 
 
 def test_budget_exceeded(e2e):

@@ -1,17 +1,16 @@
-"""The snapshot-consistency checker used with fio (e2e_helpers.check_fio_blocks) accepts
+"""The snapshot-consistency checker used with fio (lib.fs.check_fio_blocks) accepts
 what fio writes and catches a torn or misplaced block."""
-import subprocess
-
 import pytest
 
-from e2e_helpers import check_fio_blocks
+from lib.fs import check_fio_blocks
+from lib.procs import run
 
 
 def test_checker_accepts_fio_blocks_and_catches_torn_ones(tmp_path):
     image = tmp_path / "img"
-    subprocess.run(["fio", "--name=w", "--filename=" + str(image), "--size=1M", "--bs=4k",
-                    "--rw=randwrite", "--verify=crc32c", "--verify_state_save=0", "--do_verify=0", "--number_ios=128",
-                    "--output=/dev/null"], cwd=str(tmp_path), check=True, timeout=60)
+    run("fio", "--name=w", "--filename=" + str(image), "--size=1M", "--bs=4k", "--rw=randwrite",
+        "--verify=crc32c", "--verify_state_save=0", "--do_verify=0", "--number_ios=128",
+        "--output=/dev/null", cwd=str(tmp_path), timeout=60)
     good, zero = check_fio_blocks(str(image))
     assert good + zero == 256 and 64 <= good <= 128
     data = bytearray(image.read_bytes())

@@ -3,14 +3,16 @@ system on it, files written and read back, a snapshot (ram), everything unplugge
 destroyed with nothing left; and `make demo`'s module run as a user runs it."""
 import os
 import re
-import subprocess
 
 import pytest
 
-from e2e_helpers import MiB, TOP, check_fs, make_fs, read_files, sh, traces, write_files
+from lib.checkout import TOP, VENV_PYTHON
+from lib.fs import check_fs, make_fs, read_files, write_files
+from lib.procs import run, sh
+from lib.sizes import MiB
+from lib.toolstack import traces
 from smtap.toolstack import hostroot
 
-VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
 
 
@@ -88,9 +90,8 @@ def test_flow(e2e, mnt, sr_type):
 
 def run_demo(*args):
     env = {k: v for k, v in os.environ.items() if k != "SMTAP_ROOT"}
-    proc = subprocess.run([VENV_PYTHON, "-m", "smtap.toolstack.demo"] + list(args), cwd=TOP,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=300)
+    proc = run(VENV_PYTHON, "-m", "smtap.toolstack.demo", *args, check=False, cwd=TOP, env=env,
+               timeout=300)
     m = re.match(r"smtap demo: a \w+ SR on the local toolstack, root (\S+)\n", proc.stdout)
     assert m, proc.stdout + proc.stderr
     return proc, m.group(1)

@@ -1,17 +1,16 @@
 """A new user, by the README: a copy of the checkout (its .venv copied along) built with
 `make build`, the local toolstack started by hand with the README's own lines, and a
-driver written the way upstream sm's are (upstream_sr.py) added as the README says and
-run on it unchanged, through xe."""
+driver written the way upstream sm's are (tests/lib/drivers/upstream_sr.py) added as the
+README says and run on it unchanged, through xe."""
 import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 
-from e2e_helpers import TOP
+from lib.checkout import TOP
+from lib.procs import run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 START = "<!-- the lines below are run as they stand by tests/e2e/test_new_user.py -->"
 DRIVER = "<!-- run by tests/e2e/test_new_user.py too (with MySR and my its driver's names) -->"
 
@@ -27,7 +26,7 @@ def readme_block(marker):
 def checkout(tmp_path):
     """The checkout as a user copies it: cp -a, its .venv and build outputs along."""
     copy = str(tmp_path / "checkout")
-    subprocess.run(["cp", "-a", TOP, copy], check=True)
+    run("cp", "-a", TOP, copy)
     shutil.rmtree(os.path.join(copy, ".pytest_cache"), ignore_errors=True)
     yield copy
     shutil.rmtree(copy, ignore_errors=True)
@@ -51,16 +50,13 @@ def test_new_user(smtap_root, checkout):
                       if line.startswith("export "))
 
     def sh(text):
-        res = subprocess.run(["bash", "-ec", text], cwd=checkout, env=env, timeout=600,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True)
+        res = run("bash", "-ec", text, check=False, cwd=checkout, env=env, timeout=600)
         assert res.returncode == 0, "%s\n%s%s" % (text, res.stdout, res.stderr)
         return res
 
     def xe(*args, check=True):
-        res = subprocess.run(["bash", "-ec", exports + 'exec xe "$@"', "xe"] + list(args),
-                             cwd=checkout, env=env, timeout=120, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True)
+        res = run(["bash", "-ec", exports + 'exec xe "$@"', "xe"] + list(args), check=False,
+                  cwd=checkout, env=env, timeout=120)
         assert not check or res.returncode == 0, "xe %s: %s" % (" ".join(args), res.stderr)
         return res
 
@@ -74,7 +70,7 @@ def test_new_user(smtap_root, checkout):
         assert where.stdout.strip() == os.path.join(checkout, "toolstack", "xe.py")
 
         # the driver, as the host's sm would have it, then the README's lines to add it
-        with open(os.path.join(HERE, "upstream_sr.py")) as f:
+        with open(os.path.join(TOP, "tests", "lib", "drivers", "upstream_sr.py")) as f:
             code = f.read()
         driver = os.path.join(checkout, "UpstreamSR")
         with open(driver, "w") as f:

@@ -4,7 +4,7 @@ source's; nothing left attached after. And xe's warning before a ram PBD unplug.
 import hashlib
 import os
 
-from e2e_helpers import MiB
+from lib.sizes import MiB
 
 SIZE = 8 * MiB
 

@@ -10,9 +10,9 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import control, nbd
 
-from enginelib import Raw, memory_of, run, tap_ctl, wait_for
-
-MiB = 1 << 20
+from lib.engine import Raw, tap_ctl
+from lib.procs import memory_of, run, wait_for
+from lib.sizes import MiB
 
 
 def rss(pid):

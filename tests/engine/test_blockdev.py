@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from enginelib import image_file, run, wait_for
+from lib.engine import image_file
+from lib.procs import run, wait_for
+from lib.sizes import MiB
 from smtap import settings
 from smtap.tapdisk import blockdev
-
-MiB = 1 << 20
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 from smtap import names, settings
 from smtap.tapdisk import control
 
-from enginelib import tap_ctl, wait_for
+from lib.engine import tap_ctl
+from lib.procs import wait_for
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from enginelib import nbd_map, qemu_io, run
+from lib.engine import nbd_map, nbd_uri, qemu_io
+from lib.procs import run
+from lib.sizes import MiB
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, image, vbd
-
-MiB = 1 << 20
 
 
 def fd_flags_of(pid, path):
@@ -77,7 +77,7 @@ def test_aio_extents_follow_the_file(tmp_path):
 def test_ram_budget_gives_enospc(serve, tmp_path):
     s = serve("ram:%s?size=%d&budget=%d" % (tmp_path / "none", 64 * MiB, MiB))
     qemu_io(s.uri, "write -P 1 0 512k")
-    out = qemu_io(s.uri, "write -P 2 8M 2M", check=False)
+    out = qemu_io(s.uri, "write -P 2 8M 2M", check=False).output
     assert "No space left on device" in out
     qemu_io(s.uri, "read -P 1 0 512k")      # what fit is still there
     # trimming gives memory back: then it fits
@@ -202,7 +202,7 @@ def test_chain_reads_through_parents(smtap_root):
     v = vbd.VBD(7, settings.runtime_dir())
     v.open("test-layer:leaf", drv.OPEN_RDONLY)
     try:
-        uri = "nbd+unix:///?socket=" + v.nbd_path
+        uri = nbd_uri(v.nbd_path)
         out = smtap_root / "out.img"
         run("nbdcopy", uri, out)
         got = out.read_bytes()
@@ -317,7 +317,7 @@ def test_pause_holds_requests_and_resume_releases_them(smtap_root, tmp_path):
     other.write_bytes(b"\x06" * (4 * MiB))
     v = vbd.VBD(9, settings.runtime_dir())
     v.open("aio:%s" % img)
-    uri = "nbd+unix:///?socket=" + v.nbd_path
+    uri = nbd_uri(v.nbd_path)
     try:
         qemu_io(uri, "write -P 7 0 64k")
         v.pause()
@@ -354,7 +354,7 @@ def test_transient_errors_are_retried_until_the_timeout(smtap_root):
     layer("flaky", MiB, {0: 9}, fail=[errno.EAGAIN, errno.EBUSY, errno.EINTR])
     v = vbd.VBD(10, settings.runtime_dir())
     v.open("test-layer:flaky", drv.OPEN_RDONLY, timeout=3)
-    uri = "nbd+unix:///?socket=" + v.nbd_path
+    uri = nbd_uri(v.nbd_path)
     try:
         started = time.time()
         qemu_io(uri, "read -P 9 0 64k", readonly=True)     # fails 3 times, then works
@@ -362,12 +362,12 @@ def test_transient_errors_are_retried_until_the_timeout(smtap_root):
         assert v.stats()["retries"] == 2
         LAYERS["flaky"]["fail"] = errno.EAGAIN               # never gets better
         started = time.time()
-        out = qemu_io(uri, "read 0 4k", readonly=True, check=False)
+        out = qemu_io(uri, "read 0 4k", readonly=True, check=False).output
         assert "Input/output error" in out
         assert 1.5 < time.time() - started < 10
         LAYERS["flaky"]["fail"] = errno.ENOSPC               # not transient: at once
         started = time.time()
-        out = qemu_io(uri, "read 0 4k", readonly=True, check=False)
+        out = qemu_io(uri, "read 0 4k", readonly=True, check=False).output
         assert "No space left on device" in out and time.time() - started < 1.5
         assert v.stats()["images"][0]["fail"][0] >= 2
     finally:

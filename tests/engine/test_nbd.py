@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from enginelib import IHAVEOPT, VHD_DISKS, Raw, check_vhds, nbd_map, qemu_io, run
-
-MiB = 1 << 20
+from lib.engine import IHAVEOPT, Raw, nbd_map, nbd_uri, qemu_io
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import VHD_DISKS, check_vhds
 
 
 def pattern_file(path, size):
@@ -27,7 +28,7 @@ def test_write_with_one_client_read_with_others(serve, tmp_path, kind):
     os.truncate(img, 32 * MiB)
     s = serve("%s:%s" % (kind, img))
     out = qemu_io(s.uri, "write -P 0xab 0 1M", "write -P 0xcd 5000 70000",
-                  "write -P 0x11 31M 1M", "flush")
+                  "write -P 0x11 31M 1M", "flush").output
     assert "wrote 1048576/1048576" in out
     # nbdcopy out, compare with a local reference built the same way
     ref = bytearray(32 * MiB)
@@ -62,7 +63,7 @@ def test_trim_and_write_zeroes(serve, tmp_path):
     s = serve("aio:%s" % img)
     blocks = os.stat(img).st_blocks
     qemu_io(s.uri, "discard 1M 2M", "write -z 8M 1M", "write -z -u 12M 1M")
-    out = qemu_io(s.uri, "read -P 0 8M 1M", "read -P 0 12M 1M")
+    out = qemu_io(s.uri, "read -P 0 8M 1M", "read -P 0 12M 1M").output
     assert "Pattern verification failed" not in out
     assert os.stat(img).st_blocks < blocks      # holes were punched in the file
     kinds = {(o, l): t for o, l, t in nbd_map(s.uri)}
@@ -92,7 +93,7 @@ def test_read_only_export(serve, tmp_path):
     s = serve("aio:%s" % img, "-R")
     info = json.loads(run("nbdinfo", "--no-content", "--json", s.uri).stdout)["exports"][0]
     assert info["is_read_only"]
-    out = qemu_io(s.uri, "write -P 1 0 4k", check=False)
+    out = qemu_io(s.uri, "write -P 1 0 4k", check=False).output
     assert "Operation not permitted" in out or "Permission denied" in out or "read-only" in out
     pattern_file(tmp_path / "r", 4 * MiB)
     assert img.read_bytes() == (tmp_path / "r").read_bytes()
@@ -112,14 +113,14 @@ def test_several_clients_at_once(serve, tmp_path):
     jobs = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"]
     assert all(j["error"] == 0 and j["read"]["io_bytes"] > 0 for j in jobs)
     for i in range(6):
-        out = qemu_io(s.uri, "read -P %d %dM 8M" % (i + 1, 8 * i))
+        out = qemu_io(s.uri, "read -P %d %dM 8M" % (i + 1, 8 * i)).output
         assert "Pattern verification failed" not in out
 
 
 def test_export_name_and_list(serve, tmp_path):
     s = serve("ram:%s?size=%d" % (tmp_path / "x", MiB), "-e", "vdi-1")
-    assert run("nbdinfo", "--no-content", "nbd+unix:///vdi-1?socket=" + s.nbd_path).returncode == 0
-    bad = run("nbdinfo", "--no-content", "nbd+unix:///other?socket=" + s.nbd_path, check=False)
+    assert run("nbdinfo", "--no-content", nbd_uri(s.nbd_path, "vdi-1")).returncode == 0
+    bad = run("nbdinfo", "--no-content", nbd_uri(s.nbd_path, "other"), check=False)
     assert bad.returncode != 0
     listed = run("nbdinfo", "--no-content", "--list", "--json", s.uri).stdout
     assert [e["export-name"] for e in json.loads(listed)["exports"]] == ["vdi-1"]
@@ -130,7 +131,7 @@ def test_tcp_listener(serve, tmp_path):
     host, port = s.tcp.rsplit(":", 1)
     uri = "nbd://%s:%s/" % (host, port)
     qemu_io(uri, "write -P 9 0 64k")
-    assert "Pattern verification failed" not in qemu_io(s.uri, "read -P 9 0 64k")
+    assert "Pattern verification failed" not in qemu_io(s.uri, "read -P 9 0 64k").output
 
 
 def test_served_by_tap_ctl_create(make_tap, tmp_path):
@@ -214,7 +215,7 @@ def test_garbage_request_and_vanishing_client(serve, tmp_path, disk):
     time.sleep(1.0)
     fio.kill()
     fio.wait()
-    out = qemu_io(s.uri, "write -P 3 0 1M", "read -P 3 0 1M")
+    out = qemu_io(s.uri, "write -P 3 0 1M", "read -P 3 0 1M").output
     assert "Pattern verification failed" not in out
     assert s.proc.poll() is None
     s.stop()

@@ -11,20 +11,21 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from enginelib import VHD_DISKS, check_vhds, image_file, run, tap_ctl, tmpfs, vhd_disk
+from lib.engine import image_file, qemu_io, tap_ctl
+from lib.fs import tmpfs
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import VHD_DISKS, check_vhds, vhd_disk
 
-MiB = 1 << 20
 PAUSED = 0x2a
 
 
 def fio_verify(uri, size):
     """One fio pass over NBD: random 4k writes then a crc32c read-back."""
-    proc = subprocess.run(
-        ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
-         "--bs=4k", "--size=%d" % size, "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
-         "--do_verify=1", "--verify_fatal=1", "--randrepeat=0",
-         "--output-format=json"],
-        capture_output=True, text=True, timeout=120)
+    proc = run("fio", "--name=verify", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+               "--bs=4k", "--size=%d" % size, "--iodepth=8", "--verify=crc32c",
+               "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0",
+               "--output-format=json", check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
@@ -120,8 +121,7 @@ def test_requests_wait_while_paused(make_tap, smtap_root):
 
 def read_pattern(uri, pattern, length="64k"):
     """The first `length` bytes all hold `pattern`."""
-    proc = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P %s 0 %s" % (pattern, length),
-                           uri], capture_output=True, text=True, timeout=30)
+    proc = qemu_io(uri, "read -P %s 0 %s" % (pattern, length), check=False)
     return proc.returncode == 0 and "fail" not in proc.stdout.lower()
 
 

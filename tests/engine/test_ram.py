@@ -1,13 +1,14 @@
 """The ram driver: what it costs (nothing until written), what it accepts (the suite's
 sizes, declared options) and how it says no (a clear error at open)."""
 import os
-import subprocess
 
 import pytest
 
-from enginelib import image_file, memory_of, nbd_map, qemu_io, run, tap_ctl, tmpfs, used
+from lib.engine import image_file, nbd_map, qemu_io, tap_ctl
+from lib.fs import tmpfs, used
+from lib.procs import memory_of, run
+from lib.sizes import MiB
 
-MiB = 1 << 20
 TiB = 1 << 40
 
 
@@ -76,7 +77,7 @@ def test_shared_serves_the_files_pages(make_tap, smtap_root):
     assert used(shm) == before
     qemu_io(tap.uri, "discard 1M 1M")
     assert used(shm) <= before - MiB + 4096
-    out = qemu_io(tap.uri, "write -P 0x73 4M 8M", check=False)       # past the tmpfs
+    out = qemu_io(tap.uri, "write -P 0x73 4M 8M", check=False).output       # past the tmpfs
     assert "No space left on device" in out
     assert tap_ctl("list").stdout.count("state=0") == 1            # alive and serving
     qemu_io(tap.uri, "read -P 0x72 3000 1000", "read -P 0 1M 1M")

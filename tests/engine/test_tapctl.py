@@ -4,7 +4,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,9 +11,10 @@ import pytest
 from smtap import names, settings
 from smtap.tapdisk import control, minors
 
-from enginelib import image_file, tap_ctl, tapdisks_under, wait_for
-
-MiB = 1 << 20
+from lib.engine import image_file, nbd_size, nbd_uri, qemu_io, tap_ctl
+from lib.hosts import tapdisks_under
+from lib.procs import run, wait_for
+from lib.sizes import MiB
 
 
 def list_lines():
@@ -29,26 +29,6 @@ def pid_of(minor):
     raise AssertionError("minor %d not listed: %s" % (minor, list_lines()))
 
 
-def nbd_uri(pid, minor):
-    return "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
-
-
-def nbd_size(uri):
-    return int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, encoding="utf-8",
-                              errors="replace",
-                              check=True, timeout=30).stdout)
-
-
-def qemu_io(uri, *commands, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    proc = subprocess.run(args + [uri], capture_output=True, text=True, timeout=60)
-    if check:
-        assert proc.returncode == 0 and "fail" not in proc.stdout.lower(), proc
-    return proc
-
-
 def test_lifecycle(smtap_root):
     img = image_file(smtap_root / "disk.img", 8 * MiB, b"\xab")
     params = "ram:%s" % img
@@ -59,7 +39,7 @@ def test_lifecycle(smtap_root):
     pid = pid_of(0)
     assert list_lines() == ["pid=%d minor=0 state=0 args=%s" % (pid, params)]
 
-    uri = nbd_uri(pid, 0)
+    uri = nbd_uri(names.nbd_path(pid, 0))
     assert nbd_size(uri) == 8 * MiB
     qemu_io(uri, "read -P 0xab 0 1M", "write -P 0x5c 1M 64k", "read -P 0x5c 1M 64k")
 
@@ -96,7 +76,7 @@ def test_step_by_step(smtap_root):
     assert "in use" in proc.stderr
     tap_ctl("open", "-p", pid, "-m", minor, "-a", "ram:" + img)
     assert list_lines() == ["pid=%d minor=%d state=0 args=ram:%s" % (pid, minor, img)]
-    assert nbd_size(nbd_uri(pid, minor)) == 4 * MiB
+    assert nbd_size(nbd_uri(names.nbd_path(pid, minor))) == 4 * MiB
     info = control.Client(pid).disk_info(minor)
     assert info == {"sectors": 8192, "sector_size": 512, "info": 0}
     # Detaching an open minor is refused; closing first works.
@@ -120,9 +100,8 @@ def test_close_force_and_reopen(smtap_root):
     assert list_lines() == ["pid=%d minor=0 state=0x2" % pid]
     # -e (no parent to share in a one-VBD process: the chain is opened), -D, -t pass.
     tap_ctl("open", "-p", pid, "-m", 0, "-a", "ram:" + img, "-R", "-e", 7, "-D", "-t", 30)
-    info = json.loads(subprocess.run(["nbdinfo", "--no-content", "--json", nbd_uri(pid, 0)],
-                                     capture_output=True, encoding="utf-8", errors="replace",
-                                     check=True).stdout)
+    info = json.loads(run("nbdinfo", "--no-content", "--json",
+                          nbd_uri(names.nbd_path(pid, 0))).stdout)
     assert info["exports"][0]["is_read_only"] is True
     tap_ctl("destroy", "-p", pid, "-m", 0, "-t", 10)
     assert list_lines() == []
@@ -148,8 +127,7 @@ def test_export_name_and_tcp_listener(smtap_root):
     tap_ctl("create", "-a", "ram:" + img, "-n", "vdi-uuid", "-L", "127.0.0.1:%d" % port)
     pid = pid_of(0)
     qemu_io("nbd://127.0.0.1:%d/vdi-uuid" % port, "read -P 0x11 0 64k")
-    qemu_io("nbd+unix:///vdi-uuid?socket=%s" % names.nbd_path(pid, 0),
-            "read -P 0x11 0 64k")
+    qemu_io(nbd_uri(names.nbd_path(pid, 0), "vdi-uuid"), "read -P 0x11 0 64k")
     wrong = qemu_io("nbd://127.0.0.1:%d/other" % port, "read 0 512", check=False)
     assert wrong.returncode != 0
     stats = json.loads(tap_ctl("stats", "-p", pid, "-m", 0).stdout)
@@ -244,7 +222,7 @@ def test_killed_tapdisk_is_not_listed_and_its_minor_is_freed(smtap_root):
     assert tap_ctl("free", "-m", 1, check=False).returncode != 0
     tap_ctl("free", "-m", 0)
     assert list_lines() == ["pid=%d minor=1 state=0 args=ram:%s" % (survivor, b)]
-    qemu_io(nbd_uri(survivor, 1), "read -P 0x0b 0 64k")
+    qemu_io(nbd_uri(names.nbd_path(survivor, 1)), "read -P 0x0b 0 64k")
     # A new VBD reuses the reclaimed minor.
     assert tap_ctl("create", "-a", "ram:" + a).stdout.strip() == minors.marker(0)
     tap_ctl("destroy", "-p", pid_of(0), "-m", 0)

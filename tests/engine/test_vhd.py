@@ -2,7 +2,6 @@
 vpc) both ways, nbdcopy, nbdinfo's block status, vhd-util check after everything the
 engine writes, 30-snapshot chains, raw parents, other block sizes, the strict footer,
 clear refusals, corrupted images and kill -9 in the middle of fio writes."""
-import hashlib
 import json
 import os
 import random
@@ -14,7 +13,10 @@ import uuid as uuidlib
 
 import pytest
 
-from enginelib import MiB, nbd_map, qemu_io, run, tap_ctl, vhd_chain, vhd_check, wait_for
+from lib.engine import nbd_map, nbd_uri, qemu_io, tap_ctl
+from lib.procs import run, wait_for
+from lib.sizes import MiB
+from lib.vhd import sha, vhd_chain, vhd_check, vhd_util
 from smtap import names, settings
 from smtap.formats import vhd as V
 from smtap.tapdisk import control, minors
@@ -22,15 +24,6 @@ from smtap.toolstack import hostroot
 from smtap.tapdisk import driver as drv
 
 SIZE = 24 * MiB
-
-
-def vhd_util(*args, check=True):
-    return run("vhd-util", *args, check=check)
-
-
-def sha(path):
-    with open(str(path), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_model(path, model):
@@ -87,7 +80,7 @@ def test_qemu_images_are_served_written_and_read_back_by_qemu(make_tap, smtap_ro
 @pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed"])
 def test_images_we_write_are_what_qemu_img_convert_reads(make_tap, smtap_root, fixed):
     path = smtap_root / "ours.vhd"
-    vhd_util("create", "-n", path, "-s", SIZE >> 20, *(["-r"] if fixed else []))
+    vhd_util("create", "-n", path, "-s", SIZE >> 20, *(["-r"] if fixed else []), check=0)
     rng = random.Random(11)
     model = bytearray(SIZE)
     for _ in range(12):                         # data here and there, holes between
@@ -121,9 +114,9 @@ def test_a_chain_of_30_snapshots_reads_right_through_the_engine(make_tap, smtap_
     for level in range(31):
         path = str(smtap_root / ("l%02d.vhd" % level))
         if prev:
-            vhd_util("snapshot", "-n", path, "-p", prev)
+            vhd_util("snapshot", "-n", path, "-p", prev, check=0)
         else:
-            vhd_util("create", "-n", path, "-s", size >> 20)
+            vhd_util("create", "-n", path, "-s", size >> 20, check=0)
         with V.VHD(path, writable=True) as img:         # data at each level
             for _ in range(3):
                 n = rng.randint(1, 256) * 512
@@ -132,7 +125,7 @@ def test_a_chain_of_30_snapshots_reads_right_through_the_engine(make_tap, smtap_
                 img.write(data, off)
                 model[off:off + n] = data
         prev = path
-    assert vhd_util("query", "-d", "-n", prev).stdout.strip() == "chain depth: 31"
+    assert vhd_util("query", "-d", "-n", prev, check=0).text.strip() == "chain depth: 31"
     tap = make_tap("vhd:" + prev, flags=drv.OPEN_RDONLY)
     stats = control.Client(tap.pid).stats(tap.minor)
     assert [i["driver"]["name"] for i in stats["images"]] == [
@@ -151,7 +144,7 @@ def test_a_chain_of_30_snapshots_reads_right_through_the_engine(make_tap, smtap_
 
 def test_block_status_follows_sector_bitmaps(make_tap, smtap_root):
     path = smtap_root / "bm.vhd"
-    vhd_util("create", "-n", path, "-s", 16)
+    vhd_util("create", "-n", path, "-s", 16, check=0)
     tap = make_tap("vhd:%s" % path)
     assert nbd_map(tap.uri) == [(0, 16 * MiB, 3)]
     qemu_io(tap.uri, "write -P 1 4096 4096", "write -P 2 1M 1536", "write -P 3 2M 2M",
@@ -175,11 +168,11 @@ def test_block_status_follows_sector_bitmaps(make_tap, smtap_root):
 
 def test_writes_zeroes_and_trims_never_show_the_parent(make_tap, smtap_root):
     base = str(smtap_root / "base.vhd")
-    vhd_util("create", "-n", base, "-s", 16)
+    vhd_util("create", "-n", base, "-s", 16, check=0)
     with V.VHD(base, writable=True) as img:
         img.write(b"\x5a" * (16 * MiB), 0)
     leaf = str(smtap_root / "leaf.vhd")
-    vhd_util("snapshot", "-n", leaf, "-p", base)
+    vhd_util("snapshot", "-n", leaf, "-p", base, check=0)
     tap = make_tap("vhd:" + leaf)
     info = json.loads(run("nbdinfo", "--no-content", "--json", tap.uri).stdout)["exports"][0]
     assert info["can_trim"] and info["can_zero"] and info["can_fast_zero"]
@@ -204,7 +197,7 @@ def test_a_raw_parent_opens_with_aio(make_tap, smtap_root):
     raw = smtap_root / "raw.img"
     raw.write_bytes(b"\x3c" * (8 * MiB))
     leaf = str(smtap_root / "leaf.vhd")
-    vhd_util("snapshot", "-n", leaf, "-p", raw, "-m")
+    vhd_util("snapshot", "-n", leaf, "-p", raw, "-m", check=0)
     tap = make_tap("vhd:" + leaf)
     images = control.Client(tap.pid).stats(tap.minor)["images"]
     assert [(i["driver"]["type"], i["driver"]["name"]) for i in images] == [
@@ -261,11 +254,11 @@ def trailing_footer(path):
 
 def test_the_trailing_footer_is_poisoned_while_open_and_kept_fields(make_tap, smtap_root):
     path = str(smtap_root / "s.vhd")
-    vhd_util("create", "-n", path, "-s", 16)
-    vhd_util("set", "-n", path, "-f", "hidden", "-v", "1")
-    vhd_util("set", "-n", path, "-f", "marker", "-v", "1")
-    vhd_util("key", "-s", "-n", path, "-H", "ab" * 32)
-    keyhash = vhd_util("key", "-p", "-n", path).stdout
+    vhd_util("create", "-n", path, "-s", 16, check=0)
+    vhd_util("set", "-n", path, "-f", "hidden", "-v", "1", check=0)
+    vhd_util("set", "-n", path, "-f", "marker", "-v", "1", check=0)
+    vhd_util("key", "-s", "-n", path, "-H", "ab" * 32, check=0)
+    keyhash = vhd_util("key", "-p", "-n", path, check=0).text
     with open(path, "rb") as f:
         backup = f.read(512)
     tap = make_tap("vhd:" + path)
@@ -282,9 +275,9 @@ def test_the_trailing_footer_is_poisoned_while_open_and_kept_fields(make_tap, sm
     tap.destroy()
     vhd_check(path, "-B")
     assert V.Footer.unpack(trailing_footer(path)).cookie == V.HD_COOKIE
-    out = vhd_util("query", "-n", path, "-f", "-m", "-a").stdout
+    out = vhd_util("query", "-n", path, "-f", "-m", "-a", check=0).text
     assert out == "hidden: 1\nmarker: 1\n2\n"
-    assert vhd_util("key", "-p", "-n", path).stdout == keyhash
+    assert vhd_util("key", "-p", "-n", path, check=0).text == keyhash
 
 
 def test_a_read_only_open_writes_nothing(make_tap, smtap_root):
@@ -293,7 +286,7 @@ def test_a_read_only_open_writes_nothing(make_tap, smtap_root):
     before = {p: (sha(p), os.stat(p).st_mtime_ns) for p in files}
     tap = make_tap("vhd:" + leaf, flags=drv.OPEN_RDONLY)
     run("nbdcopy", tap.uri, smtap_root / "out.raw")
-    out = qemu_io(tap.uri, "write -P 1 0 4k", check=False)
+    out = qemu_io(tap.uri, "write -P 1 0 4k", check=False).output
     assert "Permission denied" in out, out            # a read-only export
     tap.destroy()
     assert {p: (sha(p), os.stat(p).st_mtime_ns) for p in files} == before
@@ -315,11 +308,11 @@ def test_bad_images_are_refused_clearly_and_left_untouched(smtap_root):
     junk = smtap_root / "junk.vhd"
     junk.write_bytes(os.urandom(64 * 1024))
     base, other = str(smtap_root / "base.vhd"), str(smtap_root / "other.vhd")
-    vhd_util("create", "-n", base, "-s", 8)
-    vhd_util("create", "-n", other, "-s", 8)
+    vhd_util("create", "-n", base, "-s", 8, check=0)
+    vhd_util("create", "-n", other, "-s", 8, check=0)
     orphan, mismatch = str(smtap_root / "orphan.vhd"), str(smtap_root / "mismatch.vhd")
-    vhd_util("snapshot", "-n", orphan, "-p", base)
-    vhd_util("snapshot", "-n", mismatch, "-p", base)
+    vhd_util("snapshot", "-n", orphan, "-p", base, check=0)
+    vhd_util("snapshot", "-n", mismatch, "-p", base, check=0)
     os.rename(base, base + ".gone")                   # orphan's parent is missing
     cases = {
         big: "over the VHD limit of 2040 GiB",
@@ -404,7 +397,7 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
     cases = int(os.environ.get("SMTAP_VHD_FUZZ_CASES", "60"))
     parent = vhd_chain(smtap_root, 8 * MiB, 2, name="p")
     good = str(smtap_root / "good.vhd")
-    vhd_util("snapshot", "-n", good, "-p", parent)
+    vhd_util("snapshot", "-n", good, "-p", parent, check=0)
     with V.VHD(good, writable=True) as img:
         img.write(b"\x42" * (3 * MiB), MiB)             # a full block and partial ones
         img.write(b"\x43" * 4096, 6 * MiB)
@@ -434,9 +427,8 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
             refused_count += 1
         else:
             opened += 1
-            uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
-            subprocess.run(["nbdcopy", uri, "null:"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=60)
+            run("nbdcopy", nbd_uri(names.nbd_path(pid, minor)), "null:", check=False,
+                timeout=60)
             client.close(minor)
             if not flags & drv.OPEN_RDONLY:       # only its footers may have changed
                 assert _written_as_a_close_does(path, good_copy), what
@@ -453,10 +445,6 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
 
 
 # -- kill -9 in the middle of fio writes -------------------------------------------------------------
-def _tap_uri(pid, minor):
-    return "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
-
-
 FIO_CRASH = ["--name=crash", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-256k",
              "--size=64M", "--iodepth=16", "--verify=crc32c", "--fsync=8",
              "--randseed=%d", "--output-format=json"]
@@ -499,7 +487,7 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
     points = int(os.environ.get("SMTAP_VHD_KILL_POINTS", "10"))
     rng = random.Random(int(os.environ.get("SMTAP_VHD_KILL_SEED", "9")))
     path, empty = str(smtap_root / "crash.vhd"), str(smtap_root / "empty.vhd")
-    vhd_util("create", "-n", empty, "-s", 64)
+    vhd_util("create", "-n", empty, "-s", 64, check=0)
     state = smtap_root / "state"
     tried = during = 0
     for point in range(points):
@@ -508,10 +496,11 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         shutil.copy(empty, path)
         pid, minor, _ = tapctl.create("vhd:" + path)
         args = [a.replace("%d", str(point)) for a in FIO_CRASH]
-        fio = subprocess.Popen(["fio"] + args + ["--uri=" + _tap_uri(pid, minor), "--do_verify=0",
-                                                 "--verify_state_save=1", "--write_lat_log=ack",
-                                                 "--log_offset=1"], cwd=str(state),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio = subprocess.Popen(["fio"] + args + ["--uri=" + nbd_uri(names.nbd_path(pid, minor)),
+                                                 "--do_verify=0", "--verify_state_save=1",
+                                                 "--write_lat_log=ack", "--log_offset=1"],
+                               cwd=str(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
         # a random point of the write stream: once the tapdisk wrote 1 to 48 of the 64 MiB
         mark = rng.randint(2048, 48 * 2048)
         client = control.Client(pid, io_timeout=10)
@@ -527,12 +516,12 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         acked = _acknowledged_writes(state / "ack_clat.1.log")
         during += bool(acked) and job["error"] != 0         # killed while it wrote
         if trailing_footer(path) == b"\xc7" * 512:       # the strict footer: lost
-            vhd_util("repair", "-n", path)
+            vhd_util("repair", "-n", path, check=0)
         vhd_check(path, "-B")
         pid, minor, _ = tapctl.create("vhd:" + path, flags=drv.OPEN_RDONLY)
-        proc = subprocess.run(["fio"] + args + ["--uri=" + _tap_uri(pid, minor), "--verify_only",
-                                                "--verify_state_load=1"], cwd=str(state),
-                              capture_output=True, text=True, timeout=120)
+        proc = run(["fio"] + args + ["--uri=" + nbd_uri(names.nbd_path(pid, minor)),
+                                     "--verify_only", "--verify_state_load=1"],
+                   check=False, cwd=str(state), timeout=120)
         tapctl.destroy(pid, minor, timeout=30)
         bad = {int(m) for m in BAD_BLOCK.findall(proc.stderr)}
         assert not bad & set(acked), (point, sorted(bad & set(acked)), proc.stderr[-3000:])

@@ -7,7 +7,9 @@ base; the chain itself is read through smtap.formats.vhd.Chain.
 import hashlib
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, Model, qemu, seeded, vhd_util
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import Model, seeded, vhd_util
 
 SIZE = 40 * MiB
 LEVELS = 30
@@ -15,7 +17,7 @@ LEVELS = 30
 
 def qemu_raw(work, path):
     out = work / "dump.raw"
-    qemu("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(path), str(out))
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(path), str(out))
     return out.read_bytes()
 
 

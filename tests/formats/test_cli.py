@@ -7,7 +7,8 @@ import re
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, fingerprint, td_util, vhd_util
+from lib.sizes import MiB
+from lib.vhd import fingerprint, td_util, vhd_util
 
 
 def test_query_reproduces_upstreams_fixture(work):

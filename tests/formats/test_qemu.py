@@ -4,23 +4,25 @@ import json
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, Model, qemu, random_writes, seeded, vhd_util
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import Model, random_writes, seeded, vhd_util
 
 SIZE = 24 * MiB
 
 
 def qemu_info(path):
-    return json.loads(qemu("qemu-img", "info", "-f", "vpc", "--output=json", str(path)).stdout)
+    return json.loads(run("qemu-img", "info", "-f", "vpc", "--output=json", str(path)).stdout)
 
 
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_images_qemu_creates_are_read_right(work, subformat):
     path = work / ("q-%s.vhd" % subformat)
-    qemu("qemu-img", "create", "-q", "-f", "vpc", "-o",
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o",
          "subformat=%s,force_size=on" % subformat, str(path), str(SIZE))
     writes = [(0xab, 0, 65536), (0x5c, 3 * MiB + 512, 4096), (0x11, SIZE - MiB, MiB)]
     for pattern, off, n in writes:
-        qemu("qemu-io", "-f", "vpc", "-c", "write -P %#x %d %d" % (pattern, off, n), str(path))
+        run("qemu-io", "-f", "vpc", "-c", "write -P %#x %d %d" % (pattern, off, n), str(path))
     expected = bytearray(SIZE)
     for pattern, off, n in writes:
         expected[off:off + n] = bytes([pattern]) * n
@@ -40,8 +42,8 @@ def test_qemu_chs_sized_image(work):
     """Without force_size qemu sizes the disk by its CHS geometry (creator "qemu"): the
     footer says the same, and we agree with qemu on the size."""
     path = work / "chs.vhd"
-    qemu("qemu-img", "create", "-q", "-f", "vpc", str(path), str(SIZE))
-    qemu("qemu-io", "-f", "vpc", "-c", "write -P 0x77 1M 1M", str(path))
+    run("qemu-img", "create", "-q", "-f", "vpc", str(path), str(SIZE))
+    run("qemu-io", "-f", "vpc", "-c", "write -P 0x77 1M 1M", str(path))
     with V.VHD(str(path)) as img:
         assert img.size == qemu_info(path)["virtual-size"]
         assert img.read(MiB, MiB) == b"\x77" * MiB and not any(img.read(0, MiB))
@@ -58,11 +60,11 @@ def test_images_we_write_read_right_in_qemu(work, fixed):
         model.write(img, b"\xee" * (2 * MiB), 4 * MiB)         # one whole block
     info = qemu_info(path)
     assert info["format"] == "vpc" and info["virtual-size"] == SIZE
-    qemu("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(path), str(work / "out.raw"))
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(path), str(work / "out.raw"))
     assert (work / "out.raw").read_bytes() == bytes(model.data)
     vhd_util("check", "-n", path, check=0)
     # vpc has no qemu-img check; qemu says so rather than passing silently.
-    out = qemu("qemu-img", "check", "-f", "vpc", str(path), check=False)
+    out = run("qemu-img", "check", "-f", "vpc", str(path), check=False)
     assert out.returncode != 0 and "does not support checks" in out.stderr
 
 
@@ -70,7 +72,7 @@ def test_qemu_converts_into_a_vhd_we_read(work):
     raw = work / "src.raw"
     data = seeded(3).getrandbits(8 * 4 * MiB).to_bytes(4 * MiB, "little")
     raw.write_bytes(bytes(3 * MiB) + data + bytes(SIZE - 7 * MiB))
-    qemu("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(raw),
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(raw),
          str(work / "c.vhd"))
     with V.VHD(str(work / "c.vhd")) as img:
         assert img.read(0, SIZE) == raw.read_bytes()

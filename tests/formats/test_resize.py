@@ -9,7 +9,9 @@ import time
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import BIN, MiB, Model, random_writes, seeded, sha, vhd_util
+from lib.checkout import VENV_BIN
+from lib.sizes import MiB
+from lib.vhd import Model, random_writes, seeded, sha, vhd_util
 
 
 def filled(name, mb, seed=1, **create):
@@ -76,7 +78,7 @@ def test_kill_9_mid_resize_then_revert(work, point):
     original = sha("d.vhd")
     marker = work / "at-hook"
     env = dict(os.environ, SMTAP_VHD_HOOK="%s:%s" % (point, marker))
-    proc = subprocess.Popen([os.path.join(BIN, "vhd-util"), "resize", "-s", str(GROWN), "-n",
+    proc = subprocess.Popen([os.path.join(VENV_BIN, "vhd-util"), "resize", "-s", str(GROWN), "-n",
                              "d.vhd", "-j", "j"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:

@@ -6,19 +6,20 @@ that land later (vhd-util, td-util) are run too.
 import os
 import re
 import shutil
-import subprocess
 import xmlrpc.client
 
 import pytest
 
-from installlib import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, TOP, py36_prefix, rpm_query_list,
-                        rpm_install, run, stock_host)
+from lib.checkout import TOP
+from lib.engine import nbd_uri
+from lib.install import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, py36_prefix, rpm_install,
+                         rpm_query_list, stock_host)
+from lib.procs import run
+from lib.sizes import MiB
 from smtap.toolstack import hostroot
 
 pytestmark = [pytest.mark.rpm,
               pytest.mark.skipif(py36_prefix() is None, reason="no Python 3.6 (make py36)")]
-
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +42,7 @@ def bare36(tmp_path_factory):
 def launched(py, root, path, *args, check=True, timeout=60):
     """Run an installed script the way its shebang would, with the bare interpreter."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SMTAP_ROOT": str(root)}
-    proc = subprocess.run([py, path] + list(args), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, env=env,
-                          cwd="/", timeout=timeout)
+    proc = run(py, path, *args, check=False, env=env, cwd="/", timeout=timeout)
     assert "Traceback" not in proc.stderr, "%s: %s" % (path, proc.stderr)
     if check:
         assert proc.returncode == 0, "%s %s: exit %d\n%s%s" % (
@@ -98,7 +97,7 @@ def test_every_launcher_and_plugin_answers_under_bare_python36(built_rpm, bare36
             assert f.read().split(b"\0")[0].decode() == bare36
         sock = os.path.join(runtime, "nbd%d.%s" % (pid, minor))
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img,
-             "nbd+unix:///?socket=" + sock])
+             nbd_uri(sock)])
         if params.startswith("aio"):
             with open("/proc/%d/maps" % pid) as f:
                 assert "libsmtap-aio.so.1" in f.read()

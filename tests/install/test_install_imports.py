@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, TOP, VPY, driver_info, host_env,
-                        make_install, run)
+from lib.checkout import TOP, VENV_PYTHON
+from lib.install import ALL_SR_TYPES, RPM_SR_TYPES, driver_info, host_env, make_install
+from lib.procs import run
 
 # Top-level modules of the host's sm (flat in /opt/xensource/sm, or the sm 3.x package)
 # and of XAPI's plugin helpers.
@@ -124,7 +125,7 @@ def test_runtime_installed_launchers_never_load_host_modules(tmp_path):
     with open(os.path.join(TOP, "bin", "launcher.in")) as f:
         text = f.read()
     with open(launcher, "w") as f:
-        f.write(text.replace("@PYTHON@", VPY).replace("@LIBREL@", "../../smtap/lib")
+        f.write(text.replace("@PYTHON@", VENV_PYTHON).replace("@LIBREL@", "../../smtap/lib")
                 .replace("@MODULE@", "smtap._importall_test"))
     os.chmod(launcher, 0o755)
     env = host_env(tmp_path / "root", PYTHONPATH=str(tmp_path / "site-packages"))

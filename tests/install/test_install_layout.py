@@ -4,9 +4,11 @@ import shutil
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, STOCK_SM_PLUGINS, TOP, UPSTREAM_PATHS,
-                        VPY, driver_info, host_env, make_install, read_sm_plugins, run, stock_host,
-                        tree)
+from lib.checkout import TOP, VENV_PYTHON
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, STOCK_SM_PLUGINS, UPSTREAM_PATHS,
+                         driver_info, host_env, make_install, read_sm_plugins, stock_host,
+                         tree)
+from lib.procs import run
 
 COMMANDS = ["tapdisk", "tap-ctl", "smtap-sm-plugins"]
 PLUGINS = sorted(n for n in os.listdir(os.path.join(TOP, "plugins")) if n.startswith("smtap-"))
@@ -25,7 +27,7 @@ def test_install_lays_out_the_host_tree(tmp_path):
         path = os.path.join(dest, "opt/smtap/bin", c)
         assert os.access(path, os.X_OK), c
         with open(path) as f:
-            assert f.readline() == "#!%s\n" % VPY
+            assert f.readline() == "#!%s\n" % VENV_PYTHON
     # One launcher per sm/drivers/<Type>SR.py, and nothing else in the sm dir.
     assert sorted(p for p in paths if p.startswith("/opt/xensource/sm/") and p[-1] != "/") == \
         sorted("/opt/xensource/sm/%sSR" % t for t in ALL_SR_TYPES)

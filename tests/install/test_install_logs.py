@@ -8,19 +8,20 @@ The tests listen on <root>/dev/log themselves, as rsyslog's imuxsock does.
 import os
 import re
 import socket
-import subprocess
 
 import pytest
 
-from installlib import DRIVER_INFO_CALL, TOP, VPY, make_install, run
+from lib.checkout import PY36, TOP, VENV_PYTHON
+from lib.install import DRIVER_INFO_CALL, make_install
+from lib.procs import run
 from smtap.toolstack import hostroot
 
-PY36 = os.path.join(TOP, ".venv36", "bin", "python")
-PYTHONS = [VPY] + ([PY36] if os.access(PY36, os.X_OK) else [])
+PYTHONS = [VENV_PYTHON] + ([PY36] if os.access(PY36, os.X_OK) else [])
 LOCAL2_INFO = 18 * 8 + 6
 
 
-def host_env(root):
+def bare_env(root):
+    """Only PATH and SMTAP_ROOT, none of the test run's environment."""
     return {"PATH": os.environ["PATH"], "SMTAP_ROOT": str(root)}
 
 
@@ -46,7 +47,7 @@ def syslogd(smtap_root):
 
 def test_driver_logs_through_syslog_on_a_host(smtap_root, syslogd):
     root = make_install(smtap_root, target="install-host")
-    run([os.path.join(root, "opt/xensource/sm/ramSR"), DRIVER_INFO_CALL], env=host_env(root))
+    run([os.path.join(root, "opt/xensource/sm/ramSR"), DRIVER_INFO_CALL], env=bare_env(root))
     messages = syslogd()
     assert messages, "the driver sent nothing to syslog"
     for m in messages:
@@ -62,7 +63,7 @@ def test_driver_error_with_traceback_is_one_message_per_line(smtap_root, syslogd
             "log.setup(); log.set_context('vdi_attach', 'a' * 36, 'b' * 36)\n"
             "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('attach failed')\n"
             % os.path.join(root, "opt/smtap/lib"))
-    run([VPY, "-c", code], env=host_env(root))
+    run([VENV_PYTHON, "-c", code], env=bare_env(root))
     messages = syslogd()
     assert len(messages) > 3 and all("\n" not in m for m in messages), messages
     assert messages[0].startswith("<%d>smtap: [" % (18 * 8 + 3))        # local2.err
@@ -74,7 +75,7 @@ def test_driver_error_with_traceback_is_one_message_per_line(smtap_root, syslogd
 
 def test_driver_log_is_a_file_under_the_root_in_the_dev_profile(smtap_root, syslogd):
     root = make_install(smtap_root)
-    run([os.path.join(root, "opt/xensource/sm/ramSR"), DRIVER_INFO_CALL], env=host_env(root))
+    run([os.path.join(root, "opt/xensource/sm/ramSR"), DRIVER_INFO_CALL], env=bare_env(root))
     with open(os.path.join(root, "var/log/SMlog")) as f:
         assert " sr_get_driver_info sr=- vdi=- " in f.read()
     assert syslogd() == []
@@ -106,9 +107,9 @@ def test_engine_log_follows_rotation_with_stderr(tmp_path, python):
         assert f.read() == "after\nstderr after\n"
 
 
-def tap_ctl(root, python, *args):
+def installed_tap_ctl(root, python, *args):
     return run([python, os.path.join(root, "opt/smtap/bin/tap-ctl")] + list(args),
-               env=host_env(root)).stdout
+               env=bare_env(root)).stdout
 
 
 def logrotate(root, state):
@@ -132,17 +133,16 @@ def test_engine_log_rotated_under_running_tapdisks(smtap_root, python):
     with open(img, "wb") as f:
         f.truncate(1 << 20)
     for _ in range(2):
-        tap_ctl(root, python, "create", "-a", "ram:" + img)
+        installed_tap_ctl(root, python, "create", "-a", "ram:" + img)
     tapdisks = [(int(p), m) for p, m in re.findall(r"pid=(\d+) minor=(\d+)",
-                                                   tap_ctl(root, python, "list"))]
+                                                   installed_tap_ctl(root, python, "list"))]
     assert len(tapdisks) == 2
     log = os.path.join(root, "var/log/smtap/tapdisk.log")
     state = os.path.join(root, "logrotate.state")
 
     def lines_of(path):
         if path.endswith(".gz"):
-            return subprocess.run(["zcat", path], stdout=subprocess.PIPE,
-                                  universal_newlines=True, check=True).stdout
+            return run("zcat", path).stdout
         with open(path) as f:
             return f.read()
 
@@ -154,13 +154,13 @@ def test_engine_log_rotated_under_running_tapdisks(smtap_root, python):
         before = {n: lines_of(os.path.join(os.path.dirname(log), n)) for n in rotated
                   if n != "tapdisk.log"}
         for pid, minor in tapdisks:
-            tap_ctl(root, python, "pause", "-p", str(pid), "-m", minor)
-            tap_ctl(root, python, "unpause", "-p", str(pid), "-m", minor)
+            installed_tap_ctl(root, python, "pause", "-p", str(pid), "-m", minor)
+            installed_tap_ctl(root, python, "unpause", "-p", str(pid), "-m", minor)
         text = lines_of(log)
         for pid, minor in tapdisks:
             assert re.search(r"tapdisk\[%d\] INFO \S+: minor %s paused" % (pid, minor), text), text
         after = {n: lines_of(os.path.join(os.path.dirname(log), n)) for n in before}
         assert after == before                      # nothing more in a rotated file
     for pid, minor in tapdisks:
-        tap_ctl(root, python, "destroy", "-p", str(pid), "-m", minor)
+        installed_tap_ctl(root, python, "destroy", "-p", str(pid), "-m", minor)
         assert hostroot.wait_dead(pid)

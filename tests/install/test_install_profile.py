@@ -10,9 +10,9 @@ import pytest
 
 from smtap import names, settings
 
-from installlib import host_env, make_install, run
+from lib.install import host_env, make_install
+from lib.procs import run
 
-MiB = 1 << 20
 SR = "5e6b0a1c-0000-4000-8000-00000000005e"
 VDI = "7d1c2b3a-0000-4000-8000-0000000000d1"
 

@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from installlib import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS, TOP,
-                        UPSTREAM_PATHS, VENV_BIN, VERSION, VPY, driver_info, host_env,
-                        read_sm_plugins, rpm_install, run, stock_host)
+from lib.checkout import PY36, TOP, VENV_BIN, VENV_PYTHON, VERSION
+from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGINS,
+                         UPSTREAM_PATHS, driver_info, host_env, read_sm_plugins, rpm_install,
+                         stock_host)
+from lib.procs import run
 
 pytestmark = pytest.mark.rpm
 
@@ -72,15 +74,15 @@ def test_rpm_installs_into_an_empty_root(built_rpm, tmp_path):
     assert not os.path.exists(os.path.join(root, "etc/xapi.conf.d/smtap.conf"))
     # The installed commands run from that root (with an interpreter that has the deps).
     env = host_env(root)
-    out = run([VPY, os.path.join(root, "opt/smtap/bin/tap-ctl"), "list"], env=env)
+    out = run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/tap-ctl"), "list"], env=env)
     assert out.stdout == ""
     # %post's work on a host whose xapi.conf has its own list: that list is kept.
     with open(os.path.join(root, "etc/xapi.conf"), "w") as f:
         f.write("sm-plugins = ext nfs lvm\n")
-    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--write"], env=env)
+    run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--write"], env=env)
     assert read_sm_plugins(os.path.join(root, "etc/xapi.conf.d/smtap.conf")) == \
         ["ext", "nfs", "lvm"] + [t for t in RPM_SR_TYPES if t in ALL_SR_TYPES]
-    run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--check"], env=env)
+    run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins"), "--check"], env=env)
 
 
 @NEED_RAMSR
@@ -126,7 +128,6 @@ def test_local_toolstack_registers_type_ram(built_rpm_local_python, tmp_path):
 
 
 # --- built for dom0: Python 3.6 byte-code, el7's glibc -------------------------------
-PY36 = os.path.join(TOP, ".venv36", "bin", "python")
 NEED_PY36 = pytest.mark.skipif(not os.access(PY36, os.X_OK), reason="no .venv36 (make py36)")
 # objdump -T: "0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.14) memcpy"
 SYMBOL_VERSION = re.compile(r"\(?\b(GLIBC|LIBAIO)_([0-9][0-9.]*)\)?\s+\S+$")
@@ -176,6 +177,28 @@ def test_rpm_is_built_for_dom0(built_rpm, tmp_path):
         assert not too_new, (path, too_new)
 
 
+# What the unit tier may skip under %check: modules the RPM does not carry, Python 3.8's ast.
+UNIT_SKIPS_IN_CHECK = ("smtap.toolstack", "Python 3.8", "shared/reference")
+
+
+@NEED_PY36
+def test_check_runs_the_unit_tier_on_python36(built_rpm):
+    """%check runs all of tests/unit with the build's Python 3.6 (make py36's pytest for
+    it) against the installed library, and it passes."""
+    topdir = os.path.dirname(os.path.dirname(os.path.dirname(built_rpm)))
+    with open(os.path.join(topdir, "make-rpm.log")) as f:
+        log = f.read()
+    assert "+ cd tests" in log and " -m pytest -q -rs -p no:cacheprovider unit" in log, log[-3000:]
+    m = re.search(r"^(\d+) passed(?:, (\d+) skipped)? in ", log, re.M)
+    assert m, log[-3000:]
+    skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", log, re.M)
+    assert all(any(s in skip for s in UNIT_SKIPS_IN_CHECK) for skip in skips), skips
+    collected = run(VENV_PYTHON, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                    os.path.join(TOP, "tests", "unit"), cwd=TOP).stdout
+    (total,) = re.findall(r"^(\d+) tests? collected", collected, re.M)
+    assert int(m.group(1)) + int(m.group(2) or 0) == int(total), (m.group(0), total)
+
+
 NEWER_GLIBC = "#define _GNU_SOURCE\n#include <sys/mman.h>\n" \
     "int smtap_test_newer(void) { return memfd_create(\"x\", 0); }  /* GLIBC_2.27 */\n"
 
@@ -191,7 +214,7 @@ def test_check_refuses_other_bytecode_and_newer_glibc(tmp_path):
     cc.chmod(0o755)
     env = dict(os.environ, CC=str(cc))
     out = run(["make", "-s", "-C", TOP, "rpm", "RPMTOP=%s" % (tmp_path / "top"),
-               "RPM_BUILD_PYTHON=%s" % VPY], env=env, check=False, timeout=120)
+               "RPM_BUILD_PYTHON=%s" % VENV_PYTHON], env=env, check=False, timeout=120)
     log = out.stdout + out.stderr
     assert out.returncode != 0, log[-3000:]
     assert "error: Bad exit status" in log and "%check" in log, log[-3000:]

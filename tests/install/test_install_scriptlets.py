@@ -10,15 +10,15 @@ import os
 
 import pytest
 
-from installlib import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, XAPI_CONF_83, XAPI_CORE_DROPINS,
-                        fake_rpm, py36_prefix, read_sm_plugins, rpm_root, tree)
+from lib.install import (DROPIN, LINSTOR_DROPIN, STOCK_SM_PLUGINS, XAPI_CONF_83,
+                         XAPI_CORE_DROPINS, confd, dropin, fake_rpm, py36_prefix, rpm_root,
+                         tree)
 
 pytestmark = [pytest.mark.rpm,
               pytest.mark.skipif(py36_prefix() is None, reason="no Python 3.6 (make py36)")]
 
 # The list before 8.3 added largeblock: what an xapi-core update changes.
 OLDER = [t for t in STOCK_SM_PLUGINS if t != "largeblock"]
-DROPIN = "/etc/xapi.conf.d/smtap.conf"
 
 
 @pytest.fixture(scope="session")
@@ -34,15 +34,6 @@ def fakes(tmp_path_factory):
         "linstor": fake_rpm(top, "xcp-ng-linstor", "1", {
             "/etc/xapi.conf.d/" + LINSTOR_DROPIN[0]: LINSTOR_DROPIN[1]}),
     }
-
-
-def dropin(root):
-    path = os.path.join(str(root), DROPIN.lstrip("/"))
-    return read_sm_plugins(path) if os.path.exists(path) else None
-
-
-def confd(root):
-    return sorted(os.listdir(os.path.join(str(root), "etc/xapi.conf.d")))
 
 
 def test_drop_in_follows_xapi_core_and_linstor(built_rpm, fakes, tmp_path):

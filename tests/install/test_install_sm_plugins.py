@@ -6,12 +6,13 @@ order; a later sm-plugins replaces the earlier one; matching quotes around a val
 stripped. Each case: a host config, --write, then what XAPI would end up with.
 """
 import os
-import subprocess
 
 import pytest
 
-from installlib import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, TOP, VPY, host_env, make_install,
-                        read_sm_plugins, run, stock_host)
+from lib.checkout import TOP, VENV_PYTHON
+from lib.install import (LINSTOR_DROPIN, STOCK_SM_PLUGINS, confd, dropin, host_env,
+                         make_install, stock_host)
+from lib.procs import run
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def host(tmp_path):
 
 
 def helper(root, *args, check=True):
-    return run([VPY, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins")] + list(args),
+    return run([VENV_PYTHON, os.path.join(root, "opt/smtap/bin/smtap-sm-plugins")] + list(args),
                env=host_env(root), check=check)
 
 
@@ -39,14 +40,6 @@ def conf(root, name, text):
     path = os.path.join(root, "etc", name)
     with open(path, "w") as f:
         f.write(text)
-
-
-def dropin(root):
-    return read_sm_plugins(os.path.join(root, "etc/xapi.conf.d/smtap.conf"))
-
-
-def confd(root):
-    return sorted(os.listdir(os.path.join(root, "etc/xapi.conf.d")))
 
 
 def test_stock_83_host_with_linstor(host):
@@ -155,8 +148,7 @@ def test_killed_writer_leaves_nothing_xapi_reads(host):
     before = confd(host), open(os.path.join(host, "etc/xapi.conf.d/smtap.conf")).read()
     conf(host, "xapi.conf.d/A-site.conf", "sm-plugins = ext nfs\n")    # after linstor's
     env = host_env(host, PYTHONPATH=os.path.join(host, "opt/smtap/lib"))
-    proc = subprocess.run([VPY, "-c", KILLED_AT_RENAME], env=env, stdout=subprocess.PIPE,
-                          universal_newlines=True)
+    proc = run(VENV_PYTHON, "-c", KILLED_AT_RENAME, env=env, check=False)
     assert proc.returncode == -9
     tmp, target = proc.stdout.split()
     assert os.path.dirname(tmp) == os.path.join(host, "etc") and os.path.exists(tmp)

@@ -5,8 +5,9 @@ import xmlrpc.client
 
 import pytest
 
-from sm_harness import (TOP, helper_driver, install_driver, log_lines, params_for,
-                        run_driver, vdi_create_args, xapi_call)
+from lib.checkout import TOP
+from lib.sm import (helper_driver, install_driver, log_lines, params_for, run_driver,
+                    vdi_create_args, xapi_call)
 
 SR_UUID = str(uuid.uuid4())
 VDI = ("OpaqueRef:vdi-1", str(uuid.uuid4()), "loc-1")
@@ -14,7 +15,7 @@ VDI = ("OpaqueRef:vdi-1", str(uuid.uuid4()), "loc-1")
 
 @pytest.fixture
 def noisy(smtap_root):
-    """Calls tests/sm/noisy_driver.py as XAPI would."""
+    """Calls tests/lib/drivers/noisy_driver.py as XAPI would."""
     return noisy_call
 
 

@@ -7,8 +7,7 @@ import xmlrpc.client
 
 from smtap import names, settings
 from smtap.sm.lock import Lock
-from sm_harness import (HOST_REF, SESSION_REF, SR_REF, dummy, log_lines,  # noqa: F401
-                        run_driver, vdi_create_args, xapi)
+from lib.sm import HOST_REF, SESSION_REF, SR_REF, log_lines, run_driver, vdi_create_args
 
 
 def vdi_key(xapi, params):

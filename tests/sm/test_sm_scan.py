@@ -2,8 +2,8 @@
 import json
 import os
 
-from listing_driver import storage_file
-from sm_harness import SR_REF, helper_driver, params_for, run_driver, xapi, xapi_call  # noqa: F401
+from lib.drivers.listing_driver import storage_file
+from lib.sm import SR_REF, helper_driver, params_for, run_driver, xapi_call
 
 
 def scan(xapi, storage, command="sr_scan"):

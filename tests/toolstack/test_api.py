@@ -5,35 +5,9 @@ import xmlrpc.client
 import pytest
 
 from smtap import settings
-from smtap.toolstack import client, inventory
-from toolstack_util import GiB, failure
-
-
-def raw_post(body):
-    """POST bytes to the daemon as any HTTP client would; the response body."""
-    conn = client._UnixConnection(settings.xapi_socket())
-    conn.request("POST", "/", body, {"Content-Type": "text/xml"})
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    assert resp.status == 200
-    return data.decode()
-
-
-def raw_call(method, *params):
-    (result,), _ = xmlrpc.client.loads(raw_post(xmlrpc.client.dumps(params, method)))
-    return result
-
-
-def new_sr(x, name="sr"):
-    host = x.host.get_all()[0]
-    return x.SR.create(host, {}, "0", name, "", "dummy", "user", False, {})
-
-
-def new_vdi(x, sr, size=GiB, name="disk"):
-    return x.VDI.create({"SR": sr, "virtual_size": str(size), "name_label": name,
-                         "type": "user", "sharable": False, "read_only": False,
-                         "other_config": {"made-by": "tests"}, "sm_config": {}})
+from smtap.toolstack import inventory
+from lib.sizes import GiB
+from lib.toolstack import failure, new_sr, new_vdi, raw_call, raw_post
 
 
 def test_this_host_dom0_and_pool_come_from_the_inventory(xapi):

@@ -3,7 +3,8 @@ its precedence, and columns compared as XAPI's database stores them."""
 import pytest
 
 from smtap.toolstack import dbfilter
-from toolstack_util import GiB, failure
+from lib.sizes import GiB
+from lib.toolstack import failure
 
 
 def evaluate(text, row=None):

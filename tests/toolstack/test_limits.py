@@ -6,17 +6,10 @@ import socket
 import xmlrpc.client
 
 from smtap import settings
+from lib.procs import memory_of
+from lib.sizes import MiB
 
 LIMIT = 300 * 1024
-MiB = 1 << 20
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def post(headers, body_chunks):
@@ -59,7 +52,7 @@ def test_oversized_requests_are_refused_with_flat_memory(host):
     status, body = post({"Content-Length": len(small)}, [small])
     assert status.split()[1] == "200" and "Success" in body
 
-    before = rss_kib(pid)
+    before = memory_of(pid)["VmRSS"] // 1024
     chunk = b"<value>" + b"x" * (MiB - 7)
     status, body = post({"Content-Length": 96 * MiB}, [chunk] * 96)
     assert status.split()[1] == "413", status
@@ -68,7 +61,7 @@ def test_oversized_requests_are_refused_with_flat_memory(host):
     assert len(gz) < LIMIT
     status, body = post({"Content-Length": len(gz), "Content-Encoding": "gzip"}, [gz])
     assert status.split()[1] == "413", status
-    assert rss_kib(pid) - before < 20 * 1024, (before, rss_kib(pid))
+    assert memory_of(pid)["VmRSS"] // 1024 - before < 20 * 1024, (before, memory_of(pid)["VmRSS"] // 1024)
 
     status, body = post({}, [])                            # no length: refused too
     assert status.split()[1] == "411"

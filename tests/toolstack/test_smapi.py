@@ -1,6 +1,6 @@
 """Running drivers as XAPI does: argv encoding, keys and args per command, fault
 mapping, capability gates, attach/activate once per VDI, host plugins.
-The test driver (testsr.py) records every call it gets."""
+The test driver (tests/lib/drivers/testsr.py) records every call it gets."""
 import os
 import re
 import subprocess
@@ -11,7 +11,10 @@ import pytest
 
 from smtap import settings
 from smtap.toolstack import smapi
-from toolstack_util import GiB, failure
+from lib.engine import nbd_uri
+from lib.procs import run
+from lib.sizes import GiB
+from lib.toolstack import dom0_vbd, failure, new_vdi
 
 COMMON = {"host_ref", "command", "args", "device_config", "session_ref", "sr_ref", "sr_uuid",
           "subtask_of"}
@@ -41,18 +44,9 @@ def setup_sr(h, x, device_config=None):
 
 
 def create_vdi(x, sr, size=GiB, **extra):
-    record = {"SR": sr, "virtual_size": str(size), "name_label": "disk",
-              "name_description": "about it", "type": "user", "sharable": False,
-              "read_only": False, "other_config": {}, "sm_config": {"k": "v"}}
-    record.update(extra)
-    return x.VDI.create(record)
-
-
-def dom0_vbd(x, vdi, mode="RW", device="0"):
-    dom0 = x.host.get_control_domain(x.host.get_all()[0])
-    return x.VBD.create({"VM": dom0, "VDI": vdi, "userdevice": device, "mode": mode,
-                         "type": "Disk", "bootable": False, "empty": False,
-                         "unpluggable": True, "other_config": {}})
+    fields = {"name_description": "about it", "other_config": {}, "sm_config": {"k": "v"}}
+    fields.update(extra)
+    return new_vdi(x, sr, size, **fields)
 
 
 def test_method_call_uses_xapi_encoding():
@@ -77,7 +71,7 @@ def test_every_command_gets_its_documented_keys_and_args(test_host):
     snap = x.VDI.snapshot(vdi, {"type": "single"})
     x.VDI.clone(vdi, {})
     x.VDI.resize(vdi, str(2 * GiB))
-    vbd = dom0_vbd(x, vdi)
+    vbd = dom0_vbd(x, vdi, device="0")
     x.VBD.plug(vbd)
     x.VBD.unplug(vbd)
     x.VBD.destroy(vbd)
@@ -213,7 +207,7 @@ def test_capability_gates(test_host):
     sr = setup_sr(h, x)
     assert "sr_update" not in h.commands()          # no SR_UPDATE: no sr_update after scan
     vdi = create_vdi(x, sr)
-    vbd = dom0_vbd(x, vdi)
+    vbd = dom0_vbd(x, vdi, device="0")
     x.VBD.plug(vbd)
     x.VBD.unplug(vbd)
     assert [c for c in h.commands() if c.startswith("vdi_")] == [
@@ -263,7 +257,7 @@ def test_failed_activate_undoes_the_attach(test_host):
     x = h.session().xenapi
     sr = setup_sr(h, x)
     vdi = create_vdi(x, sr)
-    vbd = dom0_vbd(x, vdi)
+    vbd = dom0_vbd(x, vdi, device="0")
     h.configure_driver(faults={"vdi_activate": [46, "unavailable"]})
     assert failure(x.VBD.plug, vbd)[0] == "SR_BACKEND_FAILURE_46"
     # undone step by step, each idempotent: deactivate too (a failed activate may have
@@ -319,7 +313,7 @@ def test_vbd_plug_makes_a_dom0_block_device_when_the_export_is_served(test_host,
         x = h.session().xenapi
         sr = setup_sr(h, x)
         vdi = create_vdi(x, sr)
-        vbd = dom0_vbd(x, vdi)
+        vbd = dom0_vbd(x, vdi, device="0")
         x.VBD.plug(vbd)
         device = x.VBD.get_device(vbd)
         assert re.match(r"^loop\d+$", device)
@@ -327,11 +321,10 @@ def test_vbd_plug_makes_a_dom0_block_device_when_the_export_is_served(test_host,
             f.write(b"through the loop device")
         x.VBD.unplug(vbd)
         assert x.VBD.get_device(vbd) == ""
-        losetup = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE,
-                                 universal_newlines=True).stdout
+        losetup = run("losetup", "-a").stdout
         assert "/dev/%s:" % device not in losetup
         copy = str(tmp_path / "copy.img")
-        subprocess.run(["nbdcopy", "nbd+unix:///?socket=" + sock, copy], check=True)
+        run("nbdcopy", nbd_uri(sock), copy)
         with open(copy, "rb") as f:
             assert f.read(23) == b"through the loop device"   # it reached the NBD export
 

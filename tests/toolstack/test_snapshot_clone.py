@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from toolstack_util import GiB
+from lib.sizes import GiB
 
 EPOCH = "19700101T00:00:00Z"
 

@@ -16,8 +16,7 @@ import pytest
 from smtap import settings
 from smtap.toolstack import classes  # noqa: F401  (registers every class)
 from smtap.toolstack.objects import CLASSES
-from test_api import new_sr, new_vdi, raw_post
-from toolstack_util import failure
+from lib.toolstack import failure, new_sr, new_vdi, raw_post
 
 WRONG = [12345, True, 3.5, {"k": "v"}, ["x"], b"\x00bytes", xmlrpc.client.DateTime(0), None]
 BAD_BYTES = [bytes([c]) for c in range(32) if c not in (9, 10, 13)]

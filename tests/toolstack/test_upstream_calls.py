@@ -9,6 +9,8 @@ import time
 import uuid
 
 from smtap import settings
+from lib.sizes import MiB
+from lib.toolstack import dom0_vbd, new_sr, new_vdi
 
 # (call, args, what it answers). {name} in an argument is an object of the test world;
 # "$n" is what call n answered. Grouped by the upstream code that makes the call.
@@ -148,14 +150,10 @@ def fill(value, world):
 def test_upstream_calls_answer_as_xapi_does(test_host):
     x = test_host.session().xenapi
     host = x.host.get_all()[0]
-    sr = x.SR.create(host, {}, "0", "audit", "", "test", "user", False, {})
-    vdi = x.VDI.create({"SR": sr, "virtual_size": "1048576", "name_label": "v",
-                        "type": "user", "sharable": False, "read_only": False,
-                        "other_config": {}, "sm_config": {}})
+    sr = new_sr(x, "audit", "test")
+    vdi = new_vdi(x, sr, MiB, "v", other_config={})
     dom0 = x.host.get_control_domain(host)
-    x.VBD.create({"VM": dom0, "VDI": vdi, "userdevice": "0", "bootable": False, "mode": "RW",
-                  "type": "Disk", "unpluggable": True, "empty": False, "other_config": {},
-                  "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    dom0_vbd(x, vdi, device="0", qos_algorithm_type="", qos_algorithm_params={})
     (sm,) = x.SM.get_all_records_where('field "type" = "test"')
     world = {"sr": sr, "sr_uuid": x.SR.get_uuid(sr), "host": host,
              "host_uuid": x.host.get_uuid(host), "pbd": x.SR.get_PBDs(sr)[0], "sm": sm,

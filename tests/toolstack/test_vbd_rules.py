@@ -2,21 +2,13 @@
 takes one RW VBD or any number of RO ones; a sharable one takes several RW VBDs.
 Failed before: a second RW plug, and RW after RO, were accepted (two VBDs on one loop
 device; an RW VBD on a read-only device)."""
-from test_api import new_sr, new_vdi
-from toolstack_util import failure
-
-
-def vbd(x, vdi, mode):
-    dom0 = x.host.get_control_domain(x.host.get_all()[0])
-    return x.VBD.create({"VM": dom0, "VDI": vdi, "userdevice": "autodetect", "mode": mode,
-                         "type": "Disk", "bootable": False, "empty": False,
-                         "unpluggable": True, "other_config": {}})
+from lib.toolstack import dom0_vbd, failure, new_sr, new_vdi
 
 
 def test_one_writer_or_many_readers(xapi):
     x = xapi
     vdi = new_vdi(x, new_sr(x))
-    rw1, rw2, ro1, ro2 = vbd(x, vdi, "RW"), vbd(x, vdi, "RW"), vbd(x, vdi, "RO"), vbd(x, vdi, "RO")
+    rw1, rw2, ro1, ro2 = [dom0_vbd(x, vdi, mode) for mode in ("RW", "RW", "RO", "RO")]
     x.VBD.plug(rw1)
     assert failure(x.VBD.plug, rw2) == ["VDI_IN_USE", vdi, "plug"]
     assert failure(x.VBD.plug, ro1) == ["VDI_IN_USE", vdi, "plug"]
@@ -35,7 +27,7 @@ def test_sharable_vdi_takes_several_writers(xapi):
     x = xapi
     vdi = new_vdi(x, new_sr(x))
     x.VDI.set_sharable(vdi, True)
-    rw1, rw2, ro = vbd(x, vdi, "RW"), vbd(x, vdi, "RW"), vbd(x, vdi, "RO")
+    rw1, rw2, ro = [dom0_vbd(x, vdi, mode) for mode in ("RW", "RW", "RO")]
     x.VBD.plug(rw1)
     x.VBD.plug(rw2)
     x.VBD.plug(ro)

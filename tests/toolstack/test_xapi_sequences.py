@@ -9,7 +9,8 @@ import XenAPI
 
 from smtap import settings
 
-from toolstack_util import failure
+from lib.sizes import MiB
+from lib.toolstack import dom0_vbd, failure, new_sr, new_vdi
 
 
 @pytest.fixture
@@ -17,13 +18,8 @@ def x(test_host):
     return test_host.session().xenapi
 
 
-def new_sr(x):
-    host = x.host.get_all()[0]
-    return x.SR.create(host, {}, "0", "seq", "", "test", "user", False, {})
-
-
 def test_sr_destroy_marks_the_pbd_attached_around_sr_delete(test_host, x):
-    sr = new_sr(x)
+    sr = new_sr(x, "seq", "test")
     (pbd,) = x.SR.get_PBDs(sr)
     x.PBD.unplug(pbd)
     seen = [["PBD.get_currently_attached", [pbd]]]
@@ -45,14 +41,8 @@ def read_results(host):
 
 
 def plug_one(x, sr):
-    vdi = x.VDI.create({"SR": sr, "virtual_size": "1048576", "name_label": "v", "type": "user",
-                        "sharable": False, "read_only": False, "other_config": {},
-                        "sm_config": {}})
-    host = x.host.get_all()[0]
-    vbd = x.VBD.create({"VM": x.host.get_control_domain(host), "VDI": vdi, "userdevice": "0",
-                        "bootable": False, "mode": "RW", "type": "Disk", "unpluggable": True,
-                        "empty": False, "other_config": {}, "qos_algorithm_type": "",
-                        "qos_algorithm_params": {}})
+    vdi = new_vdi(x, sr, MiB, "v", other_config={})
+    vbd = dom0_vbd(x, vdi, device="0", qos_algorithm_type="", qos_algorithm_params={})
     x.VBD.plug(vbd)
     return vdi, vbd
 
@@ -63,7 +53,7 @@ def plug_one(x, sr):
 ])
 def test_attach_with_an_empty_params_nbd(test_host, x, result, device):
     test_host.configure_driver(attach_result=result)
-    vdi, vbd = plug_one(x, new_sr(x))
+    vdi, vbd = plug_one(x, new_sr(x, "seq", "test"))
     assert x.VBD.get_currently_attached(vbd) is True
     assert x.VBD.get_device(vbd) == device
     x.VBD.unplug(vbd)
@@ -73,7 +63,7 @@ def test_attach_with_an_empty_params_nbd(test_host, x, result, device):
 def test_attach_without_params_nbd_is_a_backend_failure(test_host, x):
     test_host.configure_driver(attach_result={"params": "/dev/x"})
     with pytest.raises(XenAPI.Failure) as e:
-        plug_one(x, new_sr(x))
+        plug_one(x, new_sr(x, "seq", "test"))
     assert e.value.details[0] == "SR_BACKEND_FAILURE"
 
 
@@ -82,7 +72,7 @@ def test_read_caching_keys(test_host, x):
     on, why = "read-caching-enabled-on-" + host_uuid, "read-caching-reason-" + host_uuid
     test_host.configure_driver(attach_result={
         "params_nbd": "", "o_direct": True, "o_direct_reason": "SR_NOT_SUPPORTED"})
-    vdi, vbd = plug_one(x, new_sr(x))
+    vdi, vbd = plug_one(x, new_sr(x, "seq", "test"))
     sm_config = x.VDI.get_sm_config(vdi)
     assert (sm_config[on], sm_config[why]) == ("false", "SR_NOT_SUPPORTED")
     x.VBD.unplug(vbd)

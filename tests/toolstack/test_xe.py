@@ -7,8 +7,8 @@ import time
 import pytest
 
 from smtap.toolstack import inventory
+from lib.sizes import GiB
 
-GiB = 1 << 30
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 

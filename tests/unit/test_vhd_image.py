@@ -1,13 +1,15 @@
 """The module API a disk driver uses: geometry, BAT and bitmap state, extents, the
 crash-safe allocation order, the strict-mode footer, parents, a pluggable file interface;
-and the storage layer's size figures."""
+and the storage layer's size figures. vhd-util and td-util run in this process here (the
+unit tier); tests/formats runs them as processes."""
 import errno
 import os
 
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, td_util, vhd_util
+from lib.sizes import MiB
+from lib.vhd import td_util_here, vhd_util_here
 
 
 class Recorder(V.PosixFile):
@@ -68,7 +70,7 @@ class MemFile(object):
 
 
 def test_geometry_bat_bitmaps_extents(work):
-    vhd_util("create", "-n", "d.vhd", "-s", 10, check=0)
+    vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
     with V.VHD("d.vhd", writable=True) as img:
         assert (img.size, img.type, img.block_size, img.spb, img.bm_secs, img.blocks) == \
             (10 * MiB, V.HD_TYPE_DYNAMIC, 2 * MiB, 4096, 1, 5)
@@ -90,11 +92,11 @@ def test_geometry_bat_bitmaps_extents(work):
         with pytest.raises(V.VHDError) as e:
             img.read(10 * MiB - 512, 1024)
         assert e.value.errno == errno.ERANGE
-    vhd_util("check", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
 def test_allocation_order(work):
-    vhd_util("create", "-n", "d.vhd", "-s", 10, check=0)
+    vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
     rec = Recorder("d.vhd")
     img = V.VHD("d.vhd", writable=True, io=rec)
     eod, table = img.end_of_data(), img.header.table_offset
@@ -118,41 +120,41 @@ def test_allocation_order(work):
     assert kinds == ["zeroed bitmap", "footer past the block", "flush", "BAT", "data", "bitmap"]
     img.close()
     rec.close()
-    vhd_util("check", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
 def test_strict_open_poisons_the_primary_footer(work):
-    vhd_util("create", "-n", "d.vhd", "-s", 10, check=0)
+    vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
     img = V.VHD("d.vhd", writable=True, strict=True)
     img.write(b"\x09" * 512, 0)
     img.write(b"\x0a" * 512, 8 * MiB)
     raw = (work / "d.vhd").read_bytes()
     assert raw[-512:] == V.FOOTER_POISON and raw[:8] == b"conectix"
-    assert vhd_util("query", "-b", "-vf", "-n", "d.vhd", check=0).text == "10\nhidden: 0\n"
-    assert td_util("query", "vhd", "-vb", "d.vhd", check=0).text == "10\n"
-    assert "capacity=%d" % (10 * MiB) in vhd_util("scan", "-f", "-m", str(work / "*.vhd"),
+    assert vhd_util_here("query", "-b", "-vf", "-n", "d.vhd", check=0).text == "10\nhidden: 0\n"
+    assert td_util_here("query", "vhd", "-vb", "d.vhd", check=0).text == "10\n"
+    assert "capacity=%d" % (10 * MiB) in vhd_util_here("scan", "-f", "-m", str(work / "*.vhd"),
                                                   check=0).text
-    vhd_util("check", "-n", "d.vhd", check=22)
-    vhd_util("check", "-i", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=22)
+    vhd_util_here("check", "-i", "-n", "d.vhd", check=0)
     # A crash: the footer is never rewritten; repair restores it from the backup.
     img.io.close()
     img.io = None
-    vhd_util("repair", "-n", "d.vhd", check=0)
-    vhd_util("check", "-n", "d.vhd", check=0)
+    vhd_util_here("repair", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=0)
     with V.VHD("d.vhd") as again:
         assert again.read(8 * MiB, 512) == b"\x0a" * 512 and again.read(0, 512) == b"\x09" * 512
     # A clean close rewrites it.
     with V.VHD("d.vhd", writable=True, strict=True) as img:
         img.write(b"\x0b" * 512, 4 * MiB)
-    vhd_util("check", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
 def test_parents_from_locators(work):
     os.mkdir("a")
     os.mkdir("elsewhere")
-    vhd_util("create", "-n", "a/p.vhd", "-s", 8, check=0)
-    vhd_util("snapshot", "-n", "a/c.vhd", "-p", "a/p.vhd", check=0)
-    vhd_util("create", "-n", "elsewhere/p.vhd", "-s", 8, check=0)     # a decoy
+    vhd_util_here("create", "-n", "a/p.vhd", "-s", 8, check=0)
+    vhd_util_here("snapshot", "-n", "a/c.vhd", "-p", "a/p.vhd", check=0)
+    vhd_util_here("create", "-n", "elsewhere/p.vhd", "-s", 8, check=0)     # a decoy
     os.chdir("elsewhere")
     with V.VHD("../a/c.vhd") as c, V.VHD("../a/p.vhd") as p, V.VHD("p.vhd") as decoy:
         assert c.parent_path() == str(work / "a" / "p.vhd")            # the child's directory
@@ -165,26 +167,26 @@ def test_parents_from_locators(work):
 
 
 def test_the_file_interface_is_pluggable(work):
-    vhd_util("create", "-n", "d.vhd", "-s", 6, check=0)
+    vhd_util_here("create", "-n", "d.vhd", "-s", 6, check=0)
     mem = MemFile((work / "d.vhd").read_bytes())
     with V.VHD("d.vhd", writable=True, io=mem) as img:
         img.write(b"\x33" * 8192, 3 * MiB)
     (work / "d.vhd").write_bytes(bytes(mem.data))       # nothing went to the file itself
     with V.VHD("d.vhd") as img:
         assert img.read(3 * MiB, 8192) == b"\x33" * 8192
-    vhd_util("check", "-n", "d.vhd", check=0)
+    vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
 def test_storage_layer_size_figures(work):
     assert V.overhead_empty(2 << 40) == 4329472
     assert V.overhead_bitmap(24 * MiB) == 49152
-    vhd_util("create", "-n", "big.vhd", "-s", 2 * 1024 * 1024, check=0)    # 2 TiB, empty
+    vhd_util_here("create", "-n", "big.vhd", "-s", 2 * 1024 * 1024, check=0)    # 2 TiB, empty
     assert os.path.getsize("big.vhd") <= V.overhead_empty(2 << 40)
-    vhd_util("check", "-n", "big.vhd", check=0)
-    vhd_util("create", "-n", "d.vhd", "-s", 24, check=0)
+    vhd_util_here("check", "-n", "big.vhd", check=0)
+    vhd_util_here("create", "-n", "d.vhd", "-s", 24, check=0)
     empty = os.path.getsize("d.vhd")
     with V.VHD("d.vhd", writable=True) as img:
         img.write(b"\x01" * (24 * MiB), 0)
     growth = os.path.getsize("d.vhd") - empty - 24 * MiB
     assert 12 * 512 <= growth <= V.overhead_bitmap(24 * MiB)
-    assert vhd_util("query", "-a", "-n", "d.vhd", check=0).text == "12\n"
+    assert vhd_util_here("query", "-a", "-n", "d.vhd", check=0).text == "12\n"

@@ -6,7 +6,7 @@ import pytest
 
 from smtap.sm import driverinfo, errors
 from smtap.version import VERSION
-from sm_harness import TOP
+from lib.checkout import TOP
 
 # smapi-v1.md's selection of upstream codes: same names, same numbers.
 UPSTREAM = {
@@ -37,7 +37,7 @@ REFERENCE = os.path.join(os.path.dirname(TOP), "shared", "reference", "smapi-v1.
 @pytest.mark.skipif(not os.path.exists(REFERENCE),
                     reason="no ../shared/reference beside this checkout")
 def test_reference_lists_no_code_we_lack():
-    with open(REFERENCE) as f:
+    with open(REFERENCE, encoding="utf-8") as f:
         text = f.read()
     section = text.split("Selected upstream codes", 1)[1].split("Command-specific", 1)[0]
     for code, name in re.findall(r"(\d+) ([A-Z][A-Za-z]+)", section):
@@ -53,6 +53,17 @@ def test_error_api():
     assert str(errors.SROSError(38, "vdi_compose")).endswith("[opterr=vdi_compose]")
     bogus = errors.error("NoSuchName", "x")
     assert bogus.code == 202 and "NoSuchName" in bogus.message
+
+
+def test_no_error_message_is_a_python_repr():
+    import XenAPI
+    from smtap.sm import errors
+    assert errors.describe(XenAPI.Failure(["INVALID_VALUE", "uuid", "x"])) == \
+        "INVALID_VALUE uuid x"
+    assert errors.describe(FileNotFoundError(2, "No such file or directory", "/a")) == \
+        "No such file or directory: /a"
+    assert errors.describe(KeyError("location")) == "missing location"
+    assert errors.describe(ValueError()) == "unexpected error without a message"
 
 
 def test_capabilities_and_features():

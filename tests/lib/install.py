@@ -1,16 +1,14 @@
-"""Helpers for the install / RPM tests: make install into a tree, the upstream paths."""
+"""The install and RPM tests' helpers: make install into a tree, what a stock XCP-ng 8.3
+host has (its xapi.conf, drop-ins, the paths its own packages own), running installed
+launchers, `make rpm`, `rpm --root` with the scriptlets run on a dom0-like Python 3.6."""
 import glob
 import os
 import shlex
-import subprocess
-import sys
 import xmlrpc.client
 
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV_BIN = os.path.join(TOP, ".venv", "bin")
-
-VPY = os.path.join(VENV_BIN, "python3")
-VERSION = open(os.path.join(TOP, "VERSION")).read().strip()
+from lib.checkout import PY36, TOP, VENV_BIN, VERSION  # noqa: F401  (installlib's names)
+from lib.checkout import VENV_PYTHON as VPY
+from lib.procs import run
 
 # SR types of the checkout (sm/drivers/<Type>SR.py) and those the RPM ships.
 ALL_SR_TYPES = sorted(os.path.basename(p)[:-len("SR.py")]
@@ -81,23 +79,27 @@ DRIVER_INFO_CALL = (
     "</struct></value></param></params></methodCall>")
 
 
-def run(cmd, env=None, check=True, **kw):
-    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, **kw)
-    if check and out.returncode != 0:
-        raise AssertionError("%s: exit %d\nstdout: %s\nstderr: %s"
-                             % (cmd, out.returncode, out.stdout, out.stderr))
-    return out
-
-
 def make(*args, **kw):
+    """make -s -C <checkout> args...: procs.run's CompletedProcess."""
     return run(["make", "-s", "-C", TOP] + list(args), **kw)
 
 
 def make_install(destdir, target="install", python=VPY, **variables):
+    """`make <target> DESTDIR=destdir PYTHON=python VAR=value...`: the tree (a str)."""
     extra = ["%s=%s" % kv for kv in variables.items()]
     make(target, "DESTDIR=%s" % destdir, "PYTHON=%s" % python, *extra)
     return str(destdir)
+
+
+def build_rpm(topdir, *variables):
+    """`make rpm` into its own rpmbuild top dir (VAR=value...: the Makefile's): the binary
+    RPM's path; what make printed is in <topdir>/make-rpm.log."""
+    out = make("rpm", "RPMTOP=%s" % topdir, *variables, timeout=120)
+    with open(os.path.join(str(topdir), "make-rpm.log"), "w") as f:
+        f.write(out.stdout + out.stderr)
+    rpms = glob.glob(os.path.join(str(topdir), "RPMS", "*", "smtap-%s-*.rpm" % VERSION))
+    assert len(rpms) == 1, out.stdout + out.stderr
+    return rpms[0]
 
 
 def tree(root):
@@ -139,6 +141,20 @@ def read_sm_plugins(path):
     return value
 
 
+DROPIN = "/etc/xapi.conf.d/smtap.conf"
+
+
+def dropin(root):
+    """The sm-plugins of root's smtap drop-in (None: there is none)."""
+    path = os.path.join(str(root), DROPIN.lstrip("/"))
+    return read_sm_plugins(path) if os.path.exists(path) else None
+
+
+def confd(root):
+    """The entries of root's /etc/xapi.conf.d, sorted."""
+    return sorted(os.listdir(os.path.join(str(root), "etc/xapi.conf.d")))
+
+
 def stock_host(root, linstor=True):
     """root's /etc as on a stock XCP-ng 8.3 host (optionally with LINSTOR's drop-in)."""
     confd = os.path.join(str(root), "etc", "xapi.conf.d")
@@ -153,12 +169,10 @@ def stock_host(root, linstor=True):
 # --- rpm --root <dir> with the scriptlets run ------------------------------------------
 def py36_prefix():
     """The prefix of dom0's interpreter here (.venv36's base, else pyenv's 3.6), or None."""
-    for py in (os.path.join(TOP, ".venv36", "bin", "python"),) + tuple(
-            sorted(glob.glob("/root/.pyenv/versions/3.6.*/bin/python3.6"))):
+    for py in (PY36,) + tuple(sorted(glob.glob("/root/.pyenv/versions/3.6.*/bin/python3.6"))):
         if os.access(py, os.X_OK):
-            out = subprocess.run([py, "-c", "import sys; print(sys.version_info[:2] == (3, 6) "
-                                  "and sys.base_prefix or '')"], stdout=subprocess.PIPE,
-                                 universal_newlines=True)
+            out = run(py, "-c", "import sys; print(sys.version_info[:2] == (3, 6) "
+                      "and sys.base_prefix or '')", check=False)
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
     return None

@@ -1,26 +1,31 @@
-"""File systems on plugged VDIs, the traces a plugged VDI leaves, and a checker for the
-blocks fio writes with --verify=crc32c."""
+"""File systems and data on disks: a tmpfs, ext4 on a device, files with their sha256
+read back (mounted or through debugfs), and a checker for the blocks fio writes with
+--verify=crc32c."""
 import hashlib
 import os
 import random
 import struct
-import subprocess
 
-from smtap.toolstack import hostroot
-
-MiB = 1 << 20
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib.checkout import TOP                   # noqa: F401  (e2e_helpers' names)
+from lib.procs import run, sh                  # noqa: F401
+from lib.sizes import MiB
 
 
-def sh(*argv, **kw):
-    """Run a command; its stdout (fails the test on a non-zero exit)."""
-    res = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=kw.pop("timeout", 120), **kw)
-    assert res.returncode == 0, "%s: %s" % (" ".join(argv), res.stderr or res.stdout)
-    return res.stdout
+def tmpfs(path, size):
+    """A tmpfs of `size` bytes mounted at path (smtap_root's teardown unmounts it)."""
+    os.makedirs(str(path), exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", "size=%d" % size, "smtap-test", path)
+    return path
+
+
+def used(path):
+    """Bytes used in the file system at path."""
+    st = os.statvfs(str(path))
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def make_fs(dev, point):
+    """ext4 on dev, mounted at point."""
     sh("mkfs.ext4", "-q", "-F", dev)
     sh("mount", dev, point)
 
@@ -48,25 +53,9 @@ def check_fs(dev_or_image, files):
     """e2fsck -n the image and compare each file's sha256 through debugfs (no mount)."""
     sh("e2fsck", "-f", "-n", dev_or_image)
     for name, digest in files.items():
-        out = subprocess.run(["debugfs", "-R", "cat /" + name, dev_or_image],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+        out = run("debugfs", "-R", "cat /" + name, dev_or_image, check=False, text=False,
+                  timeout=60)
         assert hashlib.sha256(out.stdout).hexdigest() == digest, name
-
-
-def traces(host, sr, vdi):
-    """What a plugged VDI leaves on this host besides the toolstack itself."""
-    xapi_pid = host.proc.pid if host.proc else None
-    found = []
-    found += ["process %d: %s" % p for p in hostroot.processes_under(host.root) if p[0] != xapi_pid]
-    found += ["loop %s -> %s" % d for d in hostroot.loops_under(host.root)]
-    found += ["mount %s (%s)" % m[:2] for m in hostroot.mounts_under(host.root)
-              if m[1] != "tmpfs"]           # the ram SR's own tmpfs stays while it is plugged
-    found += ["runtime %s" % e for e in hostroot.runtime_entries(host.root)]
-    if os.path.lexists(host.link(sr, vdi)):
-        found.append("link " + host.link(sr, vdi))
-    if host.xe_ok("vdi-list", "uuid=" + vdi, "--minimal"):     # still a record
-        found += ["tag %s" % t for t in host.host_tags(vdi)]
-    return found
 
 
 # --- fio's verify blocks --------------------------------------------------------------------

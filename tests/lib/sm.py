@@ -1,24 +1,22 @@
-"""Test harness for SR drivers: XAPI's request encoding, a driver runner and a small
-real XenAPI server on a unix socket (the toolstack's server replaces it end to end).
-"""
+"""The SM harness: XAPI's encoding of a driver call, a driver runner, and a small real
+XenAPI server on a unix socket (the toolstack's server replaces it end to end)."""
+import contextlib
 import os
 import re
 import socketserver
-import subprocess
 import threading
 import uuid
 import xmlrpc.client
 from xml.sax.saxutils import escape
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
-import pytest
-
+from lib.checkout import TOP, VENV_PYTHON
+from lib.procs import run
 from smtap import settings
 
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The interpreter drivers run with; SMTAP_SM_PYTHON=/path/to/python3.6 (with
 # PYTHONPATH=<checkout>) runs them as dom0 would.
-PYTHON = os.environ.get("SMTAP_SM_PYTHON") or os.path.join(TOP, ".venv", "bin", "python3")
+PYTHON = os.environ.get("SMTAP_SM_PYTHON") or VENV_PYTHON
 HOST_REF = "OpaqueRef:host-0"
 SESSION_REF = "OpaqueRef:session-sm"
 SR_REF = "OpaqueRef:sr-0"
@@ -116,11 +114,10 @@ class Reply(object):
 
 
 def run_driver(argv, env=None, timeout=60):
+    """Run a driver's argv as XAPI does (ORIGINATOR=SM): its Reply."""
     e = dict(os.environ, ORIGINATOR="SM")
     e.update(env or {})
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, env=e, timeout=timeout)
-    return Reply(proc)
+    return Reply(run(argv, check=False, env=e, timeout=timeout))
 
 
 class Driver(object):
@@ -287,25 +284,27 @@ class UnixXMLRPCServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         self.xapi = xapi
 
 
-@pytest.fixture
-def xapi(smtap_root):
-    """A XenAPI server on settings.xapi_socket() knowing one SR."""
+@contextlib.contextmanager
+def fake_xapi_server():
+    """A XenAPI server on settings.xapi_socket() knowing one SR: yields its FakeXapi."""
     path = settings.xapi_socket()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fake = FakeXapi(str(uuid.uuid4()))
     server = UnixXMLRPCServer(path, fake)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield fake
-    server.shutdown()
-    server.server_close()
-    thread.join()
-    os.unlink(path)
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        os.unlink(path)
 
 
-@pytest.fixture
-def dummy(xapi):
-    return Driver(install_driver("smtap.sm.drivers.DummySR", "DummySR"), xapi.sr_uuid)
+def dummy_driver(fake):
+    """The installed DummySR, called as XAPI would for the fake's SR."""
+    return Driver(install_driver("smtap.sm.drivers.DummySR", "DummySR"), fake.sr_uuid)
 
 
 def log_lines():
@@ -314,5 +313,5 @@ def log_lines():
 
 
 def helper_driver(name):
-    """A test driver module in this directory, run as a script."""
-    return [PYTHON, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
+    """A test driver of tests/lib/drivers, run as a script."""
+    return [PYTHON, os.path.join(os.path.dirname(os.path.abspath(__file__)), "drivers", name)]

@@ -1,16 +1,18 @@
 """vhd-util check: valid on what we write; each corruption of the list reported, with its
-message, the metadata dump and a non-zero exit (the errno)."""
+message, the metadata dump and a non-zero exit (the errno). vhd-util runs in this process
+here (the unit tier); tests/formats runs it as a process."""
 import os
 import struct
 
 import pytest
 
 from smtap.formats import vhd as V
-from vhdlib import MiB, vhd_util
+from lib.sizes import MiB
+from lib.vhd import vhd_util_here
 
 
 def image(work, name="d.vhd", blocks=(0, 1)):
-    vhd_util("create", "-n", name, "-s", 16, check=0)
+    vhd_util_here("create", "-n", name, "-s", 16, check=0)
     with V.VHD(name, writable=True) as img:
         for b in blocks:
             img.write(b"\x5a" * 4096, b * 2 * MiB)
@@ -62,7 +64,7 @@ def set_batmap_bit(path, blk, size_secs=None):
 
 
 def bad_check(path, message):
-    out = vhd_util("check", "-n", path)
+    out = vhd_util_here("check", "-n", path)
     lines = out.text.splitlines()
     assert out.returncode == 22, out.text
     assert lines[0] == message
@@ -74,10 +76,10 @@ def bad_check(path, message):
 
 def test_valid_images_pass(work):
     for name, args in (("dyn.vhd", []), ("fix.vhd", ["-r"]), ("pre.vhd", ["-S", 64])):
-        vhd_util("create", "-n", name, "-s", 8, *args, check=0)
-        assert vhd_util("check", "-n", name, check=0).text == "%s is valid\n" % name
+        vhd_util_here("create", "-n", name, "-s", 8, *args, check=0)
+        assert vhd_util_here("check", "-n", name, check=0).text == "%s is valid\n" % name
     path = image(work)
-    assert vhd_util("check", "-b", "-n", path, check=0).text == "%s is valid\n" % path
+    assert vhd_util_here("check", "-b", "-n", path, check=0).text == "%s is valid\n" % path
 
 
 CORRUPTIONS = [
@@ -119,7 +121,7 @@ CORRUPTIONS = [
 @pytest.mark.parametrize("what,corrupt,message", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 def test_corruption_detected(work, what, corrupt, message):
     path = image(work)
-    vhd_util("check", "-n", path, check=0)
+    vhd_util_here("check", "-n", path, check=0)
     corrupt(path)
     if message is None:         # overlap: which block clobbers which depends on the order
         with V.VHD(path) as img:
@@ -129,7 +131,7 @@ def test_corruption_detected(work, what, corrupt, message):
 
 
 def test_batmap_bat_size_mismatch(work):
-    vhd_util("create", "-n", "big.vhd", "-s", 16 * 1024, check=0)     # 8192 blocks
+    vhd_util_here("create", "-n", "big.vhd", "-s", 16 * 1024, check=0)     # 8192 blocks
     path = str(work / "big.vhd")
     with V.VHD(path) as img:
         bh, off = img.batmap, img.batmap_header_offset()
@@ -139,28 +141,28 @@ def test_batmap_bat_size_mismatch(work):
 
 
 def test_parent_uuid_mismatch(work):
-    vhd_util("create", "-n", "p.vhd", "-s", 8, check=0)
-    vhd_util("snapshot", "-n", "c.vhd", "-p", "p.vhd", "-e", check=0)
+    vhd_util_here("create", "-n", "p.vhd", "-s", 8, check=0)
+    vhd_util_here("snapshot", "-n", "c.vhd", "-p", "p.vhd", "-e", check=0)
     rewrite_header(str(work / "c.vhd"), prt_uuid=os.urandom(16))
     bad_check("c.vhd", "invalid parent %s: invalid parent uuid" % (work / "p.vhd"))
-    vhd_util("check", "-I", "-n", "c.vhd", check=0)                    # -I: ignore it
+    vhd_util_here("check", "-I", "-n", "c.vhd", check=0)                    # -I: ignore it
 
 
 def test_missing_primary_footer(work):
     path = image(work)
     with V.VHD(path, writable=True, strict=True):       # as a tapdisk holding it open
         bad_check(path, "primary footer invalid: invalid cookie")
-        vhd_util("check", "-i", "-n", path, check=0)
-        assert vhd_util("query", "-b", "-v", "-n", path, check=0).text == "16\n"
-    vhd_util("check", "-n", path, check=0)
+        vhd_util_here("check", "-i", "-n", path, check=0)
+        assert vhd_util_here("query", "-b", "-v", "-n", path, check=0).text == "16\n"
+    vhd_util_here("check", "-n", path, check=0)
 
 
 def test_check_parents(work):
-    vhd_util("create", "-n", "a.vhd", "-s", 8, check=0)
-    vhd_util("snapshot", "-n", "b.vhd", "-p", "a.vhd", "-e", check=0)
-    vhd_util("snapshot", "-n", "c.vhd", "-p", "b.vhd", "-e", check=0)
-    assert vhd_util("check", "-p", "-n", "c.vhd", check=0).text == \
+    vhd_util_here("create", "-n", "a.vhd", "-s", 8, check=0)
+    vhd_util_here("snapshot", "-n", "b.vhd", "-p", "a.vhd", "-e", check=0)
+    vhd_util_here("snapshot", "-n", "c.vhd", "-p", "b.vhd", "-e", check=0)
+    assert vhd_util_here("check", "-p", "-n", "c.vhd", check=0).text == \
         "c.vhd is valid\n%s is valid\n%s is valid\n" % (work / "b.vhd", work / "a.vhd")
     patch(str(work / "a.vhd"), 0, b"x")
-    out = vhd_util("check", "-p", "-n", "c.vhd")
+    out = vhd_util_here("check", "-p", "-n", "c.vhd")
     assert out.returncode == 22 and "backup footer invalid: invalid cookie" in out.text

@@ -6,13 +6,12 @@ import glob
 import os
 import re
 
+from lib.checkout import TOP
 from smtap import names, settings
-
-TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme():
-    with open(os.path.join(TOP, "README.md")) as f:
+    with open(os.path.join(TOP, "README.md"), encoding="utf-8") as f:
         return f.read()
 
 
@@ -28,7 +27,7 @@ def test_the_sm_row_names_every_module_of_sm_and_no_other():
 
 
 def engine_imports(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     found = set()
     for node in ast.walk(tree):

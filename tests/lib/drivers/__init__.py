@@ -1,0 +1,1 @@
+"""SR drivers the tests install or run as programs (not collected: no test_ prefix)."""

@@ -1,0 +1,198 @@
+"""The engine from outside: tap-ctl, VBDs created (Tap) or served in a subprocess
+(Served), raw images, NBD clients (qemu-io, nbdinfo, a raw client that sends what
+well-behaved clients never do)."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+from lib.fs import tmpfs, used                      # noqa: F401  (enginelib's names)
+from lib.hosts import tapdisks_under                # noqa: F401
+from lib.procs import memory_of, run, wait_for      # noqa: F401
+from lib.vhd import VHD_DISKS, check_vhds, vhd_chain, vhd_check, vhd_disk  # noqa: F401
+from smtap import names
+
+
+def tap_ctl(*args, check=True, timeout=60):
+    """Run tap-ctl (the checkout's, on PATH); its CompletedProcess."""
+    return run("tap-ctl", *args, check=check, timeout=timeout)
+
+
+def tap_list():
+    """`tap-ctl list` as [{"pid": .., "minor": .., "state": .., "args": ..}] (the fields
+    a line has), each field parsed by upstream sm's rule: exactly one `=`."""
+    out = tap_ctl("list").stdout
+    rows = [[f.split("=") for f in line.split()] for line in out.splitlines()]
+    assert all(len(f) == 2 for row in rows for f in row), out
+    return [dict(row) for row in rows]
+
+
+def tap_state(pid):
+    """The state field (`0`, `0x2a`...) tap-ctl lists for the tapdisk pid."""
+    (entry,) = [e for e in tap_list() if e.get("pid") == str(pid)]
+    return entry["state"]
+
+
+def image_file(path, size, pattern=None):
+    """A raw image of `size` bytes; `pattern` (bytes) repeated as its content."""
+    with open(str(path), "wb") as f:
+        if pattern:
+            f.write((pattern * (size // len(pattern) + 1))[:size])
+        else:
+            f.truncate(size)
+    return str(path)
+
+
+def nbd_uri(socket_path, export=""):
+    """The NBD URI of a unix socket (and an export name)."""
+    return "nbd+unix:///%s?socket=%s" % (export, socket_path)
+
+
+def linked_tapdisk(link):
+    """(pid, minor) of the tapdisk whose NBD socket a runtime link names."""
+    return names.parse_nbd(os.readlink(link))
+
+
+class Tap(object):
+    """A created VBD: pid, minor, device, params, and its NBD socket."""
+
+    def __init__(self, pid, minor, device, params):
+        self.pid, self.minor, self.device, self.params = pid, minor, device, params
+        self.nbd_path = names.nbd_path(pid, minor)
+
+    @classmethod
+    def create(cls, params, **kwargs):
+        """tap-ctl create's operation, in process (smtap.tapdisk.tapctl.create)."""
+        from smtap.tapdisk import tapctl
+        pid, minor, device = tapctl.create(params, **kwargs)
+        return cls(pid, minor, device, params)
+
+    @property
+    def uri(self):
+        return nbd_uri(self.nbd_path)
+
+    def destroy(self):
+        from smtap.tapdisk import tapctl
+        tapctl.destroy(self.pid, self.minor, timeout=30)
+
+
+class Served(object):
+    """A VBD served by `python -m smtap.tapdisk.vbd` in a subprocess."""
+
+    def __init__(self, proc, nbd_path, tcp=None):
+        self.proc, self.nbd_path, self.tcp = proc, nbd_path, tcp
+
+    @classmethod
+    def start(cls, params, *args, minor=0):
+        """Serve params (`type:/path`) with smtap.tapdisk.vbd's flags (`-R`, ...), once
+        it printed its socket."""
+        cmd = [sys.executable, "-m", "smtap.tapdisk.vbd", "-m", str(minor)] + list(args) + [params]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        line = proc.stdout.readline().split()
+        if not line:
+            err = proc.stderr.read()
+            proc.wait()
+            raise AssertionError("serving %s failed: %s" % (params, err.strip()))
+        return cls(proc, line[0], line[1] if len(line) > 1 else None)
+
+    @property
+    def uri(self):
+        return nbd_uri(self.nbd_path)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+# -- NBD clients ------------------------------------------------------------------------
+def qemu_io(uri, *cmds, check=True, readonly=False):
+    """qemu-io -c <cmd>... on uri: the CompletedProcess, with .output (stdout + stderr).
+    check: it must succeed and report no failure."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
+    for c in cmds:
+        args += ["-c", c]
+    proc = run(*(args + [uri]), check=check)
+    if check:
+        assert "fail" not in proc.stdout.lower(), proc.stdout
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def nbd_size(uri):
+    """nbdinfo --size."""
+    return int(run("nbdinfo", "--size", uri, timeout=30).stdout)
+
+
+def nbd_map(uri):
+    """nbdinfo --map as [(offset, length, type)]."""
+    out = run("nbdinfo", "--map", "--json", uri).stdout
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+# -- a raw NBD client: what well-behaved clients never send -----------------------------
+NBDMAGIC = 0x4e42444d41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3e889045565a9
+
+
+class Raw(object):
+    def __init__(self, path, timeout=10):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+
+    def recv(self, n):
+        buf = b""
+        while len(buf) < n:
+            c = self.s.recv(n - len(buf))
+            if not c:
+                raise EOFError
+            buf += c
+        return buf
+
+    def greet(self):
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (NBDMAGIC, IHAVEOPT) and flags & 1
+        self.s.sendall(struct.pack(">I", 3))
+
+    def option(self, opt, data=b""):
+        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+    def reply(self):
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == REPLY_MAGIC
+        return opt, rtype, self.recv(length)
+
+    def go(self):
+        self.option(7, struct.pack(">I", 0) + struct.pack(">H", 0))
+        size = None
+        while True:
+            opt, rtype, data = self.reply()
+            assert rtype < 2 ** 31, data
+            if rtype == 3 and struct.unpack_from(">H", data)[0] == 0:
+                size = struct.unpack_from(">Q", data, 2)[0]
+            if rtype == 1:
+                return size
+
+    def request(self, typ, handle, offset, length, flags=0, payload=b""):
+        self.s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, typ, handle, offset, length)
+                       + payload)
+
+    def simple_reply(self, datalen=0):
+        magic, err, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == 0x67446698
+        return err, handle, (self.recv(datalen) if datalen and not err else b"")
+
+    def close(self):
+        self.s.close()
