@@ -11,7 +11,7 @@ from lib.procs import run
 from lib.sizes import MiB
 from lib.vhd import Model, seeded, vhd_util
 
-SIZE = 40 * MiB
+SIZE = 8 * MiB         # four 2 MiB blocks: every level writes into several
 LEVELS = 30
 
 
