@@ -75,6 +75,17 @@ def refresh(vdi_obj):
     return hosts
 
 
+def unpause_all(vdi_obj):
+    """After a crash of whatever paused the VDI: unpause it on every host that has it
+    active and drop the "paused" mark (a running tapdisk is left alone)."""
+    xenapi = vdi_obj.xenapi
+    sm_config = xenapi.VDI.get_sm_config(vdi_obj.ref)
+    for host in tagged_hosts(sm_config):
+        call_pause_plugin(xenapi, host, "unpause", vdi_obj.sr.uuid, vdi_obj.uuid)
+    if PAUSED_KEY in sm_config:
+        xenapi.VDI.remove_from_sm_config(vdi_obj.ref, PAUSED_KEY)
+
+
 def wait_unpaused(vdi_obj):
     """Block while a pause (a snapshot, on any host) holds the VDI; VDIUnavailable after
     PAUSE_WAIT seconds."""

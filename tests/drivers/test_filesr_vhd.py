@@ -1,0 +1,250 @@
+"""The file SR on VHD through the local toolstack, VDIs unplugged: create, snapshot and
+clone (base copies, vhd-parent), the chain limit, forget + introduce + scan, and the
+garbage collector, killed -9 at each of its phases then restarted."""
+import os
+
+import pytest
+
+from smtap.formats import vhd as V
+from smtap.sm import gc, vhdchain
+
+from drivers_helpers import failure
+from vhd_helpers import (MiB, all_valid, chain_sha, leftovers, park_and_kill, sr_location,
+                         tree, vhd_util, vhd_write, wait_gc)
+
+
+@pytest.fixture
+def file_sr(dhost, tmp_path):
+    return dhost.sr_create("file", {"location": str(tmp_path / "vdis")})
+
+
+def path_of(x, vdi):
+    return os.path.join(sr_location(x, x.VDI.get_SR(vdi)), x.VDI.get_location(vdi) + ".vhd")
+
+
+def records(x, sr):
+    """{uuid: (vhd-parent, managed, virtual size)} of the SR's VDI records."""
+    return dict((r["uuid"], (r["sm_config"].get("vhd-parent"), r["managed"],
+                             r["virtual_size"]))
+                for r in x.VDI.get_all_records().values() if r["SR"] == sr)
+
+
+def test_vhd_vdis_sizes_and_records(dhost, file_sr):
+    x = dhost.x
+    vdi = dhost.vdi_create(file_sr, 10 * MiB + 1)
+    uuid = x.VDI.get_uuid(vdi)
+    path = path_of(x, vdi)
+    assert path.endswith("/%s.vhd" % uuid)
+    assert vhd_util("check", "-n", path).returncode == 0
+    assert x.VDI.get_virtual_size(vdi) == str(12 * MiB)          # 2 MiB blocks
+    assert vhd_util("query", "-n", path, "-v").stdout == "12\n"
+    assert int(x.VDI.get_physical_utilisation(vdi)) < MiB       # thin
+    small = dhost.vdi_create(file_sr, 1)
+    assert x.VDI.get_virtual_size(small) == str(2 * MiB)         # at least 2 MiB
+    err = failure(dhost.vdi_create, file_sr, 2041 << 30)
+    assert err[0] == "SR_BACKEND_FAILURE_79", err                # VDISize
+    err = failure(dhost.vdi_create, file_sr, MiB, {"type": "qcow9"})
+    assert err[0] == "SR_BACKEND_FAILURE_66", err                # VDIType
+    raw = dhost.vdi_create(file_sr, 3 * MiB + 1, {"type": "raw"})
+    assert x.VDI.get_sm_config(raw)["type"] == "raw"
+    assert os.path.getsize(os.path.join(sr_location(x, file_sr),
+                                        x.VDI.get_uuid(raw) + ".raw")) == 3 * MiB + 512
+    assert failure(x.VDI.snapshot, raw, {})[0] == "SR_OPERATION_NOT_SUPPORTED"
+    assert x.SR.get_virtual_allocation(file_sr) == str(14 * MiB + 3 * MiB + 512)
+    caps = x.SM.get_capabilities(x.SM.get_by_name_label("Local Path VHD")[0])
+    for cap in ("VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESET_ON_BOOT", "SR_SCAN", "VDI_UPDATE",
+                "THIN_PROVISIONING"):
+        assert cap in caps, cap
+
+    x.VDI.resize(vdi, str(40 * MiB))                             # grows, journalled
+    assert x.VDI.get_virtual_size(vdi) == str(40 * MiB)
+    assert vhd_util("check", "-n", path).returncode == 0
+    assert failure(x.VDI.resize, vdi, str(20 * MiB))[0] == "SR_BACKEND_FAILURE_79"
+    for v in (vdi, small, raw):
+        x.VDI.destroy(v)
+    wait_gc(x, file_sr)
+    assert os.listdir(sr_location(x, file_sr)) == []
+
+
+def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
+    """Snapshot and clone keep the VDI's uuid and file; the data goes to a hidden base
+    (a base copy record); deleting the snapshot lets the GC merge everything back into
+    one file with the same data."""
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    vdi = dhost.vdi_create(file_sr, 16 * MiB)
+    uuid = x.VDI.get_uuid(vdi)
+    leaf = path_of(x, vdi)
+    vhd_write(leaf, 0x11, 0, 3 * MiB)
+    before = chain_sha(leaf)
+    ino = os.stat(leaf).st_ino
+
+    snap = x.VDI.snapshot(vdi, {})
+    snap_uuid = x.VDI.get_uuid(snap)
+    assert os.stat(leaf).st_ino != ino                           # a new leaf, same path
+    base_uuid = x.VDI.get_sm_config(vdi)["vhd-parent"]
+    assert tree(directory) == {uuid: (base_uuid, False), snap_uuid: (base_uuid, False),
+                               base_uuid: (None, True)}
+    base = x.VDI.get_by_uuid(base_uuid)
+    assert x.VDI.get_managed(base) is False and x.VDI.get_read_only(base) is True
+    assert x.VDI.get_name_label(base) == "base copy"
+    assert x.VDI.get_sm_config(snap)["vhd-parent"] == base_uuid
+    assert x.VDI.get_is_a_snapshot(snap) is True and x.VDI.get_snapshot_of(snap) == vdi
+    assert chain_sha(leaf) == chain_sha(path_of(x, snap)) == before
+    assert vhd_util("query", "-n", leaf, "-d").stdout == "chain depth: 2\n"
+
+    vhd_write(leaf, 0x22, MiB, MiB)                              # the VDI moves on
+    clone = x.VDI.clone(snap, {})
+    assert x.VDI.get_is_a_snapshot(clone) is False
+    vhd_write(path_of(x, clone), 0x33, 0, 512)
+    assert chain_sha(path_of(x, snap)) == before                 # the snapshot did not
+    assert chain_sha(leaf) != before
+    assert all_valid(directory) == []
+    # The snapshot held nothing of its own: the clone hangs from the same base.
+    assert x.VDI.get_sm_config(clone)["vhd-parent"] == base_uuid
+    wait_gc(x, file_sr)                                          # nothing to merge yet
+    assert [u for u, (_, h) in tree(directory).items() if h] == [base_uuid]
+
+    # A base copy other VDIs hang from is not the user's to delete.
+    assert failure(x.VDI.destroy, base)[0] == "SR_BACKEND_FAILURE_80"
+    shas = {v: chain_sha(path_of(x, v)) for v in (vdi, clone)}
+    x.VDI.destroy(snap)
+    wait_gc(x, file_sr)
+    x.VDI.destroy(clone)
+    state = wait_gc(x, file_sr)
+    assert state["state"] == "idle"
+    assert tree(directory) == {uuid: (None, False)}              # one file, no base left
+    assert chain_sha(leaf) == shas[vdi]
+    assert records(x, file_sr) == {uuid: (None, True, str(16 * MiB))}
+    assert leftovers(directory) == [] and all_valid(directory) == []
+    assert x.SR.get_other_config(file_sr)["gc-status"] == "idle"
+    x.VDI.destroy(vdi)
+
+
+def test_an_empty_leaf_leaves_no_base(dhost, file_sr):
+    """Snapshots of a leaf with nothing written since hang from its parent directly
+    (vhd-util snapshot skips empty parents): no chain grows for nothing."""
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    vdi = dhost.vdi_create(file_sr, 8 * MiB)
+    vhd_write(path_of(x, vdi), 0x44, 0, MiB)
+    first = x.VDI.snapshot(vdi, {})
+    base = x.VDI.get_sm_config(vdi)["vhd-parent"]
+    second = x.VDI.snapshot(vdi, {})                             # nothing written between
+    assert x.VDI.get_sm_config(vdi)["vhd-parent"] == base
+    assert x.VDI.get_sm_config(second)["vhd-parent"] == base
+    assert len([h for _, h in tree(directory).values() if h]) == 1
+    for v in (first, second, vdi):
+        x.VDI.destroy(v)
+    wait_gc(x, file_sr)
+    assert os.listdir(directory) == []
+
+
+def test_chain_depth_30_refused(dhost, file_sr):
+    """Failed before GC could run: depth 30 is the limit (SnapshotChainTooLong, 109)."""
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    top = os.path.join(directory, "c00.vhd")
+    V.create(top, 4 * MiB)
+    for i in range(1, 30):                       # a chain of 30 made by hand, data in each
+        vhd_write(top, i, 0, 512)
+        vhdchain.set_hidden(top)
+        child = os.path.join(directory, "c%02d.vhd" % i)
+        V.snapshot(child, top)
+        top = child
+    x.SR.add_to_other_config(file_sr, "gc", "false")      # or it merges the chain
+    x.SR.scan(file_sr)
+    (leaf,) = [v for v in x.SR.get_VDIs(file_sr) if x.VDI.get_location(v) == "c29"]
+    assert x.VDI.get_sm_config(leaf)["vhd-parent"] == "c28"
+    err = failure(x.VDI.snapshot, leaf, {})
+    assert err[0] == "SR_BACKEND_FAILURE_109", err
+    assert "chain depth 30" in err[2]
+    assert len(os.listdir(directory)) == 30                      # nothing made
+
+
+def test_forget_introduce_scan_rebuilds_the_tree(dhost, file_sr):
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    vdi = dhost.vdi_create(file_sr, 8 * MiB, name="os")
+    vhd_write(path_of(x, vdi), 0x55, 0, 2 * MiB)
+    snap = x.VDI.snapshot(vdi, {})
+    vhd_write(path_of(x, vdi), 0x56, 2 * MiB, MiB)
+    clone = x.VDI.clone(vdi, {})
+    vhd_write(path_of(x, clone), 0x57, 0, MiB)
+    x.SR.scan(file_sr)                              # the writes above: sizes up to date
+    wait_gc(x, file_sr)
+    want = records(x, file_sr)
+    assert len(want) == 5 and sum(1 for p, m, s in want.values() if not m) == 2
+    sizes = dict((r["uuid"], r["physical_utilisation"]) for r in x.VDI.get_all_records().values())
+    sr_uuid, pbd, clone_uuid = x.SR.get_uuid(file_sr), dhost.pbd(file_sr), x.VDI.get_uuid(clone)
+    config = x.PBD.get_device_config(pbd)
+    x.PBD.unplug(pbd)
+    x.SR.forget(file_sr)
+    assert x.VDI.get_all() == []
+    sr = x.SR.introduce(sr_uuid, "again", "", "file", "user", False, {})
+    x.PBD.plug(x.PBD.create({"host": dhost.host_ref, "SR": sr, "device_config": config}))
+    x.SR.scan(sr)
+    assert records(x, sr) == want
+    got = dict((r["uuid"], r["physical_utilisation"]) for r in x.VDI.get_all_records().values())
+    assert got == dict((u, sizes[u]) for u in want)
+    assert x.SR.get_virtual_allocation(sr) == str(3 * 8 * MiB)  # the visible VDIs
+    assert 4 * MiB < int(x.SR.get_physical_utilisation(sr)) < 5 * MiB    # 4 MiB written
+    os.unlink(os.path.join(directory, clone_uuid + ".vhd"))     # a file goes away
+    x.SR.scan(sr)
+    assert clone_uuid not in records(x, sr) and len(records(x, sr)) == 4
+
+
+# -- the GC killed -9 at each phase ------------------------------------------------------------
+def coalesce_case(dhost, sr):
+    """P <- X <- {vdi, snap2} with X's data over 3 blocks; destroying snap1 makes X
+    coalesceable into P. Returns (start, VDIs to check)."""
+    x = dhost.x
+    vdi = dhost.vdi_create(sr, 12 * MiB)
+    vhd_write(path_of(x, vdi), 0x61, 0, 4 * MiB)
+    snap1 = x.VDI.snapshot(vdi, {})
+    for blk in range(3):
+        vhd_write(path_of(x, vdi), 0x70 + blk, blk * 2 * MiB + 4096, 8192)
+    snap2 = x.VDI.snapshot(vdi, {})
+    vhd_write(path_of(x, vdi), 0x7f, 8 * MiB, 4096)
+    wait_gc(x, sr)
+    return (lambda: x.VDI.destroy(snap1)), [vdi, snap2]
+
+
+def leaf_case(dhost, sr):
+    """P <- vdi, vdi holding 3 blocks of its own: destroying the snapshot makes vdi
+    leaf-coalesceable into P."""
+    x = dhost.x
+    vdi = dhost.vdi_create(sr, 12 * MiB)
+    vhd_write(path_of(x, vdi), 0x62, 0, 4 * MiB)
+    snap = x.VDI.snapshot(vdi, {})
+    for blk in range(3):
+        vhd_write(path_of(x, vdi), 0x80 + blk, blk * 2 * MiB + 512, 4096)
+    wait_gc(x, sr)
+    return (lambda: x.VDI.destroy(snap)), [vdi]
+
+
+@pytest.mark.parametrize("phase,case", [
+    ("coalesce", coalesce_case), ("coalesced", coalesce_case), ("relink", coalesce_case),
+    ("leaf-coalesce", leaf_case), ("leaf-renamed", leaf_case)])
+def test_gc_killed_at_each_phase(dhost, file_sr, phase, case):
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    sr_uuid = x.SR.get_uuid(file_sr)
+    start, vdis = case(dhost, file_sr)
+    shas = dict((v, chain_sha(path_of(x, v))) for v in vdis)
+    park_and_kill(sr_uuid, phase, start)
+    assert gc.status(sr_uuid)["state"] == "dead"
+    journals = [n for n in os.listdir(directory) if n.split("_")[0] in
+                ("coalesce", "relink", "leaf")]
+    assert journals or phase == "coalesced", os.listdir(directory)
+    x.SR.scan(file_sr)                                   # restarts the GC: replay, then work
+    wait_gc(x, file_sr)
+    assert all_valid(directory) == []
+    for v, sha in shas.items():
+        assert chain_sha(path_of(x, v)) == sha, (phase, x.VDI.get_uuid(v))
+    visible = set(x.VDI.get_uuid(v) for v in vdis)
+    bases = [] if case is leaf_case else [x.VDI.get_sm_config(vdis[0])["vhd-parent"]]
+    assert leftovers(directory) == bases, (phase, os.listdir(directory))   # no X, no OLD_
+    assert set(tree(directory)) == visible | set(bases)
+    assert dict((u, m) for u, (_, m, _) in records(x, file_sr).items()) == \
+        dict((u, u in visible) for u in tree(directory))
