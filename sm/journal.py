@@ -36,11 +36,18 @@ class Journal(object):
         tmp = os.path.join(self.dir, ".%s%s%s.tmp" % (kind, SEPARATOR, ident))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, value.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+            try:
+                os.write(fd, value.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:           # ENOSPC: nothing may be left behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         sync_dir(self.dir)
 
     def remove(self, kind, ident):

@@ -1,0 +1,308 @@
+"""The file SR on VHD with plugged VDIs, through `xe` and XenAPI: snapshot and clone
+while plugged and written, both copies independent; a snapshot on a full file system
+(rolled back, error 44, the VDI still plugged); kill -9 of the tapdisk, or of every
+process of the root, while the garbage collector works; 100 snapshots at 1 s intervals
+under fio verify with the collector keeping the chain short."""
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from e2e_helpers import MiB, check_fio_blocks, sh
+from smtap.formats import vhd as V
+from smtap.sm import gc, testhooks, vhdchain
+from smtap.toolstack import hostroot
+
+
+def sr_dir(e2e):
+    return os.path.join(e2e.root, "srv", "files")
+
+
+def qemu_io(e2e, sr, vdi, *commands, read_only=False):
+    argv = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
+    for c in commands:
+        argv += ["-c", c]
+    return subprocess.run(argv + [e2e.nbd_uri(sr, vdi)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def write(e2e, sr, vdi, pattern, offset, length):
+    res = qemu_io(e2e, sr, vdi, "write -P %#x %d %d" % (pattern, offset, length), "flush")
+    assert res.returncode == 0 and "failed" not in res.stdout, res.stdout + res.stderr
+
+
+def holds(e2e, sr, vdi, pattern, offset, length):
+    res = qemu_io(e2e, sr, vdi, "read -P %#x %d %d" % (pattern, offset, length),
+                  read_only=True)
+    return res.returncode == 0 and "Pattern verification failed" not in res.stdout
+
+
+def nbd_sha(e2e, sr, vdi, work):
+    """sha256 of the whole VDI as its tapdisk serves it."""
+    image = os.path.join(str(work), "image")
+    sh("nbdcopy", e2e.nbd_uri(sr, vdi), image)
+    with open(image, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def file_sha(e2e, vdi):
+    h = hashlib.sha256()
+    with V.Chain(os.path.join(sr_dir(e2e), vdi + ".vhd")) as chain:
+        for pos in range(0, chain.size, 4 * MiB):
+            h.update(chain.read(pos, min(4 * MiB, chain.size - pos)))
+    return h.hexdigest()
+
+
+def hidden(e2e):
+    return sorted(u for u, i in vhdchain.scan(sr_dir(e2e)).items() if i.hidden)
+
+
+def sm_config(e2e, vdi):
+    return e2e.x.VDI.get_sm_config(e2e.x.VDI.get_by_uuid(vdi))
+
+
+def depth(path):
+    """query -d, read again if the GC relinks or deletes a parent meanwhile."""
+    for attempt in range(10):
+        try:
+            return vhdchain.depth(path)
+        except OSError:
+            time.sleep(0.05)
+    return vhdchain.depth(path)
+
+
+def tapdisk_state(e2e, sr, vdi):
+    pid = e2e.tapdisk_pid(sr, vdi)
+    (row,) = [line for line in sh("tap-ctl", "list").splitlines() if "pid=%d " % pid in line]
+    return row.split("state=")[1].split()[0]
+
+
+def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
+    sr = e2e.sr_create("file")
+    vdi = e2e.vdi_create(sr, "16MiB")
+    vbd, dev = e2e.plug(vdi)
+    write(e2e, sr, vdi, 0xa1, 0, 4 * MiB)
+    snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
+    assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=is-a-snapshot") == "true"
+    base = sm_config(e2e, vdi)["vhd-parent"]
+    assert "paused" not in sm_config(e2e, vdi) and tapdisk_state(e2e, sr, vdi) == "0"
+    assert e2e.xe_ok("vdi-param-get", "uuid=" + base, "param-name=managed") == "false"
+    write(e2e, sr, vdi, 0xa2, 4 * MiB, MiB)              # the live leaf moves on
+    clone = e2e.xe_ok("vdi-clone", "uuid=" + vdi)
+    cvbd, cdev = e2e.plug(clone)
+    write(e2e, sr, clone, 0xb1, MiB, MiB)                 # the same range, other data
+    write(e2e, sr, vdi, 0xc1, MiB, MiB)
+    assert holds(e2e, sr, clone, 0xb1, MiB, MiB) and holds(e2e, sr, vdi, 0xc1, MiB, MiB)
+    for v in (vdi, clone):
+        assert holds(e2e, sr, v, 0xa1, 0, MiB) and holds(e2e, sr, v, 0xa2, 4 * MiB, MiB)
+    svbd, _ = e2e.plug(snap, mode="RO")
+    assert holds(e2e, sr, snap, 0xa1, 0, 4 * MiB) and holds(e2e, sr, snap, 0, 4 * MiB, MiB)
+    e2e.unplug(svbd)
+    e2e.xe_ok("vdi-destroy", "uuid=" + snap)
+    shas = dict((v, nbd_sha(e2e, sr, v, tmp_path)) for v in (vdi, clone))
+    gc.wait_idle(sr)
+    for v in (vdi, clone):                                # the GC kept the data
+        assert nbd_sha(e2e, sr, v, tmp_path) == shas[v]
+    e2e.unplug(cvbd)
+    e2e.unplug(vbd)
+    assert file_sha(e2e, vdi) == shas[vdi] and file_sha(e2e, clone) == shas[clone]
+    for v in (clone, vdi):
+        e2e.xe_ok("vdi-destroy", "uuid=" + v)
+    gc.wait_idle(sr)
+    assert os.listdir(sr_dir(e2e)) == []
+    e2e.destroy_sr(sr)
+
+
+def test_snapshot_on_a_full_file_system(e2e, tmp_path):
+    """ENOSPC midway: rolled back, SR_BACKEND_FAILURE_44, the VDI intact and still
+    plugged and served; with room again the snapshot works."""
+    image = os.path.join(e2e.root, "small.ext4")
+    with open(image, "wb") as f:
+        f.truncate(24 * MiB)
+    sh("mkfs.ext4", "-q", "-F", "-m", "0", image)
+    os.makedirs(sr_dir(e2e))
+    sh("mount", "-o", "loop", image, sr_dir(e2e))
+    sr = e2e.sr_create("file")
+    vdi = e2e.vdi_create(sr, "64MiB")
+    vbd, _ = e2e.plug(vdi)
+    write(e2e, sr, vdi, 0xd1, 0, 8 * MiB)
+    before = nbd_sha(e2e, sr, vdi, tmp_path)
+    filler = os.path.join(sr_dir(e2e), "filler")
+    st = os.statvfs(sr_dir(e2e))
+    with open(filler, "wb") as f:                         # every block taken, then bytes
+        f.truncate(0)
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+    n = 0
+    while True:
+        try:
+            with open(os.path.join(sr_dir(e2e), "f%d" % n), "wb") as f:
+                f.write(b"x" * 1024)
+            n += 1
+        except OSError:
+            break
+    files = sorted(os.listdir(sr_dir(e2e)))
+    code, err = e2e.xe_fails("vdi-snapshot", "uuid=" + vdi)
+    assert code == "SR_BACKEND_FAILURE_44", err
+    assert "full" in err
+    assert sorted(os.listdir(sr_dir(e2e))) == files       # nothing left: no base, no journal
+    assert "vhd-parent" not in sm_config(e2e, vdi) and "paused" not in sm_config(e2e, vdi)
+    assert tapdisk_state(e2e, sr, vdi) == "0"             # still plugged and served
+    assert nbd_sha(e2e, sr, vdi, tmp_path) == before
+    write(e2e, sr, vdi, 0xd2, 0, MiB)                     # an allocated block: no new space
+    assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
+    assert [v for v in e2e.x.VDI.get_all_records().values() if v["SR"] ==
+            e2e.x.SR.get_by_uuid(sr)] and len(e2e.x.SR.get_VDIs(e2e.x.SR.get_by_uuid(sr))) == 1
+    os.unlink(filler)
+    snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)       # with room again
+    assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
+    e2e.unplug(vbd)
+    for v in (snap, vdi):
+        e2e.xe_ok("vdi-destroy", "uuid=" + v)
+    gc.wait_idle(sr)
+    e2e.destroy_sr(sr)
+
+
+# -- kill -9 while the collector works -----------------------------------------------------------
+def gc_case(e2e, sr, kind):
+    """A plugged VDI and the snapshot whose destruction gives the GC its work: a coalesce
+    (kind "coalesce") or a leaf-coalesce of the plugged VDI ("leaf")."""
+    vdi = e2e.vdi_create(sr, "16MiB")
+    vbd, _ = e2e.plug(vdi)
+    write(e2e, sr, vdi, 0x31, 0, 6 * MiB)
+    snap1 = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
+    for blk in range(3):
+        write(e2e, sr, vdi, 0x40 + blk, blk * 2 * MiB + 4096, 8192)
+    keep = []
+    if kind == "coalesce":
+        keep.append(e2e.xe_ok("vdi-snapshot", "uuid=" + vdi))
+        write(e2e, sr, vdi, 0x4f, 10 * MiB, 4096)
+    gc.wait_idle(sr)
+    return vdi, vbd, snap1, keep
+
+
+def park(sr, phase, start):
+    testhooks.set_hook("gc-park", phase)
+    start()
+    deadline = time.time() + 60
+    while gc.status(sr).get("doing") != "parked at %s" % phase:
+        assert time.time() < deadline, gc.status(sr)
+        time.sleep(0.05)
+    return gc.status(sr)["pid"]
+
+
+@pytest.mark.parametrize("phase", ["coalesce", "relink", "leaf-coalesce"])
+def test_kill_9_of_the_tapdisk_mid_gc(e2e, tmp_path, phase):
+    sr = e2e.sr_create("file")
+    vdi, vbd, snap1, keep = gc_case(e2e, sr, "leaf" if phase == "leaf-coalesce" else "coalesce")
+    shas = dict((v, nbd_sha(e2e, sr, v, tmp_path)) for v in [vdi])
+    try:
+        park(sr, phase, lambda: e2e.xe_ok("vdi-destroy", "uuid=" + snap1))
+        os.kill(e2e.tapdisk_pid(sr, vdi), signal.SIGKILL)
+    finally:
+        testhooks.clear_hook("gc-park")
+    gc.wait_idle(sr)                                    # the GC carries on without it
+    assert gc.status(sr)["state"] == "idle"
+    e2e.unplug(vbd)                                     # reaps the dead tapdisk
+    assert e2e.tapdisks() == []
+    vbd, _ = e2e.plug(vdi)
+    assert nbd_sha(e2e, sr, vdi, tmp_path) == shas[vdi]
+    write(e2e, sr, vdi, 0x55, 0, MiB)                   # and it works
+    e2e.unplug(vbd)
+    for v in keep + [vdi]:
+        e2e.xe_ok("vdi-destroy", "uuid=" + v)
+    gc.wait_idle(sr)
+    assert os.listdir(sr_dir(e2e)) == []
+    e2e.destroy_sr(sr)
+
+
+def test_kill_9_of_every_process_of_the_root_mid_leaf_coalesce(e2e, tmp_path):
+    """The "host" dies while the GC has the VDI paused for its leaf-coalesce: after the
+    restart, an SR scan undoes it (the VDI unpaused), the GC does it again."""
+    sr = e2e.sr_create("file")
+    vdi, vbd, snap1, _ = gc_case(e2e, sr, "leaf")
+    sha = nbd_sha(e2e, sr, vdi, tmp_path)
+    try:
+        park(sr, "leaf-coalesce", lambda: e2e.xe_ok("vdi-destroy", "uuid=" + snap1))
+        assert sm_config(e2e, vdi).get("paused") == "true"
+        hostroot.cleanup(e2e.root)                      # every process, the dom0 devices
+    finally:
+        testhooks.clear_hook("gc-park")
+    e2e.proc.wait()
+    assert hostroot.processes_under(e2e.root) == []
+    assert [n for n in os.listdir(sr_dir(e2e)) if n.startswith("leaf_")]
+    e2e.start()
+    e2e.session_obj = e2e.session()
+    e2e.x = e2e.session_obj.xenapi
+    e2e.xe_ok("sr-scan", "uuid=" + sr)                  # replay, then the GC again
+    gc.wait_idle(sr)
+    assert "paused" not in sm_config(e2e, vdi)
+    assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
+    assert file_sha(e2e, vdi) == sha
+    vbd, _ = e2e.plug(vdi)
+    assert nbd_sha(e2e, sr, vdi, tmp_path) == sha
+    e2e.unplug(vbd)
+    e2e.xe_ok("vdi-destroy", "uuid=" + vdi)
+    e2e.destroy_sr(sr)
+
+
+# -- 100 snapshots under fio ------------------------------------------------------------------------
+def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
+    """Each older snapshot destroyed as the next is taken: 0 verify errors, the VDI's
+    chain at most 3 deep in steady state, no hidden file once the GC is idle, the SR's
+    physical use back within 10% of the data written."""
+    sr = e2e.sr_create("file")
+    vdi = e2e.vdi_create(sr, "32MiB")
+    vbd, dev = e2e.plug(vdi)
+    x = e2e.x
+    ref = x.VDI.get_by_uuid(vdi)
+    work = tmp_path / "fio"
+    work.mkdir()
+    fio = subprocess.Popen(
+        ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + e2e.nbd_uri(sr, vdi),
+         "--rw=randwrite", "--bs=4k", "--size=32M", "--iodepth=4", "--rate=1m",
+         "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=64",
+         "--verify_fatal=1", "--time_based", "--runtime=600", "--output-format=terse"],
+        cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    depths, previous = [], None
+    leaf = os.path.join(sr_dir(e2e), vdi + ".vhd")
+    try:
+        time.sleep(2)
+        for i in range(100):
+            t0 = time.monotonic()
+            depths.append(depth(leaf))                   # what the GC left after 1 s
+            snap = x.VDI.snapshot(ref, {})
+            if previous:
+                x.VDI.destroy(previous)
+            previous = snap
+            assert fio.poll() is None, fio.communicate()
+            time.sleep(max(0, 1 - (time.monotonic() - t0)))
+        fio.send_signal(signal.SIGINT)
+        out, err = fio.communicate(timeout=60)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert "verify" not in err.lower() and "crc" not in err.lower(), err
+    fields = out.strip().splitlines()[-1].split(";")    # terse v3: field 5 = error
+    assert fields[4] == "0", out
+    assert int(fields[5]) > 1024, out                    # verify reads did run
+    steady = depths[5:]
+    assert max(steady) <= 3, depths
+    x.VDI.destroy(previous)
+    gc.wait_idle(sr, timeout=180)
+    assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
+    image = str(tmp_path / "image")
+    sh("dd", "if=" + dev, "of=" + image, "bs=1M", "iflag=direct", "status=none")
+    good, zero = check_fio_blocks(image)
+    assert good + zero == 8192 and good > 4096
+    written = good * 4096
+    x.SR.update(x.SR.get_by_uuid(sr))
+    used = int(x.SR.get_physical_utilisation(x.SR.get_by_uuid(sr)))
+    assert abs(used - written) <= written // 10, (used, written)
+    e2e.unplug(vbd)
+    e2e.xe_ok("vdi-destroy", "uuid=" + vdi)
+    gc.wait_idle(sr)
+    e2e.destroy_sr(sr)
