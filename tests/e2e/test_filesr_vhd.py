@@ -116,6 +116,24 @@ def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
     e2e.destroy_sr(sr)
 
 
+def fill(directory):
+    """Take every free block of the file system: files allocated in shrinking chunks
+    until not even one block fits. Returns them."""
+    made, chunk = [], os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    while chunk >= 4096:
+        path = os.path.join(directory, "filler%d" % len(made))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, chunk)
+            made.append(path)
+        except OSError:
+            os.unlink(path)
+            chunk //= 2
+        finally:
+            os.close(fd)
+    return made
+
+
 def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     """ENOSPC midway: rolled back, SR_BACKEND_FAILURE_44, the VDI intact and still
     plugged and served; with room again the snapshot works."""
@@ -130,19 +148,7 @@ def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     vbd, _ = e2e.plug(vdi)
     write(e2e, sr, vdi, 0xd1, 0, 8 * MiB)
     before = nbd_sha(e2e, sr, vdi, tmp_path)
-    filler = os.path.join(sr_dir(e2e), "filler")
-    st = os.statvfs(sr_dir(e2e))
-    with open(filler, "wb") as f:                         # every block taken, then bytes
-        f.truncate(0)
-        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
-    n = 0
-    while True:
-        try:
-            with open(os.path.join(sr_dir(e2e), "f%d" % n), "wb") as f:
-                f.write(b"x" * 1024)
-            n += 1
-        except OSError:
-            break
+    fillers = fill(sr_dir(e2e))
     files = sorted(os.listdir(sr_dir(e2e)))
     code, err = e2e.xe_fails("vdi-snapshot", "uuid=" + vdi)
     assert code == "SR_BACKEND_FAILURE_44", err
@@ -155,7 +161,8 @@ def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
     assert [v for v in e2e.x.VDI.get_all_records().values() if v["SR"] ==
             e2e.x.SR.get_by_uuid(sr)] and len(e2e.x.SR.get_VDIs(e2e.x.SR.get_by_uuid(sr))) == 1
-    os.unlink(filler)
+    for f in fillers:
+        os.unlink(f)
     snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)       # with room again
     assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
     e2e.unplug(vbd)
