@@ -58,7 +58,10 @@ ABORT_WAIT = 30                        # seconds abort() waits for the GC to sto
 STARTUP_WAIT = 2                       # seconds a new GC tries for gc_active (probes hold it
                                        # for an instant: kick, running())
 POLL = 0.05
-STATUS_EVERY = 1.0                     # seconds between status updates mid-copy
+STATUS_EVERY = 1.0                     # seconds between status file updates mid-copy
+XAPI_STATUS_EVERY = 5.0                # ... and other-config ones
+LINGER = 1.0                           # seconds an idle GC waits for the next kick: a
+                                       # burst of operations shares one process
 PARK = "gc-park"                       # testing hook: stop at that phase until cleared
 MiB = 1 << 20
 
@@ -236,7 +239,8 @@ class GC(object):
         self.doing = "starting"
         self.pending = {}
         self.progress = None
-        self.last_status = 0
+        self.last_status = self.last_xapi = 0
+        self.xapi_text = None
         self.seen_kick = None           # the last kick a round with no work followed
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -269,6 +273,9 @@ class GC(object):
             text += "; left: " + describe_pending(self.pending)
         if force:
             log.info("GC: %s", text)
+        if text == self.xapi_text or (not force and now - self.last_xapi < XAPI_STATUS_EVERY):
+            return
+        self.last_xapi, self.xapi_text = now, text
         try:
             x = self.sr.xenapi
             x.SR.remove_from_other_config(self.sr.ref, STATUS_KEY)
@@ -337,8 +344,10 @@ class GC(object):
                 self.replay()
             while True:
                 kicked = _read(_path(self.uuid, "gc.kick"))
-                if not self.round() and _read(_path(self.uuid, "gc.kick")) == kicked:
-                    self.seen_kick = kicked
+                if self.round() or _read(_path(self.uuid, "gc.kick")) != kicked:
+                    continue
+                self.seen_kick = kicked
+                if not self.linger(kicked):
                     return kicked
         except Aborted:
             log.info("GC: aborted")
@@ -346,6 +355,18 @@ class GC(object):
         finally:
             self.pending = {}
             self.say("idle")
+
+    def linger(self, kicked):
+        """Idle: wait a little for the next kick (True: it came)."""
+        self.pending = {}
+        self.say("idle")
+        deadline = time.time() + LINGER
+        while time.time() < deadline:
+            self.check_abort()
+            if _read(_path(self.uuid, "gc.kick")) != kicked:
+                return True
+            time.sleep(POLL * 2)
+        return False
 
     def wait_plugged(self, wait=10):
         """Attach kicks the GC before XAPI marks the PBD attached: wait a little."""
@@ -678,8 +699,8 @@ class GC(object):
     # -- replay -----------------------------------------------------------------------------
     def replay(self):
         """Finish or undo what a crashed GC (or snapshot) left; the SR lock is held."""
-        self.sr.replay()        # the files: interrupted snapshots and leaf-coalesces
-        self.sync()
+        if self.sr.replay():    # the files: interrupted snapshots and leaf-coalesces
+            self.sync()
         images = vhdchain.scan(self.path)
         for uuid in sorted(self.journal.get_all(JRN_COALESCE)):
             x = images.get(uuid)

@@ -174,6 +174,7 @@ class FileSR(dirsr.DirSR):
                     poolpause.unpause_all(self.VDI_CLASS(self, uuid))
                 except Exception as e:
                     log.warning("unpause of %s after replay: %s", uuid, errors.describe(e))
+        return replayed
 
     def scan(self):
         self.check_path()
