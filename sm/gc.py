@@ -845,9 +845,10 @@ def print_status(sr_uuid, out):
     if not state:
         out.write("never ran\n")
         return
-    out.write("%s: %s%s\n" % (state["state"], state.get("doing", ""),
-                              " (%s)" % state["progress"] if state.get("progress") else ""))
-    if state.get("pending"):
+    doing = state.get("doing") or ""
+    out.write("%s%s%s\n" % (state["state"], "" if doing == state["state"] else ": " + doing,
+                            " (%s)" % state["progress"] if state.get("progress") else ""))
+    if any((state.get("pending") or {}).values()):
         out.write("left: %s\n" % describe_pending(state["pending"]))
 
 
