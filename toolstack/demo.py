@@ -357,9 +357,7 @@ class Demo(object):
         self.unplug(vbd)
         self.destroy_vdi(snap)
         self.destroy_vdi(clone)
-        gc = os.path.join(self.bin, "smtap-gc")
-        self.step(self.shown([gc, "-u", self.sr, "-g"]).replace(self.bin + "/", ""),
-                  self.gc_run, gc)
+        self.step(self.shown(["smtap-gc", "-u", self.sr, "-g"]), self.gc_run)
         self.step("ls $SRDIR: one VHD, no base copy left", self.one_file, vdi)
         self.destroy_vdi(vdi)
         self.destroy_sr()
@@ -370,9 +368,18 @@ class Demo(object):
             raise RuntimeError("unexpected: %s" % ", ".join(there))
         return "%d absent" % len(names)
 
-    def gc_run(self, gc):
-        lines = self.run([gc, "-u", self.sr, "-g"], timeout=300).splitlines()
-        return lines[-2] if len(lines) > 1 and lines[-1].startswith("left:") else lines[-1]
+    def gc_run(self):
+        """The collector, by hand: an SR scan starts it; its status lines until idle."""
+        lines = self.run([os.path.join(self.bin, "smtap-gc"), "-u", self.sr, "-g"],
+                         timeout=300).splitlines()
+        if lines[-1] != "idle":
+            raise RuntimeError("the collector ended: %s" % "; ".join(lines[-2:]))
+        done = []
+        for line in lines:
+            word = line.split()[0] if line.split() else ""
+            if word.endswith("ing") and word not in done:
+                done.append(word)
+        return "idle, after: " + ", ".join(done) if done else "idle"
 
     def one_file(self, vdi):
         names = sorted(os.listdir(self.location))
