@@ -129,6 +129,7 @@ bench: build
 	$(VPY) bench/engine.py
 	$(VPY) bench/sm_ops.py
 	$(VPY) bench/vhd.py
+	$(VPY) bench/filesr.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a

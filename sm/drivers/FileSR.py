@@ -373,7 +373,6 @@ class FileVDI(dirsr.DirVDI):
         new = self.sr.new_vdi() if kind == "double" else None
         start = time.time()
         with poolpause.Paused(self):
-            paused = time.time()
             try:
                 made = vhdchain.snapshot(self.sr.path, self.location, base.uuid,
                                          new.uuid if new else None)
@@ -391,9 +390,8 @@ class FileVDI(dirsr.DirVDI):
                 vhdchain.undo_snapshot(self.sr.path, self.location)
                 raise
             vhdchain.snapshot_done(self.sr.path, self.location)
-            held = time.time() - paused
-        log.info("snapshot of %s: base %s, new %s; paused %.3f s, %.3f s in all", self.uuid,
-                 made.base, new.uuid if new else None, held, time.time() - start)
+        log.info("snapshot of %s: base %s, new %s; pause-to-unpause %.3f s", self.uuid,
+                 made.base, new.uuid if new else None, time.time() - start)
         self.sr.update()
         self.sr.kick_gc()
         return result
