@@ -35,7 +35,7 @@ sys.path.insert(0, TOP)
 
 from smtap import names, settings                    # noqa: E402
 from smtap.formats import vhd as V                    # noqa: E402
-from smtap.sm import gc, vhdchain                     # noqa: E402
+from smtap.sm import gcctl, vhdchain                     # noqa: E402
 from smtap.toolstack import client, demo, hostroot   # noqa: E402
 
 MiB = 1 << 20
@@ -119,7 +119,7 @@ def snapshots(d, x, sr, host, dom0, count, rate, work):
     x.VBD.unplug(vbd)
     x.VBD.destroy(vbd)
     x.VDI.destroy(vdi)
-    gc.wait_idle(sr_uuid, timeout=600)
+    gcctl.wait_idle(sr_uuid, timeout=600)
     return calls, held, depth
 
 
@@ -161,18 +161,18 @@ def coalesce(x, sr, location, mib, scattered, work):
     vhd_apply(vhd_path(location, x, vdi), child_writes)
     snap2 = x.VDI.snapshot(vdi, {})             # the child's data now in a hidden base X
     sr_uuid = x.SR.get_uuid(sr)
-    gc.wait_idle(sr_uuid, timeout=600)
+    gcctl.wait_idle(sr_uuid, timeout=600)
     subprocess.run(["sync"], check=True)
     start = log_size()
     x.VDI.destroy(snap1)                        # X is the only child of its parent: merged
-    gc.wait_idle(sr_uuid, timeout=1800)
+    gcctl.wait_idle(sr_uuid, timeout=1800)
     m = re.search(r"GC: coalescing \S+ into \S+: (\d+) sectors in ([\d.]+) s", log_since(start))
     if not m:
         raise RuntimeError("no coalesce in the GC's log")
     ours = float(m.group(2))
     for v in (snap2, vdi):
         x.VDI.destroy(v)
-    gc.wait_idle(sr_uuid, timeout=600)
+    gcctl.wait_idle(sr_uuid, timeout=600)
 
     base, top = os.path.join(work, "base.qcow2"), os.path.join(work, "top.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(size)], check=True)
@@ -205,7 +205,7 @@ def chain(x, sr, location, depth):
     x.SR.remove_from_other_config(sr, "gc")
     t0 = time.perf_counter()
     x.SR.scan(sr)                               # kicks the GC
-    gc.wait_idle(sr_uuid, timeout=3600)
+    gcctl.wait_idle(sr_uuid, timeout=3600)
     took = time.perf_counter() - t0
     text = log_since(start)
     after = vhdchain.depth(path)
@@ -214,7 +214,7 @@ def chain(x, sr, location, depth):
     steps = (len(re.findall(r"GC: coalescing \S+ into \S+: \d+ sectors", text)),
              len(re.findall(r"GC: leaf-coalescing \S+ into \S+: \d+ sectors", text)))
     x.VDI.destroy(vdi)
-    gc.wait_idle(sr_uuid, timeout=600)
+    gcctl.wait_idle(sr_uuid, timeout=600)
     return before, after, took, steps
 
 

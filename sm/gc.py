@@ -18,20 +18,20 @@ within 10 s, unless other-config:leaf-coalesce=force (false: never).
 
 It yields to SR operations (it waits while one holds the SR lock, mid-copy too), takes
 the SR lock itself only for its short metadata steps, and stops within a second when
-aborted (sr_detach, sr_delete: abort()). A crash at any point is replayed at the next
+aborted (sr_detach, sr_delete: gcctl.abort()). A crash at any point is replayed at the next
 start (replay()): interrupted coalesces are repaired and redone, relinks finished,
 leaf-coalesces undone or finished. What it does and how much is left: the log, the SR's
 other-config:gc-status and `smtap-gc -u <sr> -s`.
 """
 import argparse
 import errno
-import json
 import os
 import sys
 import time
 
 from smtap import settings
 from smtap.sm import errors
+from smtap.sm import gcctl
 from smtap.sm import journal as journallib
 from smtap.sm import lock
 from smtap.sm import log
@@ -39,13 +39,10 @@ from smtap.sm import poolpause
 from smtap.sm import testhooks
 from smtap.sm import vhdchain
 
-LOCK_GC_ACTIVE = "gc_active"
 LOCK_RUNNING = "running"
 JRN_COALESCE = "coalesce"
 JRN_RELINK = "relink"
 JRN_LEAF = "leaf"
-SESSION_ENV = "SMTAP_SM_SESSION"       # the SR's SM session, from the driver that kicked
-HOST_ENV = "SMTAP_HOST_REF"
 STATUS_KEY = "gc-status"               # SR other-config
 LEAF_COALESCE_KEY = "leaf-coalesce"    # VDI other-config: force | false
 LIVE_LEAF_COALESCE_MAX_SIZE = 20 << 20
@@ -54,10 +51,7 @@ TIMEOUT_SAFETY_MARGIN = 0.5
 MAX_ITERATIONS = 20
 MAX_ITERATIONS_NO_PROGRESS = 3
 MAX_INCREASE_FROM_MINIMUM = 1.2
-ABORT_WAIT = 30                        # seconds abort() waits for the GC to stop
-STARTUP_WAIT = 2                       # seconds a new GC tries for gc_active (probes hold it
-                                       # for an instant: kick, running())
-POLL = 0.05
+POLL = gcctl.POLL
 STATUS_EVERY = 1.0                     # seconds between status file updates mid-copy
 XAPI_STATUS_EVERY = 5.0                # ... and other-config ones
 LINGER = 1.0                           # seconds an idle GC waits for the next kick: a
@@ -72,135 +66,6 @@ class Aborted(Exception):
 
 class Skip(Exception):
     """This candidate cannot be worked on now (changed meanwhile, paused elsewhere...)."""
-
-
-class AbortTimeout(Exception):
-    pass
-
-
-def _path(sr_uuid, name):
-    return os.path.join(settings.lock_dir(), sr_uuid, name)
-
-
-def _write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-# -- control from outside: kick, abort, status ----------------------------------------------
-def kick(sr):
-    """Make sure a GC runs on the SR soon: start one unless one runs (it then sees the
-    kick and does another round before it exits)."""
-    _write(_path(sr.uuid, "gc.kick"), os.urandom(8).hex())
-    active = lock.Lock(LOCK_GC_ACTIVE, sr.uuid)
-    if active.held():                   # this process is the GC
-        return None
-    if not active.acquire_noblock():
-        log.info("GC of SR %s running: kicked", sr.uuid)
-        return None
-    active.release()
-    import subprocess
-    import smtap
-    libdir = os.path.dirname(os.path.dirname(os.path.abspath(smtap.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (libdir, env.get("PYTHONPATH")) if p)
-    env[SESSION_ENV] = sr.request.session_ref
-    env[HOST_ENV] = sr.host_ref or ""
-    proc = subprocess.Popen([sys.executable, "-m", "smtap.sm.gc", "-u", sr.uuid, "-g"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, close_fds=True, cwd="/",
-                            start_new_session=True)
-    log.info("GC of SR %s started: pid %d", sr.uuid, proc.pid)
-    return proc.pid
-
-
-def abort(sr_uuid, timeout=ABORT_WAIT):
-    """Stop the SR's GC; returns holding gc_active (no GC starts until this process
-    releases it or exits). AbortTimeout if it did not stop in time."""
-    active = lock.Lock(LOCK_GC_ACTIVE, sr_uuid)
-    if active.acquire_noblock():
-        return False
-    flag = _path(sr_uuid, "gc.abort")
-    _write(flag, str(os.getpid()))
-    log.info("aborting the GC of SR %s", sr_uuid)
-    deadline = time.time() + timeout
-    try:
-        while not active.acquire_noblock():
-            if time.time() > deadline:
-                raise AbortTimeout("the garbage collector of SR %s did not stop within %ds"
-                                   % (sr_uuid, timeout))
-            time.sleep(POLL)
-    finally:
-        try:
-            os.unlink(flag)
-        except FileNotFoundError:
-            pass
-    log.info("GC of SR %s aborted", sr_uuid)
-    return True
-
-
-def running(sr_uuid):
-    """A GC process holds the SR (gc_active)."""
-    active = lock.Lock(LOCK_GC_ACTIVE, sr_uuid)
-    if active.held() or not active.acquire_noblock():
-        return True
-    active.release()
-    return False
-
-
-def take(lk, wait):
-    """acquire_noblock, retried for `wait` seconds."""
-    deadline = time.time() + wait
-    while not lk.acquire_noblock():
-        if time.time() > deadline:
-            return False
-        time.sleep(POLL)
-    return True
-
-
-def wait_idle(sr_uuid, timeout=120, watch=None):
-    """Wait until the GC has dealt with the last kick and stopped; its last status.
-    TimeoutError otherwise. watch(status) is called as it changes."""
-    deadline = time.time() + timeout
-    last = None
-    while True:
-        kicked = _read(_path(sr_uuid, "gc.kick"))
-        state = status(sr_uuid)
-        if watch is not None and (state.get("doing"), state.get("progress")) != last:
-            last = state.get("doing"), state.get("progress")
-            watch(state)
-        if not kicked or (state.get("kick") == kicked and state.get("state") == "idle"
-                          and not running(sr_uuid)):
-            return state
-        if state.get("state") == "dead" and time.time() > deadline - timeout + 5:
-            raise TimeoutError("the GC of SR %s died: %s" % (sr_uuid, state))
-        if time.time() > deadline:
-            raise TimeoutError("the GC of SR %s is not idle after %ds: %s"
-                               % (sr_uuid, timeout, state))
-        time.sleep(0.1)
-
-
-def status(sr_uuid):
-    """What the SR's GC last said it was doing, as a dict ({} if it never ran)."""
-    text = _read(_path(sr_uuid, "gc.status"))
-    try:
-        state = json.loads(text) if text else {}
-    except ValueError:
-        state = {}
-    if state and state.get("state") != "idle" and not running(sr_uuid):
-        state["state"] = "dead"         # killed: it never said idle
-    return state
 
 
 # -- one candidate's bookkeeping ------------------------------------------------------------
@@ -245,7 +110,7 @@ class GC(object):
 
     # -- plumbing ---------------------------------------------------------------------------
     def check_abort(self):
-        if os.path.exists(_path(self.uuid, "gc.abort")):
+        if gcctl.abort_requested(self.uuid):
             raise Aborted("abort requested")
 
     def park(self, phase):
@@ -265,7 +130,7 @@ class GC(object):
         state = {"pid": os.getpid(), "state": "idle" if doing == "idle" else "running",
                  "doing": doing, "progress": progress, "pending": self.pending,
                  "kick": self.seen_kick, "updated": now}
-        _write(_path(self.uuid, "gc.status"), json.dumps(state, sort_keys=True))
+        gcctl.write_status(self.uuid, state)
         text = doing
         if progress:
             text += " (%s)" % progress
@@ -319,15 +184,15 @@ class GC(object):
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self):
-        active = lock.Lock(LOCK_GC_ACTIVE, self.uuid)
-        while take(active, STARTUP_WAIT):
+        active = lock.Lock(gcctl.LOCK_GC_ACTIVE, self.uuid)
+        while gcctl.take(active, gcctl.STARTUP_WAIT):
             try:
                 kicked = self.work()
             finally:
                 active.release()
             # A kick that came as we were leaving found the lock still held: take it back
             # (unless a new GC got it first).
-            if kicked is None or _read(_path(self.uuid, "gc.kick")) == kicked:
+            if kicked is None or gcctl.kick_token(self.uuid) == kicked:
                 return 0
         log.info("GC: another instance holds SR %s", self.uuid)
         return 0
@@ -343,8 +208,8 @@ class GC(object):
             with self.locked():
                 self.replay()
             while True:
-                kicked = _read(_path(self.uuid, "gc.kick"))
-                if self.round() or _read(_path(self.uuid, "gc.kick")) != kicked:
+                kicked = gcctl.kick_token(self.uuid)
+                if self.round() or gcctl.kick_token(self.uuid) != kicked:
                     continue
                 self.seen_kick = kicked
                 if not self.linger(kicked):
@@ -363,7 +228,7 @@ class GC(object):
         deadline = time.time() + LINGER
         while time.time() < deadline:
             self.check_abort()
-            if _read(_path(self.uuid, "gc.kick")) != kicked:
+            if gcctl.kick_token(self.uuid) != kicked:
                 return True
             time.sleep(POLL * 2)
         return False
@@ -841,7 +706,7 @@ def load_sr(sr_uuid, session_ref, host_ref):
 
 
 def print_status(sr_uuid, out):
-    state = status(sr_uuid)
+    state = gcctl.status(sr_uuid)
     if not state:
         out.write("never ran\n")
         return
@@ -859,7 +724,7 @@ def main(argv=None):
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("-g", "--gc", action="store_true",
                       help="collect now, in the foreground (with the SR's SM session in "
-                           "$%s; without it, an SR scan starts it and this waits)" % SESSION_ENV)
+                           "$%s; without it, an SR scan starts it and this waits)" % gcctl.SESSION_ENV)
     what.add_argument("-a", "--abort", action="store_true", help="stop a running collector")
     what.add_argument("-q", "--query", action="store_true", help="is one running?")
     what.add_argument("-s", "--status", action="store_true",
@@ -872,19 +737,19 @@ def main(argv=None):
     log.set_context("gc", args.uuid)
     try:
         if args.query:
-            print("Currently running: %s" % running(args.uuid))
+            print("Currently running: %s" % gcctl.running(args.uuid))
             return 0
         if args.status:
             print_status(args.uuid, sys.stdout)
             return 0
         if args.abort:
-            abort(args.uuid)
+            gcctl.abort(args.uuid)
             return 0
-        session = os.environ.get(SESSION_ENV)
+        session = os.environ.get(gcctl.SESSION_ENV)
         if session:
-            return GC(load_sr(args.uuid, session, os.environ.get(HOST_ENV))).run()
+            return GC(load_sr(args.uuid, session, os.environ.get(gcctl.HOST_ENV))).run()
         return scan_and_wait(args.uuid)
-    except AbortTimeout as e:
+    except gcctl.AbortTimeout as e:
         sys.stderr.write("smtap-gc: %s\n" % e)
         return errno.ETIMEDOUT
     except Exception as e:
@@ -909,7 +774,7 @@ def scan_and_wait(sr_uuid):
         sys.stdout.write("%s%s\n" % (state.get("doing", ""), " (%s)" % state["progress"]
                                      if state.get("progress") else ""))
         sys.stdout.flush()
-    wait_idle(sr_uuid, timeout=3600, watch=watch)
+    gcctl.wait_idle(sr_uuid, timeout=3600, watch=watch)
     print_status(sr_uuid, sys.stdout)
     return 0
 

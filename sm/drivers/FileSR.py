@@ -52,8 +52,13 @@ RELINK_WAIT = 60                    # seconds activate waits for the GC to relin
 
 
 def _gc():
-    from smtap.sm import gc         # here: only the calls that start or stop it need it
+    from smtap.sm import gc         # here: only replays of its journals need it
     return gc
+
+
+def _gcctl():
+    from smtap.sm import gcctl      # here: only the calls that start or stop it need it
+    return gcctl
 
 
 class FileSR(dirsr.DirSR):
@@ -116,13 +121,13 @@ class FileSR(dirsr.DirSR):
 
     def stop_gc(self):
         try:
-            _gc().abort(self.uuid)
-        except _gc().AbortTimeout as e:
+            _gcctl().abort(self.uuid)
+        except _gcctl().AbortTimeout as e:
             errors.raise_error("SRInUse", str(e))
 
     def kick_gc(self):
         if self.request.session_ref:
-            _gc().kick(self)
+            _gcctl().kick(self)
 
     # -- contents -------------------------------------------------------------------------
     def images(self):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from smtap.formats import vhd as V
-from smtap.sm import gc, vhdchain
+from smtap.sm import gcctl, vhdchain
 
 from drivers_helpers import failure
 from vhd_helpers import (MiB, all_valid, chain_sha, leftovers, park_and_kill, sr_location,
@@ -235,7 +235,7 @@ def test_gc_killed_at_each_phase(dhost, file_sr, phase, case):
     start, vdis = case(dhost, file_sr)
     shas = dict((v, chain_sha(path_of(x, v))) for v in vdis)
     park_and_kill(sr_uuid, phase, start)
-    assert gc.status(sr_uuid)["state"] == "dead"
+    assert gcctl.status(sr_uuid)["state"] == "dead"
     journals = [n for n in os.listdir(directory) if n.split("_")[0] in
                 ("coalesce", "relink", "leaf")]
     assert journals or phase == "coalesced", os.listdir(directory)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from smtap.formats import vhd as V
-from smtap.sm import gc, testhooks, vhdchain
+from smtap.sm import gcctl, testhooks, vhdchain
 
 MiB = 1 << 20
 
@@ -59,7 +59,7 @@ def sr_location(x, sr):
 
 
 def wait_gc(x, sr, timeout=120):
-    return gc.wait_idle(x.SR.get_uuid(sr), timeout)
+    return gcctl.wait_idle(x.SR.get_uuid(sr), timeout)
 
 
 def park_and_kill(sr_uuid, phase, start, timeout=60):
@@ -70,14 +70,14 @@ def park_and_kill(sr_uuid, phase, start, timeout=60):
         start()
         deadline = time.time() + timeout
         while True:
-            state = gc.status(sr_uuid)
+            state = gcctl.status(sr_uuid)
             if state.get("doing") == "parked at %s" % phase and state.get("state") == "running":
                 break
             assert time.time() < deadline, "the GC never parked at %s: %s" % (phase, state)
             time.sleep(0.05)
         os.kill(state["pid"], signal.SIGKILL)
         for _ in range(200):
-            if not gc.running(sr_uuid):
+            if not gcctl.running(sr_uuid):
                 break
             time.sleep(0.05)
         return state["pid"]

@@ -13,7 +13,7 @@ import pytest
 
 from e2e_helpers import MiB, check_fio_blocks, sh
 from smtap.formats import vhd as V
-from smtap.sm import gc, testhooks, vhdchain
+from smtap.sm import gcctl, testhooks, vhdchain
 from smtap.toolstack import hostroot
 
 
@@ -103,7 +103,7 @@ def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
     e2e.unplug(svbd)
     e2e.xe_ok("vdi-destroy", "uuid=" + snap)
     shas = dict((v, nbd_sha(e2e, sr, v, tmp_path)) for v in (vdi, clone))
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     for v in (vdi, clone):                                # the GC kept the data
         assert nbd_sha(e2e, sr, v, tmp_path) == shas[v]
     e2e.unplug(cvbd)
@@ -111,7 +111,7 @@ def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
     assert file_sha(e2e, vdi) == shas[vdi] and file_sha(e2e, clone) == shas[clone]
     for v in (clone, vdi):
         e2e.xe_ok("vdi-destroy", "uuid=" + v)
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     assert os.listdir(sr_dir(e2e)) == []
     e2e.destroy_sr(sr)
 
@@ -168,7 +168,7 @@ def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     e2e.unplug(vbd)
     for v in (snap, vdi):
         e2e.xe_ok("vdi-destroy", "uuid=" + v)
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     e2e.destroy_sr(sr)
 
 
@@ -186,7 +186,7 @@ def gc_case(e2e, sr, kind):
     if kind == "coalesce":
         keep.append(e2e.xe_ok("vdi-snapshot", "uuid=" + vdi))
         write(e2e, sr, vdi, 0x4f, 10 * MiB, 4096)
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     return vdi, vbd, snap1, keep
 
 
@@ -194,10 +194,10 @@ def park(sr, phase, start):
     testhooks.set_hook("gc-park", phase)
     start()
     deadline = time.time() + 60
-    while gc.status(sr).get("doing") != "parked at %s" % phase:
-        assert time.time() < deadline, gc.status(sr)
+    while gcctl.status(sr).get("doing") != "parked at %s" % phase:
+        assert time.time() < deadline, gcctl.status(sr)
         time.sleep(0.05)
-    return gc.status(sr)["pid"]
+    return gcctl.status(sr)["pid"]
 
 
 @pytest.mark.parametrize("phase", ["coalesce", "relink", "leaf-coalesce"])
@@ -210,8 +210,8 @@ def test_kill_9_of_the_tapdisk_mid_gc(e2e, tmp_path, phase):
         os.kill(e2e.tapdisk_pid(sr, vdi), signal.SIGKILL)
     finally:
         testhooks.clear_hook("gc-park")
-    gc.wait_idle(sr)                                    # the GC carries on without it
-    assert gc.status(sr)["state"] == "idle"
+    gcctl.wait_idle(sr)                                    # the GC carries on without it
+    assert gcctl.status(sr)["state"] == "idle"
     e2e.unplug(vbd)                                     # reaps the dead tapdisk
     assert e2e.tapdisks() == []
     vbd, _ = e2e.plug(vdi)
@@ -220,7 +220,7 @@ def test_kill_9_of_the_tapdisk_mid_gc(e2e, tmp_path, phase):
     e2e.unplug(vbd)
     for v in keep + [vdi]:
         e2e.xe_ok("vdi-destroy", "uuid=" + v)
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     assert os.listdir(sr_dir(e2e)) == []
     e2e.destroy_sr(sr)
 
@@ -244,7 +244,7 @@ def test_kill_9_of_every_process_of_the_root_mid_leaf_coalesce(e2e, tmp_path):
     e2e.session_obj = e2e.session()
     e2e.x = e2e.session_obj.xenapi
     e2e.xe_ok("sr-scan", "uuid=" + sr)                  # replay, then the GC again
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     assert "paused" not in sm_config(e2e, vdi)
     assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
     assert file_sha(e2e, vdi) == sha
@@ -299,7 +299,7 @@ def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     steady = depths[5:]
     assert max(steady) <= 3, depths
     x.VDI.destroy(previous)
-    gc.wait_idle(sr, timeout=180)
+    gcctl.wait_idle(sr, timeout=180)
     assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
     image = str(tmp_path / "image")
     sh("dd", "if=" + dev, "of=" + image, "bs=1M", "iflag=direct", "status=none")
@@ -311,5 +311,5 @@ def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     assert abs(used - written) <= written // 10, (used, written)
     e2e.unplug(vbd)
     e2e.xe_ok("vdi-destroy", "uuid=" + vdi)
-    gc.wait_idle(sr)
+    gcctl.wait_idle(sr)
     e2e.destroy_sr(sr)

@@ -11,7 +11,7 @@ from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
 from lib.sizes import MiB
 from lib.toolstack import traces
-from smtap.sm import gc
+from smtap.sm import gcctl
 from smtap.toolstack import hostroot
 
 STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
@@ -71,7 +71,7 @@ def test_flow(e2e, mnt, sr_type):
     e2e.unplug(svbd)
     e2e.xe_ok("vdi-destroy", "uuid=" + snap)
     if sr_type == "file":                      # the collector merges what the snapshot left
-        gc.wait_idle(sr)
+        gcctl.wait_idle(sr)
         assert os.listdir(os.path.join(e2e.root, "srv", "files")) == [vdi + ".vhd"]
     assert traces(e2e, sr, snap) == []
 
