@@ -146,7 +146,7 @@ def wait_idle(sr_uuid, timeout=120, watch=None):
             last = state.get("doing"), state.get("progress")
             watch(state)
         if not kicked or (state.get("kick") == kicked and state.get("state") == "idle"
-                          and not running(sr_uuid)):
+                          and not running(sr_uuid) and gone(state.get("pid"))):
             return state
         if state.get("state") == "dead" and time.time() > deadline - timeout + 5:
             raise TimeoutError("the GC of SR %s died: %s" % (sr_uuid, state))
@@ -154,6 +154,17 @@ def wait_idle(sr_uuid, timeout=120, watch=None):
             raise TimeoutError("the GC of SR %s is not idle after %ds: %s"
                                % (sr_uuid, timeout, state))
         time.sleep(0.1)
+
+
+def gone(pid):
+    """The process has exited (a zombie counts as gone: it holds nothing)."""
+    if not pid:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def status(sr_uuid):
