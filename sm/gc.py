@@ -218,6 +218,8 @@ class GC(object):
             log.info("GC: aborted")
             return None
         finally:
+            if kicked is None or self.seen_kick != kicked:
+                self.seen_kick = gcctl.kick_token(self.uuid)    # stopped: nothing pending
             self.pending = {}
             self.say("idle")
 

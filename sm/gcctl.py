@@ -95,6 +95,7 @@ def abort(sr_uuid, timeout=ABORT_WAIT):
     releases it or exits). AbortTimeout if it did not stop in time."""
     active = lock.Lock(LOCK_GC_ACTIVE, sr_uuid)
     if active.acquire_noblock():
+        stopped(sr_uuid)
         return False
     flag = _path(sr_uuid, "gc.abort")
     _write(flag, str(os.getpid()))
@@ -111,8 +112,17 @@ def abort(sr_uuid, timeout=ABORT_WAIT):
             os.unlink(flag)
         except FileNotFoundError:
             pass
+    stopped(sr_uuid)
     log.info("GC of SR %s aborted", sr_uuid)
     return True
+
+
+def stopped(sr_uuid):
+    """Holding gc_active: no GC runs and none will for these kicks (wait_idle is done)."""
+    state = status(sr_uuid)
+    if state.get("state") != "idle" or state.get("kick") != kick_token(sr_uuid):
+        write_status(sr_uuid, {"state": "idle", "doing": "stopped", "pid": None,
+                               "kick": kick_token(sr_uuid), "updated": time.time()})
 
 
 def running(sr_uuid):
