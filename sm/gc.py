@@ -100,7 +100,7 @@ class GC(object):
         self.journal = journallib.Journal(self.path)
         self.sr_lock = lock.Lock("sr", self.uuid)
         self.skip = set()               # candidates that failed this run
-        self.speeds = []                # bytes/s of the coalesces of this run
+        self.speeds = gcctl.speeds(self.uuid)   # bytes/s of the last coalesces
         self.doing = "starting"
         self.pending = {}
         self.progress = None
@@ -373,6 +373,7 @@ class GC(object):
         elapsed = max(time.time() - stats["start"] - stats["waited"], 1e-3)
         if total:
             self.speeds = (self.speeds + [total / elapsed])[-10:]
+            gcctl.save_speeds(self.uuid, self.speeds)
         log.info("GC: %s: %d sectors in %.2f s (%.1f MiB/s)", what, sectors, elapsed,
                  total / elapsed / MiB)
 
@@ -643,8 +644,8 @@ def coalesceable(image):
     """The parent a hidden image with children merges into, or None."""
     p = image.parent_image
     if (image.error or not image.hidden or not image.children or image.raw or p is None
-            or p.error or p.raw or len(p.children) != 1):
-        return None
+            or p.error or p.raw or not p.hidden or len(p.children) != 1):
+        return None                     # (a visible parent's data is its VDI's: kept)
     return p
 
 

@@ -63,6 +63,19 @@ def write_status(sr_uuid, state):
     _write(_path(sr_uuid, "gc.status"), json.dumps(state, sort_keys=True))
 
 
+def speeds(sr_uuid):
+    """The copy speeds (bytes/s) of the SR's last coalesces, kept across GC processes
+    (upstream's speed log): what a live leaf-coalesce is sized by."""
+    try:
+        return [float(v) for v in json.loads(_read(_path(sr_uuid, "gc.speed")) or "[]")]
+    except (ValueError, TypeError):
+        return []
+
+
+def save_speeds(sr_uuid, values):
+    _write(_path(sr_uuid, "gc.speed"), json.dumps(values))
+
+
 # -- control from outside: kick, abort, status ----------------------------------------------
 def kick(sr):
     """Make sure a GC runs on the SR soon: start one unless one runs (it then sees the
