@@ -23,7 +23,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ sys.path.insert(0, TOP)
 from smtap import names, settings                    # noqa: E402
 from smtap.formats import vhd as V                    # noqa: E402
 from smtap.sm import gcctl, vhdchain                     # noqa: E402
-from smtap.toolstack import client, demo, hostroot   # noqa: E402
+import benchlib                                       # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -229,23 +228,15 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.stderr.write("filesr: needs root (loop devices, mounts, FUSE)\n")
         return 1
-    root = hostroot.short_root("/tmp/b")
-    os.environ[settings.ROOT_ENV] = root
-    d = demo.Demo(root, out=open(os.devnull, "w"))
-    location = os.path.join(root, "srv", "bench")
-    work = os.path.join(root, "work")
-    os.makedirs(work)
-    ok = False
-    try:
-        d.install()
-        d.start()
-        session = client.login(settings.xapi_socket(), originator="bench")
-        x = session.xenapi
+    with benchlib.local_toolstack("filesr") as (d, x):
+        location = os.path.join(d.root, "srv", "bench")
+        work = os.path.join(d.root, "work")
+        os.makedirs(work)
         host = x.host.get_all()[0]
         dom0 = x.host.get_control_domain(host)
         sr = x.SR.create(host, {"location": location}, "0", "bench", "", "file", "user",
                          False, {})
-        print("filesr: file SR on VHD, local toolstack, root %s" % root)
+        print("filesr: file SR on VHD, local toolstack, root %s" % d.root)
         if args.snapshots:
             calls, held, depth = snapshots(d, x, sr, host, dom0, args.snapshots,
                                            args.fio_rate, work)
@@ -278,17 +269,6 @@ def main(argv=None):
                   "(%d coalesces, %d leaf-coalesce)" % (before, after, took, coalesces, leaves))
         x.PBD.unplug(x.SR.get_PBDs(sr)[0])
         x.SR.destroy(sr)
-        session.xenapi.session.logout()
-        d.stop()
-        ok = True
-    finally:
-        if not ok:
-            d.undo()
-        left = hostroot.cleanup(root)
-        if left:
-            print("filesr: left behind: %s" % "; ".join(left))
-        if not hostroot.mounts_under(root):
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -14,7 +14,6 @@ from smtap import sparse
 from smtap.sm import sr
 from smtap.sm import poolpause
 from smtap.sm import tapvdi
-from smtap.sm import vdi as vdilib
 
 SECTOR = 512
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -235,9 +234,7 @@ class DirVDI(tapvdi.TapdiskVDI):
             self.copy_extra_files(new)
             new.load_storage()
             if is_snapshot:
-                new.is_a_snapshot = True
-                new.snapshot_of = self.ref
-                new.snapshot_time = vdilib.timestamp()
+                new.mark_snapshot_of(self)
             new.db_introduce()
         except BaseException:
             new.remove_files()

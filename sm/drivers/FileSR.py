@@ -24,7 +24,6 @@ from smtap.sm import dirsr
 from smtap.sm import errors
 from smtap.sm import log
 from smtap.sm import poolpause
-from smtap.sm import vdi as vdilib
 from smtap.sm import vhdchain
 from smtap.sm.tapvdi import TapdiskVDI
 
@@ -413,9 +412,7 @@ class FileVDI(dirsr.DirVDI):
             new.location = new.uuid
             new.load_storage()
             if is_snapshot:
-                new.is_a_snapshot = True
-                new.snapshot_of = self.ref
-                new.snapshot_time = vdilib.timestamp()
+                new.mark_snapshot_of(self)
             new.db_introduce()
         x = self.xenapi
         x.VDI.remove_from_sm_config(self.ref, "vhd-parent")

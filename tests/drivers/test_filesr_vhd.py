@@ -197,15 +197,22 @@ def test_forget_introduce_scan_rebuilds_the_tree(dhost, file_sr):
 
 
 # -- the GC killed -9 at each phase ------------------------------------------------------------
+def snapshotted(dhost, sr, pattern):
+    """A VDI with data, snapshotted, then written in 3 blocks of its own: (vdi, snap)."""
+    x = dhost.x
+    vdi = dhost.vdi_create(sr, 12 * MiB)
+    vhd_write(path_of(x, vdi), pattern, 0, 4 * MiB)
+    snap = x.VDI.snapshot(vdi, {})
+    for blk in range(3):
+        vhd_write(path_of(x, vdi), pattern + 1 + blk, blk * 2 * MiB + 4096, 8192)
+    return vdi, snap
+
+
 def coalesce_case(dhost, sr):
     """P <- X <- {vdi, snap2} with X's data over 3 blocks; destroying snap1 makes X
     coalesceable into P. Returns (start, VDIs to check)."""
     x = dhost.x
-    vdi = dhost.vdi_create(sr, 12 * MiB)
-    vhd_write(path_of(x, vdi), 0x61, 0, 4 * MiB)
-    snap1 = x.VDI.snapshot(vdi, {})
-    for blk in range(3):
-        vhd_write(path_of(x, vdi), 0x70 + blk, blk * 2 * MiB + 4096, 8192)
+    vdi, snap1 = snapshotted(dhost, sr, 0x61)
     snap2 = x.VDI.snapshot(vdi, {})
     vhd_write(path_of(x, vdi), 0x7f, 8 * MiB, 4096)
     wait_gc(x, sr)
@@ -215,14 +222,9 @@ def coalesce_case(dhost, sr):
 def leaf_case(dhost, sr):
     """P <- vdi, vdi holding 3 blocks of its own: destroying the snapshot makes vdi
     leaf-coalesceable into P."""
-    x = dhost.x
-    vdi = dhost.vdi_create(sr, 12 * MiB)
-    vhd_write(path_of(x, vdi), 0x62, 0, 4 * MiB)
-    snap = x.VDI.snapshot(vdi, {})
-    for blk in range(3):
-        vhd_write(path_of(x, vdi), 0x80 + blk, blk * 2 * MiB + 512, 4096)
-    wait_gc(x, sr)
-    return (lambda: x.VDI.destroy(snap)), [vdi]
+    vdi, snap = snapshotted(dhost, sr, 0x81)
+    wait_gc(dhost.x, sr)
+    return (lambda: dhost.x.VDI.destroy(snap)), [vdi]
 
 
 @pytest.mark.parametrize("phase,case", [
