@@ -30,6 +30,7 @@ import sys
 import time
 
 from smtap import settings
+from smtap import units
 from smtap.sm import errors
 from smtap.sm import gcctl
 from smtap.sm import journal as journallib
@@ -45,6 +46,7 @@ JRN_RELINK = "relink"
 JRN_LEAF = "leaf"
 STATUS_KEY = "gc-status"               # SR other-config
 LEAF_COALESCE_KEY = "leaf-coalesce"    # VDI other-config: force | false
+FORCE, NEVER = "force", "never"
 LIVE_LEAF_COALESCE_MAX_SIZE = 20 << 20
 LIVE_LEAF_COALESCE_TIMEOUT = 10        # seconds a paused leaf may take
 TIMEOUT_SAFETY_MARGIN = 0.5
@@ -119,6 +121,7 @@ class GC(object):
             return
         self.say("parked at %s" % phase)
         while testhooks.value(PARK) == phase:
+            self.check_abort()          # an abort there is one mid-phase
             time.sleep(POLL)
 
     def say(self, doing, progress=None, force=True):
@@ -255,9 +258,10 @@ class GC(object):
     def enabled(self):
         """other-config:gc=false on the SR turns the collector off (upstream's switch)."""
         try:
-            return self.sr.xenapi.SR.get_other_config(self.sr.ref).get("gc") != "false"
+            value = self.sr.xenapi.SR.get_other_config(self.sr.ref).get("gc")
         except Exception:
             return True
+        return flag(value, "SR other-config:gc", True)
 
     def round(self):
         """One pass: garbage, then one coalesce or one leaf-coalesce. False: no work."""
@@ -299,12 +303,17 @@ class GC(object):
             self.skip.add(uuid)
 
     def leaf_policy(self, uuid):
-        """other-config:leaf-coalesce of the VDI ("" when there is no record)."""
+        """other-config:leaf-coalesce of the VDI: FORCE (no pause bound), NEVER (false) or
+        None (the default, also without a record)."""
         try:
             x = self.sr.xenapi
-            return x.VDI.get_other_config(x.VDI.get_by_uuid(uuid)).get(LEAF_COALESCE_KEY, "")
+            value = x.VDI.get_other_config(x.VDI.get_by_uuid(uuid)).get(LEAF_COALESCE_KEY)
         except Exception:
-            return ""
+            return None
+        if value is not None and value.strip().lower() == FORCE:
+            return FORCE
+        return None if flag(value, "VDI %s other-config:%s" % (uuid, LEAF_COALESCE_KEY),
+                            True) else NEVER
 
     # -- 1. garbage -------------------------------------------------------------------------
     def collect_garbage(self):
@@ -473,7 +482,7 @@ class GC(object):
 
     # -- 3. leaf-coalesce -------------------------------------------------------------------
     def can_live_coalesce(self, uuid, size):
-        if self.leaf_policy(uuid) == "force":
+        if self.leaf_policy(uuid) == FORCE:
             return True
         if self.speeds:
             speed = sum(self.speeds) / len(self.speeds)
@@ -552,7 +561,7 @@ class GC(object):
             log.warning("GC: repairing the footer of %s", leaf.path)
             vhdchain.repair(leaf.path)
         vhdchain.set_hidden(parent.path, False)
-        force = self.leaf_policy(leaf.uuid) == "force"
+        force = self.leaf_policy(leaf.uuid) == FORCE
         deadline = None if force else time.time() + LIVE_LEAF_COALESCE_TIMEOUT
         self.copy(leaf, parent, "leaf-coalescing %s into %s" % (leaf.uuid, parent.uuid),
                   park="leaf-coalesce", deadline=deadline or float("inf"))   # inf: forced
@@ -593,6 +602,17 @@ class GC(object):
             poolpause.unpause_all(v)
         except Exception as e:
             log.warning("GC: unpause of %s: %s", uuid, errors.describe(e))
+
+
+def flag(value, what, default):
+    """A yes/no switch of other-config (XAPI's words); absent or unreadable: default."""
+    if value is None:
+        return default
+    try:
+        return units.parse_bool(value, what, units.XAPI_BOOL)
+    except ValueError as e:
+        log.warning("GC: %s; taken as %s", e, default)
+        return default
 
 
 # -- interrupted leaf-coalesces: the files (what an SR scan must not see half done) ------------
@@ -667,7 +687,7 @@ def plan(images, skip, leaf_policy):
     coalesce.sort(key=lambda u: (-max(leaf.depth() for leaf in images[u].leaves()), u))
     leaves = [u for u, i in images.items() if u not in skip and leaf_coalesceable(i)]
     if leaf_policy is not None:
-        leaves = [u for u in leaves if leaf_policy(u) != "false"]
+        leaves = [u for u in leaves if leaf_policy(u) != NEVER]
     leaves.sort()
     return garbage, coalesce, leaves
 

@@ -2,11 +2,12 @@
 clone (base copies, vhd-parent), the chain limit, forget + introduce + scan, and the
 garbage collector, killed -9 at each of its phases then restarted."""
 import os
+import time
 
 import pytest
 
 from smtap.formats import vhd as V
-from smtap.sm import gcctl, vhdchain
+from smtap.sm import gcctl, testhooks, vhdchain
 
 from drivers_helpers import failure
 from vhd_helpers import (MiB, all_valid, chain_sha, leftovers, park_and_kill, sr_location,
@@ -252,3 +253,42 @@ def test_gc_killed_at_each_phase(dhost, file_sr, phase, case):
     assert set(tree(directory)) == visible | set(bases)
     assert dict((u, m) for u, (_, m, _) in records(x, file_sr).items()) == \
         dict((u, u in visible) for u in tree(directory))
+
+
+def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
+    """Reported pain: SR destroy blocked minutes by GC. Mid-coalesce, pbd-unplug stops it
+    in seconds (its journal makes the next run redo it); sr-destroy stops the one its
+    own attach starts and removes what is left (hidden bases, journals)."""
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    sr_uuid = x.SR.get_uuid(file_sr)
+    start, vdis = coalesce_case(dhost, file_sr)
+    shas = dict((v, chain_sha(path_of(x, v))) for v in vdis)
+    testhooks.set_hook("gc-park", "coalesce")
+    try:
+        start()
+        deadline = time.time() + 60
+        while gcctl.status(sr_uuid).get("doing") != "parked at coalesce":
+            assert time.time() < deadline, gcctl.status(sr_uuid)
+            time.sleep(0.05)
+        pid = gcctl.status(sr_uuid)["pid"]
+        t0 = time.monotonic()
+        x.PBD.unplug(dhost.pbd(file_sr))
+        assert time.monotonic() - t0 < 10
+    finally:
+        testhooks.clear_hook("gc-park")
+    assert gcctl.gone(pid) and not gcctl.running(sr_uuid)
+    assert gcctl.status(sr_uuid)["state"] == "idle"
+    x.PBD.plug(dhost.pbd(file_sr))
+    x.SR.scan(file_sr)
+    wait_gc(x, file_sr)
+    for v, sha in shas.items():
+        assert chain_sha(path_of(x, v)) == sha
+    assert all_valid(directory) == [] and len(tree(directory)) == 3     # P <- {vdi, snap2}
+    for v in vdis:
+        x.VDI.destroy(v)
+    x.PBD.unplug(dhost.pbd(file_sr))
+    t0 = time.monotonic()
+    x.SR.destroy(file_sr)
+    assert time.monotonic() - t0 < 10
+    assert os.listdir(directory) == [] and not gcctl.running(sr_uuid)
