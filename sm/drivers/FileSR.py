@@ -308,7 +308,6 @@ class FileVDI(dirsr.DirVDI):
         except OSError as e:
             self.no_space(e, "vdi_create")
             raise
-        self.sr.kick_gc()
         return self
 
     def make_file(self, size):
