@@ -2,7 +2,8 @@
 ramSR (a tmpfs) and FileSR (any directory) share. How a file gives its sizes and how a
 new one is made depends on its format, looked up by extension in FORMATS: raw (a
 sparse file: its length is the virtual size, the blocks it holds its utilisation) or
-VHD (sizes from its metadata, smtap.formats). The SRs here create raw files (EXT).
+VHD (sizes from its metadata, smtap.formats). ramSR creates raw files (EXT); FileSR VHDs
+(raw ones on request).
 """
 import errno
 import os

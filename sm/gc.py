@@ -4,9 +4,10 @@ delete, attach and scan; `smtap-gc` is its command line.
 
 Each round: scan the SR's files, then
   1. delete hidden VHDs nothing hangs from (garbage);
-  2. coalesce: a hidden VHD X with children, the only child of its parent P, is merged
-     into P (journal coalesce_<X>), its children relinked onto P (journal relink_<X>:
-     modify -p, then their tapdisks refreshed on every host using them), X deleted;
+  2. coalesce: a hidden VHD X with children, the only child of its hidden parent P, is
+     merged into P (journal coalesce_<X>), its children relinked onto P (journal
+     relink_<X>: modify -p, then their tapdisks refreshed on every host using them), X
+     deleted;
   3. leaf-coalesce: a VDI's leaf L, the only child of a hidden base P, is merged into P
      while its tapdisks are paused (journal leaf_<L>: L -> OLD_<L>, P -> L), once L is
      small enough to copy within the pause bound; until then snapshot-coalesce shrinks it.
@@ -21,7 +22,8 @@ the SR lock itself only for its short metadata steps, and stops within a second 
 aborted (sr_detach, sr_delete: gcctl.abort()). A crash at any point is replayed at the next
 start (replay()): interrupted coalesces are repaired and redone, relinks finished,
 leaf-coalesces undone or finished. What it does and how much is left: the log, the SR's
-other-config:gc-status and `smtap-gc -u <sr> -s`.
+other-config:gc-status and `smtap-gc -u <sr> -s`. How it is started, stopped and watched
+from outside: sm/gcctl.py.
 """
 import argparse
 import errno

@@ -43,7 +43,7 @@ DRIVER_INFO = {
     ],
 }
 
-FORMATS = {"vhd": vhdchain.VHD_EXT, "raw": vhdchain.RAW_EXT}
+EXTS = {"vhd": vhdchain.VHD_EXT, "raw": vhdchain.RAW_EXT}     # sm-config:type -> file name
 RESIZE_JOURNAL = ".journal-"        # upstream FileSR's JOURNAL_FILE_PREFIX
 BASE_LABEL = "base copy"
 ACTIVATING, RELINKING = "activating", "relinking"
@@ -160,7 +160,7 @@ class FileSR(dirsr.DirSR):
             if not image.hidden:
                 virtual += image.virtual
             try:
-                allocated += os.stat(image.path).st_blocks * 512
+                allocated += dirsr.file_sizes(image.path)[1]
             except OSError:
                 pass
         return virtual, allocated
@@ -199,7 +199,7 @@ class FileVDI(dirsr.DirVDI):
 
     @property
     def file(self):
-        return os.path.join(self.sr.path, self.location + FORMATS[self.fmt])
+        return os.path.join(self.sr.path, self.location + EXTS[self.fmt])
 
     def load(self, vdi_uuid):
         if self.sr.request.session_ref:
@@ -208,7 +208,7 @@ class FileVDI(dirsr.DirVDI):
         self.load_storage()
 
     def find_format(self):
-        for fmt, ext in sorted(FORMATS.items()):
+        for fmt, ext in sorted(EXTS.items()):
             if os.path.exists(os.path.join(self.sr.path, self.location + ext)):
                 self.fmt = fmt
                 return
@@ -232,7 +232,7 @@ class FileVDI(dirsr.DirVDI):
         self.fmt = image.kind
         self.size = image.virtual
         try:
-            self.utilisation = os.stat(image.path).st_blocks * 512
+            self.utilisation = dirsr.file_sizes(image.path)[1]
         except OSError:
             self.utilisation = image.size
         self.hidden = image.hidden
@@ -262,7 +262,7 @@ class FileVDI(dirsr.DirVDI):
 
     def tapdisk_params(self, writable):
         self.require_file()
-        return "%s:%s" % ("aio" if self.fmt == "raw" else "vhd", self.file)
+        return "%s:%s" % (dirsr.file_format(self.file).disk_type, self.file)
 
     # -- activation waits for a relink of its chain (the GC's relinking tag) ------------------
     def activate(self, writable):
@@ -291,7 +291,7 @@ class FileVDI(dirsr.DirVDI):
     # -- create / delete ------------------------------------------------------------------------
     def create(self, size):
         fmt = self.sm_config.get("type", "vhd")
-        if fmt not in FORMATS:
+        if fmt not in EXTS:
             errors.raise_error("VDIType", "sm-config:type=%s: must be vhd or raw" % fmt)
         self.fmt = fmt
         if fmt == "vhd":
@@ -309,11 +309,6 @@ class FileVDI(dirsr.DirVDI):
             self.no_space(e, "vdi_create")
             raise
         return self
-
-    def make_file(self, size):
-        if self.fmt == "raw":
-            return dirsr.DirVDI.make_file(self, size)
-        V.create(self.file, size)
 
     def introduce(self):
         self.find_format()
