@@ -190,7 +190,10 @@ class GC(object):
     # -- the loop ---------------------------------------------------------------------------
     def run(self):
         active = lock.Lock(gcctl.LOCK_GC_ACTIVE, self.uuid)
-        while gcctl.take(active, gcctl.STARTUP_WAIT):
+        while gcctl.take(active, gcctl.STARTUP_WAIT, self.uuid):
+            if gcctl.dealt_with(self.uuid):     # a GC (or an abort) saw the kicks since
+                active.release()
+                return 0
             try:
                 kicked = self.work()
             finally:

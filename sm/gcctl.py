@@ -100,7 +100,17 @@ def kick(sr):
                             stderr=subprocess.DEVNULL, env=env, close_fds=True, cwd="/",
                             start_new_session=True)
     log.info("GC of SR %s started: pid %d", sr.uuid, proc.pid)
+    started = [pid for pid in _pids(sr.uuid) if not gone(pid)] + [proc.pid]
+    _write(_path(sr.uuid, "gc.pids"), json.dumps(started))
     return proc.pid
+
+
+def _pids(sr_uuid):
+    """The GC processes kick() started for the SR (some may be gone)."""
+    try:
+        return [int(p) for p in json.loads(_read(_path(sr_uuid, "gc.pids")) or "[]")]
+    except (ValueError, TypeError):
+        return []
 
 
 def abort(sr_uuid, timeout=ABORT_WAIT):
@@ -147,14 +157,21 @@ def running(sr_uuid):
     return False
 
 
-def take(lk, wait):
-    """acquire_noblock, retried for `wait` seconds."""
+def take(lk, wait, sr_uuid=None):
+    """acquire_noblock, retried for `wait` seconds (not once an abort of the SR's GC is
+    asked)."""
     deadline = time.time() + wait
     while not lk.acquire_noblock():
-        if time.time() > deadline:
+        if time.time() > deadline or (sr_uuid and abort_requested(sr_uuid)):
             return False
         time.sleep(POLL)
     return True
+
+
+def dealt_with(sr_uuid):
+    """Every kick so far was followed by a round with nothing to do, or by a stop."""
+    state = status(sr_uuid)
+    return state.get("state") == "idle" and state.get("kick") == kick_token(sr_uuid)
 
 
 def wait_idle(sr_uuid, timeout=120, watch=None):
@@ -169,7 +186,8 @@ def wait_idle(sr_uuid, timeout=120, watch=None):
             last = state.get("doing"), state.get("progress")
             watch(state)
         if not kicked or (state.get("kick") == kicked and state.get("state") == "idle"
-                          and not running(sr_uuid) and gone(state.get("pid"))):
+                          and not running(sr_uuid) and gone(state.get("pid"))
+                          and all(gone(pid) for pid in _pids(sr_uuid))):
             return state
         if state.get("state") == "dead" and time.time() > deadline - timeout + 5:
             raise TimeoutError("the GC of SR %s died: %s" % (sr_uuid, state))

@@ -278,8 +278,8 @@ def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
         assert time.monotonic() - t0 < 10
     finally:
         testhooks.clear_hook("gc-park")
+    assert gcctl.wait_idle(sr_uuid, timeout=10)["state"] == "idle"   # stopped
     assert gcctl.gone(pid) and not gcctl.running(sr_uuid)
-    assert gcctl.status(sr_uuid)["state"] == "idle"
     x.PBD.plug(dhost.pbd(file_sr))
     x.SR.scan(file_sr)
     wait_gc(x, file_sr)
