@@ -9,9 +9,11 @@ import pytest
 from smtap.formats import vhd as V
 from smtap.sm import gcctl, testhooks, vhdchain
 
-from drivers_helpers import failure
-from vhd_helpers import (MiB, all_valid, chain_sha, leftovers, park_and_kill, sr_location,
-                         tree, vhd_util, vhd_write, wait_gc)
+from lib.filesr import (all_valid, chain_sha, leftovers, park, park_and_kill, sr_location,
+                        vhd_tree, vhd_write, wait_gc)
+from lib.sizes import MiB
+from lib.toolstack import failure
+from lib.vhd import vhd_util
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_vhd_vdis_sizes_and_records(dhost, file_sr):
     assert path.endswith("/%s.vhd" % uuid)
     assert vhd_util("check", "-n", path).returncode == 0
     assert x.VDI.get_virtual_size(vdi) == str(12 * MiB)          # 2 MiB blocks
-    assert vhd_util("query", "-n", path, "-v").stdout == "12\n"
+    assert vhd_util("query", "-n", path, "-v").text == "12\n"
     assert int(x.VDI.get_physical_utilisation(vdi)) < MiB       # thin
     small = dhost.vdi_create(file_sr, 1)
     assert x.VDI.get_virtual_size(small) == str(2 * MiB)         # at least 2 MiB
@@ -84,7 +86,7 @@ def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
     snap_uuid = x.VDI.get_uuid(snap)
     assert os.stat(leaf).st_ino != ino                           # a new leaf, same path
     base_uuid = x.VDI.get_sm_config(vdi)["vhd-parent"]
-    assert tree(directory) == {uuid: (base_uuid, False), snap_uuid: (base_uuid, False),
+    assert vhd_tree(directory) == {uuid: (base_uuid, False), snap_uuid: (base_uuid, False),
                                base_uuid: (None, True)}
     base = x.VDI.get_by_uuid(base_uuid)
     assert x.VDI.get_managed(base) is False and x.VDI.get_read_only(base) is True
@@ -92,7 +94,7 @@ def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
     assert x.VDI.get_sm_config(snap)["vhd-parent"] == base_uuid
     assert x.VDI.get_is_a_snapshot(snap) is True and x.VDI.get_snapshot_of(snap) == vdi
     assert chain_sha(leaf) == chain_sha(path_of(x, snap)) == before
-    assert vhd_util("query", "-n", leaf, "-d").stdout == "chain depth: 2\n"
+    assert vhd_util("query", "-n", leaf, "-d").text == "chain depth: 2\n"
 
     vhd_write(leaf, 0x22, MiB, MiB)                              # the VDI moves on
     clone = x.VDI.clone(snap, {})
@@ -104,7 +106,7 @@ def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
     # The snapshot held nothing of its own: the clone hangs from the same base.
     assert x.VDI.get_sm_config(clone)["vhd-parent"] == base_uuid
     wait_gc(x, file_sr)                                          # nothing to merge yet
-    assert [u for u, (_, h) in tree(directory).items() if h] == [base_uuid]
+    assert [u for u, (_, h) in vhd_tree(directory).items() if h] == [base_uuid]
 
     # A base copy other VDIs hang from is not the user's to delete.
     assert failure(x.VDI.destroy, base)[0] == "SR_BACKEND_FAILURE_80"
@@ -114,7 +116,7 @@ def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
     x.VDI.destroy(clone)
     state = wait_gc(x, file_sr)
     assert state["state"] == "idle"
-    assert tree(directory) == {uuid: (None, False)}              # one file, no base left
+    assert vhd_tree(directory) == {uuid: (None, False)}              # one file, no base left
     assert chain_sha(leaf) == shas[vdi]
     assert records(x, file_sr) == {uuid: (None, True, str(16 * MiB))}
     assert leftovers(directory) == [] and all_valid(directory) == []
@@ -134,7 +136,7 @@ def test_an_empty_leaf_leaves_no_base(dhost, file_sr):
     second = x.VDI.snapshot(vdi, {})                             # nothing written between
     assert x.VDI.get_sm_config(vdi)["vhd-parent"] == base
     assert x.VDI.get_sm_config(second)["vhd-parent"] == base
-    assert len([h for _, h in tree(directory).values() if h]) == 1
+    assert len([h for _, h in vhd_tree(directory).values() if h]) == 1
     for v in (first, second, vdi):
         x.VDI.destroy(v)
     wait_gc(x, file_sr)
@@ -195,7 +197,7 @@ def test_forget_introduce_scan_rebuilds_the_tree(dhost, file_sr):
     x.SR.scan(sr)
     assert clone_uuid not in records(x, sr)
     wait_gc(x, sr)                         # its base has one child left: merged into it
-    assert set(records(x, sr)) == set(tree(directory)) and len(records(x, sr)) == 3
+    assert set(records(x, sr)) == set(vhd_tree(directory)) and len(records(x, sr)) == 3
 
 
 # -- the GC killed -9 at each phase ------------------------------------------------------------
@@ -251,9 +253,9 @@ def test_gc_killed_at_each_phase(dhost, file_sr, phase, case):
     visible = set(x.VDI.get_uuid(v) for v in vdis)
     bases = [] if case is leaf_case else [x.VDI.get_sm_config(vdis[0])["vhd-parent"]]
     assert leftovers(directory) == bases, (phase, os.listdir(directory))   # no X, no OLD_
-    assert set(tree(directory)) == visible | set(bases)
+    assert set(vhd_tree(directory)) == visible | set(bases)
     assert dict((u, m) for u, (_, m, _) in records(x, file_sr).items()) == \
-        dict((u, u in visible) for u in tree(directory))
+        dict((u, u in visible) for u in vhd_tree(directory))
 
 
 def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
@@ -265,14 +267,8 @@ def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
     sr_uuid = x.SR.get_uuid(file_sr)
     start, vdis = coalesce_case(dhost, file_sr)
     shas = dict((v, chain_sha(path_of(x, v))) for v in vdis)
-    testhooks.set_hook("gc-park", "coalesce")
     try:
-        start()
-        deadline = time.time() + 60
-        while gcctl.status(sr_uuid).get("doing") != "parked at coalesce":
-            assert time.time() < deadline, gcctl.status(sr_uuid)
-            time.sleep(0.05)
-        pid = gcctl.status(sr_uuid)["pid"]
+        pid = park(sr_uuid, "coalesce", start)
         t0 = time.monotonic()
         x.PBD.unplug(dhost.pbd(file_sr))
         assert time.monotonic() - t0 < 10
@@ -285,7 +281,7 @@ def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
     wait_gc(x, file_sr)
     for v, sha in shas.items():
         assert chain_sha(path_of(x, v)) == sha
-    assert all_valid(directory) == [] and len(tree(directory)) == 3     # P <- {vdi, snap2}
+    assert all_valid(directory) == [] and len(vhd_tree(directory)) == 3     # P <- {vdi, snap2}
     for v in vdis:
         x.VDI.destroy(v)
     x.PBD.unplug(dhost.pbd(file_sr))

@@ -11,9 +11,13 @@ import time
 
 import pytest
 
-from e2e_helpers import MiB, check_fio_blocks, sh
-from smtap.formats import vhd as V
-from smtap.sm import gcctl, testhooks, vhdchain
+from lib import vdis
+from lib.engine import tap_state
+from lib.filesr import chain_sha, fill_fs, hidden_images, park, retry_depth
+from lib.fs import check_fio_blocks
+from lib.procs import sh
+from lib.sizes import MiB
+from smtap.sm import gcctl, testhooks
 from smtap.toolstack import hostroot
 
 
@@ -21,23 +25,13 @@ def sr_dir(e2e):
     return os.path.join(e2e.root, "srv", "files")
 
 
-def qemu_io(e2e, sr, vdi, *commands, read_only=False):
-    argv = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
-    for c in commands:
-        argv += ["-c", c]
-    return subprocess.run(argv + [e2e.nbd_uri(sr, vdi)], capture_output=True, text=True,
-                          timeout=60)
+def put(e2e, vdi, pattern, offset, length):
+    """Write through the VDI's NBD export (qemu-io): its uuid."""
+    vdis.write(e2e.x, e2e.x.VDI.get_by_uuid(vdi), pattern, offset, length)
 
 
-def write(e2e, sr, vdi, pattern, offset, length):
-    res = qemu_io(e2e, sr, vdi, "write -P %#x %d %d" % (pattern, offset, length), "flush")
-    assert res.returncode == 0 and "failed" not in res.stdout, res.stdout + res.stderr
-
-
-def holds(e2e, sr, vdi, pattern, offset, length):
-    res = qemu_io(e2e, sr, vdi, "read -P %#x %d %d" % (pattern, offset, length),
-                  read_only=True)
-    return res.returncode == 0 and "Pattern verification failed" not in res.stdout
+def has(e2e, vdi, pattern, offset, length):
+    return vdis.holds(e2e.x, e2e.x.VDI.get_by_uuid(vdi), pattern, offset, length)
 
 
 def nbd_sha(e2e, sr, vdi, work):
@@ -49,57 +43,33 @@ def nbd_sha(e2e, sr, vdi, work):
 
 
 def file_sha(e2e, vdi):
-    h = hashlib.sha256()
-    with V.Chain(os.path.join(sr_dir(e2e), vdi + ".vhd")) as chain:
-        for pos in range(0, chain.size, 4 * MiB):
-            h.update(chain.read(pos, min(4 * MiB, chain.size - pos)))
-    return h.hexdigest()
-
-
-def hidden(e2e):
-    return sorted(u for u, i in vhdchain.scan(sr_dir(e2e)).items() if i.hidden)
+    return chain_sha(os.path.join(sr_dir(e2e), vdi + ".vhd"))
 
 
 def sm_config(e2e, vdi):
     return e2e.x.VDI.get_sm_config(e2e.x.VDI.get_by_uuid(vdi))
 
 
-def depth(path):
-    """query -d, read again if the GC relinks or deletes a parent meanwhile."""
-    for attempt in range(10):
-        try:
-            return vhdchain.depth(path)
-        except OSError:
-            time.sleep(0.05)
-    return vhdchain.depth(path)
-
-
-def tapdisk_state(e2e, sr, vdi):
-    pid = e2e.tapdisk_pid(sr, vdi)
-    (row,) = [line for line in sh("tap-ctl", "list").splitlines() if "pid=%d " % pid in line]
-    return row.split("state=")[1].split()[0]
-
-
 def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
     sr = e2e.sr_create("file")
     vdi = e2e.vdi_create(sr, "16MiB")
     vbd, dev = e2e.plug(vdi)
-    write(e2e, sr, vdi, 0xa1, 0, 4 * MiB)
+    put(e2e, vdi, 0xa1, 0, 4 * MiB)
     snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
     assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=is-a-snapshot") == "true"
     base = sm_config(e2e, vdi)["vhd-parent"]
-    assert "paused" not in sm_config(e2e, vdi) and tapdisk_state(e2e, sr, vdi) == "0"
+    assert "paused" not in sm_config(e2e, vdi) and tap_state(e2e.tapdisk_pid(sr, vdi)) == "0"
     assert e2e.xe_ok("vdi-param-get", "uuid=" + base, "param-name=managed") == "false"
-    write(e2e, sr, vdi, 0xa2, 4 * MiB, MiB)              # the live leaf moves on
+    put(e2e, vdi, 0xa2, 4 * MiB, MiB)              # the live leaf moves on
     clone = e2e.xe_ok("vdi-clone", "uuid=" + vdi)
     cvbd, cdev = e2e.plug(clone)
-    write(e2e, sr, clone, 0xb1, MiB, MiB)                 # the same range, other data
-    write(e2e, sr, vdi, 0xc1, MiB, MiB)
-    assert holds(e2e, sr, clone, 0xb1, MiB, MiB) and holds(e2e, sr, vdi, 0xc1, MiB, MiB)
+    put(e2e, clone, 0xb1, MiB, MiB)                 # the same range, other data
+    put(e2e, vdi, 0xc1, MiB, MiB)
+    assert has(e2e, clone, 0xb1, MiB, MiB) and has(e2e, vdi, 0xc1, MiB, MiB)
     for v in (vdi, clone):
-        assert holds(e2e, sr, v, 0xa1, 0, MiB) and holds(e2e, sr, v, 0xa2, 4 * MiB, MiB)
+        assert has(e2e, v, 0xa1, 0, MiB) and has(e2e, v, 0xa2, 4 * MiB, MiB)
     svbd, _ = e2e.plug(snap, mode="RO")
-    assert holds(e2e, sr, snap, 0xa1, 0, 4 * MiB) and holds(e2e, sr, snap, 0, 4 * MiB, MiB)
+    assert has(e2e, snap, 0xa1, 0, 4 * MiB) and has(e2e, snap, 0, 4 * MiB, MiB)
     e2e.unplug(svbd)
     e2e.xe_ok("vdi-destroy", "uuid=" + snap)
     shas = dict((v, nbd_sha(e2e, sr, v, tmp_path)) for v in (vdi, clone))
@@ -116,24 +86,6 @@ def test_snapshot_and_clone_while_plugged_then_write_both(e2e, tmp_path):
     e2e.destroy_sr(sr)
 
 
-def fill(directory):
-    """Take every free block of the file system: files allocated in shrinking chunks
-    until not even one block fits. Returns them."""
-    made, chunk = [], os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
-    while chunk >= 4096:
-        path = os.path.join(directory, "filler%d" % len(made))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, chunk)
-            made.append(path)
-        except OSError:
-            os.unlink(path)
-            chunk //= 2
-        finally:
-            os.close(fd)
-    return made
-
-
 def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     """ENOSPC midway: rolled back, SR_BACKEND_FAILURE_44, the VDI intact and still
     plugged and served; with room again the snapshot works."""
@@ -146,25 +98,25 @@ def test_snapshot_on_a_full_file_system(e2e, tmp_path):
     sr = e2e.sr_create("file")
     vdi = e2e.vdi_create(sr, "64MiB")
     vbd, _ = e2e.plug(vdi)
-    write(e2e, sr, vdi, 0xd1, 0, 8 * MiB)
+    put(e2e, vdi, 0xd1, 0, 8 * MiB)
     before = nbd_sha(e2e, sr, vdi, tmp_path)
-    fillers = fill(sr_dir(e2e))
+    fillers = fill_fs(sr_dir(e2e))
     files = sorted(os.listdir(sr_dir(e2e)))
     code, err = e2e.xe_fails("vdi-snapshot", "uuid=" + vdi)
     assert code == "SR_BACKEND_FAILURE_44", err
     assert "full" in err
     assert sorted(os.listdir(sr_dir(e2e))) == files       # nothing left: no base, no journal
     assert "vhd-parent" not in sm_config(e2e, vdi) and "paused" not in sm_config(e2e, vdi)
-    assert tapdisk_state(e2e, sr, vdi) == "0"             # still plugged and served
+    assert tap_state(e2e.tapdisk_pid(sr, vdi)) == "0"             # still plugged and served
     assert nbd_sha(e2e, sr, vdi, tmp_path) == before
-    write(e2e, sr, vdi, 0xd2, 0, MiB)                     # an allocated block: no new space
-    assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
+    put(e2e, vdi, 0xd2, 0, MiB)                     # an allocated block: no new space
+    assert has(e2e, vdi, 0xd2, 0, MiB)
     assert [v for v in e2e.x.VDI.get_all_records().values() if v["SR"] ==
             e2e.x.SR.get_by_uuid(sr)] and len(e2e.x.SR.get_VDIs(e2e.x.SR.get_by_uuid(sr))) == 1
     for f in fillers:
         os.unlink(f)
     snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)       # with room again
-    assert holds(e2e, sr, vdi, 0xd2, 0, MiB)
+    assert has(e2e, vdi, 0xd2, 0, MiB)
     e2e.unplug(vbd)
     for v in (snap, vdi):
         e2e.xe_ok("vdi-destroy", "uuid=" + v)
@@ -178,26 +130,16 @@ def gc_case(e2e, sr, kind):
     (kind "coalesce") or a leaf-coalesce of the plugged VDI ("leaf")."""
     vdi = e2e.vdi_create(sr, "16MiB")
     vbd, _ = e2e.plug(vdi)
-    write(e2e, sr, vdi, 0x31, 0, 6 * MiB)
+    put(e2e, vdi, 0x31, 0, 6 * MiB)
     snap1 = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
     for blk in range(3):
-        write(e2e, sr, vdi, 0x40 + blk, blk * 2 * MiB + 4096, 8192)
+        put(e2e, vdi, 0x40 + blk, blk * 2 * MiB + 4096, 8192)
     keep = []
     if kind == "coalesce":
         keep.append(e2e.xe_ok("vdi-snapshot", "uuid=" + vdi))
-        write(e2e, sr, vdi, 0x4f, 10 * MiB, 4096)
+        put(e2e, vdi, 0x4f, 10 * MiB, 4096)
     gcctl.wait_idle(sr)
     return vdi, vbd, snap1, keep
-
-
-def park(sr, phase, start):
-    testhooks.set_hook("gc-park", phase)
-    start()
-    deadline = time.time() + 60
-    while gcctl.status(sr).get("doing") != "parked at %s" % phase:
-        assert time.time() < deadline, gcctl.status(sr)
-        time.sleep(0.05)
-    return gcctl.status(sr)["pid"]
 
 
 @pytest.mark.parametrize("phase", ["coalesce", "relink", "leaf-coalesce"])
@@ -216,7 +158,7 @@ def test_kill_9_of_the_tapdisk_mid_gc(e2e, tmp_path, phase):
     assert e2e.tapdisks() == []
     vbd, _ = e2e.plug(vdi)
     assert nbd_sha(e2e, sr, vdi, tmp_path) == shas[vdi]
-    write(e2e, sr, vdi, 0x55, 0, MiB)                   # and it works
+    put(e2e, vdi, 0x55, 0, MiB)                   # and it works
     e2e.unplug(vbd)
     for v in keep + [vdi]:
         e2e.xe_ok("vdi-destroy", "uuid=" + v)
@@ -246,7 +188,7 @@ def test_kill_9_of_every_process_of_the_root_mid_leaf_coalesce(e2e, tmp_path):
     e2e.xe_ok("sr-scan", "uuid=" + sr)                  # replay, then the GC again
     gcctl.wait_idle(sr)
     assert "paused" not in sm_config(e2e, vdi)
-    assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
+    assert hidden_images(sr_dir(e2e)) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
     assert file_sha(e2e, vdi) == sha
     vbd, _ = e2e.plug(vdi)
     assert nbd_sha(e2e, sr, vdi, tmp_path) == sha
@@ -256,6 +198,7 @@ def test_kill_9_of_every_process_of_the_root_mid_leaf_coalesce(e2e, tmp_path):
 
 
 # -- 100 snapshots under fio ------------------------------------------------------------------------
+@pytest.mark.timeout(600)             # 100 s of snapshots at least, more on a loaded machine
 def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     """Each older snapshot destroyed as the next is taken: 0 verify errors, the VDI's
     chain at most 3 deep in steady state, no hidden file once the GC is idle, the SR's
@@ -279,7 +222,7 @@ def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
         time.sleep(2)
         for i in range(100):
             t0 = time.monotonic()
-            depths.append(depth(leaf))                   # what the GC left after 1 s
+            depths.append(retry_depth(leaf))                   # what the GC left after 1 s
             snap = x.VDI.snapshot(ref, {})
             if previous:
                 x.VDI.destroy(previous)
@@ -300,7 +243,7 @@ def test_100_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     assert max(steady) <= 3, depths
     x.VDI.destroy(previous)
     gcctl.wait_idle(sr, timeout=180)
-    assert hidden(e2e) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
+    assert hidden_images(sr_dir(e2e)) == [] and sorted(os.listdir(sr_dir(e2e))) == [vdi + ".vhd"]
     image = str(tmp_path / "image")
     sh("dd", "if=" + dev, "of=" + image, "bs=1M", "iflag=direct", "status=none")
     good, zero = check_fio_blocks(image)
