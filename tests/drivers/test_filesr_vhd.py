@@ -3,6 +3,7 @@ clone (base copies, vhd-parent), the chain limit, forget + introduce + scan, and
 garbage collector, killed -9 at each of its phases then restarted."""
 import os
 import time
+import xmlrpc.client
 
 import pytest
 
@@ -13,6 +14,7 @@ from lib.filesr import (all_valid, chain_sha, leftovers, park, park_and_kill, sr
                         vhd_tree, vhd_write, wait_gc)
 from lib.sizes import MiB
 from lib.toolstack import failure
+from lib.vdis import vdi_call
 from lib.vhd import vhd_util
 
 
@@ -54,10 +56,11 @@ def test_vhd_vdis_sizes_and_records(dhost, file_sr):
                                         x.VDI.get_uuid(raw) + ".raw")) == 3 * MiB + 512
     assert failure(x.VDI.snapshot, raw, {})[0] == "SR_OPERATION_NOT_SUPPORTED"
     assert x.SR.get_virtual_allocation(file_sr) == str(14 * MiB + 3 * MiB + 512)
-    caps = x.SM.get_capabilities(x.SM.get_by_name_label("Local Path VHD")[0])
-    for cap in ("VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESET_ON_BOOT", "SR_SCAN", "VDI_UPDATE",
-                "THIN_PROVISIONING"):
-        assert cap in caps, cap
+    features = x.SM.get_features(x.SM.get_by_name_label("Local Path VHD")[0])
+    for cap in ("VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE", "VDI_RESET_ON_BOOT",
+                "VDI_INTRODUCE", "VDI_UPDATE", "SR_SCAN", "SR_UPDATE", "THIN_PROVISIONING"):
+        assert cap in features, (cap, features)
+    assert features["VDI_RESET_ON_BOOT"] == "2"
 
     x.VDI.resize(vdi, str(40 * MiB))                             # grows, journalled
     assert x.VDI.get_virtual_size(vdi) == str(40 * MiB)
@@ -122,6 +125,35 @@ def test_snapshot_and_clone_offline_then_gc(dhost, file_sr):
     assert leftovers(directory) == [] and all_valid(directory) == []
     assert x.SR.get_other_config(file_sr)["gc-status"] == "idle"
     x.VDI.destroy(vdi)
+
+
+def test_reset_on_boot_drops_what_the_leaf_wrote(dhost, file_sr):
+    """on-boot=reset (VDI_RESET_ON_BOOT/2): vdi_epoch_begin empties the leaf (modify -z),
+    the snapshot's data stays; a VDI without a parent is refused, readably; persist: no-op."""
+    x = dhost.x
+    vdi = dhost.vdi_create(file_sr, 8 * MiB)
+    leaf = path_of(x, vdi)
+    vhd_write(leaf, 0x91, 0, 3 * MiB)
+    x.VDI.set_on_boot(vdi, "reset")
+    with pytest.raises(xmlrpc.client.Fault) as e:                # no snapshot to go back to
+        vdi_call(dhost, vdi, "vdi_epoch_begin")
+    assert e.value.faultCode == 66 and "parent" in e.value.faultString, e.value
+    before = chain_sha(leaf)
+    snap = x.VDI.snapshot(vdi, {})
+    at_snapshot = chain_sha(leaf)
+    assert at_snapshot == before
+    vhd_write(leaf, 0x92, MiB, 4 * MiB)                         # the "boot" writes
+    x.VDI.set_on_boot(vdi, "persist")
+    vdi_call(dhost, vdi, "vdi_epoch_begin")
+    assert chain_sha(leaf) != at_snapshot                       # persist keeps them
+    x.VDI.set_on_boot(vdi, "reset")
+    vdi_call(dhost, vdi, "vdi_epoch_begin")
+    assert chain_sha(leaf) == at_snapshot == chain_sha(path_of(x, snap))
+    assert vhd_util("check", "-n", leaf).returncode == 0
+    for v in (snap, vdi):
+        x.VDI.destroy(v)
+    wait_gc(x, file_sr)
+    assert os.listdir(sr_location(x, file_sr)) == []
 
 
 def test_an_empty_leaf_leaves_no_base(dhost, file_sr):
