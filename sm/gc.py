@@ -153,12 +153,18 @@ class GC(object):
         except Exception as e:          # visibility is best effort: never stop the work
             log.debug("gc-status: %s", errors.describe(e))
 
-    def wait_sr_free(self):
-        """Yield to an SR operation in progress: wait until nobody else holds the lock."""
+    def wait_sr_free(self, what):
+        """Yield to an SR operation in progress: wait until nobody else holds the lock,
+        saying so (what: the work it holds up). True if it waited."""
+        if self.sr_lock.acquire_noblock():
+            self.sr_lock.release()
+            return False
+        self.say("waiting for an SR operation", what)
         while not self.sr_lock.acquire_noblock():
             self.check_abort()
             time.sleep(POLL)
         self.sr_lock.release()
+        return True
 
     def locked(self):
         gc = self
@@ -367,12 +373,14 @@ class GC(object):
             self.check_abort()
             if deadline is not None and time.time() > deadline:
                 raise Skip("leaf-coalesce past its %ds bound" % LIVE_LEAF_COALESCE_TIMEOUT)
+            where = "%d of %d blocks, %.1f of %.1f MiB" % (
+                done, blocks, done * vhdchain.BLOCK / MiB, total / MiB)
+            waited = False
             if deadline is None:        # a paused leaf does not wait: the pause is bounded
                 t0 = time.time()
-                self.wait_sr_free()
+                waited = self.wait_sr_free("%s, %s" % (what, where))
                 stats["waited"] += time.time() - t0
-            self.say(what, "%d of %d blocks, %.1f of %.1f MiB" % (
-                done, blocks, done * vhdchain.BLOCK / MiB, total / MiB), force=done == 0)
+            self.say(what, where, force=done == 0 or waited)
 
         try:
             sectors = vhdchain.coalesce(child.path, progress)

@@ -8,11 +8,13 @@ import xmlrpc.client
 import pytest
 
 from smtap.formats import vhd as V
-from smtap.sm import gcctl, testhooks, vhdchain
+from smtap.sm import gcctl, lock, testhooks, vhdchain
 
 from lib.filesr import (all_valid, chain_sha, leftovers, park, park_and_kill, sr_location,
                         vhd_tree, vhd_write, wait_gc)
+from lib.procs import run
 from lib.sizes import MiB
+from lib.sm import log_lines
 from lib.toolstack import failure
 from lib.vdis import vdi_call
 from lib.vhd import vhd_util
@@ -321,3 +323,62 @@ def test_pbd_unplug_and_sr_destroy_stop_the_gc_within_seconds(dhost, file_sr):
     x.SR.destroy(file_sr)
     assert time.monotonic() - t0 < 10
     assert os.listdir(directory) == [] and not gcctl.running(sr_uuid)
+
+
+def smtap_gc(dhost, *args, **env):
+    return run(os.path.join(dhost.root, "opt", "smtap", "bin", "smtap-gc"), *args,
+               env=dict(os.environ, **env), timeout=60)
+
+
+def test_gc_one_per_sr_yields_to_sr_operations_and_says_what_it_does(dhost, file_sr):
+    """One GC per SR: a second one leaves at once, the first untouched. Mid-copy it waits
+    while an SR operation holds the SR lock, then finishes. smtap-gc -s / -q, the SR's
+    other-config and the log say what it does and what is left."""
+    x = dhost.x
+    directory = sr_location(x, file_sr)
+    sr_uuid = x.SR.get_uuid(file_sr)
+    start, vdis = coalesce_case(dhost, file_sr)
+    shas = dict((v, chain_sha(path_of(x, v))) for v in vdis)
+    merged = x.VDI.get_sm_config(vdis[0])["vhd-parent"]            # X, into P
+    sr_lock = lock.Lock("sr", sr_uuid)
+    try:
+        pid = park(sr_uuid, "coalesce", start)
+        assert gcctl.status(sr_uuid)["pending"] == {"garbage": 0, "coalesce": 1,
+                                                    "leaf-coalesce": 0}
+        assert smtap_gc(dhost, "-u", sr_uuid, "-s").stdout == (
+            "running: parked at coalesce\nleft: 0 garbage, 1 coalesce, 0 leaf-coalesce\n")
+        assert smtap_gc(dhost, "-u", sr_uuid, "-q").stdout == "Currently running: True\n"
+        assert x.SR.get_other_config(file_sr)["gc-status"] == \
+            "parked at coalesce; left: 0 garbage, 1 coalesce, 0 leaf-coalesce"
+        # a second collector on the SR's session: it finds gc_active held and leaves
+        second = smtap_gc(dhost, "-u", sr_uuid, "-g",
+                          **{gcctl.SESSION_ENV: dhost.session_obj._session})
+        assert second.returncode == 0 and second.stdout == "" and second.stderr == ""
+        assert not gcctl.gone(pid) and gcctl.status(sr_uuid)["pid"] == pid
+        assert "GC: another instance holds SR %s" % sr_uuid in "\n".join(log_lines())
+
+        sr_lock.acquire()                                         # an SR operation runs
+        testhooks.clear_hook("gc-park")
+        deadline = time.time() + 30
+        while gcctl.status(sr_uuid).get("doing") != "waiting for an SR operation":
+            assert time.time() < deadline, gcctl.status(sr_uuid)
+            time.sleep(0.05)
+        assert "1 of 3 blocks" in gcctl.status(sr_uuid)["progress"]
+        time.sleep(1)                                             # mid-copy, it stays put
+        assert os.path.exists(os.path.join(directory, "coalesce_" + merged))
+        assert not os.path.exists(os.path.join(directory, "relink_" + merged))
+    finally:
+        testhooks.clear_hook("gc-park")
+        if sr_lock.held():
+            sr_lock.release()
+    assert wait_gc(x, file_sr)["state"] == "idle"
+    assert merged not in vhd_tree(directory) and leftovers(directory) == [
+        x.VDI.get_sm_config(vdis[0])["vhd-parent"]]
+    for v, sha in shas.items():
+        assert chain_sha(path_of(x, v)) == sha
+    said = [l.split("GC: ", 1)[1] for l in log_lines() if "GC: " in l]
+    for line in ("coalescing %s into" % merged, "relinked", "deleted %s" % merged,
+                 "waiting for an SR operation"):
+        assert any(s.startswith(line) for s in said), (line, said)
+    assert smtap_gc(dhost, "-u", sr_uuid, "-s").stdout == "idle\n"
+    assert x.SR.get_other_config(file_sr)["gc-status"] == "idle"
