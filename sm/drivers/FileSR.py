@@ -431,16 +431,14 @@ class FileVDI(dirsr.DirVDI):
         if self.hidden:
             errors.raise_error("VDIUnavailable", "hidden VDI %s (a base copy)" % self.uuid)
         if rounded > self.size:
-            if self.is_active():
-                errors.raise_error("VDIInUse", "VDI %s is active: resize it while detached"
-                                   % self.uuid)
             journal = os.path.join(self.sr.path, RESIZE_JOURNAL + self.uuid)
-            try:
-                vhdchain.grow(self.file, rounded, journal)
-            except OSError as e:
-                self.no_space(e, "resize")
-                errors.raise_error("VDISize", "resize of %s: %s" % (self.uuid,
-                                                                    errors.describe(e)))
+            with poolpause.Paused(self):    # active: its tapdisks reopen it grown
+                try:
+                    vhdchain.grow(self.file, rounded, journal)
+                except OSError as e:
+                    self.no_space(e, "resize")
+                    errors.raise_error("VDISize", "resize of %s: %s" % (self.uuid,
+                                                                        errors.describe(e)))
             log.info("VDI %s resized %d -> %d", self.uuid, self.size, rounded)
         self.load_storage()
         self.db_update()
