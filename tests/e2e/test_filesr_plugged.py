@@ -1,8 +1,9 @@
 """The file SR on VHD with plugged VDIs, through `xe` and XenAPI: snapshot and clone
 while plugged and written, both copies independent; an online resize; a snapshot on a
 full file system (rolled back, error 44, the VDI still plugged); kill -9 of the tapdisk,
-or of every process of the root, while the garbage collector works; 100 snapshots at 1 s
-intervals under fio verify with the collector keeping the chain short."""
+or of every process of the root, while the garbage collector works; snapshots at 1 s
+intervals under fio verify (SMTAP_FILESR_SNAPSHOTS=100 for the issue's 100; 15 by default)
+with the collector keeping the chain short."""
 import hashlib
 import os
 import signal
@@ -225,17 +226,18 @@ def test_kill_9_of_every_process_of_the_root_mid_leaf_coalesce(e2e, tmp_path):
 
 
 # -- snapshots every second under fio -------------------------------------------------------------
-SNAPSHOTS = int(os.environ.get("SMTAP_FILESR_SNAPSHOTS", "20"))    # the issue's run: 100
+SNAPSHOTS = int(os.environ.get("SMTAP_FILESR_SNAPSHOTS", "15"))    # the issue's run: 100
 
 
 @pytest.mark.timeout(120 + 3 * SNAPSHOTS)   # 1 s per snapshot, more on a loaded machine
 def test_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
-    """SMTAP_FILESR_SNAPSHOTS (20; 100 for the full run) snapshots 1 s apart, each older
-    snapshot destroyed as the next is taken, fio writing 100 MiB in all at a steady rate:
-    0 verify errors, the VDI's chain at most 3 deep in steady state, no hidden file once
-    the GC is idle, the SR's physical use back within 10% of the data written."""
+    """SMTAP_FILESR_SNAPSHOTS (15; 100 for the full run) snapshots 1 s apart, each older
+    snapshot destroyed as the next is taken, fio writing steadily over the 16 MiB VDI (at
+    least 50 MiB, at least 1 MB/s): 0 verify errors, the VDI's chain at most 3 deep in
+    steady state, no hidden file once the GC is idle, the SR's physical use back within
+    10% of the data written."""
     sr = e2e.sr_create("file")
-    vdi = e2e.vdi_create(sr, "32MiB")
+    vdi = e2e.vdi_create(sr, "16MiB")
     vbd, dev = e2e.plug(vdi)
     x = e2e.x
     ref = x.VDI.get_by_uuid(vdi)
@@ -243,8 +245,8 @@ def test_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     work.mkdir()
     fio = subprocess.Popen(
         ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + e2e.nbd_uri(sr, vdi),
-         "--rw=randwrite", "--bs=4k", "--size=32M", "--iodepth=4",
-         "--rate=%dk" % (100 * 1024 // SNAPSHOTS),
+         "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=4",
+         "--rate=%dk" % max(1024, 50 * 1024 // SNAPSHOTS),
          "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=64",
          "--verify_fatal=1", "--time_based", "--runtime=600", "--output-format=terse"],
         cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -279,7 +281,7 @@ def test_snapshots_at_1s_under_fio_verify(e2e, tmp_path):
     image = str(tmp_path / "image")
     sh("dd", "if=" + dev, "of=" + image, "bs=1M", "iflag=direct", "status=none")
     good, zero = check_fio_blocks(image)
-    assert good + zero == 8192 and good > 4096
+    assert good + zero == 4096 and good > 2048
     written = good * 4096
     x.SR.update(x.SR.get_by_uuid(sr))
     used = int(x.SR.get_physical_utilisation(x.SR.get_by_uuid(sr)))
