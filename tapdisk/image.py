@@ -71,8 +71,8 @@ class Chain(object):
             self._open(params, flags, kept, resumed)
             leaf = self.images[0].driver
             if expect is not None and (leaf.size < expect[0] or leaf.sector_size != expect[1]):
-                raise ValueError("%s: size %d / sector size %d: the paused disk's are %d / %d "
-                                 "(it may grow, not shrink)"
+                raise ValueError("%s: size %d / sector size %d differ from the paused disk's "
+                                 "%d / %d (it may grow, not shrink)"
                                  % ((params, leaf.size, leaf.sector_size) + tuple(expect)))
         except Exception:
             for image in resumed:               # back to how the pause left them

@@ -290,7 +290,7 @@ def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x3e 0 64k", tap.uri)
     tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
     proc = tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a",
-                   "ram:%s?size=%d" % (smtap_root / "w", 8 * MiB), check=False)
+                   "ram:%s?size=%d" % (smtap_root / "w", 2 * MiB), check=False)   # smaller
     assert proc.returncode != 0 and "size" in proc.stderr
     tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
     assert read_pattern(tap.uri, "0x3e")
