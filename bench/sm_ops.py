@@ -17,7 +17,6 @@ attach and detach.
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 sys.path.insert(0, TOP)
 
 from smtap import names, settings               # noqa: E402
-from smtap.toolstack import client, demo, hostroot  # noqa: E402
+import benchlib                                 # noqa: E402
 
 TARGET = 1.0
 FOUR = ("vdi-create", "vbd-plug", "vbd-unplug", "vdi-destroy")
@@ -132,16 +131,9 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.stderr.write("sm_ops: needs root (loop devices, mounts, FUSE)\n")
         return 1
-    root = hostroot.short_root("/tmp/b")
-    os.environ[settings.ROOT_ENV] = root
-    d = demo.Demo(root, out=open(os.devnull, "w"))
     size = args.vdi_size_mib * MiB
-    ok = False
-    try:
-        d.install()
-        d.start()
-        session = client.login(settings.xapi_socket(), originator="bench")
-        x = session.xenapi
+    with benchlib.local_toolstack("sm_ops") as (d, x):
+        root = d.root
         host = x.host.get_all()[0]
         dom0 = x.host.get_control_domain(host)
         sr = x.SR.create(host, {"size": "%dMiB" % (2 * args.vdi_size_mib)}, "0", "bench", "",
@@ -183,17 +175,6 @@ def main(argv=None):
             table("Parts measured alone", p, list(p))
         x.PBD.unplug(x.SR.get_PBDs(sr)[0])
         x.SR.destroy(sr)
-        session.xenapi.session.logout()
-        d.stop()
-        ok = True
-    finally:
-        if not ok:
-            d.undo()
-        left = hostroot.cleanup(root)
-        if left:
-            print("sm_ops: left behind: %s" % "; ".join(left))
-        if not hostroot.mounts_under(root):
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

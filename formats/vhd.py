@@ -1362,9 +1362,12 @@ def repair(path, use_backup=False):
         img.io.flush()
 
 
-def coalesce(path):
+def coalesce(path, progress=None):
     """Copy a differencing disk's data into its parent: whole blocks where the child's
-    batmap says full, else the sectors set in its bitmap. Returns the sectors copied."""
+    batmap says full, else the sectors set in its bitmap. Returns the sectors copied.
+    progress(blocks done, blocks allocated in the child), when given, is called before
+    the first block and after each one; an exception it raises stops the copy (the
+    parent is closed cleanly: what was copied stays, the child is unchanged)."""
     with VHD(path) as child:
         if child.type != HD_TYPE_DIFF:
             raise _einval("coalescing of non-differencing disks is not supported")
@@ -1379,20 +1382,23 @@ def coalesce(path):
             write = lambda data, off: parent.write(data, off)     # noqa: E731
             target = None
         total = 0
+        todo = [blk for blk in range(child.blocks) if child.bat[blk] != DD_BLK_UNUSED]
         try:
-            for blk in range(child.blocks):
-                if child.bat[blk] == DD_BLK_UNUSED:
-                    continue
+            if progress is not None:
+                progress(0, len(todo))
+            for done, blk in enumerate(todo, 1):
                 base = blk * child.block_size
                 n = min(child.block_size, child.size - base)
                 if child.block_full(blk):
                     write(child.read(base, n), base)
                     total += child.spb
-                    continue
-                for off, ln, present in child.extents(base, n):
-                    if present:
-                        write(child.read(off, ln), off)
-                        total += ln // SECTOR
+                else:
+                    for off, ln, present in child.extents(base, n):
+                        if present:
+                            write(child.read(off, ln), off)
+                            total += ln // SECTOR
+                if progress is not None:
+                    progress(done, len(todo))
         finally:
             if parent is not None:
                 parent.close()

@@ -2,7 +2,8 @@
 ramSR (a tmpfs) and FileSR (any directory) share. How a file gives its sizes and how a
 new one is made depends on its format, looked up by extension in FORMATS: raw (a
 sparse file: its length is the virtual size, the blocks it holds its utilisation) or
-VHD (sizes from its metadata, smtap.formats). The SRs here create raw files (EXT).
+VHD (sizes from its metadata, smtap.formats). ramSR creates raw files (EXT); FileSR VHDs
+(raw ones on request).
 """
 import errno
 import os
@@ -14,7 +15,6 @@ from smtap import sparse
 from smtap.sm import sr
 from smtap.sm import poolpause
 from smtap.sm import tapvdi
-from smtap.sm import vdi as vdilib
 
 SECTOR = 512
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -235,9 +235,7 @@ class DirVDI(tapvdi.TapdiskVDI):
             self.copy_extra_files(new)
             new.load_storage()
             if is_snapshot:
-                new.is_a_snapshot = True
-                new.snapshot_of = self.ref
-                new.snapshot_time = vdilib.timestamp()
+                new.mark_snapshot_of(self)
             new.db_introduce()
         except BaseException:
             new.remove_files()

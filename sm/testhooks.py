@@ -10,6 +10,9 @@ from smtap.sm import errors
 HOOKS = {
     "activate-fail": "vdi_activate fails once the tapdisk runs and is linked (rollback)",
     "pause-fail": "the tapdisk-pause plugin's pause fails (callers must recover)",
+    "gc-park": "the garbage collector stops at the phase this hook names (coalesce, "
+               "coalesced, relink, leaf-coalesce, leaf-renamed) until it is cleared, so "
+               "a test can kill -9 it there",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -48,6 +51,15 @@ def hooks():
             with open(_path(name)) as f:
                 result[name] = f.read()
     return result
+
+
+def value(name):
+    """The hook's value if it is set, else None."""
+    try:
+        with open(_path(name)) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def check(name, what):

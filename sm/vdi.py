@@ -167,6 +167,12 @@ class VDI(object):
         self.sm_config = dict((k, v) for k, v in other.sm_config.items()
                               if not k.startswith("host_") and k not in DATAPATH_KEYS)
 
+    def mark_snapshot_of(self, source):
+        """This new VDI is a snapshot of `source`, taken now."""
+        self.is_a_snapshot = True
+        self.snapshot_of = source.ref
+        self.snapshot_time = timestamp()
+
     def load_db_record(self, record=None):
         """Fill the fields from XAPI's record of this VDI."""
         if record is None:

@@ -53,7 +53,8 @@ class Chain(object):
     (same params and flags) is resumed rather than opened anew, so a disk whose data
     lives in this process (a volatile ram disk) keeps it; on success the suspended
     chain's other images are closed, on failure it stays suspended as it was.
-    expect: the (size, sector_size) the leaf must have (an unpause must not change them).
+    expect: the (size, sector_size) of the paused disk: the leaf must keep the sector size
+    and be at least that big (grown while paused: an online resize; never shrunk).
     """
 
     def __init__(self, params, flags=0, timeout=120, resume=None, expect=None):
@@ -69,9 +70,10 @@ class Chain(object):
         try:
             self._open(params, flags, kept, resumed)
             leaf = self.images[0].driver
-            if expect is not None and (leaf.size, leaf.sector_size) != tuple(expect):
+            if expect is not None and (leaf.size < expect[0] or leaf.sector_size != expect[1]):
                 raise ValueError("%s: size %d / sector size %d differ from the paused disk's "
-                                 "%d / %d" % ((params, leaf.size, leaf.sector_size) + tuple(expect)))
+                                 "%d / %d (it may grow, not shrink)"
+                                 % ((params, leaf.size, leaf.sector_size) + tuple(expect)))
         except Exception:
             for image in resumed:               # back to how the pause left them
                 try:

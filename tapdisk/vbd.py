@@ -49,7 +49,7 @@ class VBD(object):
         self.chain = None
         self.suspended = None       # the chain a pause suspended, until resume or close
         self.server = None
-        self._size = None           # kept across a pause: resume must not change it
+        self._size = None           # kept across a pause: resume may only grow it
         self._sector_size = None
         self._export_flags = 0
         self._banked = {"secs": [0, 0], "images": [], "retries": 0}  # chains closed by pause
@@ -201,6 +201,7 @@ class VBD(object):
                 raise
             self.suspended = None
             self.params = params
+            self._size = chain.size     # grown while paused: new clients see the new size
             self.state = STATE_RUNNING
             self._export_flags = nbd.transmission_flags(chain)
             self._release(chain)

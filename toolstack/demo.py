@@ -4,12 +4,15 @@ Installs the suite into a temporary root (as `make install` lays it out on a hos
 starts the local toolstack there, and drives it with the installed `xe` like a person
 would: a ram SR, a VDI, a dom0 VBD plugged -> /dev/loopN, mkfs.ext4, mount, files
 written and read back, a snapshot (checked by plugging it read-only: e2fsck and the same
-files), then everything unplugged and destroyed. Each step prints its command line and
-its time. At the end nothing may be left behind: no process, loop device, mount, socket,
-link or record of the root. Exit 0 only if every step worked and nothing is left.
+files), then everything unplugged and destroyed; then a file SR on VHD: a snapshot of the
+mounted file system being written (frozen for it), a clone of the snapshot plugged,
+checked and written, both compared, the garbage collector run until nothing is left.
+Each step prints its command line and its time. At the end nothing may be left behind:
+no process, loop device, mount, socket, link or record of the root. Exit 0 only if every
+step worked and nothing is left.
 
     make demo                       # = make build; .venv/bin/python3 -m smtap.toolstack.demo
-    python3 -m smtap.toolstack.demo [--sr-type ram|file] [--vdi-size 128MiB] [--keep-root]
+    python3 -m smtap.toolstack.demo [--sr-type all|ram|file] [--vdi-size 128MiB] [--keep-root]
 
 What a root leaves behind is found and removed by smtap.toolstack.hostroot.
 """
@@ -50,7 +53,7 @@ class Demo(object):
     def __init__(self, root, sr_type="ram", vdi_size="128MiB", sr_size="512MiB",
                  location=None, out=sys.stdout):
         self.root = root
-        self.sr_type = sr_type
+        self.sr_types = ["ram", "file"] if sr_type == "all" else [sr_type]
         self.vdi_size = vdi_size
         self.sr_size = sr_size
         self.location = location or os.path.join(root, "srv", "file-sr")
@@ -59,8 +62,10 @@ class Demo(object):
         self.bin = os.path.join(root, "opt", "smtap", "bin")
         self.env["PATH"] = self.bin + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
         self.xapi = None
+        self.frozen = None       # a file system fsfreeze -f'd, until -u
         self.steps = []          # (name, seconds, ok)
         self.files = {}          # name -> sha256
+        self.groups = {}         # prefix -> the files written with it (its manifest)
         self.mnt = os.path.join(root, "mnt")
         # What exists, for the clean-up on failure (undone in reverse order).
         self.mounted = []
@@ -209,19 +214,22 @@ class Demo(object):
         self.cmd_step(["umount", point])
         self.mounted.remove(point)
 
-    def write_files(self, point):
-        rng = random.Random(42)
+    def write_files(self, point, seed=42, prefix=""):
+        rng = random.Random(seed)
         sizes = {"hello.txt": None, "random-1M.bin": MiB, "random-8M.bin": 8 * MiB}
         for name, size in sizes.items():
-            path = os.path.join(point, name)
-            data = (b"hello from smtap: a ram SR through tapdisk, nbdfuse and a loop device\n"
+            path = os.path.join(point, prefix + name)
+            data = (b"hello from smtap: an SR through tapdisk, nbdfuse and a loop device\n"
                     if size is None else rng.getrandbits(8 * size).to_bytes(size, "little"))
             with open(path, "wb") as f:
                 f.write(data)
-            self.files[name] = hashlib.sha256(data).hexdigest()
-        os.makedirs(os.path.join(point, "dir", "sub"))
-        with open(os.path.join(point, "dir", "sub", "manifest.json"), "w") as f:
-            json.dump(self.files, f, sort_keys=True)
+            self.files[prefix + name] = hashlib.sha256(data).hexdigest()
+        group = dict((n, d) for n, d in self.files.items() if n.startswith(prefix) and
+                     (prefix or not [p for p in self.groups if p and n.startswith(p)]))
+        self.groups[prefix] = group
+        os.makedirs(os.path.join(point, "dir", "sub"), exist_ok=True)
+        with open(os.path.join(point, "dir", "sub", prefix + "manifest.json"), "w") as f:
+            json.dump(group, f, sort_keys=True)
         os.sync()
         return "%d files, %.1f MiB" % (len(self.files) + 1,
                                        sum(s or 0 for s in sizes.values()) / MiB)
@@ -231,9 +239,11 @@ class Demo(object):
             got = sha256(os.path.join(point, name))
             if got != digest:
                 raise RuntimeError("%s: sha256 %s, wrote %s" % (name, got, digest))
-        with open(os.path.join(point, "dir", "sub", "manifest.json")) as f:
-            if json.load(f) != self.files:
-                raise RuntimeError("manifest.json differs")
+        for prefix, group in self.groups.items():
+            if set(group) <= set(self.files):
+                with open(os.path.join(point, "dir", "sub", prefix + "manifest.json")) as f:
+                    if json.load(f) != group:
+                        raise RuntimeError("%smanifest.json differs" % prefix)
         return "%d sha256 match" % len(self.files)
 
     def check_records(self):
@@ -251,15 +261,33 @@ class Demo(object):
         self.step("SMTAP_ROOT=$ROOT smtap-xapi &", self.start)
         host = self.xe_step("host-list", "--minimal", var="HOST")
         dom0 = self.xe_step("vm-list", "is-control-domain=true", "--minimal", var="DOM0")
-        if self.sr_type == "ram":
-            config = ["device-config:size=" + self.sr_size]
-        else:
-            config = ["device-config:location=" + self.location]
-        self.sr = self.xe_step("sr-create", "host-uuid=" + host, "type=" + self.sr_type,
-                               "name-label=demo-" + self.sr_type, *config, var="SR")
+        for sr_type in self.sr_types:
+            self.files, self.groups = {}, {}
+            (self.ram_flow if sr_type == "ram" else self.file_flow)(host, dom0)
+            self.forget_vars()
+        self.step("no records left (xe vbd-list, vdi-list, pbd-list, sr-list)",
+                  self.check_records)
+        self.step("stop smtap-xapi", self.stop)
+
+    def forget_vars(self):
+        self.vars = dict((k, v) for k, v in self.vars.items() if k in ("ROOT", "HOST", "DOM0"))
+
+    def create_sr(self, host, sr_type, *config):
+        self.sr = self.xe_step("sr-create", "host-uuid=" + host, "type=" + sr_type,
+                               "name-label=demo-" + sr_type, *config, var="SR")
         vdi = self.xe_step("vdi-create", "sr-uuid=" + self.sr, "name-label=demo-disk",
                            "virtual-size=" + self.vdi_size, var="VDI")
         self.vdis.append(vdi)
+        return vdi
+
+    def destroy_sr(self):
+        pbd = self.xe_step("pbd-list", "sr-uuid=" + self.sr, "--minimal", var="PBD")
+        self.xe_step("pbd-unplug", "uuid=" + pbd)
+        self.xe_step("sr-destroy", "uuid=" + self.sr)
+        self.sr = None
+
+    def ram_flow(self, host, dom0):
+        vdi = self.create_sr(host, "ram", "device-config:size=" + self.sr_size)
         vbd, dev = self.plug(vdi, dom0)
         self.cmd_step(["mkfs.ext4", "-q", "-F", "-L", "smtap-demo", dev])
         point = os.path.join(self.mnt, "disk")
@@ -269,33 +297,100 @@ class Demo(object):
         self.mount(dev, point)
         self.step("read back, compare sha256", self.read_back, point)
         self.umount(point)
-        snap = None
-        if self.sr_type == "ram":
-            snap = self.xe_step("vdi-snapshot", "uuid=" + vdi, var="SNAP")
-            self.vdis.append(snap)
+        snap = self.xe_step("vdi-snapshot", "uuid=" + vdi, var="SNAP")
+        self.vdis.append(snap)
         self.unplug(vbd)
-        if snap:
-            svbd, sdev = self.plug(snap, dom0, mode="RO", var="SNAP_VBD")
-            self.cmd_step(["e2fsck", "-f", "-n", sdev])
-            spoint = os.path.join(self.mnt, "snapshot")
-            self.mount(sdev, spoint, "-o", "ro,noload")
-            self.step("read the snapshot's files, compare sha256", self.read_back, spoint)
-            self.umount(spoint)
-            self.unplug(svbd)
-            self.xe_step("vdi-destroy", "uuid=" + snap)
-            self.vdis.remove(snap)
+        svbd, sdev = self.plug(snap, dom0, mode="RO", var="SNAP_VBD")
+        self.cmd_step(["e2fsck", "-f", "-n", sdev])
+        spoint = os.path.join(self.mnt, "snapshot")
+        self.mount(sdev, spoint, "-o", "ro,noload")
+        self.step("read the snapshot's files, compare sha256", self.read_back, spoint)
+        self.umount(spoint)
+        self.unplug(svbd)
+        self.destroy_vdi(snap)
+        self.destroy_vdi(vdi)
+        self.destroy_sr()
+
+    def destroy_vdi(self, vdi):
         self.xe_step("vdi-destroy", "uuid=" + vdi)
         self.vdis.remove(vdi)
-        pbd = self.xe_step("pbd-list", "sr-uuid=" + self.sr, "--minimal", var="PBD")
-        self.xe_step("pbd-unplug", "uuid=" + pbd)
-        self.xe_step("sr-destroy", "uuid=" + self.sr)
-        self.sr = None
-        self.step("no records left (xe vbd-list, vdi-list, pbd-list, sr-list)",
-                  self.check_records)
-        self.step("stop smtap-xapi", self.stop)
+        self.forget(vdi)
+
+    def file_flow(self, host, dom0):
+        """A file SR on VHD: a snapshot of the mounted file system while it is written, a
+        clone of it plugged and written, both compared, then the GC leaves one file."""
+        vdi = self.create_sr(host, "file", "device-config:location=" + self.location)
+        self.vars["SRDIR"] = self.location
+        vbd, dev = self.plug(vdi, dom0)
+        self.cmd_step(["mkfs.ext4", "-q", "-F", "-L", "smtap-demo", dev])
+        point = os.path.join(self.mnt, "disk")
+        self.mount(dev, point)
+        self.step("write files to %s, sync" % self.shown([point]), self.write_files, point)
+        before = dict(self.files)
+        self.cmd_step(["fsfreeze", "-f", point])         # what a guest agent does for it
+        self.frozen = point
+        snap = self.xe_step("vdi-snapshot", "uuid=" + vdi, var="SNAP")
+        self.vdis.append(snap)
+        self.cmd_step(["fsfreeze", "-u", point])
+        self.frozen = None
+        self.step("write more files to %s (the VDI moves on), sync" % self.shown([point]),
+                  self.write_files, point, 7, "after-")
+        after = dict(self.files)
+        clone = self.xe_step("vdi-clone", "uuid=" + snap, var="CLONE")
+        self.vdis.append(clone)
+        cvbd, cdev = self.plug(clone, dom0, var="CLONE_VBD")
+        self.cmd_step(["e2fsck", "-f", "-n", cdev])
+        cpoint = os.path.join(self.mnt, "clone")
+        self.mount(cdev, cpoint)
+        self.files = before
+        self.step("read the clone's files, compare sha256", self.read_back, cpoint)
+        self.step("the clone has none of the files written after the snapshot",
+                  self.absent, cpoint, sorted(set(after) - set(before)))
+        self.step("write files to the clone, sync", self.write_files, cpoint, 9, "clone-")
+        self.umount(cpoint)
+        self.files = after
+        self.step("read the VDI's files, compare sha256", self.read_back, point)
+        self.step("the VDI has none of the clone's files", self.absent, point,
+                  ["clone-" + n for n in before])
+        self.umount(point)
+        self.unplug(cvbd)
+        self.unplug(vbd)
+        self.destroy_vdi(snap)
+        self.destroy_vdi(clone)
+        self.step(self.shown(["smtap-gc", "-u", self.sr, "-g"]), self.gc_run)
+        self.step("ls $SRDIR: one VHD, no base copy left", self.one_file, vdi)
+        self.destroy_vdi(vdi)
+        self.destroy_sr()
+
+    def absent(self, point, names):
+        there = [n for n in names if os.path.exists(os.path.join(point, n))]
+        if there:
+            raise RuntimeError("unexpected: %s" % ", ".join(there))
+        return "%d absent" % len(names)
+
+    def gc_run(self):
+        """The collector, by hand: an SR scan starts it; its status lines until idle."""
+        lines = self.run([os.path.join(self.bin, "smtap-gc"), "-u", self.sr, "-g"],
+                         timeout=300).splitlines()
+        if lines[-1] != "idle":
+            raise RuntimeError("the collector ended: %s" % "; ".join(lines[-2:]))
+        done = []
+        for line in lines:
+            word = line.split()[0] if line.split() else ""
+            if word.endswith("ing") and word not in done:
+                done.append(word)
+        return "idle, after: " + ", ".join(done) if done else "idle"
+
+    def one_file(self, vdi):
+        names = sorted(os.listdir(self.location))
+        if names != [vdi + ".vhd"]:
+            raise RuntimeError("%s holds %s" % (self.location, ", ".join(names)))
+        return "$VDI.vhd"
 
     def undo(self):
         """After a failure: undo what exists, through xe while the toolstack runs."""
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", self.frozen], stderr=subprocess.DEVNULL)
         for point in reversed(list(self.mounted)):
             subprocess.run(["umount", point], stderr=subprocess.DEVNULL)
         if self.xapi is not None and self.xapi.poll() is None:
@@ -328,7 +423,7 @@ class Demo(object):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="smtap demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--sr-type", choices=("ram", "file"), default="ram")
+    parser.add_argument("--sr-type", choices=("all", "ram", "file"), default="all")
     parser.add_argument("--vdi-size", default="128MiB")
     parser.add_argument("--sr-size", default="512MiB", help="the ram SR's budget")
     parser.add_argument("--keep-root", action="store_true",
@@ -339,7 +434,8 @@ def main(argv=None):
         return 1
     root = short_root()
     out = sys.stdout
-    out.write("smtap demo: a %s SR on the local toolstack, root %s\n" % (args.sr_type, root))
+    out.write("smtap demo: %s on the local toolstack, root %s\n" % (
+        "a ram SR and a file SR" if args.sr_type == "all" else "a %s SR" % args.sr_type, root))
     demo = Demo(root, args.sr_type, args.vdi_size, args.sr_size, out=out)
     t0 = time.monotonic()
     ok = True

@@ -1,4 +1,5 @@
-"""FileSR driven through the local toolstack: raw sparse files served by aio tapdisks."""
+"""FileSR driven through the local toolstack: raw sparse files (sm-config:type=raw)
+served by aio tapdisks; the VHD side is test_filesr_vhd.py."""
 import os
 
 from lib.sizes import MiB
@@ -22,7 +23,7 @@ def test_file_sr_lifecycle(dhost, tmp_path):
     location = tmp_path / "vdis"
     sr = dhost.sr_create("file", {"location": str(location)})      # sr_create makes it
     assert location.is_dir()
-    vdi = dhost.vdi_create(sr, 10 * MiB + 1)
+    vdi = dhost.vdi_create(sr, 10 * MiB + 1, {"type": "raw"})
     uuid = x.VDI.get_uuid(vdi)
     path = location / (uuid + ".raw")
     assert path.stat().st_size == 10 * MiB + 512                   # rounded to sectors
@@ -53,7 +54,7 @@ def test_file_sr_lifecycle(dhost, tmp_path):
     assert holds(x, vdi, 0x61, MiB, MiB) and holds(x, vdi, 0, 2 * MiB, 18 * MiB)
     dhost.unplug(vbd)
 
-    # Snapshot and clone come with VHD: "not supported" (fault 38), nothing made.
+    # Snapshot and clone are VHD's: "not supported" (fault 38) for raw, nothing made.
     assert failure(x.VDI.snapshot, vdi, {})[0] == "SR_OPERATION_NOT_SUPPORTED"
     assert failure(x.VDI.clone, vdi, {})[0] == "SR_OPERATION_NOT_SUPPORTED"
     assert sorted(os.listdir(location)) == [uuid + ".raw"]
@@ -104,7 +105,7 @@ def test_a_directory_another_sr_uses_is_refused(dhost, tmp_path):
     x = dhost.x
     location = tmp_path / "shared"
     first = dhost.sr_create("file", {"location": str(location)}, name="first")
-    vdi = dhost.vdi_create(first, MiB)
+    vdi = dhost.vdi_create(first, MiB, {"type": "raw"})
     os.symlink(str(location), str(tmp_path / "alias"))
     for path in (str(location), str(location) + "/./", str(tmp_path / "alias")):
         err = failure(dhost.sr_create, "file", {"location": path}, "second")

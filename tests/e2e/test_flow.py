@@ -1,5 +1,5 @@
 """The demo's flow as tests: an SR, a VDI plugged into dom0 as a loop device, a file
-system on it, files written and read back, a snapshot (ram), everything unplugged and
+system on it, files written and read back, a snapshot, everything unplugged and
 destroyed with nothing left; and `make demo`'s module run as a user runs it."""
 import os
 import re
@@ -11,6 +11,7 @@ from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
 from lib.sizes import MiB
 from lib.toolstack import traces
+from smtap.sm import gcctl
 from smtap.toolstack import hostroot
 
 STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
@@ -43,15 +44,11 @@ def test_flow(e2e, mnt, sr_type):
     read_files(mnt, files)
     sh("umount", mnt)
 
-    snap = None
-    if sr_type == "ram":                       # while plugged: the tapdisk is paused for it
-        snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
-        assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=is-a-snapshot") == "true"
-        assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=snapshot-of") == vdi
-        assert "paused" not in x.VDI.get_sm_config(x.VDI.get_by_uuid(vdi))
-    else:                                      # raw files: no snapshots until VHD
-        code, _ = e2e.xe_fails("vdi-snapshot", "uuid=" + vdi)
-        assert code == "SR_OPERATION_NOT_SUPPORTED"
+    # While plugged: the tapdisk is paused for it (file: the VHD's new leaf, same path).
+    snap = e2e.xe_ok("vdi-snapshot", "uuid=" + vdi)
+    assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=is-a-snapshot") == "true"
+    assert e2e.xe_ok("vdi-param-get", "uuid=" + snap, "param-name=snapshot-of") == vdi
+    assert "paused" not in x.VDI.get_sm_config(x.VDI.get_by_uuid(vdi))
     sh("mount", dev, mnt)                      # the VDI still works after the snapshot
     read_files(mnt, files)
     sh("umount", mnt)
@@ -60,23 +57,23 @@ def test_flow(e2e, mnt, sr_type):
     assert traces(e2e, sr, vdi) == []
     assert e2e.xe_ok("vbd-list", "--minimal") == ""
 
-    if snap:
-        svbd, sdev = e2e.plug(snap, mode="RO")
-        check_fs(sdev, files)
-        sh("mount", "-o", "ro,noload", sdev, mnt)
-        read_files(mnt, files)
-        sh("umount", mnt)
-        with pytest.raises(OSError):          # a read-only plug refuses writes
-            fd = os.open(sdev, os.O_WRONLY)
-            try:
-                os.write(fd, b"x" * 4096)
-            finally:
-                os.close(fd)
-        e2e.unplug(svbd)
-        assert traces(e2e, sr, snap) == []
-        e2e.xe_ok("vdi-destroy", "uuid=" + snap)
-    else:                                      # the raw file holds the file system
-        check_fs(os.path.join(e2e.root, "srv", "files", vdi + ".raw"), files)
+    svbd, sdev = e2e.plug(snap, mode="RO")
+    check_fs(sdev, files)
+    sh("mount", "-o", "ro,noload", sdev, mnt)
+    read_files(mnt, files)
+    sh("umount", mnt)
+    with pytest.raises(OSError):              # a read-only plug refuses writes
+        fd = os.open(sdev, os.O_WRONLY)
+        try:
+            os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+    e2e.unplug(svbd)
+    e2e.xe_ok("vdi-destroy", "uuid=" + snap)
+    if sr_type == "file":                      # the collector merges what the snapshot left
+        gcctl.wait_idle(sr)
+        assert os.listdir(os.path.join(e2e.root, "srv", "files")) == [vdi + ".vhd"]
+    assert traces(e2e, sr, snap) == []
 
     e2e.xe_ok("vdi-destroy", "uuid=" + vdi)
     e2e.destroy_sr(sr)
@@ -92,7 +89,7 @@ def run_demo(*args):
     env = {k: v for k, v in os.environ.items() if k != "SMTAP_ROOT"}
     proc = run(VENV_PYTHON, "-m", "smtap.toolstack.demo", *args, check=False, cwd=TOP, env=env,
                timeout=300)
-    m = re.match(r"smtap demo: a \w+ SR on the local toolstack, root (\S+)\n", proc.stdout)
+    m = re.match(r"smtap demo: .+ on the local toolstack, root (\S+)\n", proc.stdout)
     assert m, proc.stdout + proc.stderr
     return proc, m.group(1)
 
@@ -112,7 +109,9 @@ def test_make_demo_module(tmp_path):
     for expected in ("xe sr-create host-uuid=$HOST type=ram", "xe vdi-create sr-uuid=$SR",
                      "xe vbd-plug uuid=$VBD", "mkfs.ext4", "SNAP=$(xe vdi-snapshot uuid=$VDI)",
                      "e2fsck -f -n", "read the snapshot's files", "xe vdi-destroy uuid=$SNAP",
-                     "xe sr-destroy uuid=$SR", "nothing left behind"):
+                     "xe sr-destroy uuid=$SR", "type=file", "fsfreeze -f",
+                     "CLONE=$(xe vdi-clone uuid=$SNAP)", "read the clone's files",
+                     "smtap-gc -u $SR -g", "one VHD, no base copy left", "nothing left behind"):
         assert any(expected in n for n in names), (expected, proc.stdout)
     others = [l for l in proc.stdout.splitlines()[1:] if not STEP.match(l)]
     assert len(others) == 1 and re.match(r"smtap demo: ok: \d+ steps in [\d.]+ s$", others[0])

@@ -1,6 +1,6 @@
 """pause / unpause under load: no request lost or corrupted, waiting requests resume,
-unpause -a switches images of the same size only; no disk type loses a byte across a
-pause."""
+unpause -a switches images of the same size or bigger (an online resize), never smaller;
+no disk type loses a byte across a pause."""
 import hashlib
 import json
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from lib.engine import image_file, qemu_io, tap_ctl
+from lib.engine import image_file, nbd_size, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run
 from lib.sizes import MiB
@@ -161,12 +161,12 @@ def test_unpause_switches_to_an_image_of_the_same_size(make_tap, smtap_root):
     assert read_pattern(tap.uri, "0xbb")
 
 
-def test_unpause_refuses_an_image_of_another_size(make_tap, smtap_root):
-    a = image_file(smtap_root / "a.img", 4 * MiB, b"\xaa")
-    big = image_file(smtap_root / "big.img", 8 * MiB, b"\xcc")
+def test_unpause_refuses_a_smaller_image(make_tap, smtap_root):
+    a = image_file(smtap_root / "a.img", 8 * MiB, b"\xaa")
+    small = image_file(smtap_root / "small.img", 4 * MiB, b"\xcc")
     tap = make_tap("aio:" + a)
     tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
-    proc = tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a", "aio:" + big,
+    proc = tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a", "aio:" + small,
                    check=False)
     assert proc.returncode != 0 and len(proc.stderr.splitlines()) == 1
     assert "size" in proc.stderr
@@ -174,9 +174,27 @@ def test_unpause_refuses_an_image_of_another_size(make_tap, smtap_root):
     assert tap_ctl("list").stdout.splitlines() == [
         "pid=%d minor=%d state=0x2a args=aio:%s" % (tap.pid, tap.minor, a)]
     tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
-    assert read_pattern(tap.uri, "0xaa")
-    with open(big, "rb") as f:
-        assert f.read(4) == b"\xcc" * 4       # the refused image was not touched
+    assert read_pattern(tap.uri, "0xaa", "8M") and nbd_size(tap.uri) == 8 * MiB
+    with open(small, "rb") as f:
+        assert f.read(4) == b"\xcc" * 4     # the refused image was not touched
+
+
+def test_a_disk_grown_while_paused_is_served_at_its_new_size(make_tap, smtap_root):
+    """Online resize: the image grows while its tapdisk is paused; after the unpause new
+    NBD clients see (and can write) the new size, the old data is kept."""
+    path = str(smtap_root / "d.vhd")
+    run("vhd-util", "create", "-n", path, "-s", "4")
+    tap = make_tap("vhd:" + path)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xa1 0 4M", tap.uri)
+    tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
+    run("vhd-util", "resize", "-n", path, "-s", "12", "-j", path + ".journal")
+    tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
+    assert nbd_size(tap.uri) == 12 * MiB
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xa2 8M 4M", tap.uri)
+    assert read_pattern(tap.uri, "0xa1", "4M")
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xa2 8M 4M", tap.uri)
+    tap.destroy()
+    assert run("vhd-util", "check", "-n", path).returncode == 0
 
 
 def test_pause_and_unpause_state_errors(make_tap, smtap_root):
@@ -272,7 +290,7 @@ def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x3e 0 64k", tap.uri)
     tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
     proc = tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a",
-                   "ram:%s?size=%d" % (smtap_root / "w", 8 * MiB), check=False)
+                   "ram:%s?size=%d" % (smtap_root / "w", 2 * MiB), check=False)   # smaller
     assert proc.returncode != 0 and "size" in proc.stderr
     tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor)
     assert read_pattern(tap.uri, "0x3e")

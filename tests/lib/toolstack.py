@@ -268,7 +268,10 @@ class E2EHost(Host):
 
 
 def traces(host, sr, vdi):
-    """What a plugged VDI leaves on this host besides the toolstack itself."""
+    """What a plugged VDI leaves on this host besides the toolstack itself, once the SR's
+    garbage collector (file SR) is done."""
+    from smtap.sm import gcctl
+    gcctl.wait_idle(sr)
     xapi_pid = host.proc.pid if host.proc else None
     found = []
     found += ["process %d: %s" % p for p in hostroot.processes_under(host.root) if p[0] != xapi_pid]
