@@ -194,11 +194,16 @@ class AioFile(object):
 
     def queue_writes(self, io, requests):
         """[(length, offset, view, address, op)], the data in the buffers: each written
-        (Driver.queue_writes)."""
+        (Driver.queue_writes); buffered ones at once."""
         write = io.write
-        if not self.direct:
-            bfd = self.bfd
-            for length, offset, _, address, op in requests:
+        if not self.direct:     # into the page cache: at once, answered in the same turn
+            bfd, pwrite = self.bfd, os.pwrite
+            for length, offset, view, address, op in requests:
+                try:
+                    if pwrite(bfd, view, offset) == length:
+                        continue
+                except OSError:
+                    pass                # queued: the engine's error path takes it
                 write(bfd, offset, length, address, op, True)
             return
         fd, bfd, mask = self.fd, self.bfd, self.mask

@@ -87,6 +87,8 @@ class IoQueue(object):
         op.pending += 1
 
     def write(self, fd, offset, length, address, op, buffered=False):
+        """Write length bytes from address to fd at offset, for op. buffered: fd is not
+        O_DIRECT (the next run() writes it into the page cache at once)."""
         self._subs += (native.OP_INLINE | native.OP_WRITE if buffered else native.OP_WRITE,
                        fd, offset, length, address, op.tag)
         op.pending += 1

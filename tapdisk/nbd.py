@@ -69,6 +69,10 @@ HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
 
 _leaked = []    # I/O queues that could not be drained, and their buffers: never freed
+# the hot loop's names, one lookup each
+CMD_READ, CMD_WRITE, READ_FLAGS, WRITE_FLAGS = F.CMD_READ, F.CMD_WRITE, F.READ_FLAGS, F.WRITE_FLAGS
+FLAG_FUA = F.CMD_FLAG_FUA
+Op = ioqueue.Op
 
 
 def transmission_flags(chain):
@@ -646,30 +650,32 @@ class Session(object):
         queued chain go on the I/O queue, the rest is answered in the turn. Stops at a
         request that must wait: a command (or a write the leaf cannot take as it is)
         while I/O is in flight, or the limits of what may be in flight. Returns (where
-        it stopped, whether complete requests are left, DISC seen)."""
+        it stopped, whether complete requests are left, DISC seen); self.started: how
+        many requests it started."""
         reqs, end = F.split_requests(buf, 0, have)
         chain = self.chain
-        replies = self.replies
-        out = replies.out
-        structured, size, readonly = self.structured, self.size, self.readonly
+        size, readonly = self.size, self.readonly
         queued = chain is not None and chain.queued
         if queued:
-            io, pool, write_mask = self.io, replies.pool, self.write_mask
-            ops, Op = io.ops, ioqueue.Op
-        qreads, qwrites = [], []    # queued this turn: (length, offset, view, address, op)
-        run, run_kind = [], None    # a run of synchronous reads or writes
+            io, pool, write_mask = self.io, self.replies.pool, self.write_mask
+            ops = io.ops
+            qreads, qwrites = [], []    # queued this turn: (length, offset, view, address, op)
+        run, run_kind = None, None      # a run of synchronous reads or writes
         nread = rbytes = nwrite = wbytes = 0
         inflight, inbytes = self.inflight, self.inbytes
         stop = None
         disconnect = False
-        for k, (req, dpos) in enumerate(reqs):
-            _, flags, typ, handle, offset, length = req
-            if typ == F.CMD_READ:
-                if (flags & ~F.READ_FLAGS or offset + length > size or not length
+        k = -1
+        for (_, flags, typ, handle, offset, length), dpos in reqs:
+            k += 1
+            if typ == CMD_READ:
+                if (flags & ~READ_FLAGS or offset + length > size or not length
                         or length > MAX_REQUEST or chain is None):
                     self._refuse(handle, F.read_error(flags, offset, length, size)
                                  if chain is not None else None)
                     continue
+                nread += 1
+                rbytes += length
                 if queued:
                     if inflight and (inflight >= MAX_INFLIGHT
                                      or inbytes + length > MAX_INFLIGHT_BYTES):
@@ -679,27 +685,24 @@ class Session(object):
                     v = b[0] if len(b[0]) == length else b[0][:length]
                     op = Op()
                     op.kind, op.handle, op.length, op.offset, op.buf, op.view = (
-                        F.CMD_READ, handle, length, offset, b, v)
+                        CMD_READ, handle, length, offset, b, v)
                     ops[op.tag] = op
                     qreads.append((length, offset, v, b[1], op))
                     inflight += 1
                     inbytes += length
-                else:
-                    if run_kind is not F.CMD_READ:
-                        if run:
-                            self._run_sync(chain, run_kind, run)
-                        run, run_kind = [], F.CMD_READ
+                elif run_kind == CMD_READ:
                     run.append((length, offset, handle))
-                nread += 1
-                rbytes += length
+                else:
+                    if run:
+                        self._run_sync(chain, run_kind, run)
+                    run, run_kind = [(length, offset, handle)], CMD_READ
                 continue
-            if typ == F.CMD_WRITE:
-                if (readonly or flags & ~F.WRITE_FLAGS or offset + length > size or not length
+            if typ == CMD_WRITE:
+                if (readonly or flags & ~WRITE_FLAGS or offset + length > size or not length
                         or chain is None):
                     self._refuse(handle, F.write_error(flags, offset, length, size, readonly)
                                  if chain is not None else None)
                     continue
-                data = view[dpos:dpos + length]
                 if queued and not (offset | length) & write_mask:
                     if inflight and (inflight >= MAX_INFLIGHT
                                      or inbytes + length > MAX_INFLIGHT_BYTES):
@@ -707,11 +710,10 @@ class Session(object):
                         break
                     b = pool.get(length)
                     v = b[0] if len(b[0]) == length else b[0][:length]
-                    v[:] = data                 # the receive buffer moves on
+                    v[:] = view[dpos:dpos + length]     # the receive buffer moves on
                     op = Op()
-                    op.kind, op.handle, op.length, op.offset, op.buf, op.view = (
-                        F.CMD_WRITE, handle, length, offset, b, v)
-                    op.fua = flags & F.CMD_FLAG_FUA
+                    op.kind, op.handle, op.length, op.offset, op.buf, op.view, op.fua = (
+                        CMD_WRITE, handle, length, offset, b, v, flags & FLAG_FUA)
                     ops[op.tag] = op
                     qwrites.append((length, offset, v, b[1], op))
                     inflight += 1
@@ -720,11 +722,13 @@ class Session(object):
                     if queued and inflight:     # widened: after all that came before it
                         stop = k
                         break
-                    if run_kind is not F.CMD_WRITE:
+                    data = (view[dpos:dpos + length], offset, handle, flags & FLAG_FUA)
+                    if run_kind == CMD_WRITE:
+                        run.append(data)
+                    else:
                         if run:
                             self._run_sync(chain, run_kind, run)
-                        run, run_kind = [], F.CMD_WRITE
-                    run.append((data, offset, handle, flags & F.CMD_FLAG_FUA))
+                        run, run_kind = [data], CMD_WRITE
                 nwrite += 1
                 wbytes += length
                 continue
@@ -734,14 +738,14 @@ class Session(object):
                 break
             if run:
                 self._run_sync(chain, run_kind, run)
-                run, run_kind = [], None
+                run, run_kind = None, None
             if typ == F.CMD_DISC:
                 disconnect = True
                 break
-            replies.before_chain()
+            self.replies.before_chain()
             self._command(chain, typ, flags, handle, offset, length)
         self.inflight, self.inbytes = inflight, inbytes
-        if chain is not None:
+        if nread or nwrite:
             acct = self.acct
             acct[0] += rbytes >> 9
             acct[1] += wbytes >> 9
@@ -749,13 +753,17 @@ class Session(object):
             acct[3] += nwrite
         if run:
             self._run_sync(chain, run_kind, run)
-        if qreads:
-            self._queue(chain.queue_reads, qreads)
-        if qwrites:
-            self._queue(chain.queue_writes, qwrites)
-        # requests answered in the turn count as in flight until their answers are sent
-        self.started = started = len(reqs) if stop is None else stop
-        self.client.inflight = self.inflight + started - len(qreads) - len(qwrites)
+        started = len(reqs) if stop is None else stop
+        if queued:
+            if qreads:
+                self._queue(chain.queue_reads, qreads)
+            if qwrites:
+                self._queue(chain.queue_writes, qwrites)
+            # answered in the turn, requests count as in flight until their answers are sent
+            self.client.inflight = self.inflight + started - len(qreads) - len(qwrites)
+        else:
+            self.client.inflight = started
+        self.started = started
         if stop is None:
             return end, False, disconnect
         return reqs[stop][1] - F.REQUEST_SIZE, True, disconnect

@@ -32,8 +32,10 @@
                                    of its 128 for the socket's poll) */
 
 enum { BACKEND_AUTO = 0, BACKEND_LIBAIO = 1, BACKEND_URING = 2 };
-/* request ops; OP_INLINE: a buffered I/O the libaio back end runs in the call itself
-   (libaio would do it synchronously inside io_submit anyway, plus an io_getevents) */
+/* request ops; OP_INLINE: a buffered I/O, run in the call itself by the libaio back end
+   (libaio would do it synchronously inside io_submit anyway, plus an io_getevents) and,
+   for writes, by io_uring's (it would hand them to a worker thread: a page cache write
+   rarely blocks); io_uring tries buffered reads at once and waits for the rest */
 enum { OP_READ = 0, OP_WRITE = 1, OP_INLINE = 0x100 };
 /* wait modes of smtap_queue_run */
 enum { WAIT_NONE = 0, WAIT_IO = 1, WAIT_IO_OR_SOCKET = 2 };
@@ -298,7 +300,7 @@ static int fill(smtap_queue *q, long long *done, int *ndone, int maxdone)
     int filled = 0;
     while (q->backhead < q->nback && *ndone < maxdone) {
         struct sreq *r = &q->backlog[q->backhead];
-        if ((r->op & OP_INLINE) && q->backend == BACKEND_LIBAIO) {
+        if ((r->op & OP_INLINE) && (q->backend == BACKEND_LIBAIO || (r->op & OP_WRITE))) {
             done[2 * *ndone] = r->tag;
             done[2 * *ndone + 1] = status(inline_io(r), r->len);
             (*ndone)++;
