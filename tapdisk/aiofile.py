@@ -185,12 +185,17 @@ class AioFile(object):
                         log.info("%s: %s: no non-blocking reads (%s)", self.what, self.path, e)
                 read(bfd, offset, length, address, op, True)
             return
+        self._queue_direct(read, requests)
+
+    def _queue_direct(self, submit, requests):
+        """Each request one I/O (io.read or io.write): O_DIRECT where it is aligned, else
+        through the buffered descriptor."""
         fd, bfd, mask = self.fd, self.bfd, self.mask
         for length, offset, _, address, op in requests:
             if (length | offset | address) & mask:
-                read(bfd, offset, length, address, op, True)
+                submit(bfd, offset, length, address, op, True)
             else:
-                read(fd, offset, length, address, op)
+                submit(fd, offset, length, address, op)
 
     def queue_writes(self, io, requests):
         """[(length, offset, view, address, op)], the data in the buffers: each written
@@ -206,12 +211,7 @@ class AioFile(object):
                     pass                # queued: the engine's error path takes it
                 write(bfd, offset, length, address, op, True)
             return
-        fd, bfd, mask = self.fd, self.bfd, self.mask
-        for length, offset, _, address, op in requests:
-            if (length | offset | address) & mask:
-                write(bfd, offset, length, address, op, True)
-            else:
-                write(fd, offset, length, address, op)
+        self._queue_direct(write, requests)
 
     @staticmethod
     def views(view, requests):

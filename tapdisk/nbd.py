@@ -75,6 +75,16 @@ FLAG_FUA = F.CMD_FLAG_FUA
 Op = ioqueue.Op
 
 
+
+def _queued_op(pool, ops, kind, handle, length, offset):
+    """The Op of a request going on the I/O queue, with a pool buffer of its length."""
+    b = pool.get(length)
+    op = Op()
+    op.kind, op.handle, op.length, op.offset, op.buf = kind, handle, length, offset, b
+    op.view = b[0] if len(b[0]) == length else b[0][:length]
+    ops[op.tag] = op
+    return op
+
 def transmission_flags(chain):
     leaf = chain.leaf
     flags = F.TF_HAS_FLAGS | F.TF_SEND_DF
@@ -681,13 +691,8 @@ class Session(object):
                                      or inbytes + length > MAX_INFLIGHT_BYTES):
                         stop = k
                         break
-                    b = pool.get(length)
-                    v = b[0] if len(b[0]) == length else b[0][:length]
-                    op = Op()
-                    op.kind, op.handle, op.length, op.offset, op.buf, op.view = (
-                        CMD_READ, handle, length, offset, b, v)
-                    ops[op.tag] = op
-                    qreads.append((length, offset, v, b[1], op))
+                    op = _queued_op(pool, ops, CMD_READ, handle, length, offset)
+                    qreads.append((length, offset, op.view, op.buf[1], op))
                     inflight += 1
                     inbytes += length
                 elif run_kind == CMD_READ:
@@ -708,14 +713,10 @@ class Session(object):
                                      or inbytes + length > MAX_INFLIGHT_BYTES):
                         stop = k
                         break
-                    b = pool.get(length)
-                    v = b[0] if len(b[0]) == length else b[0][:length]
-                    v[:] = view[dpos:dpos + length]     # the receive buffer moves on
-                    op = Op()
-                    op.kind, op.handle, op.length, op.offset, op.buf, op.view, op.fua = (
-                        CMD_WRITE, handle, length, offset, b, v, flags & FLAG_FUA)
-                    ops[op.tag] = op
-                    qwrites.append((length, offset, v, b[1], op))
+                    op = _queued_op(pool, ops, CMD_WRITE, handle, length, offset)
+                    op.view[:] = view[dpos:dpos + length]   # the receive buffer moves on
+                    op.fua = flags & FLAG_FUA
+                    qwrites.append((length, offset, op.view, op.buf[1], op))
                     inflight += 1
                     inbytes += length
                 else:

@@ -362,6 +362,27 @@ class VhdDriver(driver.Driver):
             length -= n
         return acc
 
+    def _queue_in_full_blocks(self, submit, requests):
+        """The requests inside one full block: one I/O each, submitted (io.read or
+        io.write); the others returned, for the BAT and the bitmaps."""
+        bat, full, shift, bmask, bmb = self.bat, self.full, self.shift, self.bmask, self.bm_bytes
+        afile = self.file
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        rest = []
+        for req in requests:
+            length, offset, _, address, op = req
+            blk = offset >> shift
+            sec = bat[blk]
+            if sec != UNUSED and full[blk] and (offset + length - 1) >> shift == blk:
+                phys = (sec << 9) + bmb + (offset & bmask)
+                if direct and not (phys | length) & mask:
+                    submit(fd, phys, length, address, op)
+                else:
+                    submit(bfd, phys, length, address, op, True)
+            else:
+                rest.append(req)
+        return rest
+
     def queue_reads(self, io, requests):
         """Driver.queue_reads: a request inside one full block is one I/O; others are
         mapped through the BAT and bitmaps into I/O for what is present and zeros for
@@ -369,19 +390,9 @@ class VhdDriver(driver.Driver):
         afile = self.file
         if not self.dynamic:
             return afile.queue_reads(io, requests)
-        bat, full, shift, bmask, bmb = self.bat, self.full, self.shift, self.bmask, self.bm_bytes
         fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
         read, zero = io.read, driver.zeros
-        for length, offset, view, address, op in requests:
-            blk = offset >> shift
-            sec = bat[blk]
-            if sec != UNUSED and full[blk] and (offset + length - 1) >> shift == blk:
-                phys = (sec << 9) + bmb + (offset & bmask)
-                if direct and not (phys | length) & mask:
-                    read(fd, phys, length, address, op)
-                else:
-                    read(bfd, phys, length, address, op, True)
-                continue
+        for length, offset, view, address, op in self._queue_in_full_blocks(read, requests):
             req, zeros = [], []
             buffered = not direct or bool(self._map(offset, length, 0, req, zeros) & mask)
             rfd = bfd if buffered else fd
@@ -516,19 +527,10 @@ class VhdDriver(driver.Driver):
         afile = self.file
         if not self.dynamic:
             return afile.queue_writes(io, requests)
-        bat, full, shift, bmask, bmb = self.bat, self.full, self.shift, self.bmask, self.bm_bytes
+        bat, full, bmb = self.bat, self.full, self.bm_bytes
         fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
         write = io.write
-        for length, offset, view, address, op in requests:
-            blk = offset >> shift
-            sec = bat[blk]
-            if sec != UNUSED and full[blk] and (offset + length - 1) >> shift == blk:
-                phys = (sec << 9) + bmb + (offset & bmask)
-                if direct and not (phys | length) & mask:
-                    write(fd, phys, length, address, op)
-                else:
-                    write(bfd, phys, length, address, op, True)
-                continue
+        for length, offset, view, address, op in self._queue_in_full_blocks(write, requests):
             pieces = self._pieces(length, offset)
             new = dict((b, n != self.bs) for b, _, n in pieces if bat[b] == UNUSED)
             if new:
