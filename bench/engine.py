@@ -21,7 +21,7 @@ peer of its kind. Then the scaling of several VBDs: N tapdisks (N = 1, 2, 4, one
 each, as upstream) serving N fio jobs (4k randread QD8, page cache) against as many
 nbdkit file and qemu-nbd writeback instances: aggregate IOPS.
 
-    .venv/bin/python3 bench/engine.py [--runtime 2] [--rounds 3] [--size-mib 1024]
+    .venv/bin/python3 bench/engine.py [--quick] [--runtime 2] [--rounds 3] [--size-mib 1024]
         [--groups aio,aio-D,ram,vhd,vhd-D,scaling] [--jobs '4k randread QD1,...']
 
 The engine side runs through `tap-ctl create` under a private SMTAP_ROOT; SMTAP_IO
@@ -302,16 +302,30 @@ def versions():
         os.environ.get("SMTAP_IO", "auto"))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_arguments(parser):
+    """The options bench/engine.py and bench/vhd.py share."""
     parser.add_argument("--runtime", type=int, default=2, help="seconds per fio run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and job")
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of 1 s per server and job (a check, not figures)")
+
+
+def parse(parser):
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.runtime = 1, 1
+    return args
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_arguments(parser)
     parser.add_argument("--groups", default="aio,aio-D,ram,vhd,vhd-D,scaling",
                         help="which of aio, aio-D, ram, vhd, vhd-D, scaling to run")
     parser.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
                         help="which jobs (labels, comma separated)")
-    args = parser.parse_args()
+    args = parse(parser)
     only = set(args.groups.split(","))
     jobs = [j for j in JOBS if j[0] in args.jobs.split(",")]
     size = args.size_mib << 20

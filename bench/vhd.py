@@ -20,7 +20,7 @@ on
             empty VHD (MB/s).
 Reads run before writes in bench/engine.py's job list, so they see the images as made.
 
-    .venv/bin/python3 bench/vhd.py [--runtime 2] [--rounds 3] [--size-mib 1024]
+    .venv/bin/python3 bench/vhd.py [--quick] [--runtime 2] [--rounds 3] [--size-mib 1024]
         [--images full,sparse,chain3,empty]
 """
 import argparse
@@ -119,12 +119,10 @@ def kinds(servers, images, src):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runtime", type=int, default=2, help="seconds per fio run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per server and job")
-    parser.add_argument("--size-mib", type=int, default=1024)
+    base.common_arguments(parser)
     parser.add_argument("--images", default="full,sparse,chain3,empty",
                         help="which of full, sparse, chain3, empty (first writes) to run")
-    args = parser.parse_args()
+    args = base.parse(parser)
     only = set(args.images.split(","))
     size = args.size_mib << 20
     tmp = tempfile.mkdtemp(prefix="smtap-bench-vhd-", dir="/var/tmp")
