@@ -242,7 +242,7 @@ def run_group(gname, members, jobs, args, size, log=sys.stderr):
             for server in (members if rnd % 2 == 0 else members[::-1]):
                 result = measure(server, rw, bs, qd, args.runtime, size)
                 got[server.name].append(result)
-                print("  %-10s %-18s %-34s %9.0f IOPS %8.1f MB/s %6.1f/%-7.1f us %6.2f CPU s/GB"
+                print("  %-14s %-18s %-30s %9.0f IOPS %8.1f MB/s %6.1f/%-7.1f us %6.2f CPU s/GB"
                       % ((gname, label, server.name) + result), file=log)
         out[label] = {name: median(r) for name, r in got.items()}
     return out
@@ -377,7 +377,7 @@ def main():
                 kinds.append(("vhd -D (page cache)", vhd_cached))
         for title, make in kinds:
             members = make()
-            rows = run_group(title.split()[0], members, jobs, args, size)
+            rows = run_group(title.split(" (")[0], members, jobs, args, size)
             tables.append((title, [s.name for s in members], rows))
             for s in members:
                 s.stop()
