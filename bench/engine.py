@@ -98,6 +98,7 @@ class Servers(object):
         self.tmp = tmp
         self.procs = []
         self.taps = []
+        self.io_backends = set()
         self.env = dict(os.environ, SMTAP_ROOT=os.path.join(tmp, "root"),
                         PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
         os.makedirs(self.env["SMTAP_ROOT"], exist_ok=True)
@@ -115,6 +116,11 @@ class Servers(object):
         self.taps.append((pid, minor))
         path = names.nbd_path(pid, minor, settings.runtime_dir(under=self.env["SMTAP_ROOT"]))
         wait_socket(path, None, params)
+        stats = subprocess.run(["tap-ctl", "stats", "-p", str(pid), "-m", str(minor)],
+                               env=self.env, stdout=subprocess.PIPE, text=True, check=True)
+        io = json.loads(stats.stdout).get("io")
+        if io:
+            self.io_backends.add(io)        # what the VBD chose (or SMTAP_IO forced)
         return "nbd+unix:///?socket=" + path, pid
 
     def untap(self, uri):
@@ -290,7 +296,7 @@ def make_raw(path, size):
     return path
 
 
-def versions():
+def versions(servers):
     def first(cmd, line=0, word=None):
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True).stdout.splitlines()
@@ -299,7 +305,7 @@ def versions():
     return "kernel %s; %s; nbdkit %s; %s; %s; I/O back end %s" % (
         os.uname().release, first(["fio", "--version"]), first(["nbdkit", "--version"], 0, -1),
         first(["qemu-nbd", "--version"]), first(["qemu-storage-daemon", "--version"]),
-        os.environ.get("SMTAP_IO", "auto"))
+        ", ".join(sorted(servers.io_backends)) or "-")
 
 
 def common_arguments(parser):
@@ -390,7 +396,7 @@ def main():
     elapsed = time.time() - started
 
     print("\n%s, %s; %d s in all (%d rounds of %d s per server and job, medians; QD1: "
-          "p50/p99 completion latency)" % (time.strftime("%Y-%m-%d"), versions(), elapsed,
+          "p50/p99 completion latency)" % (time.strftime("%Y-%m-%d"), versions(servers), elapsed,
                                            args.rounds, args.runtime))
     for title, names_, rows in tables:
         print_group(title, names_, rows)

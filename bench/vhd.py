@@ -155,7 +155,7 @@ def main():
         servers.close()
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n%s, %s; %d s in all (%d rounds of %d s, medians; QD1: p50/p99 completion "
-          "latency)" % (time.strftime("%Y-%m-%d"), base.versions(), time.time() - started,
+          "latency)" % (time.strftime("%Y-%m-%d"), base.versions(servers), time.time() - started,
                         args.rounds, args.runtime))
     for title, names, rows in tables:
         base.print_group(title, names, rows)
