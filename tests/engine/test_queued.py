@@ -12,7 +12,8 @@ from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, ioqueue, vbd as vbdmod
 
-from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, tap_ctl
+from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, qemu_io, tap_ctl
+from lib.fs import tmpfs
 from lib.procs import run
 from lib.sizes import MiB
 
@@ -127,3 +128,25 @@ def test_pool_buffers_are_aligned_and_reused():
     assert len(big[0]) == 2 * MiB and big[1] % 4096 == 0
     pool.put(a)
     assert pool.get(100) is a
+
+
+@pytest.mark.parametrize("backend", IO_BACKENDS)
+def test_page_cache_writes_on_a_full_file_system_answer_enospc(serve, smtap_root, monkeypatch,
+                                                              backend):
+    """aio -D writes into the page cache in the turn (pwrite): on a full file system the
+    write is answered ENOSPC (not a dead tapdisk, nor a write acknowledged and lost), what
+    was written before stays, and writes succeed again once there is room."""
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("this kernel has no io_uring for this process")
+    monkeypatch.setenv("SMTAP_IO", backend)
+    shm = tmpfs(smtap_root / "shm", 6 * MiB)
+    path = shm / "disk.img"
+    os.truncate(image_file(path, 0), 16 * MiB)
+    s = serve("aio:%s" % path, "-D")
+    qemu_io(s.uri, "write -P 0x61 0 1M")
+    out = qemu_io(s.uri, "write -P 0x62 4M 8M", check=False).output      # past the tmpfs
+    assert "No space left on device" in out
+    assert s.proc.poll() is None                                          # still serving
+    qemu_io(s.uri, "read -P 0x61 0 1M")
+    qemu_io(s.uri, "discard 4M 8M")
+    qemu_io(s.uri, "write -P 0x63 4M 1M", "read -P 0x63 4M 1M")           # room again
