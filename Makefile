@@ -9,7 +9,7 @@ VERSION := $(shell cat $(TOP)/VERSION)
 # the same; tests/test_dependencies.py checks both, and that every tool they run is here).
 # file: nbdinfo runs it for its "content" field and libnbd-bin does not depend on it.
 DEB_PACKAGES := python3-venv gcc libaio-dev binutils \
-	qemu-utils nbdkit nbdkit-plugin-python libnbd-bin file fio \
+	qemu-utils qemu-system-common nbdkit nbdkit-plugin-python libnbd-bin file fio \
 	fuse3 mount util-linux e2fsprogs rpm logrotate
 
 # Engine and toolstack commands: name=module.

@@ -2,20 +2,27 @@
 their data in one (aio: raw; vhd: the image's blocks).
 
 O_DIRECT when the file system allows it (buffers aligned), buffered otherwise or when
-asked. A batch of requests is one C call (tapdisk.native: io_submit + io_getevents,
-GIL released) into one aligned per-thread buffer (the arena). What O_DIRECT cannot take
-(not aligned to the device's logical block) goes through a second, buffered descriptor,
-as does a batch asked for buffered.
+asked. What O_DIRECT cannot take (not aligned to the device's logical block) goes
+through a second, buffered descriptor, as does a batch asked for buffered.
+
+Two paths: the engine's queued one (queue_reads / queue_writes: the I/O goes on the
+connection's queue, tapdisk/ioqueue.py, each request answered as its own completes),
+and a synchronous one (batch, pread, pwrite: one queue call waits for a whole batch, in
+one aligned per-thread buffer, the arena) for the rest: single requests, retries,
+metadata-driven reads of other disk types.
 """
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 import threading
 
 from smtap import sparse
-from smtap.tapdisk import native
+from smtap.tapdisk import ioqueue, native
+
+log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -23,6 +30,10 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127f
 PAGE = 4096
 MAX_EXTENTS = 64        # per extents() call
+# A buffered read the page cache can answer is done at once, without blocking
+# (preadv2 RWF_NOWAIT: Python 3.7+, Linux 4.14+); one it cannot is queued.
+_preadv = getattr(os, "preadv", None)
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0) if _preadv is not None else 0
 
 
 def _raise(err, what):
@@ -30,14 +41,13 @@ def _raise(err, what):
 
 
 class _Arena(object):
-    """One thread's aligned buffers and io context; freed with the thread."""
+    """One thread's aligned buffers and queue for synchronous batches; freed with the
+    thread (or when it idles)."""
 
     def __init__(self):
-        self.ctx = None
-        self.ctx = native.io_setup(native.aio_depth())
+        self.queue = ioqueue.IoQueue(ioqueue.backend())
         self.bufs = [None, None]    # reads, writes: a write batch must not clobber the
-        self.nreq = 0               # read buffers a reply is still sending
-        self.req = self.res = None
+                                    # read buffers a reply is still sending
 
     def buffer(self, op, size):
         buf = self.bufs[op]
@@ -46,17 +56,9 @@ class _Arena(object):
             buf = self.bufs[op] = native.AlignedBuffer((cap + PAGE - 1) & ~(PAGE - 1))
         return buf
 
-    def arrays(self, n):
-        if n > self.nreq:
-            self.nreq = max(n, 64)
-            self.req = native.longlongs(3 * self.nreq)
-            self.res = native.longlongs(self.nreq)
-        return self.req, self.res
-
     def __del__(self):
         try:
-            if self.ctx is not None:
-                native.io_destroy(self.ctx)
+            self.queue.close()
         except Exception:       # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -73,6 +75,7 @@ class AioFile(object):
         self.fd = self.bfd = None
         self.direct = False
         self.mask = 511
+        self.nowait = _NOWAIT       # 0 once the file system refused it
         self._local = threading.local()
         mode = os.O_RDWR if writable else os.O_RDONLY
         try:
@@ -135,15 +138,12 @@ class AioFile(object):
 
     def batch(self, op, req, total, data=None, buffered=False):
         """Run the requests req = [offset, length, position, ...] (flat triples; request
-        i uses the arena buffer at its position) as one AIO batch in this thread's buffer
-        of `total` bytes, on the buffered descriptor if asked. Writes first copy `data`
-        (buffers laid end to end from position 0) in. Returns the buffer's memoryview;
-        any failure raises OSError."""
+        i uses the arena buffer at its position) as one batch in this thread's buffer
+        of `total` bytes, on the buffered descriptor if asked, and wait for all of it.
+        Writes first copy `data` (buffers laid end to end from position 0) in. Returns
+        the buffer's memoryview; any failure raises OSError."""
         arena = self.arena()
-        n = len(req) // 3
         buf = arena.buffer(op, total)
-        creq, res = arena.arrays(n)
-        creq[0:3 * n] = req
         view = buf.view
         if data is not None:
             pos = 0
@@ -151,17 +151,67 @@ class AioFile(object):
                 end = pos + len(piece)
                 view[pos:end] = piece
                 pos = end
-        failed = native.aio_batch(arena.ctx, self.bfd if buffered else self.fd, op, n, creq,
-                                  buf.address, res)
-        if failed:
-            if failed < 0:
-                _raise(-failed, "io_getevents")
-            kind = "write" if op else "read"
-            for i in range(n):
-                if res[i] < 0:
-                    _raise(-res[i], "%s: %s %s at %d" % (self.what, self.path, kind, req[3 * i]))
-            _raise(errno.EIO, "%s: short %s of %s" % (self.what, kind, self.path))
+        queue = arena.queue
+        token = ioqueue.Op()
+        fd = self.bfd if buffered else self.fd
+        add = queue.write if op else queue.read
+        base = buf.address
+        for i in range(0, len(req), 3):
+            add(fd, req[i], req[i + 1], base + req[i + 2], token, buffered)
+        err = queue.wait(token)
+        if err:
+            _raise(err, "%s: %s %s of %s" % (self.what, "write" if op else "read",
+                                             "short" if err == errno.EIO else "failed",
+                                             self.path))
         return view
+
+    # -- the queued path -----------------------------------------------------------------
+    def queue_reads(self, io, requests):
+        """[(length, offset, view, address, op)]: each read into its buffer, O_DIRECT
+        when aligned, else through the buffered descriptor (Driver.queue_reads): then
+        at once if the page cache has it all, else queued."""
+        read = io.read
+        if not self.direct:
+            bfd, nowait = self.bfd, self.nowait
+            for length, offset, view, address, op in requests:
+                if nowait:
+                    try:
+                        if _preadv(bfd, (view,), offset, nowait) == length:
+                            continue            # done: no I/O to queue
+                    except BlockingIOError:
+                        pass                    # not all cached: queued
+                    except OSError as e:
+                        self.nowait = nowait = 0
+                        log.info("%s: %s: no non-blocking reads (%s)", self.what, self.path, e)
+                read(bfd, offset, length, address, op, True)
+            return
+        self._queue_direct(read, requests)
+
+    def _queue_direct(self, submit, requests):
+        """Each request one I/O (io.read or io.write): O_DIRECT where it is aligned, else
+        through the buffered descriptor."""
+        fd, bfd, mask = self.fd, self.bfd, self.mask
+        for length, offset, _, address, op in requests:
+            if (length | offset | address) & mask:
+                submit(bfd, offset, length, address, op, True)
+            else:
+                submit(fd, offset, length, address, op)
+
+    def queue_writes(self, io, requests):
+        """[(length, offset, view, address, op)], the data in the buffers: each written
+        (Driver.queue_writes); buffered ones at once."""
+        write = io.write
+        if not self.direct:     # into the page cache: at once, answered in the same turn
+            bfd, pwrite = self.bfd, os.pwrite
+            for length, offset, view, address, op in requests:
+                try:
+                    if pwrite(bfd, view, offset) == length:
+                        continue
+                except OSError:
+                    pass                # queued: the engine's error path takes it
+                write(bfd, offset, length, address, op, True)
+            return
+        self._queue_direct(write, requests)
 
     @staticmethod
     def views(view, requests):

@@ -129,6 +129,37 @@ class Driver(object):
         """The calling thread (one NBD client's) has been idle a while: drop what it
         keeps for its batches (buffers). It may be called on a closed driver."""
 
+    # -- queued I/O (optional, the fast path): set can_queue and implement both ------
+    # The engine gives a batch of requests and the calling NBD connection's I/O queue
+    # (tapdisk/ioqueue.py IoQueue: io_uring or libaio); the driver adds the file I/O
+    # each request needs and returns without waiting. The engine submits it, answers
+    # each request as soon as its own I/O completed and keeps receiving meanwhile.
+    # A request is (length, offset, view, address, op): view is its buffer (a writable
+    # memoryview of `length` bytes), address the buffer's page-aligned address (for
+    # O_DIRECT), op its ioqueue.Op (tag every I/O with it). For each piece of a request:
+    #     io.read(fd, file_offset, n, address + pos, op, buffered=False)
+    #     io.write(fd, file_offset, n, address + pos, op, buffered=False)
+    # (buffered=True: fd is not O_DIRECT), or fill the view itself (view[pos:pos + n] =
+    # driver.zeros(n) for a hole). Only reads: a request's pieces are its own; never
+    # wait for I/O here (no io.run). A write whose metadata must follow its data (a
+    # bitmap, a table entry) sets op.after = callable: the engine calls it once the op's
+    # I/O completed, before the reply (an OSError from it is the request's error).
+    # Raise OSError when a batch cannot be queued: the engine waits for what was
+    # queued, then redoes every request of that batch on the synchronous path (pread /
+    # pwrite, with retries). A failed I/O does the same for its request. Requests in
+    # flight together may overlap (NBD clients must not rely on their order) and other
+    # connections' threads queue their own: allocation and metadata updates stay under
+    # the driver's locks. Writes the engine must widen (write_align) take the
+    # synchronous path, alone (it waits for every I/O of the connection first).
+    # The engine keeps the synchronous path (preadv/pwritev) for drivers without it.
+    can_queue = False
+
+    def queue_reads(self, io, requests):
+        raise NotImplementedError
+
+    def queue_writes(self, io, requests):
+        raise NotImplementedError
+
     # -- pause ----------------------------------------------------------------------
     def suspend(self):
         """tap-ctl pause: let go of what the storage layer may change while paused (the

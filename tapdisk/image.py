@@ -5,10 +5,14 @@ read-only and shared, validate each pair. A read of a region an image does not h
 (its extents say HOLE and it has a parent) goes to the parent; the last image answers
 for itself (its holes read as zeros). Writes, flush, trim and zero go to the leaf.
 
-Accounting (hits and failures per image, sectors per chain) and retries of transient
-errors (EAGAIN/EBUSY/EINTR, once a second until the request timeout) live here, so
-every disk type gets them. The batch calls are the hot path: one accounting update
-per batch, and the per-request slow path only when a batch fails.
+Two data paths: queued (every image can_queue: queue_reads / queue_writes add the
+batch's file I/O to the caller's I/O queue and return; the caller completes each
+request as its I/O does) and synchronous (preadv / pwritev: the buffers, or errors,
+when they return). Retries of transient errors (EAGAIN/EBUSY/EINTR, once a second until
+the request timeout) live here, so every disk type gets them, in the per-request slow
+path, taken only when a batch fails. Accounting (hits and failures per image, sectors
+per chain): each caller (an NBD connection) keeps its own counters (counters()), which
+stats() sums: no lock on the data path.
 """
 import errno
 import threading
@@ -64,6 +68,7 @@ class Chain(object):
         self.secs = [0, 0]
         self.retries = 0
         self._lock = threading.Lock()
+        self._counters = {}     # id -> the callers' counters (counters())
         self.images = []
         kept = dict(((i.params, i.flags), i) for i in resume.images) if resume else {}
         resumed = []
@@ -91,6 +96,10 @@ class Chain(object):
         self.sector_size = leaf.sector_size
         self.readonly = bool(flags & drv.OPEN_RDONLY) or not leaf.can_write
         self.has_parent = len(self.images) > 1
+        self.queued = all(i.driver.can_queue for i in self.images)
+        self.write_mask = leaf.write_align - 1      # writes with these bits: widened
+        if self.queued and not self.has_parent:     # the hot path: straight to the leaf
+            self.queue_reads, self.queue_writes = leaf.queue_reads, leaf.queue_writes
 
     def _open(self, params, flags, kept, resumed):
         parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED
@@ -156,46 +165,92 @@ class Chain(object):
                 self.retries += 1
                 time.sleep(RETRY_INTERVAL)
 
-    def _account(self, rw, nbytes, nreq, failed=0):
+    # -- accounting --------------------------------------------------------------------
+    def counters(self):
+        """A caller's own counters, summed into stats(): [sectors read, sectors written,
+        read requests, write requests, failed reads, failed writes]. The caller adds to
+        them (no lock: they are its alone) and retire()s them when it goes."""
+        c = [0] * 6
         with self._lock:
-            self.secs[rw] += nbytes >> 9
-            image = self.images[0]
-            image.hits[rw] += nreq - failed
-            image.fail[rw] += failed
+            self._counters[id(c)] = c
+        return c
+
+    def retire(self, c):
+        with self._lock:
+            if self._counters.pop(id(c), None) is not None:
+                self.secs[0] += c[0]
+                self.secs[1] += c[1]
+                if self.images:
+                    leaf = self.images[0]
+                    leaf.hits[0] += c[2] - c[4]
+                    leaf.hits[1] += c[3] - c[5]
+                    leaf.fail[0] += c[4]
+                    leaf.fail[1] += c[5]
 
     # -- reads ----------------------------------------------------------------------------
-    def preadv(self, requests, nbytes):
+    def preadv(self, requests):
         """[(length, offset)] -> [buffer or OSError] in order. Buffers stay valid until
         this thread's next call into the chain."""
         try:
             if self.has_parent:
-                bufs = self._preadv_levels(requests)
-            else:
-                bufs = self.leaf.preadv(requests)
+                return self._preadv_levels(requests)
+            return self.leaf.preadv(requests)
         except OSError:
             pass
-        else:
-            self._account(0, nbytes, len(requests))
-            return bufs
-        out = []
-        failed = 0
-        for length, offset in requests:
-            try:
-                out.append(self._read(0, length, offset))
-            except OSError as e:
-                out.append(e)
-                failed += 1
-        self._account(0, nbytes, len(requests), failed)
-        return out
+        return [self.read_one(length, offset) for length, offset in requests]
+
+    def read_one(self, length, offset):
+        """One request on the slow path (with retries): its buffer, or the OSError."""
+        try:
+            return self._read(0, length, offset)
+        except OSError as e:
+            return e
+
+    def queue_reads(self, io, requests):
+        """The queued path (every image can_queue): [(length, offset, view, address,
+        op)] (Driver.queue_reads) through the chain: each image queues the pieces it
+        holds, the next one down gets its holes."""
+        if not self.has_parent:
+            return self.leaf.queue_reads(io, requests)
+        zeros = []
+        for image, reads in self._levels([(r[0], r[1], r, 0) for r in requests], zeros):
+            image.driver.queue_reads(io, [
+                (length, offset, r[2][rpos:rpos + length], r[3] + rpos, r[4])
+                for length, offset, r, rpos in reads])
+        for r, start, end in zeros:
+            r[2][start:end] = drv.zeros(end - start)
 
     def _preadv_levels(self, requests):
-        """A batch through the chain, one preadv per image: each image reads the pieces
-        it holds (its extents) in one batch and hands its holes to the next image down;
-        the last one answers for all that is left. A request held whole by one image is
-        that image's buffer; others are put together from their pieces."""
+        """A batch through the chain, one preadv per image (_levels); a request held
+        whole by one image is that image's buffer, others are put together from their
+        pieces."""
         out = [None] * len(requests)
-        # pieces still to read: (length, offset, request index, position in the request)
-        pending = [(length, offset, i, 0) for i, (length, offset) in enumerate(requests)]
+        made = {}           # request index -> the buffer its pieces are put together in
+
+        def assembled(i):
+            buf = made.get(i)
+            if buf is None:
+                buf = made[i] = out[i] = bytearray(requests[i][0])
+            return buf
+
+        zeros = []
+        pieces = [(length, offset, i, 0) for i, (length, offset) in enumerate(requests)]
+        for image, reads in self._levels(pieces, zeros):
+            bufs = image.driver.preadv([(length, offset) for length, offset, _, _ in reads])
+            for (length, _, i, rpos), buf in zip(reads, bufs):
+                if rpos == 0 and out[i] is None and length == requests[i][0]:
+                    out[i] = buf
+                else:
+                    assembled(i)[rpos:rpos + length] = buf
+        for i, _, _ in zeros:
+            assembled(i)        # zeros already: the pieces the chain does not hold
+        return out
+
+    def _levels(self, pending, zeros):
+        """Split the pieces (length, offset, request, position in it) of a batch through
+        the chain: yields (image, the pieces it reads), each image's holes going to the
+        next one; the last answers for all that is left. What lies past the end of a
+        smaller parent reads as zeros: (request, start, end) in the request go to zeros."""
         last = len(self.images) - 1
         hole = drv.EXTENT_HOLE
         for level, image in enumerate(self.images):
@@ -203,27 +258,22 @@ class Chain(object):
             size = d.size
             answers_all = level == last or not d.can_extents
             extents = d.extents
-            reads, where, below = [], [], []
+            reads, below = [], []
             for piece in pending:
-                length, offset, i, rpos = piece
+                length, offset, r, rpos = piece
                 if offset + length > size:              # past a smaller parent: zeros
-                    if out[i] is None:
-                        out[i] = bytearray(requests[i][0])
+                    start = max(size - offset, 0)
+                    zeros.append((r, rpos + start, rpos + length))
                     if offset >= size:
                         continue
                     length = size - offset
-                    piece = (length, offset, i, rpos)
+                    piece = (length, offset, r, rpos)
                 if answers_all:
-                    reads.append((length, offset))
-                    where.append(piece)
+                    reads.append(piece)
                     continue
                 ext = extents(length, offset)
                 if ext and ext[0][0] >= length:         # one extent answers for it all
-                    if ext[0][1] & hole:
-                        below.append(piece)
-                    else:
-                        reads.append((length, offset))
-                        where.append(piece)
+                    (below if ext[0][1] & hole else reads).append(piece)
                     continue
                 done = 0
                 while done < length:
@@ -234,30 +284,19 @@ class Chain(object):
                             elen = length - done
                         if elen <= 0:
                             break
-                        part = (elen, offset + done, i, rpos + done)
-                        if flags & hole:
-                            below.append(part)
-                        else:
-                            reads.append((elen, offset + done))
-                            where.append(part)
+                        part = (elen, offset + done, r, rpos + done)
+                        (below if flags & hole else reads).append(part)
                         done += elen
                     if done < length:
                         ext = extents(length - done, offset + done)
             if reads:
-                for (length, _, i, rpos), buf in zip(where, d.preadv(reads)):
-                    if rpos == 0 and out[i] is None and length == requests[i][0]:
-                        out[i] = buf
-                    else:
-                        if out[i] is None:
-                            out[i] = bytearray(requests[i][0])
-                        out[i][rpos:rpos + length] = buf
                 if level:
                     with self._lock:
                         image.hits[0] += len(reads)
+                yield image, reads
             if not below:
                 break
             pending = below
-        return out
 
     def _read(self, level, length, offset):
         """Read from images[level], going down the chain for its holes."""
@@ -303,29 +342,30 @@ class Chain(object):
         return out
 
     # -- writes ---------------------------------------------------------------------------
-    def pwritev(self, requests, nbytes):
+    def pwritev(self, requests):
         """[(buffer, offset)] -> None when all were written, else [None or OSError]."""
-        align = self.leaf.write_align
-        if align > 1 and not self._aligned(requests, align - 1):
-            return self._pwritev_widened(requests, nbytes)
+        if self.write_mask and not self._aligned(requests, self.write_mask):
+            return self._pwritev_widened(requests)
         try:
             self.leaf.pwritev(requests)
+            return None
         except OSError:
             pass
-        else:
-            self._account(1, nbytes, len(requests))
-            return None
-        out = []
-        failed = 0
-        for buf, offset in requests:
-            try:
-                self._retry(self.leaf.pwrite, buf, offset)
-                out.append(None)
-            except OSError as e:
-                out.append(e)
-                failed += 1
-        self._account(1, nbytes, len(requests), failed)
-        return out
+        return [self.write_one(buf, offset) for buf, offset in requests]
+
+    def write_one(self, buf, offset):
+        """One write on the slow path (with retries, widened if need be): None or the
+        OSError."""
+        try:
+            self._retry(self._write_widened, buf, offset)
+        except OSError as e:
+            return e
+        return None
+
+    def queue_writes(self, io, requests):
+        """The queued path (Driver.queue_writes), to the leaf; requests are aligned to
+        its write_align (the caller sends others through pwritev, alone)."""
+        self.leaf.queue_writes(io, requests)
 
     @staticmethod
     def _aligned(requests, mask):
@@ -355,20 +395,11 @@ class Chain(object):
             buf, offset = self._widen(buf, offset)
         self.leaf.pwrite(buf, offset)
 
-    def _pwritev_widened(self, requests, nbytes):
+    def _pwritev_widened(self, requests):
         """A batch with writes the leaf cannot take as they are: one at a time, in order,
         each read-modify-written (a write must see the ones before it)."""
-        out = []
-        failed = 0
-        for buf, offset in requests:
-            try:
-                self._retry(self._write_widened, buf, offset)
-                out.append(None)
-            except OSError as e:
-                out.append(e)
-                failed += 1
-        self._account(1, nbytes, len(requests), failed)
-        return out if failed else None
+        out = [self.write_one(buf, offset) for buf, offset in requests]
+        return out if any(out) else None
 
     def _leaf_op(self, rw, fn, *args):
         try:
@@ -445,5 +476,15 @@ class Chain(object):
 
     def stats(self):
         with self._lock:
-            return {"secs": list(self.secs), "retries": self.retries,
-                    "images": [i.stats() for i in self.images]}
+            secs = list(self.secs)
+            images = [i.stats() for i in self.images]
+            for c in self._counters.values():
+                secs[0] += c[0]
+                secs[1] += c[1]
+                if images:
+                    leaf = images[0]
+                    leaf["hits"][0] += c[2] - c[4]
+                    leaf["hits"][1] += c[3] - c[5]
+                    leaf["fail"][0] += c[4]
+                    leaf["fail"][1] += c[5]
+            return {"secs": secs, "retries": self.retries, "images": images}

@@ -1,8 +1,8 @@
 """The engine's native calls, through ctypes (the standard library: dom0 has no cffi).
 
-- libsmtap-aio.so.1 (smtap_aio.c, built by aio_build.py): one call runs a batch of
-  libaio requests (io_setup / io_destroy come from libaio through it), and fstatfs's
-  file system type;
+- libsmtap-aio.so.1 (smtap_aio.c, built by aio_build.py): the I/O queue (io_uring or
+  libaio; one call per loop turn submits, reaps and waits), and fstatfs's file system
+  type;
 - libc: fallocate (hole punching, zeroing) and madvise (giving RAM back), which
   Python 3.6's os and mmap lack.
 ctypes releases the GIL during each call. Loaded on first use.
@@ -33,15 +33,17 @@ def _load():
                           % (LIBRARY, e))
         lib.smtap_aio_depth.restype = ctypes.c_int
         lib.smtap_aio_depth.argtypes = []
-        lib.smtap_aio_batch.restype = ctypes.c_int
-        lib.smtap_aio_batch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                        ctypes.c_int, _c_ll_p, ctypes.c_void_p, _c_ll_p]
+        lib.smtap_queue_open.restype = ctypes.c_int
+        lib.smtap_queue_open.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        lib.smtap_queue_close.restype = None
+        lib.smtap_queue_close.argtypes = [ctypes.c_void_p]
+        lib.smtap_queue_buffers.restype = None
+        lib.smtap_queue_buffers.argtypes = [ctypes.c_void_p, _c_ll_p, _c_ll_p, ctypes.c_int]
+        # smtap_queue_run: no argtypes (ctypes' conversions cost more than the call): it
+        # takes the queue as a c_void_p and three Python ints (C ints)
+        lib.smtap_queue_run.restype = ctypes.c_int
         lib.smtap_fs_type.restype = ctypes.c_longlong
         lib.smtap_fs_type.argtypes = [ctypes.c_int]
-        lib.io_setup.restype = ctypes.c_int
-        lib.io_setup.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
-        lib.io_destroy.restype = ctypes.c_int
-        lib.io_destroy.argtypes = [ctypes.c_void_p]
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.restype = ctypes.c_int
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
@@ -57,21 +59,40 @@ def _raise(err, what):
 
 
 def aio_depth():
-    """How many requests one batch keeps in flight."""
+    """How many I/Os one queue keeps in the kernel."""
     return _load().smtap_aio_depth()
 
 
-def io_setup(depth):
-    """A new libaio context (an opaque address)."""
-    ctx = ctypes.c_void_p()
-    r = _load().io_setup(depth, ctypes.byref(ctx))
+# smtap_aio.c's back ends, ops and wait modes
+LIBAIO, IO_URING = 1, 2
+BACKEND_NAMES = {LIBAIO: "libaio", IO_URING: "io_uring"}
+OP_READ, OP_WRITE, OP_INLINE = 0, 1, 0x100
+WAIT_NONE, WAIT_IO, WAIT_IO_OR_SOCKET = 0, 1, 2
+FLAG_READABLE = 1
+
+
+def queue_open(backend=0):
+    """A new I/O queue on backend (0: io_uring if the kernel has it, else libaio):
+    (handle, the back end it got)."""
+    q = ctypes.c_void_p()
+    r = _load().smtap_queue_open(backend, ctypes.byref(q))
     if r < 0:
-        _raise(-r, "io_setup")
-    return ctx.value
+        _raise(-r, "opening an I/O queue (%s)" % BACKEND_NAMES.get(backend, "any"))
+    return q, r
 
 
-def io_destroy(ctx):
-    _load().io_destroy(ctx)
+def queue_close(q):
+    _load().smtap_queue_close(q)
+
+
+def queue_buffers(q, sub, done, maxdone):
+    _load().smtap_queue_buffers(q, sub, done, maxdone)
+
+
+def queue_run():
+    """smtap_queue_run(q, n, wait, sockfd) (smtap_aio.c), the hot path: called directly,
+    no wrapper."""
+    return _load().smtap_queue_run
 
 
 def fs_type(fd):
@@ -85,13 +106,6 @@ def fs_type(fd):
 def longlongs(n):
     """A C array of n long longs (offsets and lengths, results)."""
     return (ctypes.c_longlong * n)()
-
-
-def aio_batch(ctx, fd, op, n, req, base, res):
-    """smtap_aio_batch (smtap_aio.c): req holds n (offset, length, buffer position)
-    triples; how many requests did not complete in full, or -errno; base is the
-    buffer's address."""
-    return _load().smtap_aio_batch(ctx, fd, op, n, req, base, res)
 
 
 class AlignedBuffer(object):

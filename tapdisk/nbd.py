@@ -1,15 +1,26 @@
 """NBD server for one VBD: fixed newstyle handshake, then the transmission loop.
 
-Follows the NBD protocol document (github.com/NetworkBlockDevice/nbd doc/proto.md).
-One thread per listening socket, one per client. The transmission loop is the hot path:
-it receives into one big buffer, parses every complete request in it, runs runs of
-reads (and of writes) as one driver batch, and answers the whole batch with one
-sendmsg. The VBD's pause gate and the accounting are taken once per batch.
+Follows the NBD protocol document (github.com/NetworkBlockDevice/nbd doc/proto.md); its
+framing (messages as bytes, the checks of a request) is tapdisk/nbdframe.py's. One
+thread per listening socket, one per client.
 
-The backend (a VBD) provides: enter() -> Chain or None (None: fail with EIO),
-leave(), export_info() -> (size, transmission flags) (known while paused too),
-idle() (this client's thread went idle: drivers may drop its buffers), and
-export_name (None: any name is accepted).
+The transmission loop is the hot path, one turn at a time: answer the requests whose
+I/O completed (each as soon as its own did), receive what the client sent (into one
+buffer), split it into requests and start them, then send every answer of the turn
+with one sendmsg. On a chain whose drivers queue their I/O (aio, vhd) a turn's reads
+and writes go on the connection's I/O queue (tapdisk/ioqueue.py: io_uring or libaio,
+one submit per turn) and the loop keeps receiving while they are in flight; a command
+(flush, trim, zeroes, block status, disconnect) and a write the leaf cannot take as
+it is wait for the connection's I/O to finish first. Other chains (ram, null) answer
+in the turn, synchronously. The VBD's pause gate and the accounting cost O(1) per turn.
+
+The backend (a VBD) provides: export_info() -> (size, transmission flags) (known while
+paused too), export_name (None: any name is accepted), io_backend (the I/O queue's back
+end, chosen when it opened), the gate: join() -> a client record (busy, inflight),
+part(client), held (a pause or close waits for its clients to go quiet), chain (None:
+fail requests with EIO), park(client) (wait out a pause) and quiet(client) (about to
+wait for the client with nothing in flight); and idle() (this client's thread went
+idle: drivers may drop its buffers).
 """
 import errno
 import fcntl
@@ -24,121 +35,68 @@ import threading
 
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import fds
+from smtap.tapdisk import ioqueue
+from smtap.tapdisk import native
+from smtap.tapdisk import nbdframe as F
+from smtap.tapdisk.nbdframe import ProtocolError
 from smtap.tapdisk.ratelog import RateLog
 
 log = logging.getLogger(__name__)
 _refusals = RateLog(log)
 
-NBDMAGIC = 0x4e42444d41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3e889045565a9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
-STRUCTURED_MAGIC = 0x668e33ef
-
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-
-# transmission flags
-TF_HAS_FLAGS = 1 << 0
-TF_READ_ONLY = 1 << 1
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_FUA = 1 << 3
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-TF_SEND_DF = 1 << 7
-TF_CAN_MULTI_CONN = 1 << 8
-TF_SEND_FAST_ZERO = 1 << 11
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = 2 ** 31 + 1
-REP_ERR_INVALID = 2 ** 31 + 3
-REP_ERR_UNKNOWN = 2 ** 31 + 6
-REP_ERR_TOO_BIG = 2 ** 31 + 9
-
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_BLOCK_SIZE = 3
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-REPLY_FLAG_DONE = 1
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = 2 ** 15 + 1
-
-META_BASE_ALLOCATION = b"base:allocation"
-META_ID = 1
-
-MAX_REQUEST = 32 << 20      # largest read/write accepted (and advertised)
+MAX_REQUEST = F.MAX_REQUEST
 MAX_OPTION = 64 << 10       # option payloads are names and queries
-MAX_EXTENTS = 2048          # per BLOCK_STATUS reply
 # Per-client memory: the receive buffer starts at RECV_INITIAL, doubles while the client
 # keeps it full (pipelining) up to RECV_BUFFER, and takes a write bigger than that whole
 # (up to MAX_REQUEST + 28). It is an anonymous mapping, so only the bytes that really
 # arrived cost memory (a write announced but not sent costs nothing); after IDLE_RELEASE
-# seconds without a request it shrinks back to RECV_INITIAL and the drivers drop the
-# client thread's buffers (Driver.idle).
+# seconds without a request it shrinks back to RECV_INITIAL and the client's I/O queue,
+# its buffers and the drivers' per-thread ones (Driver.idle) go.
 RECV_INITIAL = 64 << 10
 RECV_BUFFER = 4 << 20
 IDLE_RELEASE = 5
+# Requests in flight per client (queued I/O): at most MAX_INFLIGHT, holding at most
+# MAX_INFLIGHT_BYTES of buffers (one request always: up to MAX_REQUEST). Past that the
+# loop stops receiving until some complete: the client's sends block.
+MAX_INFLIGHT = 256
+MAX_INFLIGHT_BYTES = 64 << 20
+# A client that had two requests in flight at once is watched (its socket polled while
+# I/O is outstanding) for PIPELINE_TURNS turns since; one that never does (queue depth 1)
+# is not: the loop then blocks on the I/O alone, a system call less per request.
+PIPELINE_TURNS = 256
 MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
 
-# errno the protocol knows; anything else travels as EIO
-NBD_ERRNOS = {errno.EPERM: 1, errno.EIO: 5, errno.ENOMEM: 12, errno.EINVAL: 22,
-              errno.ENOSPC: 28, errno.EDQUOT: 28, errno.EFBIG: 28, errno.EOVERFLOW: 75,
-              errno.ENOTSUP: 95, errno.ESHUTDOWN: 108, errno.EROFS: 1, errno.EACCES: 1}
-
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
-_DATA_CHUNK = struct.Struct(">IHHQIQ")      # OFFSET_DATA header + its offset
-_OPTION = struct.Struct(">QII")
-_OPTION_REPLY = struct.Struct(">QIII")
+_leaked = []    # I/O queues that could not be drained, and their buffers: never freed
+# the hot loop's names, one lookup each
+CMD_READ, CMD_WRITE, READ_FLAGS, WRITE_FLAGS = F.CMD_READ, F.CMD_WRITE, F.READ_FLAGS, F.WRITE_FLAGS
+FLAG_FUA = F.CMD_FLAG_FUA
+Op = ioqueue.Op
 
 
-class ProtocolError(Exception):
-    """The client broke the protocol in a way that cannot be answered: disconnect."""
 
+def _queued_op(pool, ops, kind, handle, length, offset):
+    """The Op of a request going on the I/O queue, with a pool buffer of its length."""
+    b = pool.get(length)
+    op = Op()
+    op.kind, op.handle, op.length, op.offset, op.buf = kind, handle, length, offset, b
+    op.view = b[0] if len(b[0]) == length else b[0][:length]
+    ops[op.tag] = op
+    return op
 
 def transmission_flags(chain):
     leaf = chain.leaf
-    flags = TF_HAS_FLAGS | TF_SEND_DF
+    flags = F.TF_HAS_FLAGS | F.TF_SEND_DF
     if chain.readonly:
-        flags |= TF_READ_ONLY
+        flags |= F.TF_READ_ONLY
     else:
-        flags |= TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO
+        flags |= (F.TF_SEND_FLUSH | F.TF_SEND_FUA | F.TF_SEND_WRITE_ZEROES
+                  | F.TF_SEND_FAST_ZERO)
         if leaf.can_trim:
-            flags |= TF_SEND_TRIM
+            flags |= F.TF_SEND_TRIM
     if leaf.can_multi_conn or chain.readonly:
-        flags |= TF_CAN_MULTI_CONN
+        flags |= F.TF_CAN_MULTI_CONN
     return flags
 
 
@@ -165,30 +123,34 @@ def _buffer(size):
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
-def sendall_vectors(sock, bufs):
-    """sendmsg a list of buffers, IOV_MAX at a time, looping on partial sends."""
+def sendall_vectors(sock, bufs, sent=0):
+    """sendmsg a list of buffers, IOV_MAX at a time, looping on partial sends; the first
+    `sent` bytes of them went already."""
     sendmsg = sock.sendmsg
-    while bufs:
+    while True:
+        if sent:
+            bufs = _after(bufs, sent)
+        if not bufs:
+            return
         chunk = bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs
         sent = sendmsg(chunk)
         if sent == sum(map(len, chunk)):        # the usual case: all of it went
             bufs = bufs[len(chunk):]
-            continue
-        i = 0
-        for b in chunk:
-            n = len(b)
-            if sent < n:
-                break
-            sent -= n
-            i += 1
-        if i < len(chunk):
-            bufs = [memoryview(chunk[i]).cast("B")[sent:]] + bufs[i + 1:]
-        else:
-            bufs = bufs[i:]
+            sent = 0
 
 
-def nbd_errno(e):
-    return NBD_ERRNOS.get(getattr(e, "errno", None), 5)
+def _after(bufs, n):
+    """bufs without their first n bytes."""
+    i = 0
+    for b in bufs:
+        k = len(b)
+        if n < k:
+            break
+        n -= k
+        i += 1
+    if i < len(bufs) and n:
+        return [memoryview(bufs[i]).cast("B")[n:]] + bufs[i + 1:]
+    return bufs[i:]
 
 
 class Server(object):
@@ -356,6 +318,53 @@ class Server(object):
             thread.join(timeout)
 
 
+class Replies(object):
+    """The answers of one loop turn, sent with one sendmsg (send()).
+
+    It owns the data path's ordering rule: an answer to a synchronous read may be a
+    view of memory the next call into the chain can change (a ram disk's pages, which a
+    write changes; the synchronous path's per-thread buffer, which its next batch
+    reuses), so answers holding such views (viewing()) go out before any further call
+    into the chain (before_chain()). Queued requests' buffers are the connection's
+    own, safe from that: given back to their pool once sent (release)."""
+
+    __slots__ = ("out", "release", "views", "pool", "_sock")
+
+    def __init__(self, sock):
+        self.out = []           # what to send, in order
+        self.release = []       # pool buffers to give back once sent
+        self.views = False      # out views memory the chain may change
+        self.pool = None
+        self._sock = sock
+
+    def viewing(self):
+        """What was just added views memory the next call into the chain may change."""
+        self.views = True
+
+    def before_chain(self):
+        """A call into the chain comes: answers viewing its memory go first."""
+        if self.views:
+            self.send()
+
+    def send(self):
+        out = self.out
+        if out:
+            if len(out) > IOV_MAX:
+                sendall_vectors(self._sock, out)
+            else:
+                sent = self._sock.sendmsg(out)
+                if sent != sum(map(len, out)):      # a partial send (rare): the rest
+                    sendall_vectors(self._sock, out, sent)
+            del out[:]
+        self.views = False
+        release = self.release
+        if release:
+            put = self.pool.put
+            for b in release:
+                put(b)
+            del release[:]
+
+
 class Session(object):
     """One client connection."""
 
@@ -368,7 +377,7 @@ class Session(object):
 
     # -- handshake -------------------------------------------------------------------------
     def _reply(self, opt, rtype, data=b""):
-        self.sock.sendall(_OPTION_REPLY.pack(REPLY_MAGIC, opt, rtype, len(data)) + data)
+        self.sock.sendall(F.option_reply(opt, rtype, data))
 
     def _error(self, opt, rtype, message):
         self._reply(opt, rtype, message.encode())
@@ -377,32 +386,29 @@ class Session(object):
         fixed = self.backend.export_name
         return fixed is None or name in ("", fixed)     # "": the default export
 
-    def _export_info(self):
-        return self.backend.export_info()
-
     def handshake(self):
         """Run the option haggling. True: go to transmission; False: client left."""
         sock = self.sock
-        sock.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        sock.sendall(F.server_greeting())
         cflags, = struct.unpack(">I", _recvall(sock, 4))
-        if cflags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+        if cflags & ~(F.FLAG_FIXED_NEWSTYLE | F.FLAG_NO_ZEROES):
             raise ProtocolError("unknown client flags %#x" % cflags)
-        self.no_zeroes = bool(cflags & FLAG_NO_ZEROES)
+        self.no_zeroes = bool(cflags & F.FLAG_NO_ZEROES)
         while True:
-            magic, opt, length = _OPTION.unpack(_recvall(sock, 16))
-            if magic != IHAVEOPT:
+            magic, opt, length = F.OPTION.unpack(_recvall(sock, 16))
+            if magic != F.IHAVEOPT:
                 raise ProtocolError("bad option magic %#x" % magic)
             if length > MAX_OPTION:
                 # too big to be honest: skip it when affordable, else hang up
                 if length > 16 * MAX_OPTION:
                     raise ProtocolError("option %d of %d bytes" % (opt, length))
                 _skip(sock, length)
-                self._error(opt, REP_ERR_TOO_BIG, "option too long")
+                self._error(opt, F.REP_ERR_TOO_BIG, "option too long")
                 continue
             data = _recvall(sock, length) if length else b""
             handler = self._OPTIONS.get(opt)
             if handler is None:
-                self._error(opt, REP_ERR_UNSUP, "option %d not supported" % opt)
+                self._error(opt, F.REP_ERR_UNSUP, "option %d not supported" % opt)
                 continue
             result = handler(self, opt, data)
             if result is not None:
@@ -412,7 +418,7 @@ class Session(object):
         name = data.decode("utf-8", "replace")
         if not self._name_ok(name):
             raise ProtocolError("unknown export %r" % name)   # no way to say no here
-        size, flags = self._export_info()
+        size, flags = self.backend.export_info()
         reply = struct.pack(">QH", size, flags)
         if not self.no_zeroes:
             reply += bytes(124)
@@ -421,251 +427,223 @@ class Session(object):
 
     def _opt_abort(self, opt, data):
         try:
-            self._reply(opt, REP_ACK)
+            self._reply(opt, F.REP_ACK)
         except OSError:
             pass
         return False
 
     def _opt_list(self, opt, data):
         if data:
-            return self._error(opt, REP_ERR_INVALID, "LIST takes no data")
+            return self._error(opt, F.REP_ERR_INVALID, "LIST takes no data")
         name = (self.backend.export_name or "").encode()
-        self._reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name)
-        self._reply(opt, REP_ACK)
+        self._reply(opt, F.REP_SERVER, struct.pack(">I", len(name)) + name)
+        self._reply(opt, F.REP_ACK)
 
     def _opt_info_go(self, opt, data):
-        if len(data) < 6:
-            return self._error(opt, REP_ERR_INVALID, "short INFO/GO request")
-        nlen, = struct.unpack_from(">I", data)
-        if 4 + nlen + 2 > len(data):
-            return self._error(opt, REP_ERR_INVALID, "bad name length")
-        name = data[4:4 + nlen].decode("utf-8", "replace")
-        nreq, = struct.unpack_from(">H", data, 4 + nlen)
-        if len(data) != 4 + nlen + 2 + 2 * nreq:
-            return self._error(opt, REP_ERR_INVALID, "bad information request count")
-        requests = struct.unpack_from(">%dH" % nreq, data, 4 + nlen + 2)
-        if not self._name_ok(name):
-            return self._error(opt, REP_ERR_UNKNOWN, "no export %r" % name)
         try:
-            size, flags = self._export_info()
+            name, requests = F.parse_info_request(data)
+        except ValueError as e:
+            return self._error(opt, F.REP_ERR_INVALID, str(e))
+        if not self._name_ok(name):
+            return self._error(opt, F.REP_ERR_UNKNOWN, "no export %r" % name)
+        try:
+            size, flags = self.backend.export_info()
         except OSError as e:
-            return self._error(opt, REP_ERR_UNKNOWN, str(e))
-        self._reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, size, flags))
-        if INFO_NAME in requests:
-            self._reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
-        self._reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
-        self._reply(opt, REP_ACK)
-        return True if opt == OPT_GO else None
+            return self._error(opt, F.REP_ERR_UNKNOWN, str(e))
+        self.sock.sendall(F.info_replies(opt, size, flags,
+                                         name if F.INFO_NAME in requests else None))
+        return True if opt == F.OPT_GO else None
 
     def _opt_structured_reply(self, opt, data):
         if data:
-            return self._error(opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            return self._error(opt, F.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
         self.structured = True
-        self._reply(opt, REP_ACK)
+        self._reply(opt, F.REP_ACK)
 
     def _opt_meta_context(self, opt, data):
         try:
-            nlen, = struct.unpack_from(">I", data)
-            name = data[4:4 + nlen].decode("utf-8", "replace")
-            pos = 4 + nlen
-            count, = struct.unpack_from(">I", data, pos)
-            pos += 4
-            queries = []
-            for _ in range(count):
-                qlen, = struct.unpack_from(">I", data, pos)
-                query = data[pos + 4:pos + 4 + qlen]
-                if len(query) != qlen:
-                    raise struct.error("short query")
-                queries.append(query)
-                pos += 4 + qlen
-            if pos != len(data):
-                raise struct.error("trailing bytes")
-        except struct.error:
-            return self._error(opt, REP_ERR_INVALID, "malformed meta context request")
-        setting = opt == OPT_SET_META_CONTEXT
+            name, queries = F.parse_meta_context(data)
+        except ValueError:
+            return self._error(opt, F.REP_ERR_INVALID, "malformed meta context request")
+        setting = opt == F.OPT_SET_META_CONTEXT
         if setting and not self.structured:
-            return self._error(opt, REP_ERR_INVALID, "structured replies not negotiated")
+            return self._error(opt, F.REP_ERR_INVALID, "structured replies not negotiated")
         if not self._name_ok(name):
-            return self._error(opt, REP_ERR_UNKNOWN, "no export %r" % name)
+            return self._error(opt, F.REP_ERR_UNKNOWN, "no export %r" % name)
         if setting:
             self.meta = False
-        wanted = (not queries and not setting) or any(
-            q in (META_BASE_ALLOCATION, b"base:") for q in queries)
-        if wanted:
+        if F.wants_allocation(queries, setting):
             if setting:
                 self.meta = True
-            self._reply(opt, REP_META_CONTEXT, struct.pack(">I", META_ID) + META_BASE_ALLOCATION)
-        self._reply(opt, REP_ACK)
+            self._reply(opt, F.REP_META_CONTEXT,
+                        struct.pack(">I", F.META_ID) + F.META_BASE_ALLOCATION)
+        self._reply(opt, F.REP_ACK)
 
     _OPTIONS = {
-        OPT_EXPORT_NAME: _opt_export_name,
-        OPT_ABORT: _opt_abort,
-        OPT_LIST: _opt_list,
-        OPT_INFO: _opt_info_go,
-        OPT_GO: _opt_info_go,
-        OPT_STRUCTURED_REPLY: _opt_structured_reply,
-        OPT_LIST_META_CONTEXT: _opt_meta_context,
-        OPT_SET_META_CONTEXT: _opt_meta_context,
+        F.OPT_EXPORT_NAME: _opt_export_name,
+        F.OPT_ABORT: _opt_abort,
+        F.OPT_LIST: _opt_list,
+        F.OPT_INFO: _opt_info_go,
+        F.OPT_GO: _opt_info_go,
+        F.OPT_STRUCTURED_REPLY: _opt_structured_reply,
+        F.OPT_LIST_META_CONTEXT: _opt_meta_context,
+        F.OPT_SET_META_CONTEXT: _opt_meta_context,
     }
 
     # -- transmission ------------------------------------------------------------------------
-    def _error_reply(self, out, handle, err, message=""):
-        code = err if isinstance(err, int) else nbd_errno(err)
-        if self.structured:
-            msg = message.encode()[:4096]
-            out.append(_CHUNK.pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle,
-                                   6 + len(msg)) + struct.pack(">IH", code, len(msg)) + msg)
-        else:
-            out.append(_SIMPLE.pack(SIMPLE_MAGIC, code, handle))
-
-    def _done(self, out, handle):
-        if self.structured:
-            out.append(_CHUNK.pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0))
-        else:
-            out.append(_SIMPLE.pack(SIMPLE_MAGIC, 0, handle))
-
     def transmission(self):
-        sock = self.sock
-        backend = self.backend
-        enter, leave = backend.enter, backend.leave
-        unpack = _REQUEST.unpack_from
+        sock, backend = self.sock, self.backend
+        self.size, tflags = backend.export_info()
+        self.readonly = bool(tflags & F.TF_READ_ONLY)
+        # a recv that waits IDLE_RELEASE seconds fails with EAGAIN: time to give memory back
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_RELEASE, 0))
+        self.client = backend.join()
+        self.replies = Replies(sock)
+        self.io = None              # the I/O queue, made on first queued request
+        self.chain = self.acct = None
+        self.entered = False        # self.chain is the gate's (None: the disk is closed)
+        self.write_mask = 0
+        self.inflight = self.inbytes = 0    # queued requests not answered, their bytes
+        self.started = 0                    # requests the last turn started
+        try:
+            self._loop()
+        finally:
+            self._end()
+
+    def _end(self):
+        io = self.io
+        if io is not None:
+            try:
+                io.close()          # waits for what is in flight: its buffers are ours
+            except Exception:       # noqa: BLE001 - the kernel may still write to them
+                log.exception("nbd client: I/O queue not drained; its buffers are kept")
+                _leaked.append((io, self.replies.pool))
+        if self.chain is not None:
+            self.chain.retire(self.acct)
+        self.client.inflight = 0
+        self.backend.part(self.client)
+
+    def _enter(self):
+        """Busy (the gate counts this client until quiet or parked): wait out a pause,
+        take the gate's chain if it changed."""
+        client, backend = self.client, self.backend
+        client.busy = True
+        if backend.held:
+            backend.park(client)
+        chain = backend.chain
+        if chain is not self.chain or not self.entered:
+            self._switch(chain)
+
+    def _switch(self, chain):
+        """The gate's chain changed (open, resume onto another, close)."""
+        if self.chain is not None:
+            self.chain.retire(self.acct)
+        self.chain = chain
+        self.entered = True
+        self.acct = chain.counters() if chain is not None else None
+        if chain is not None and chain.queued and self.io is None:
+            self.io = ioqueue.IoQueue(self.backend.io_backend)
+            self.replies.pool = ioqueue.Pool()
+        self.write_mask = chain.write_mask if chain is not None else 0
+
+    def _idle(self):
+        """No request for IDLE_RELEASE seconds, nothing in flight: give memory back."""
+        if self.io is not None:
+            self.io.close()
+            self.io = None
+            self.replies.pool = None
+        self.entered = False        # a new queue comes with the next request
+        self.backend.idle()
+
+    def _loop(self):
+        sock, backend, client, replies = self.sock, self.backend, self.client, self.replies
+        out = replies.out
+        recv_into = sock.recv_into
+        fileno = sock.fileno()
+        WAIT_IO, WAIT_IO_OR_SOCKET = native.WAIT_IO, native.WAIT_IO_OR_SOCKET
+        DONTWAIT = socket.MSG_DONTWAIT
         buf = _buffer(RECV_INITIAL)
         view = memoryview(buf)
         cap = RECV_INITIAL
         have = 0
-        size, tflags = backend.export_info()
-        readonly = bool(tflags & TF_READ_ONLY)
-        # a recv that waits IDLE_RELEASE seconds fails with EAGAIN: time to give memory back
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_RELEASE, 0))
+        backlog = False         # complete requests wait in buf (a barrier, the limits)
+        pipelined = 0           # turns left watching the socket while I/O is outstanding
+        io = None
         while True:
-            try:
-                n = sock.recv_into(view[have:])
-            except BlockingIOError:
-                if cap > RECV_INITIAL and have <= RECV_INITIAL:
-                    writes = data = None        # the last batch's views of the buffer
-                    buf, view, cap = self._regrow(buf, view, have, RECV_INITIAL)
-                backend.idle()
+            if out:
+                replies.send()
+                client.inflight = self.inflight     # what was answered went out
+            # 1. answers: each request whose I/O completed
+            readable = False
+            inflight = self.inflight if io is not None else 0
+            if inflight:
+                admit = (inflight < MAX_INFLIGHT and self.inbytes < MAX_INFLIGHT_BYTES
+                         and not backend.held)
+                done = io.run(WAIT_IO_OR_SOCKET if pipelined and admit and not backlog
+                              else WAIT_IO, fileno)
+                if done:
+                    self._answer(done)
+                    inflight = self.inflight
+                readable = io.readable
+                if pipelined:
+                    pipelined -= 1
+            # 2. receive
+            if not inflight and not out and not backlog:
+                client.busy = False             # quiet: a pause need not wait for us
+                if backend.held:
+                    backend.quiet(client)
+                try:
+                    n = recv_into(view[have:])
+                except BlockingIOError:         # idle for IDLE_RELEASE seconds
+                    if cap > RECV_INITIAL and have <= RECV_INITIAL:
+                        buf, view, cap = self._regrow(buf, view, have, RECV_INITIAL)
+                    self._idle()
+                    io = None
+                    continue
+                if not n:
+                    return
+                have += n
+                client.busy = True              # (then held is read: see VBD.park)
+                if backend.held or backend.chain is not self.chain or not self.entered:
+                    self._enter()
+                    io = self.io
+            elif readable and have < cap:
+                try:
+                    n = recv_into(view[have:], 0, DONTWAIT)
+                except BlockingIOError:
+                    n = -1
+                if not n:
+                    return                      # gone, with requests in flight
+                if n > 0:
+                    have += n
+            elif not backlog:
                 continue
-            if not n:
-                return
-            have += n
+            # 3. start the complete requests
+            if have < F.REQUEST_SIZE:
+                continue
+            if backend.held and self.entered:
+                if inflight or out:
+                    backlog = True
+                    continue                    # drain first, then wait out the pause
+                self._enter()
+                io = self.io
             full = have == cap      # the client had more to send: batch more next time
-            if have < 28:
-                continue
-            out = []
-            reads = []          # a run of reads: [(length, offset)], their handles
-            rhandles = []
-            rbytes = 0
-            # out may hold views of driver memory (read replies): they go out before any
-            # write or command can change that memory, or a next batch reuse it
-            views_out = False
-            writes = []
-            whandles = []
-            wbytes = 0
-            wfua = False
-            pos = 0
-            disconnect = False
-            chain = enter()
-            try:
-                while have - pos >= 28:
-                    magic, flags, typ, handle, offset, length = unpack(buf, pos)
-                    if magic != REQUEST_MAGIC:
-                        raise ProtocolError("bad request magic %#x" % magic)
-                    if typ == CMD_READ:
-                        pos += 28
-                        if (flags & ~(CMD_FLAG_FUA | CMD_FLAG_DF) or offset + length > size
-                                or length > MAX_REQUEST or not length or chain is None):
-                            self._error_reply(out, handle, 5 if chain is None else 22,
-                                              "bad read request")
-                            continue
-                        if writes:
-                            if views_out:
-                                sendall_vectors(sock, out)
-                                out, views_out = [], False
-                            self._run_writes(chain, out, writes, whandles, wbytes, wfua)
-                            writes, whandles, wbytes, wfua = [], [], 0, False
-                        reads.append((length, offset))
-                        rhandles.append(handle)
-                        rbytes += length
-                        continue
-                    if typ == CMD_WRITE:
-                        if length > MAX_REQUEST:
-                            raise ProtocolError("write of %d bytes" % length)
-                        if have - pos < 28 + length:
-                            break           # wait for the payload (the buffer grows below)
-                        data = view[pos + 28:pos + 28 + length]
-                        pos += 28 + length
-                        err = 0
-                        if chain is None:
-                            err = 5
-                        elif readonly:
-                            err = 1
-                        elif flags & ~CMD_FLAG_FUA or not length:
-                            err = 22
-                        elif offset + length > size:
-                            err = 28
-                        if err:
-                            self._error_reply(out, handle, err, "write refused")
-                            continue
-                        if reads:
-                            if views_out:
-                                sendall_vectors(sock, out)
-                                out = []
-                            self._run_reads(chain, out, reads, rhandles, rbytes)
-                            views_out = True
-                            reads, rhandles, rbytes = [], [], 0
-                        writes.append((data, offset))
-                        whandles.append(handle)
-                        wbytes += length
-                        wfua = wfua or bool(flags & CMD_FLAG_FUA)
-                        continue
-                    # any other command ends the runs of reads and writes
-                    pos += 28
-                    if reads:
-                        if views_out:
-                            sendall_vectors(sock, out)
-                            out = []
-                        self._run_reads(chain, out, reads, rhandles, rbytes)
-                        views_out = True
-                        reads, rhandles, rbytes = [], [], 0
-                    if views_out:
-                        sendall_vectors(sock, out)
-                        out, views_out = [], False
-                    if writes:
-                        self._run_writes(chain, out, writes, whandles, wbytes, wfua)
-                        writes, whandles, wbytes, wfua = [], [], 0, False
-                    if typ == CMD_DISC:
-                        disconnect = True
-                        break
-                    self._command(chain, out, typ, flags, handle, offset, length, size, readonly)
-                if reads:
-                    if views_out:
-                        sendall_vectors(sock, out)
-                        out = []
-                    self._run_reads(chain, out, reads, rhandles, rbytes)
-                elif writes:
-                    if views_out:
-                        sendall_vectors(sock, out)
-                        out = []
-                    self._run_writes(chain, out, writes, whandles, wbytes, wfua)
-                if out:
-                    sendall_vectors(sock, out)
-            finally:
-                leave()
+            before = self.inflight
+            pos, backlog, disconnect = self._dispatch(buf, view, have)
+            if before + self.started > 1:       # requests in flight together
+                pipelined = PIPELINE_TURNS
             if disconnect:
+                replies.send()
                 return
             if pos:
                 rest = have - pos
                 if rest:
                     buf[:rest] = buf[pos:have]
                 have = rest
-            if have >= 28:
-                # a write bigger than the buffer: grow it (before the next recv)
-                length = _REQUEST.unpack_from(buf, 0)[5]
-                if _REQUEST.unpack_from(buf, 0)[2] == CMD_WRITE and 28 + length > cap:
-                    buf, view, cap = self._regrow(buf, view, have, 28 + length)
-                    continue
-            if full and cap < RECV_BUFFER:
+            need = have and F.pending_write(buf, 0, have)
+            if need > cap:                      # a write bigger than the buffer
+                buf, view, cap = self._regrow(buf, view, have, need)
+            elif full and cap < RECV_BUFFER:
                 buf, view, cap = self._regrow(buf, view, have, min(2 * cap, RECV_BUFFER))
 
     @staticmethod
@@ -676,93 +654,289 @@ class Session(object):
         view.release()
         return new, memoryview(new), cap
 
-    def _run_reads(self, chain, out, reads, handles, nbytes):
-        bufs = chain.preadv(reads, nbytes)
-        if self.structured:
-            pack = _DATA_CHUNK.pack
-            for (length, offset), handle, data in zip(reads, handles, bufs):
-                if isinstance(data, Exception):
-                    self._error_reply(out, handle, data, str(data))
+    # -- starting requests ------------------------------------------------------------------
+    def _dispatch(self, buf, view, have):
+        """Start the complete requests in buf[:have], in order: reads and writes of a
+        queued chain go on the I/O queue, the rest is answered in the turn. Stops at a
+        request that must wait: a command (or a write the leaf cannot take as it is)
+        while I/O is in flight, or the limits of what may be in flight. Returns (where
+        it stopped, whether complete requests are left, DISC seen); self.started: how
+        many requests it started."""
+        reqs, end = F.split_requests(buf, 0, have)
+        chain = self.chain
+        size, readonly = self.size, self.readonly
+        queued = chain is not None and chain.queued
+        if queued:
+            io, pool, write_mask = self.io, self.replies.pool, self.write_mask
+            ops = io.ops
+            qreads, qwrites = [], []    # queued this turn: (length, offset, view, address, op)
+        run, run_kind = None, None      # a run of synchronous reads or writes
+        nread = rbytes = nwrite = wbytes = 0
+        inflight, inbytes = self.inflight, self.inbytes
+        stop = None
+        disconnect = False
+        k = -1
+        for (_, flags, typ, handle, offset, length), dpos in reqs:
+            k += 1
+            if typ == CMD_READ:
+                if (flags & ~READ_FLAGS or offset + length > size or not length
+                        or length > MAX_REQUEST or chain is None):
+                    self._refuse(handle, F.read_error(flags, offset, length, size)
+                                 if chain is not None else None)
+                    continue
+                nread += 1
+                rbytes += length
+                if queued:
+                    if inflight and (inflight >= MAX_INFLIGHT
+                                     or inbytes + length > MAX_INFLIGHT_BYTES):
+                        stop = k
+                        break
+                    op = _queued_op(pool, ops, CMD_READ, handle, length, offset)
+                    qreads.append((length, offset, op.view, op.buf[1], op))
+                    inflight += 1
+                    inbytes += length
+                elif run_kind == CMD_READ:
+                    run.append((length, offset, handle))
                 else:
-                    out.append(pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
-                                    handle, length + 8, offset))
-                    out.append(data)
+                    if run:
+                        self._run_sync(chain, run_kind, run)
+                    run, run_kind = [(length, offset, handle)], CMD_READ
+                continue
+            if typ == CMD_WRITE:
+                if (readonly or flags & ~WRITE_FLAGS or offset + length > size or not length
+                        or chain is None):
+                    self._refuse(handle, F.write_error(flags, offset, length, size, readonly)
+                                 if chain is not None else None)
+                    continue
+                if queued and not (offset | length) & write_mask:
+                    if inflight and (inflight >= MAX_INFLIGHT
+                                     or inbytes + length > MAX_INFLIGHT_BYTES):
+                        stop = k
+                        break
+                    op = _queued_op(pool, ops, CMD_WRITE, handle, length, offset)
+                    op.view[:] = view[dpos:dpos + length]   # the receive buffer moves on
+                    op.fua = flags & FLAG_FUA
+                    qwrites.append((length, offset, op.view, op.buf[1], op))
+                    inflight += 1
+                    inbytes += length
+                else:
+                    if queued and inflight:     # widened: after all that came before it
+                        stop = k
+                        break
+                    data = (view[dpos:dpos + length], offset, handle, flags & FLAG_FUA)
+                    if run_kind == CMD_WRITE:
+                        run.append(data)
+                    else:
+                        if run:
+                            self._run_sync(chain, run_kind, run)
+                        run, run_kind = [data], CMD_WRITE
+                nwrite += 1
+                wbytes += length
+                continue
+            # any other command: after everything before it
+            if inflight:
+                stop = k
+                break
+            if run:
+                self._run_sync(chain, run_kind, run)
+                run, run_kind = None, None
+            if typ == F.CMD_DISC:
+                disconnect = True
+                break
+            self.replies.before_chain()
+            self._command(chain, typ, flags, handle, offset, length)
+        self.inflight, self.inbytes = inflight, inbytes
+        if nread or nwrite:
+            acct = self.acct
+            acct[0] += rbytes >> 9
+            acct[1] += wbytes >> 9
+            acct[2] += nread
+            acct[3] += nwrite
+        if run:
+            self._run_sync(chain, run_kind, run)
+        started = len(reqs) if stop is None else stop
+        if queued:
+            if qreads:
+                self._queue(chain.queue_reads, qreads)
+            if qwrites:
+                self._queue(chain.queue_writes, qwrites)
+            # answered in the turn, requests count as in flight until their answers are sent
+            self.client.inflight = self.inflight + started - len(qreads) - len(qwrites)
         else:
-            pack = _SIMPLE.pack
-            for handle, data in zip(handles, bufs):
-                if isinstance(data, Exception):
-                    self._error_reply(out, handle, data)
-                else:
-                    out.append(pack(SIMPLE_MAGIC, 0, handle))
-                    out.append(data)
+            self.client.inflight = started
+        self.started = started
+        if stop is None:
+            return end, False, disconnect
+        return reqs[stop][1] - F.REQUEST_SIZE, True, disconnect
 
-    def _run_writes(self, chain, out, writes, handles, nbytes, fua):
-        errors = chain.pwritev(writes, nbytes)
-        if fua and errors is None:
+    def _refuse(self, handle, why):
+        """Answer a request that cannot be run: why = (NBD error, message), None: the
+        disk is not open."""
+        err, message = why or (F.NBD_EIO, "the disk is not open")
+        self.replies.out.append(F.error_reply(self.structured, handle, err, message))
+
+    def _queue(self, queue, batch):
+        """Hand a batch to the chain's queued path; answer at once what needed no I/O
+        (zeros). A batch the chain could not queue is redone on the synchronous path,
+        request by request, once what it did queue completed."""
+        io = self.io
+        try:
+            queue(io, batch)
+        except OSError as e:
+            log.debug("nbd: a queued batch failed (%s): redone one by one", e)
+            for r in batch:
+                r[4].error = r[4].error or -errno.EIO
+        now = [r[4] for r in batch if not r[4].pending]
+        if now:
+            ops = io.ops
+            for op in now:
+                del ops[op.tag]
+            self._answer(now)
+
+    # -- answers ----------------------------------------------------------------------------
+    def _answer(self, done):
+        """Answer the requests whose I/O all completed."""
+        replies = self.replies
+        out, release = replies.out, replies.release
+        structured = self.structured
+        nbytes = 0
+        for op in done:
+            nbytes += op.length
+            if op.error or op.after is not None or op.fua:
+                self._answer_slow(op)
+            elif op.kind == F.CMD_READ:
+                out.append(F.DATA_CHUNK.pack(F.STRUCTURED_MAGIC, F.REPLY_FLAG_DONE,
+                                             F.REPLY_TYPE_OFFSET_DATA, op.handle,
+                                             op.length + 8, op.offset) if structured
+                           else F.SIMPLE.pack(F.SIMPLE_MAGIC, 0, op.handle))
+                out.append(op.view)
+            else:
+                out.append(F.chunk_done(op.handle) if structured
+                           else F.SIMPLE.pack(F.SIMPLE_MAGIC, 0, op.handle))
+            release.append(op.buf)
+        self.inflight -= len(done)
+        self.inbytes -= nbytes
+
+    def _answer_slow(self, op):
+        """A queued request that failed (redone on the synchronous path, with retries),
+        or that has more to do: the driver's after(), a FUA flush."""
+        chain, replies = self.chain, self.replies
+        err = None
+        if op.kind == F.CMD_READ:
+            replies.before_chain()
+            data = chain.read_one(op.length, op.offset)
+            if isinstance(data, Exception):
+                return self._read_failed(op.handle, data)
+            replies.out.append(F.chunk_data_header(op.handle, op.offset, op.length)
+                               if self.structured else F.simple_reply(op.handle))
+            replies.out.append(data)
+            replies.viewing()
+            return
+        if op.error:
+            replies.before_chain()
+            err = chain.write_one(op.view, op.offset)
+        elif op.after is not None:
             try:
-                chain.flush()
+                op.after()
             except OSError as e:
-                errors = [e] * len(writes)
+                err = e
+        if err is None and op.fua:
+            err = self._flush(chain)
+        self._write_answer(op.handle, err)
+
+    def _write_answer(self, handle, err):
+        if err is None:
+            self.replies.out.append(F.done_reply(self.structured, handle))
+        else:
+            self.acct[5] += 1
+            self._refuse(handle, (F.nbd_error(err), str(err)))
+
+    @staticmethod
+    def _flush(chain):
+        try:
+            chain.flush()
+        except OSError as e:
+            return e
+        return None
+
+    def _run_sync(self, chain, kind, run):
+        """A run of reads [(length, offset, handle)] or writes [(data, offset, handle,
+        fua)] on the synchronous path, answered in the turn."""
+        replies = self.replies
+        if replies.views:
+            replies.send()          # before_chain(), inline: this is the hot path
+        out = replies.out
+        if kind == F.CMD_READ:
+            bufs = chain.preadv([(length, offset) for length, offset, _ in run])
+            if self.structured:
+                header = F.chunk_data_header
+                for (length, offset, handle), data in zip(run, bufs):
+                    if isinstance(data, Exception):
+                        self._read_failed(handle, data)
+                    else:
+                        out.append(header(handle, offset, length))
+                        out.append(data)
+            else:
+                pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC
+                for (_, _, handle), data in zip(run, bufs):
+                    if isinstance(data, Exception):
+                        self._read_failed(handle, data)
+                    else:
+                        out.append(pack(magic, 0, handle))
+                        out.append(data)
+            replies.views = True    # viewing()
+            return
+        errors = chain.pwritev([(data, offset) for data, offset, _, _ in run])
+        if errors is None and any(fua for _, _, _, fua in run):
+            err = self._flush(chain)
+            if err is not None:
+                errors = [err] * len(run)
         if errors is None:
             if self.structured:
-                pack = _CHUNK.pack
-                for handle in handles:
-                    out.append(pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0))
+                out.extend(F.chunk_done(handle) for _, _, handle, _ in run)
             else:
-                pack = _SIMPLE.pack
-                for handle in handles:
-                    out.append(pack(SIMPLE_MAGIC, 0, handle))
+                pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC
+                out.extend(pack(magic, 0, handle) for _, _, handle, _ in run)
             return
-        for handle, err in zip(handles, errors):
-            if err is None:
-                self._done(out, handle)
-            else:
-                self._error_reply(out, handle, err, str(err))
+        for (_, _, handle, _), err in zip(run, errors):
+            self._write_answer(handle, err)
 
-    def _command(self, chain, out, typ, flags, handle, offset, length, size, readonly):
+    def _read_failed(self, handle, err):
+        self.acct[4] += 1
+        self._refuse(handle, (F.nbd_error(err), str(err)))
+
+    # -- commands ---------------------------------------------------------------------------
+    def _command(self, chain, typ, flags, handle, offset, length):
         """FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and unknown commands."""
         if chain is None:
-            return self._error_reply(out, handle, 5, "the disk is not open")
+            return self._refuse(handle, None)
+        bad = F.command_error(typ, flags, offset, length, self.size, self.readonly, self.meta)
+        if bad:
+            return self._refuse(handle, bad)
         try:
-            if typ == CMD_FLUSH:
-                if flags or readonly:
-                    return self._error_reply(out, handle, 22, "bad flush")
+            if typ == F.CMD_FLUSH:
                 chain.flush()
-            elif typ == CMD_TRIM or typ == CMD_WRITE_ZEROES:
-                allowed = CMD_FLAG_FUA
-                if typ == CMD_WRITE_ZEROES:
-                    allowed |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
-                if readonly:
-                    return self._error_reply(out, handle, 1, "read-only disk")
-                if flags & ~allowed or offset + length > size or not length:
-                    return self._error_reply(out, handle, 22, "bad trim/zero request")
-                if typ == CMD_TRIM:
-                    if chain.leaf.can_trim:
-                        chain.trim(length, offset)
-                else:
-                    if flags & CMD_FLAG_FAST_ZERO and not chain.leaf.can_zero:
-                        return self._error_reply(out, handle, 95, "no fast zero")
-                    chain.zero(length, offset, not flags & CMD_FLAG_NO_HOLE)
-                if flags & CMD_FLAG_FUA:
-                    chain.flush()
-            elif typ == CMD_BLOCK_STATUS:
-                if not self.meta:
-                    return self._error_reply(out, handle, 22, "no meta context negotiated")
-                if flags & ~CMD_FLAG_REQ_ONE or offset + length > size or not length:
-                    return self._error_reply(out, handle, 22, "bad block status request")
-                return self._block_status(chain, out, handle, offset, length,
-                                          flags & CMD_FLAG_REQ_ONE)
-            else:
-                return self._error_reply(out, handle, 22, "unknown command %d" % typ)
+            elif typ == F.CMD_TRIM:
+                if chain.leaf.can_trim:
+                    chain.trim(length, offset)
+            elif typ == F.CMD_WRITE_ZEROES:
+                if flags & F.CMD_FLAG_FAST_ZERO and not chain.leaf.can_zero:
+                    return self._refuse(handle, (F.NBD_ENOTSUP, "no fast zero"))
+                chain.zero(length, offset, not flags & F.CMD_FLAG_NO_HOLE)
+            elif typ == F.CMD_BLOCK_STATUS:
+                return self._block_status(chain, handle, offset, length,
+                                          flags & F.CMD_FLAG_REQ_ONE)
+            if typ != F.CMD_FLUSH and flags & F.CMD_FLAG_FUA:
+                chain.flush()
         except OSError as e:
-            return self._error_reply(out, handle, e, str(e))
-        self._done(out, handle)
+            return self._refuse(handle, (F.nbd_error(e), str(e)))
+        self.replies.out.append(F.done_reply(self.structured, handle))
 
-    def _block_status(self, chain, out, handle, offset, length, one):
+    def _block_status(self, chain, handle, offset, length, one):
         descs = []
         pos = offset
         end = offset + length
-        while pos < end and len(descs) < MAX_EXTENTS:
+        while pos < end and len(descs) < F.MAX_EXTENTS:
             ext = chain.extents(end - pos, pos)
             if not ext or ext[0][0] <= 0:
                 break                           # a driver that reports nothing: stop here
@@ -776,7 +950,7 @@ class Session(object):
                 else:
                     descs.append([elen, nflags])
                 pos += elen
-                if pos >= end or len(descs) >= MAX_EXTENTS:
+                if pos >= end or len(descs) >= F.MAX_EXTENTS:
                     break
             if one:
                 break
@@ -784,7 +958,4 @@ class Session(object):
             descs = [[length, 0]]
         if one:
             descs = descs[:1]
-        payload = struct.pack(">I", META_ID) + b"".join(
-            struct.pack(">II", min(n, 0xffffffff), f) for n, f in descs)
-        out.append(_CHUNK.pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-                               handle, len(payload)) + payload)
+        self.replies.out.append(F.chunk_block_status(handle, descs))

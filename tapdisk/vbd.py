@@ -2,8 +2,12 @@
 
 States are upstream's bit flags: 0 running, CLOSED before open and after close,
 CLOSED|QUIESCED|PAUSED (0x2a) while paused. The daemon's control thread calls
-open/close/pause/resume/stats/info; NBD client threads pass the gate (enter/leave)
-once per batch of requests: while paused they wait, a pause first drains those in flight.
+open/close/pause/resume/stats/info. NBD client threads pass the gate: a client is busy
+from the request that woke it until it waits for its socket again with nothing in
+flight (quiet); a pause or close raises `held` and waits until every client is quiet
+or parked (a busy client seeing `held` stops taking requests, finishes those in flight
+and parks until resume). That costs a client two attribute writes and a read per loop
+turn, no lock.
 
     python -m smtap.tapdisk.vbd [-R] [-D] [-m minor] [-e export] [--tcp host:port] type:/path
 
@@ -20,6 +24,7 @@ import time
 from smtap import names, settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import image
+from smtap.tapdisk import ioqueue
 from smtap.tapdisk import nbd
 
 STATE_DEAD = 0x1
@@ -34,6 +39,18 @@ STATE_PAUSED_ALL = STATE_CLOSED | STATE_QUIESCED | STATE_PAUSED     # 0x2a
 
 DEFAULT_TIMEOUT = 120
 STALL_CHECK = 2.0       # seconds between looks at the clients while a pause or close waits
+
+
+class Client(object):
+    """An NBD client as the gate sees it. busy: it may be using the chain (its thread
+    writes it, the pause reads it: under the GIL, a write then a read on each side is
+    enough, see VBD.park); inflight: its requests started and not answered."""
+
+    __slots__ = ("busy", "inflight")
+
+    def __init__(self):
+        self.busy = False
+        self.inflight = 0
 
 
 class VBD(object):
@@ -53,27 +70,40 @@ class VBD(object):
         self._sector_size = None
         self._export_flags = 0
         self._banked = {"secs": [0, 0], "images": [], "retries": 0}  # chains closed by pause
-        self._gate = threading.Condition()
-        self._inflight = 0
-        self._held = False          # new batches wait (pause, close)
+        self._gate = threading.Condition(threading.Lock())
+        self._clients = set()
+        self.held = False           # a pause or close waits for the clients to go quiet
+        self.io_backend = None      # the NBD clients' I/O queues' (ioqueue), from open
         self._control = threading.RLock()
 
-    # -- the gate NBD clients pass once per batch ----------------------------------------
-    def enter(self):
-        """Wait while paused; then the current chain (None: fail requests with EIO)."""
-        gate = self._gate
-        with gate:
-            while self._held:
-                gate.wait()
-            self._inflight += 1
-            return self.chain
+    # -- the gate NBD clients pass -----------------------------------------------------
+    def join(self):
+        """A new NBD client (its transmission phase): its Client record."""
+        client = Client()
+        with self._gate:
+            self._clients.add(client)
+        return client
 
-    def leave(self):
-        gate = self._gate
-        with gate:
-            self._inflight -= 1
-            if self._held and not self._inflight:
-                gate.notify_all()
+    def part(self, client):
+        with self._gate:
+            self._clients.discard(client)
+            self._gate.notify_all()
+
+    def park(self, client):
+        """client (busy, nothing in flight) saw `held`: wait until the gate opens again.
+        The client sets busy before reading held, the pause sets held before reading
+        busy: whichever comes second sees the other's write."""
+        with self._gate:
+            client.busy = False
+            self._gate.notify_all()
+            while self.held:
+                self._gate.wait()
+            client.busy = True
+
+    def quiet(self, client):
+        """client went quiet while held (it set busy to False): tell the waiting pause."""
+        with self._gate:
+            self._gate.notify_all()
 
     def idle(self):
         """An NBD client's thread went idle: its per-thread driver buffers may go."""
@@ -81,33 +111,38 @@ class VBD(object):
         if chain is not None:
             chain.idle()
 
+    def _busy(self):
+        return [c for c in self._clients if c.busy]
+
     def _hold(self, force=False):
-        """Make new batches wait and drain those in flight. A batch stuck sending to a
-        client that does not read its replies ends when that client is dropped (its
-        unread replies did not move for STALL_CHECK seconds), so no client can hold a
-        pause or close. EBUSY after the request timeout (the gate opens again), unless
-        force."""
+        """Hold new requests and wait until every client is quiet or parked (their
+        requests in flight answered). A client stuck sending to a peer that does not
+        read its replies stops being busy when it is dropped (its unread replies did not
+        move for STALL_CHECK seconds), so no client can hold a pause or close. EBUSY
+        after the request timeout (the gate opens again), unless force."""
         with self._gate:
-            self._held = True
+            self.held = True
             deadline = time.monotonic() + self.timeout
             unread = {}
-            while self._inflight:
+            while self._busy():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 if not self._gate.wait(min(left, STALL_CHECK)) and self.server is not None:
                     unread = self.server.drop_stalled(unread)
-            if self._inflight and not force:
-                self._held = False
+            busy = self._busy()
+            if busy and not force:
+                self.held = False
                 self._gate.notify_all()
-                raise OSError(errno.EBUSY, "%d request batches still in flight after %ss"
-                              % (self._inflight, self.timeout))
+                raise OSError(errno.EBUSY, "%d clients still busy after %ss (%d requests in "
+                              "flight)" % (len(busy), self.timeout,
+                                           sum(c.inflight for c in busy)))
 
     def _release(self, chain):
         """Open the gate on `chain` (None: waiting and new requests fail with EIO)."""
         with self._gate:
             self.chain = chain
-            self._held = False
+            self.held = False
             self._gate.notify_all()
 
     # -- control --------------------------------------------------------------------------
@@ -121,6 +156,7 @@ class VBD(object):
             if secondary or flags & (drv.OPEN_SECONDARY | drv.OPEN_STANDBY):
                 raise OSError(errno.ENOTSUP, "secondary (mirror) images are not supported")
             self.timeout = timeout or DEFAULT_TIMEOUT
+            self.io_backend = ioqueue.backend()
             chain = image.Chain(params, flags, self.timeout)
             try:
                 if not os.path.isdir(self.runtime_dir):
@@ -230,7 +266,8 @@ class VBD(object):
             "state": self.state,
             "secs": secs,
             "images": images,
-            "reqs_outstanding": self._inflight,
+            "reqs_outstanding": sum(c.inflight for c in list(self._clients)),
+            "io": self.io_backend,
             "retries": retries,
             "nbd": {"path": self.nbd_path if server else None,
                     "clients": server.clients() if server else 0,

@@ -12,7 +12,8 @@ from lib.procs import run
 
 # Commands run by the suite (directly, or by a tool it runs: nbdinfo runs `file`).
 TOOLS = [
-    "nbdinfo", "nbdcopy", "nbdfuse", "nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "fio",
+    "nbdinfo", "nbdcopy", "nbdfuse", "nbdkit", "qemu-img", "qemu-io", "qemu-nbd",
+    "qemu-storage-daemon", "fio",
     "file", "losetup", "mount", "umount", "blockdev", "fallocate", "prlimit",
     "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc", "objdump", "unshare",
     "logrotate", "runuser",

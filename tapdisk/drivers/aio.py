@@ -1,12 +1,12 @@
-"""aio: a raw file or block device, through Linux native AIO (libaio, tapdisk.native).
+"""aio: a raw file or block device, through asynchronous I/O (io_uring or libaio).
 
     aio:/path/disk.img
 
 O_DIRECT when the file system allows it (buffers aligned), buffered otherwise and with
-OPEN_NO_O_DIRECT (tap-ctl -D). A batch of requests is one C call (io_submit +
-io_getevents, GIL released), into one aligned per-thread buffer: the libaio path of
-tapdisk/aiofile.py, which the vhd type shares. Requests O_DIRECT cannot take (not
-sector aligned) go through a second, buffered descriptor.
+OPEN_NO_O_DIRECT (tap-ctl -D). Its requests go on the NBD connection's I/O queue
+(io_uring or libaio, tapdisk/ioqueue.py) through tapdisk/aiofile.py, which the vhd type
+shares. Requests O_DIRECT cannot take (not sector aligned) go through a second,
+buffered descriptor.
 """
 from smtap.tapdisk import aiofile
 from smtap.tapdisk import driver
@@ -22,6 +22,7 @@ class AioDriver(driver.Driver):
     can_zero = True
     can_extents = True
     can_multi_conn = True
+    can_queue = True
     options = {"direct": driver.parse_bool}     # direct=0: never O_DIRECT (as -D)
 
     def __init__(self):
@@ -32,6 +33,8 @@ class AioDriver(driver.Driver):
         self.path, self.flags = path, flags
         direct = not flags & driver.OPEN_NO_O_DIRECT and options.get("direct", True)
         self.file = aiofile.AioFile(path, not flags & driver.OPEN_RDONLY, direct)
+        # the queued path goes straight to the file's (a call less per batch)
+        self.queue_reads, self.queue_writes = self.file.queue_reads, self.file.queue_writes
         self.size = self.file.size
         if self.file.block_device:
             self.can_extents = False
@@ -40,12 +43,20 @@ class AioDriver(driver.Driver):
         if self.file is not None:
             self.file.close()
             self.file = None
+            del self.queue_reads, self.queue_writes
 
     def idle(self):
         if self.file is not None:
             self.file.idle()
 
-    # one call per batch into the shared libaio path
+    # the engine's queued path (open() binds these to the file's), and one call per
+    # batch into the synchronous one
+    def queue_reads(self, io, requests):
+        self.file.queue_reads(io, requests)
+
+    def queue_writes(self, io, requests):
+        self.file.queue_writes(io, requests)
+
     def preadv(self, requests):
         return self.file.preadv(requests)
 

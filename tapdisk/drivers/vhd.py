@@ -26,6 +26,7 @@ through the buffered descriptor.
 - Virtual size up to 2040 GiB (the storage layer's limit); larger is refused.
 """
 import errno
+import functools
 import os
 import threading
 
@@ -79,6 +80,7 @@ class VhdDriver(driver.Driver):
     can_multi_conn = True       # flush is fdatasync of the one file: every client's writes
     write_align = V.SECTOR      # sector bitmaps: the engine widens unaligned writes
     trim_hides_parent = True    # trimmed data reads zeros, its bitmap bits stay set
+    can_queue = True
     options = {"direct": driver.parse_bool}     # direct=0: never O_DIRECT (as -D)
 
     def __init__(self):
@@ -360,6 +362,45 @@ class VhdDriver(driver.Driver):
             length -= n
         return acc
 
+    def _queue_in_full_blocks(self, submit, requests):
+        """The requests inside one full block: one I/O each, submitted (io.read or
+        io.write); the others returned, for the BAT and the bitmaps."""
+        bat, full, shift, bmask, bmb = self.bat, self.full, self.shift, self.bmask, self.bm_bytes
+        afile = self.file
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        rest = []
+        for req in requests:
+            length, offset, _, address, op = req
+            blk = offset >> shift
+            sec = bat[blk]
+            if sec != UNUSED and full[blk] and (offset + length - 1) >> shift == blk:
+                phys = (sec << 9) + bmb + (offset & bmask)
+                if direct and not (phys | length) & mask:
+                    submit(fd, phys, length, address, op)
+                else:
+                    submit(bfd, phys, length, address, op, True)
+            else:
+                rest.append(req)
+        return rest
+
+    def queue_reads(self, io, requests):
+        """Driver.queue_reads: a request inside one full block is one I/O; others are
+        mapped through the BAT and bitmaps into I/O for what is present and zeros for
+        the rest."""
+        afile = self.file
+        if not self.dynamic:
+            return afile.queue_reads(io, requests)
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        read, zero = io.read, driver.zeros
+        for length, offset, view, address, op in self._queue_in_full_blocks(read, requests):
+            req, zeros = [], []
+            buffered = not direct or bool(self._map(offset, length, 0, req, zeros) & mask)
+            rfd = bfd if buffered else fd
+            for i in range(0, len(req), 3):
+                read(rfd, req[i], req[i + 1], address + req[i + 2], op, buffered)
+            for zpos, zlen in zeros:
+                view[zpos:zpos + zlen] = zero(zlen)
+
     def pread(self, length, offset):
         return bytes(self.preadv([(length, offset)])[0])
 
@@ -477,6 +518,36 @@ class VhdDriver(driver.Driver):
                 bits.append((blk, boff >> 9, (boff + n) >> 9))
         afile.pwritev(writes)
         self._set_bits(bits)
+
+    def queue_writes(self, io, requests):
+        """Driver.queue_writes: new blocks allocated here (metadata, in order, under the
+        lock), the data queued, the bitmap bits set once it is written (op.after)."""
+        if self.readonly:
+            raise OSError(errno.EROFS, "vhd: %s is open read-only" % self.path)
+        afile = self.file
+        if not self.dynamic:
+            return afile.queue_writes(io, requests)
+        bat, full, bmb = self.bat, self.full, self.bm_bytes
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        write = io.write
+        for length, offset, view, address, op in self._queue_in_full_blocks(write, requests):
+            pieces = self._pieces(length, offset)
+            new = dict((b, n != self.bs) for b, _, n in pieces if bat[b] == UNUSED)
+            if new:
+                self._allocate(new)     # zero the data unless written whole
+            bits = []
+            pos = 0
+            for b, boff, n in pieces:
+                phys = (bat[b] << 9) + bmb + boff
+                if direct and not (phys | n | pos) & mask:
+                    write(fd, phys, n, address + pos, op)
+                else:
+                    write(bfd, phys, n, address + pos, op, True)
+                if not full[b]:
+                    bits.append((b, boff >> 9, (boff + n) >> 9))
+                pos += n
+            if bits:
+                op.after = functools.partial(self._set_bits, bits)
 
     def pwrite(self, buf, offset):
         self.pwritev([(buf, offset)])

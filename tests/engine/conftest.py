@@ -2,13 +2,23 @@
 smtap_root's teardown kills every process of the root."""
 import pytest
 
-from lib.engine import Served, Tap
+from lib.engine import IO_BACKENDS, Served, Tap, have_io_uring
 
 
 @pytest.fixture(autouse=True)
 def own_root(smtap_root):
     """Every engine test runs under its own root, whose teardown kills what it left."""
     return smtap_root
+
+
+@pytest.fixture(params=IO_BACKENDS)
+def io_backend(request, monkeypatch):
+    """The test runs once on each I/O back end (io_uring, libaio): SMTAP_IO for the
+    tapdisks it starts. Check with stats()["io"] that one did use it."""
+    if request.param == "io_uring" and not have_io_uring():
+        pytest.skip("this kernel has no io_uring for this process")
+    monkeypatch.setenv("SMTAP_IO", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import control, nbd
 
-from lib.engine import Raw, tap_ctl
+from lib.engine import Raw, have_io_uring, image_file, tap_ctl
 from lib.procs import memory_of, run, wait_for
 from lib.sizes import MiB
 
@@ -45,8 +45,17 @@ def refused(path):
     return False
 
 
-def test_memory_per_client_is_bounded(make_tap, smtap_root):
-    tap = make_tap("ram:%s?size=%d" % (smtap_root / "x", 64 * MiB))
+@pytest.mark.parametrize("kind,backend", [("ram", "auto"), ("aio", "io_uring"),
+                                          ("aio", "libaio")])
+def test_memory_per_client_is_bounded(make_tap, smtap_root, monkeypatch, kind, backend):
+    """ram answers in the turn; aio's clients each have an I/O queue and buffers too."""
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("no io_uring here")
+    monkeypatch.setenv("SMTAP_IO", backend)
+    if kind == "ram":
+        tap = make_tap("ram:%s?size=%d" % (smtap_root / "x", 64 * MiB))
+    else:
+        tap = make_tap("aio:" + image_file(smtap_root / "x.img", 64 * MiB))
     clients = connected(tap.nbd_path, 1)          # one-time costs of a first client
     base = rss(tap.pid)
     clients += connected(tap.nbd_path, 100, 1)
@@ -102,9 +111,9 @@ def test_a_client_that_never_reads_does_not_block_pause_or_destroy(make_tap, smt
     try:
         assert wait_for(lambda: client.stats(tap.minor)["nbd"]["clients"] == 1)
         stalled = stalled_reader(tap.nbd_path)
-        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] == 1)
+        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] >= 1)
         time.sleep(0.5)
-        assert client.stats(tap.minor)["reqs_outstanding"] == 1    # stuck sending replies
+        assert client.stats(tap.minor)["reqs_outstanding"] >= 1    # stuck sending replies
         started = time.monotonic()
         tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)            # was: EBUSY after 30 s
         paused_in = time.monotonic() - started
@@ -120,7 +129,7 @@ def test_a_client_that_never_reads_does_not_block_pause_or_destroy(make_tap, smt
         assert wait_for(lambda: client.stats(tap.minor)["images"][0]["hits"][0] > hits)
 
         stalled = stalled_reader(tap.nbd_path)
-        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] == 1)
+        assert wait_for(lambda: client.stats(tap.minor)["reqs_outstanding"] >= 1)
         started = time.monotonic()
         tap.destroy()                                               # was: EBUSY after 30 s
         assert time.monotonic() - started < 8

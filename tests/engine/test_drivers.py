@@ -236,7 +236,7 @@ def test_chain_reads_are_batched_per_image(smtap_root):
         requests = [(BLOCK * 2, 0), (BLOCK, 7 * BLOCK), (BLOCK, 11 * BLOCK), (100, BLOCK - 50)] + [
             (rng.randint(1, 3 * BLOCK), rng.randrange(0, MiB - 3 * BLOCK)) for _ in range(40)]
         before = {n: LAYERS[n].get("batches", 0) for n in ("b3", "m3", "l3")}
-        bufs = chain.preadv(requests, sum(n for n, _ in requests))
+        bufs = chain.preadv(requests)
         assert {n: LAYERS[n].get("batches", 0) - before[n] for n in before} == \
             {"b3": 1, "m3": 1, "l3": 1}
         for (length, offset), buf in zip(requests, bufs):
@@ -286,7 +286,7 @@ def test_unaligned_writes_are_widened_with_the_chain_data(smtap_root):
         want = bytearray(chain._read(0, 2 * BLOCK, 0))
         writes = [(b"\xaa" * 100, 1000), (b"\xbb" * 1024, BLOCK + 512), (b"\xcc" * 10, 1050),
                   (b"\xdd" * 700, BLOCK - 300)]
-        assert chain.pwritev(writes, 0) is None
+        assert chain.pwritev(writes) is None
         for buf, off in writes:
             want[off:off + len(buf)] = buf
         chain.zero(1000, 5000)                     # partial sectors at both ends

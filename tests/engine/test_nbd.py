@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from lib.engine import IHAVEOPT, Raw, nbd_map, nbd_uri, qemu_io
+from lib.engine import (IHAVEOPT, IO_BACKENDS, Raw, have_io_uring, image_file, nbd_map,
+                        nbd_uri, qemu_io)
 from lib.procs import run
 from lib.sizes import MiB
 from lib.vhd import VHD_DISKS, check_vhds
@@ -191,11 +192,18 @@ def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage, di
     check_vhds(tmp_path)
 
 
-@pytest.mark.parametrize("disk", sorted(GARBAGE_DISKS))
+# and a client vanishing with I/O queued, on each back end (ram answers in the turn)
+VANISHING = [("ram", "auto")] + [(d, b) for d in sorted(VHD_DISKS) + ["aio"]
+                                     for b in IO_BACKENDS]
 
 
-def test_garbage_request_and_vanishing_client(serve, tmp_path, disk):
-    s = serve(GARBAGE_DISKS[disk](tmp_path, 64 * MiB))
+@pytest.mark.parametrize("disk,backend", VANISHING)
+def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk, backend):
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("no io_uring here")
+    monkeypatch.setenv("SMTAP_IO", backend)
+    disks = dict(GARBAGE_DISKS, aio=lambda root, size: "aio:" + image_file(root / "d.img", size))
+    s = serve(disks[disk](tmp_path, 64 * MiB))
     c = Raw(s.nbd_path)
     c.greet()
     c.go()
@@ -246,9 +254,14 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
     c.close()
 
 
-@pytest.mark.parametrize("kind", ["aio", "ram", "vhd", "vhd-chain3"])
-def test_fio_pipelined_writes_verify(serve, tmp_path, kind):
-    """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it."""
+@pytest.mark.parametrize("kind,backend", [("ram", "auto")] + [
+    (k, b) for k in ("aio", "vhd", "vhd-chain3") for b in IO_BACKENDS])
+def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend):
+    """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it
+    (on each I/O back end: the queued path's)."""
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("no io_uring here")
+    monkeypatch.setenv("SMTAP_IO", backend)
     if kind.startswith("vhd"):
         params = VHD_DISKS[kind](tmp_path, 16 * MiB)
     else:

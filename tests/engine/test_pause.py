@@ -66,10 +66,11 @@ DISKS = dict(VHD_DISKS, aio=lambda root, size: "aio:" + image_file(root / "disk.
 
 
 @pytest.mark.parametrize("disk", sorted(DISKS))
-def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk):
+def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk, io_backend):
     size = 16 * MiB
     tap = make_tap(DISKS[disk](smtap_root, size))
     client = control.Client(tap.pid)
+    assert client.stats(tap.minor)["io"] == io_backend
     pauser = Pauser(tap, limit=100)
     runs, overlap = 0, []      # cycles done when each fio pass ended
     try:

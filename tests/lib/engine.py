@@ -15,6 +15,20 @@ from lib.vhd import VHD_DISKS, check_vhds, vhd_chain, vhd_check, vhd_disk  # noq
 from smtap import names
 
 
+IO_BACKENDS = ["io_uring", "libaio"]     # tapdisk/ioqueue.py's, forced with SMTAP_IO
+
+
+def have_io_uring():
+    """Whether this kernel lets this process open an io_uring queue."""
+    from smtap.tapdisk import native
+    try:
+        q, _ = native.queue_open(native.IO_URING)
+    except OSError:
+        return False
+    native.queue_close(q)
+    return True
+
+
 def tap_ctl(*args, check=True, timeout=60):
     """Run tap-ctl (the checkout's, on PATH); its CompletedProcess."""
     return run("tap-ctl", *args, check=check, timeout=timeout)

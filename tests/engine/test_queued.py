@@ -1,0 +1,153 @@
+"""The queued data path (tapdisk/ioqueue.py and the NBD loop): each request is answered
+as its own I/O completes, the loop keeps receiving meanwhile, and the VBD says which I/O
+back end it uses. A disk type of the test's own, served in this process, holds one
+request's data back in a pipe until the test writes it."""
+import os
+import socket
+import struct
+
+import pytest
+
+from smtap import settings
+from smtap.tapdisk import driver as drv
+from smtap.tapdisk import drivers, ioqueue, vbd as vbdmod
+
+from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, qemu_io, tap_ctl
+from lib.fs import tmpfs
+from lib.procs import run, wait_for
+from lib.sizes import MiB
+
+PIPES = {}
+
+
+@drivers.register
+class PipeDriver(drv.Driver):
+    """Reads at offset 0 wait for the test's pipe (queued: io_uring polls it); any other
+    read is answered at once, from memory (the offset's first byte, repeated)."""
+    name = "test-pipe"
+    can_queue = True
+
+    def open(self, path, flags, options):
+        self.size = MiB
+        self.pipe = PIPES[path]
+
+    def pread(self, length, offset):
+        return bytes([(offset >> 12) & 0xff]) * length
+
+    def queue_reads(self, io, requests):
+        for length, offset, view, address, op in requests:
+            if offset == 0:
+                io.read(self.pipe, 0, length, address, op, True)
+            else:
+                view[:] = self.pread(length, offset)
+
+    def queue_writes(self, io, requests):
+        raise OSError(30, "read-only")
+
+
+@pytest.fixture
+def served_pipe(smtap_root, monkeypatch):
+    if not have_io_uring():
+        pytest.skip("io_uring reads pipes asynchronously; libaio cannot")
+    monkeypatch.setenv("SMTAP_IO", "io_uring")
+    r, w = os.pipe()
+    PIPES["p"] = r
+    vbd = vbdmod.VBD(0, settings.runtime_dir())
+    vbd.open("test-pipe:p", drv.OPEN_RDONLY)
+    yield vbd, w
+    os.set_blocking(w, False)
+    try:
+        os.write(w, bytes(65536))   # whatever still waits for it
+    except BlockingIOError:
+        pass
+    vbd.close(force=True)
+    os.close(r)
+    os.close(w)
+
+
+def answer(client):
+    err, handle, _ = client.simple_reply()
+    return err, handle, client.recv(4096) if not err else b""
+
+
+def test_a_reply_goes_out_when_its_own_data_is_there(served_pipe):
+    vbd, pipe = served_pipe
+    c = Raw(vbd.nbd_path)
+    c.greet()
+    c.go()
+    # A waits for the pipe; B, sent with it in one go, is answered first
+    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 4096)
+                + struct.pack(">IHHQQI", 0x25609513, 0, 0, 2, 4096, 4096))
+    assert answer(c) == (0, 2, b"\x01" * 4096)
+    assert wait_for(lambda: vbd.stats()["reqs_outstanding"] == 1)    # A, in flight
+    # and a request sent while A is in flight is received and answered meanwhile
+    c.request(0, 3, 2 * 4096, 4096)
+    assert answer(c) == (0, 3, b"\x02" * 4096)
+    c.s.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        c.recv(1)                                        # A: nothing yet
+    c.s.settimeout(10)
+    os.write(pipe, b"\x5a" * 4096)
+    assert answer(c) == (0, 1, b"\x5a" * 4096)
+    # the count drops once the loop is past its send: the client may read the answer first
+    assert wait_for(lambda: vbd.stats()["reqs_outstanding"] == 0)
+    c.close()
+
+
+@pytest.mark.parametrize("forced", [None] + IO_BACKENDS)
+def test_the_back_end_is_chosen_at_open_and_shown_in_stats(make_tap, smtap_root, monkeypatch,
+                                                           forced):
+    if forced:
+        monkeypatch.setenv("SMTAP_IO", forced)
+    else:
+        monkeypatch.delenv("SMTAP_IO", raising=False)
+    if forced == "io_uring" and not have_io_uring():
+        pytest.skip("no io_uring here")
+    img = image_file(smtap_root / "d.img", 4 * MiB, b"\x33")
+    tap = make_tap("aio:" + img)
+    expected = forced or ("io_uring" if have_io_uring() else "libaio")
+    stats = tap_ctl("stats", "-p", tap.pid, "-m", tap.minor).stdout
+    assert '"io": "%s"' % expected in stats
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x33 0 1M", "-c", "write -P 0x44 1M 1M",
+        "-c", "read -P 0x44 1M 1M", tap.uri)
+
+
+def test_an_unknown_back_end_is_refused_at_open(smtap_root, monkeypatch):
+    monkeypatch.setenv("SMTAP_IO", "posix")
+    img = image_file(smtap_root / "d.img", MiB)
+    out = tap_ctl("create", "-a", "aio:" + img, check=False)
+    assert out.returncode != 0 and "SMTAP_IO=posix" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_pool_buffers_are_aligned_and_reused():
+    pool = ioqueue.Pool()
+    a = pool.get(4096)
+    b = pool.get(3000)
+    assert a[1] % 4096 == 0 and b[1] % 4096 == 0 and len(a[0]) == len(b[0]) == 4096
+    big = pool.get(MiB + 1)
+    assert len(big[0]) == 2 * MiB and big[1] % 4096 == 0
+    pool.put(a)
+    assert pool.get(100) is a
+
+
+@pytest.mark.parametrize("backend", IO_BACKENDS)
+def test_page_cache_writes_on_a_full_file_system_answer_enospc(serve, smtap_root, monkeypatch,
+                                                              backend):
+    """aio -D writes into the page cache in the turn (pwrite): on a full file system the
+    write is answered ENOSPC (not a dead tapdisk, nor a write acknowledged and lost), what
+    was written before stays, and writes succeed again once there is room."""
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("this kernel has no io_uring for this process")
+    monkeypatch.setenv("SMTAP_IO", backend)
+    shm = tmpfs(smtap_root / "shm", 6 * MiB)
+    path = shm / "disk.img"
+    os.truncate(image_file(path, 0), 16 * MiB)
+    s = serve("aio:%s" % path, "-D")
+    qemu_io(s.uri, "write -P 0x61 0 1M")
+    out = qemu_io(s.uri, "write -P 0x62 4M 8M", check=False).output      # past the tmpfs
+    assert "No space left on device" in out
+    assert s.proc.poll() is None                                          # still serving
+    qemu_io(s.uri, "read -P 0x61 0 1M")
+    qemu_io(s.uri, "discard 4M 8M")
+    qemu_io(s.uri, "write -P 0x63 4M 1M", "read -P 0x63 4M 1M")           # room again
