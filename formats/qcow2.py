@@ -432,6 +432,9 @@ class Image(object):
         self.free_hint = 0
         self.started = False            # the first write's header updates were done
         self.generation = 0             # bumped by every commit (plans see changes)
+        self.meta = frozenset()         # metadata clusters, once track_metadata() ran
+        self.on_free = None             # frees(list) instead of free_clusters: a driver
+                                        # runs them once no I/O in flight can use them
         try:
             self._load()
             self.lazy = lazy and self.version >= 3
@@ -439,6 +442,7 @@ class Image(object):
                 self._check_writable()
                 if self.header.incompatible_features & INCOMPAT_DIRTY and repair_dirty:
                     self._repair_dirty()
+                self.track_metadata()
         except Exception:
             if self.own_io:
                 self.io.close()
@@ -526,6 +530,29 @@ class Image(object):
             h = self.header
             self.reftable = _unpack_u64(self._read_table(
                 h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size))
+
+    def track_metadata(self):
+        """Keep the set of metadata clusters (header, tables, refcount blocks, L2 tables)
+        that writes must never land on (qemu's overlap check): a corrupt table pointing a
+        data cluster there gets EIO instead of spreading the damage."""
+        self._load_reftable()
+        h, cs, bits = self.header, self.cluster_size, self.cluster_bits
+        meta = set([0])
+        for off, n in ((h.l1_table_offset, h.l1_size * 8),
+                       (h.refcount_table_offset, h.refcount_table_clusters * cs)):
+            if n:
+                meta.update(range(off >> bits, (off + n - 1 >> bits) + 1))
+        meta.update((e & REFT_OFFSET_MASK) >> bits for e in self.reftable if e & REFT_OFFSET_MASK)
+        meta.update((e & OFFSET_MASK) >> bits for e in self.l1 if e & OFFSET_MASK)
+        self.meta = meta
+
+    def _meta(self, off, n, add=True):
+        if isinstance(self.meta, set):
+            clusters = range(off >> self.cluster_bits, ((off + n - 1) >> self.cluster_bits) + 1)
+            if add:
+                self.meta.update(clusters)
+            else:
+                self.meta.difference_update(clusters)
 
     def _repair_dirty(self):
         from smtap.formats import qcow2check
@@ -942,6 +969,7 @@ class Image(object):
             self._rc_set(c, 1)
             self._rc_flush()
         self._barrier()
+        self._meta(off, self.cluster_size)
         self._rb[ri] = blk
         self.reftable[ri] = off
         self.io.pwrite(struct.pack(">Q", off), self.header.refcount_table_offset + ri * 8)
@@ -989,6 +1017,7 @@ class Image(object):
         writes.append((_pack_u64(table), toff))
         self.io.pwritev(writes)
         self._rc_flush()                        # area clusters in old, existing blocks
+        self._meta(start << self.cluster_bits, (end - start) << self.cluster_bits)
         self._barrier(force=True)
         h = self.header
         old_off, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
@@ -998,6 +1027,7 @@ class Image(object):
         for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
             self._rc_set(c, self.refcount(c) - 1)
         self._rc_flush()
+        self._meta(old_off, old_clusters * cs, add=False)
 
     def free_clusters(self, frees):
         """Decrement the refcounts of [(host offset, length)]: clusters no table points
@@ -1076,6 +1106,8 @@ class Image(object):
         for gc in sorted(covered):
             e = self.entry(gc)
             t = cluster_type(e)
+            if t in (NORMAL, ZERO_ALLOC):
+                self._check_in_place(self.host_offset(e))
             if t == NORMAL and (e & OFLAG_COPIED or self.refcount(self.host_offset(e) >> bits) == 1):
                 host[gc] = self.host_offset(e)
                 if not e & OFLAG_COPIED:
@@ -1120,6 +1152,15 @@ class Image(object):
                 pos += n
         return plan
 
+    def _check_in_place(self, host):
+        """A cluster about to be written where it is: not metadata, not past the end of
+        the file (a corrupt table); EIO and nothing written otherwise."""
+        if host >> self.cluster_bits in self.meta or host >= self.file_size:
+            raise QCow2Error(errno.EIO, "%s: a data cluster at %#x %s: the image is corrupt, "
+                             "nothing written" % (self.path, host, "overlaps metadata" if
+                                                  host >> self.cluster_bits in self.meta else
+                                                  "lies past the end of the file"))
+
     def _alloc_data(self, count):
         """Host offsets of `count` new data clusters, contiguous when free space allows."""
         self._old_size = self.file_size
@@ -1143,6 +1184,7 @@ class Image(object):
                 plan.new_l2[l1i] = off          # only the flag to set
             return
         plan.new_l2[l1i] = self._alloc(1)
+        self._meta(plan.new_l2[l1i], self.cluster_size)
 
     def _plan_fills(self, plan, gc, host, spans, src):
         """The parts of guest cluster gc not covered by `spans`, filled from src."""
@@ -1227,7 +1269,7 @@ class Image(object):
         self.generation += 1
         if plan.frees:
             self._barrier()
-            self.free_clusters(plan.frees)
+            (self.on_free or self.free_clusters)(plan.frees)
 
     def _l2_replace(self, l1i, table):
         with self.lock:
@@ -1438,6 +1480,7 @@ class Image(object):
                     old = None
                 else:
                     off = self._alloc(nclusters)
+                    self._meta(off, nclusters * cs)
                     self._rc_flush()
                     self.io.pwrite(_pack_u64(table) + bytes(nclusters * cs - need * 8), off)
                     self._barrier(force=True)
@@ -1447,6 +1490,7 @@ class Image(object):
                 self._barrier(force=True)
                 self.l1 = table
                 if old:
+                    self._meta(old[0], old[1], add=False)
                     self.free_clusters([old])
             else:
                 h.size = new_size
