@@ -39,6 +39,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 
+from smtap.formats.vhd import Chain as VhdChain
 from smtap.formats.vhd import PosixFile
 
 MAGIC = b"QFI\xfb"
@@ -433,6 +434,7 @@ class Image(object):
         self.started = False            # the first write's header updates were done
         self.generation = 0             # bumped by every commit (plans see changes)
         self.meta = frozenset()         # metadata clusters, once track_metadata() ran
+        self.backing_readv = None       # [(length, offset)] -> [bytes] of the backing chain
         self.on_free = None             # frees(list) instead of free_clusters: a driver
                                         # runs them once no I/O in flight can use them
         try:
@@ -1205,10 +1207,15 @@ class Image(object):
             pos = max(pos, e)
 
     def fill_data(self, plan):
-        """[(bytes, host offset)] of plan.fills (backing/host/compressed/zero sources)."""
+        """[(bytes, host offset)] of plan.fills (backing/host/compressed/zero sources);
+        the backing file's parts in one batch when a batch reader is set."""
         out = []
         cache = {}
         reader = None
+        backing = [(n, arg) for _, n, kind, arg in plan.fills if kind == "backing"]
+        if backing and self.backing_readv is not None:
+            backing = iter(self.backing_readv(backing))
+            reader = lambda n, off: next(backing)       # noqa: E731 - in the same order
         for host, n, kind, arg in plan.fills:
             if kind == "zero":
                 data = bytes(n)
@@ -1250,14 +1257,11 @@ class Image(object):
             else:
                 table = self.l2_table(l1i)
                 base = self.l1[l1i] & OFFSET_MASK
-                for i, e in sorted(changes):
+                for i, e in changes:
                     table[i] = e
-                first, last = min(i for i, _ in changes), max(i for i, _ in changes)
-                if last - first < 64:
-                    writes.append((_pack_u64(table[first:last + 1]), base + first * 8))
-                else:
-                    for i, e in sorted(changes):
-                        writes.append((struct.pack(">Q", e), base + i * 8))
+                for sector in sorted(set(i >> 6 for i, _ in changes)):     # 64 entries each
+                    first = sector << 6
+                    writes.append((_pack_u64(table[first:first + 64]), base + first * 8))
         self.io.pwritev(writes)
         if plan.new_l2:
             self._barrier(force=True)
@@ -1329,34 +1333,47 @@ class Image(object):
             tail = min(offset + length, self.size)
             if tail > last * cs:
                 self._write_zero_bytes(last * cs, tail - last * cs)
-            entries, frees, inplace = {}, [], []
             backing = self.backing_file is not None
-            for gc in range(first, last):
-                e = self.entry(gc)
-                t = cluster_type(e)
+            inplace = []
+
+            def zeroed(gc, e, t):
                 if t == ZERO_PLAIN or (t == UNALLOCATED and not backing and self.version < 3):
-                    continue
+                    return None
                 if self.version >= 3:
                     if t in (NORMAL, ZERO_ALLOC) and not unmap and e & OFLAG_COPIED:
-                        entries[gc] = self.host_offset(e) | OFLAG_COPIED | OFLAG_ZERO
-                        continue
-                    entries[gc] = OFLAG_ZERO
-                elif backing or (t == NORMAL and not unmap):
+                        return self.host_offset(e) | OFLAG_COPIED | OFLAG_ZERO
+                    return OFLAG_ZERO
+                if backing or (t == NORMAL and not unmap):
                     inplace.append(gc)              # v2 has no zero flag: real zeros
-                    continue
-                else:
-                    entries[gc] = 0                 # v2 without a backing file
-                if t in (NORMAL, ZERO_ALLOC):
-                    frees.append((self.host_offset(e), cs))
-                elif t == COMPRESSED:
-                    frees.append(self.compressed_extent(e))
-                if len(entries) >= 8192:
-                    self._set_entries(entries, frees)
-                    entries, frees = {}, []
-            if entries or frees:
-                self._set_entries(entries, frees)
+                    return None
+                return 0                            # v2 without a backing file
+
+            self._rewrite(first, last, zeroed)
             for gc in inplace:
                 self._write_zero_bytes(gc * cs, min(cs, self.size - gc * cs))
+
+    def _rewrite(self, first, last, new_entry):
+        """Whole clusters [first, last): new_entry(gc, entry, type) is the new L2 entry,
+        or None to leave it; the old clusters a new entry does not keep are freed once
+        the tables no longer point at them. In chunks of 8192 entries."""
+        cs = self.cluster_size
+        entries, frees = {}, []
+        for gc in range(first, last):
+            e = self.entry(gc)
+            t = cluster_type(e)
+            new = new_entry(gc, e, t)
+            if new is None:
+                continue
+            entries[gc] = new
+            if t in (NORMAL, ZERO_ALLOC) and new & OFFSET_MASK != e & OFFSET_MASK:
+                frees.append((self.host_offset(e), cs))
+            elif t == COMPRESSED:
+                frees.append(self.compressed_extent(e))
+            if len(entries) >= 8192:
+                self._set_entries(entries, frees)
+                entries, frees = {}, []
+        if entries or frees:
+            self._set_entries(entries, frees)
 
     def _write_zero_bytes(self, offset, length):
         if length <= 0:
@@ -1379,26 +1396,18 @@ class Image(object):
                 return
             self.begin_write()
             backing = self.backing_file is not None
-            entries, frees, punch = {}, [], []
-            for gc in range(first, last):
-                e = self.entry(gc)
-                t = cluster_type(e)
+            punch = []
+
+            def discarded(gc, e, t):
                 if t == ZERO_PLAIN or (t == UNALLOCATED and (not backing or self.version < 3)):
-                    continue
+                    return None
                 if self.version < 3 and backing:
                     if t == NORMAL and e & OFLAG_COPIED:
                         punch.append(self.host_offset(e))   # stays allocated, reads zeros
-                    continue
-                entries[gc] = OFLAG_ZERO if backing else 0
-                if t in (NORMAL, ZERO_ALLOC):
-                    frees.append((self.host_offset(e), cs))
-                elif t == COMPRESSED:
-                    frees.append(self.compressed_extent(e))
-                if len(entries) >= 8192:
-                    self._set_entries(entries, frees)
-                    entries, frees = {}, []
-            if entries or frees:
-                self._set_entries(entries, frees)
+                    return None
+                return OFLAG_ZERO if backing else 0
+
+            self._rewrite(first, last, discarded)
             trim = getattr(self.io, "trim", None)
             for host in punch:
                 if trim is not None:
@@ -1603,9 +1612,9 @@ class Image(object):
 
 
 # -- chains ---------------------------------------------------------------------------------
-class Chain(object):
+class Chain(VhdChain):
     """A leaf and its backing files (read-only below the leaf; qcow2 or raw, the last
-    may be raw), read as the leaf shows them."""
+    may be raw), read as the leaf shows them (read, close, with: VHD's chain's)."""
 
     def __init__(self, path, writable=False, max_depth=MAX_CHAIN, **kw):
         self.images = []
@@ -1668,10 +1677,6 @@ class Chain(object):
         return self.images[0].path if self.images else "?"
 
     @property
-    def size(self):
-        return self.images[0].size
-
-    @property
     def depth(self):
         """Images in the chain counting a raw backing file (a lone image: 1)."""
         return len(self.images) + (1 if self.raw is not None else 0)
@@ -1685,10 +1690,7 @@ class Chain(object):
 
     def pread(self, length, offset):
         """length bytes at offset as the top of this chain shows them."""
-        return self._reader(0)(length, offset)
-
-    def read(self, offset, length):
-        return self.pread(length, offset)
+        return self.read(offset, length)
 
     def _fill(self, out, base, level, offset, length):
         if level == len(self.images):
@@ -1707,28 +1709,6 @@ class Chain(object):
                 out[off - base:off - base + ln] = img.read(off, ln)
             elif kind == HOLE:
                 self._fill(out, base, level + 1, off, ln)
-
-    def close(self):
-        for img in self.images:
-            img.close()
-        self.images = []
-        if self.raw is not None:
-            self.raw.close()
-            self.raw = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def read_chain(path, offset=0, length=None):
-    """The virtual disk as a chain's leaf shows it."""
-    with Chain(path) as chain:
-        if length is None:
-            length = chain.size - offset
-        return chain.read(offset, length)
 
 
 def chain_depth(path):

@@ -99,30 +99,39 @@ def _error(e, path):
     return OSError(e.errno or errno.EIO, "qcow2: " + message)
 
 
-def _chain_read(d, length, offset):
-    """length bytes at offset as driver d and the parents below it show them."""
-    out = bytearray(length)
-    n = max(0, min(length, d.size - offset))
-    if not n:
-        return bytes(out)
-    parent = getattr(d, "parent", None)
-    if parent is None or not d.can_extents:
-        out[:n] = d.pread(n, offset)
-        return bytes(out)
-    pos = 0
-    while pos < n:
-        ext = d.extents(n - pos, offset + pos) or [(n - pos, 0)]
-        for elen, flags in ext:
-            elen = min(elen, n - pos)
-            if elen <= 0:
-                break
-            if flags & driver.EXTENT_HOLE:
-                piece = _chain_read(parent, elen, offset + pos)
-            else:
-                piece = d.pread(elen, offset + pos)
-            out[pos:pos + elen] = piece
-            pos += elen
-    return bytes(out)
+def _chain_readv(d, requests):
+    """[(length, offset)] as driver d and the parents below it show them: [bytes]. One
+    batch per image: each reads what it holds (its extents) and hands its holes down,
+    the last answers for the rest (zeros past an image's end)."""
+    out = [bytearray(n) for n, _ in requests]
+    pending = [(n, off, i, 0) for i, (n, off) in enumerate(requests)]
+    while pending and d is not None:
+        parent = getattr(d, "parent", None)
+        reads, where, below = [], [], []
+        for n, off, i, rpos in pending:
+            m = max(0, min(n, d.size - off))
+            if parent is None or not d.can_extents:
+                if m:
+                    reads.append((m, off))
+                    where.append((i, rpos))
+                continue
+            done = 0
+            while done < m:
+                for elen, flags in d.extents(m - done, off + done) or [(m - done, 0)]:
+                    elen = min(elen, m - done)
+                    if elen <= 0:
+                        break
+                    if flags & driver.EXTENT_HOLE:
+                        below.append((elen, off + done, i, rpos + done))
+                    else:
+                        reads.append((elen, off + done))
+                        where.append((i, rpos + done))
+                    done += elen
+        if reads:
+            for (i, rpos), buf in zip(where, d.preadv(reads)):
+                out[i][rpos:rpos + len(buf)] = buf
+        pending, d = below, parent
+    return [bytes(b) for b in out]
 
 
 @register
@@ -174,6 +183,7 @@ class Qcow2Driver(driver.Driver):
         full = (1 << 64) - 1
         self.rmask = full & ~(aligned | Q.OFLAG_COPIED)     # a plain data cluster: 0
         self.wmask = full & ~aligned                         # ... of refcount 1: COPIED
+        self.zmask = Q.OFLAG_COMPRESSED | Q.OFLAG_ZERO      # a zero cluster: ZERO
 
     def close(self):
         img, afile = self.img, self.file
@@ -216,7 +226,8 @@ class Qcow2Driver(driver.Driver):
 
     def _preadv(self, requests):
         afile, img = self.file, self.img
-        bits, cmask, rmask = self.bits, self.cmask, self.rmask
+        bits, cmask, rmask, zmask = self.bits, self.cmask, self.rmask, self.zmask
+        l2bits, l2mask, l2get = self.l2bits, self.l2mask, img._l2.get
         eof = img.file_size
         entry = self._entry
         req = []            # flat (file offset, length, buffer position) triples
@@ -226,7 +237,8 @@ class Qcow2Driver(driver.Driver):
         for length, offset in requests:
             gc = offset >> bits
             if (offset + length - 1) >> bits == gc:
-                e = entry(gc)
+                table = l2get(gc >> l2bits)
+                e = table[gc & l2mask] if table is not None else entry(gc)
                 if e and not e & rmask:
                     phys = (e & Q.OFFSET_MASK) + (offset & cmask)
                     if phys + length <= eof:
@@ -238,6 +250,10 @@ class Qcow2Driver(driver.Driver):
                         acc |= phys | length
                         pos += length
                         continue
+                elif not e or (e & zmask == Q.OFLAG_ZERO):     # unallocated or zeros
+                    fills.append((pos, None, length))
+                    pos += length
+                    continue
             acc |= self._map(offset, length, pos, req, fills)
             end = -1
             pos += length
@@ -297,6 +313,14 @@ class Qcow2Driver(driver.Driver):
         if length <= 0:
             return [(max(length, 0), HOLE)]
         bits, l2bits = self.bits, self.l2bits
+        gc = offset >> bits
+        if (offset + length - 1) >> bits == gc:         # one cluster: the usual case
+            e = self._entry(gc)
+            if not e:
+                return [(length, HOLE)]
+            if e & Q.OFLAG_ZERO and not e & Q.OFLAG_COMPRESSED:
+                return [(length, ZERO)]
+            return [(length, 0 if e & (Q.OFFSET_MASK | Q.OFLAG_COMPRESSED) else HOLE)]
         l1 = self.img.l1
         out = []
         pos, end = offset, offset + length
@@ -341,6 +365,7 @@ class Qcow2Driver(driver.Driver):
         """Every request in allocated clusters of refcount 1: one batch, True. Else
         nothing written, False."""
         bits, cmask, wmask = self.bits, self.cmask, self.wmask
+        l2bits, l2mask, l2get = self.l2bits, self.l2mask, self.img._l2.get
         entry = self._entry
         meta = self.img.meta
         eof = self.img.file_size
@@ -350,7 +375,8 @@ class Qcow2Driver(driver.Driver):
             gc = offset >> bits
             last = (offset + n - 1) >> bits
             if last == gc:
-                e = entry(gc)
+                table = l2get(gc >> l2bits)
+                e = table[gc & l2mask] if table is not None else entry(gc)
                 if e & wmask != Q.OFLAG_COPIED:
                     return False
                 phys = (e & Q.OFFSET_MASK) + (offset & cmask)
@@ -393,6 +419,7 @@ class Qcow2Driver(driver.Driver):
                 for goff, n, host in self._pieces(offset, len(view), at):
                     writes.append((view[pos:pos + n], host))
                     pos += n
+            writes.sort(key=lambda w: w[1])     # a new cluster's pieces: one I/O
             self.file.pwritev(writes)
             try:
                 img.commit(plan)
@@ -472,7 +499,8 @@ class Qcow2Driver(driver.Driver):
             raise OSError(errno.EINVAL, "qcow2: %s: backing file %s, not %s"
                           % (self.path, self.img.backing_path(), parent.path))
         self.parent = parent
-        self.img._backing = lambda n, off: _chain_read(parent, n, off)
+        self.img.backing_readv = lambda requests: _chain_readv(parent, requests)
+        self.img._backing = lambda n, off: _chain_readv(parent, [(n, off)])[0]
 
     def debug(self):
         img = self.img
