@@ -131,6 +131,7 @@ bench: build
 	$(VPY) bench/sm_ops.py
 	$(VPY) bench/vhd.py
 	$(VPY) bench/filesr.py
+	$(VPY) bench/qcow2.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a

@@ -66,6 +66,21 @@ def _format(opts, allowed=("qcow2",)):
     return fmt
 
 
+def _output(opts):
+    output = opts.get("--output", "human")
+    if output not in ("human", "json"):
+        raise ImgError("--output must be used with human or json as argument.")
+    return output
+
+
+def _parse(args, short, long_opts=(), formats=("qcow2",)):
+    """getopt, -f checked, one image name: (options, path)."""
+    o, rest = _getopt(args, short, long_opts)
+    opts = dict(o)
+    _format(opts, formats)
+    return opts, _one(rest)
+
+
 def _one(rest, what="filename"):
     if len(rest) != 1:
         raise ImgError("Expecting one image file name" if not rest else
@@ -197,10 +212,7 @@ def cmd_create(ctx, args):
 
 # -- rebase / resize / commit ------------------------------------------------------------
 def cmd_rebase(ctx, args):
-    o, rest = _getopt(args, "hf:F:b:upt:T:qUc")
-    opts = dict(o)
-    _format(opts)
-    path = _one(rest)
+    opts, path = _parse(args, "hf:F:b:upt:T:qUc")
     if "-b" not in opts:
         raise ImgError("Must specify backing file (-b) or use -u with -b \"\"")
     backing = opts["-b"] or None
@@ -288,10 +300,7 @@ def cmd_resize(ctx, args):
 
 
 def cmd_commit(ctx, args):
-    o, rest = _getopt(args, "f:ht:b:dpqr:")
-    opts = dict(o)
-    _format(opts)
-    path = _one(rest)
+    opts, path = _parse(args, "f:ht:b:dpqr:")
     base = opts.get("-b")
     progress = None
     if "-p" in opts and "-q" not in opts:
@@ -311,13 +320,8 @@ def cmd_commit(ctx, args):
 
 # -- check -------------------------------------------------------------------------------
 def cmd_check(ctx, args):
-    o, rest = _getopt(args, "hf:r:T:qU", ["output=", "force-share"])
-    opts = dict(o)
-    _format(opts)
-    path = _one(rest)
-    output = opts.get("--output", "human")
-    if output not in ("human", "json"):
-        raise ImgError("--output must be used with human or json as argument.")
+    opts, path = _parse(args, "hf:r:T:qU", ["output=", "force-share"])
+    output = _output(opts)
     repair = opts.get("-r")
     if repair not in (None, "leaks", "all"):
         raise ImgError("Unknown option value for -r (expecting 'leaks' or 'all'): %s" % repair)
@@ -399,13 +403,10 @@ def _print_human(ctx, info):
 
 
 def cmd_info(ctx, args):
-    o, rest = _getopt(args, "f:hU", ["output=", "backing-chain", "force-share", "limits"])
-    opts = dict(o)
-    fmt = _format(opts, ("qcow2", "raw"))
-    path = _one(rest)
-    output = opts.get("--output", "human")
-    if output not in ("human", "json"):
-        raise ImgError("--output must be used with human or json as argument.")
+    opts, path = _parse(args, "f:hU", ["output=", "backing-chain", "force-share", "limits"],
+                        ("qcow2", "raw"))
+    fmt = opts.get("-f")
+    output = _output(opts)
     infos = []
     name, cur, cur_fmt = path, path, fmt
     seen = set()
@@ -580,13 +581,8 @@ def _jbool(v):
 
 
 def cmd_map(ctx, args):
-    o, rest = _getopt(args, "f:hU", ["output=", "start-offset=", "max-length=", "force-share"])
-    opts = dict(o)
-    _format(opts)
-    path = _one(rest)
-    output = opts.get("--output", "human")
-    if output not in ("human", "json"):
-        raise ImgError("--output must be used with human or json as argument.")
+    opts, path = _parse(args, "f:hU", ["output=", "start-offset=", "max-length=", "force-share"])
+    output = _output(opts)
     layers = []
     try:
         layers.append(_Layer(path, False, path))

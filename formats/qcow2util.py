@@ -41,19 +41,32 @@ def _errmsg(e):
     return e.strerror or str(e)
 
 
+def _failed(e, stdout=None):
+    """Failed for an OSError: its errno, one stderr line, and stdout % -errno if given."""
+    err = e.errno or errno.EIO
+    return Failed(err, _errmsg(e), (stdout % -err if "%d" in stdout else stdout) if stdout else None)
+
+
 def _call(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except OSError as e:
-        raise Failed(e.errno or errno.EIO, _errmsg(e))
+        raise _failed(e)
+
+
+def _named(args, spec, numbers=""):
+    """getopt for a subcommand that needs -n FILE: (options, the file)."""
+    o, rest = _opts(args, spec, numbers=numbers)
+    if not o.get("n") or rest:
+        raise Usage()
+    return o, o["n"]
 
 
 def _open(name, fmt="error opening %s: %d\n", **kw):
     try:
         return Q.Image(name, **kw)
     except OSError as e:
-        err = e.errno or errno.EIO
-        raise Failed(err, _errmsg(e), (fmt % (name, -err)) if fmt else None)
+        raise _failed(e, fmt.replace("%s", name.replace("%", "%%")) if fmt else None)
 
 
 def _report(say, ok, fn, failed):
@@ -91,17 +104,14 @@ def cmd_snapshot(ctx, args):
                           limit=o.get("l", 0),
                           cluster_size=o.get("c", 1 << Q.DEFAULT_CLUSTER_BITS))
     except OSError as e:
-        err = e.errno or errno.EIO
-        raise Failed(err, _errmsg(e), _errmsg(e) + "\n" if err == errno.ENOSPC else None)
+        raise _failed(e, _errmsg(e) + "\n" if e.errno == errno.ENOSPC else None)
     return 0
 
 
 # -- query ---------------------------------------------------------------------------------
 def cmd_query(ctx, args):
-    want, rest = _opts(args, "n:vspfdSmaubh")
-    name, resolve = want.get("n"), "u" not in want
-    if not name or rest:
-        raise Usage()
+    want, name = _named(args, "n:vspfdSmaubh")
+    resolve = "u" not in want
     img = _open(name)
     results = []
     with img:
@@ -145,9 +155,9 @@ def _parent(img):
 
 # -- set / modify / resize / repair / revert -------------------------------------------------
 def cmd_set(ctx, args):
-    o, rest = _opts(args, "n:f:v:h", numbers="v")
-    name, field, value = o.get("n"), o.get("f"), o.get("v")
-    if not name or not field or value is None or rest:
+    o, name = _named(args, "n:f:v:h", numbers="v")
+    field, value = o.get("f"), o.get("v")
+    if not field or value is None:
         raise Usage()
     if field != "hidden":
         ctx.say("invalid field %s\n" % field)
@@ -162,10 +172,8 @@ def cmd_set(ctx, args):
 
 
 def cmd_modify(ctx, args):
-    o, rest = _opts(args, "n:s:p:mzh", numbers="s")
-    name, parent, raw, zero = o.get("n"), o.get("p"), "m" in o, "z" in o
-    if not name or rest:
-        raise Usage()
+    o, name = _named(args, "n:s:p:mzh", numbers="s")
+    parent, raw, zero = o.get("p"), "m" in o, "z" in o
     if "s" in o:
         raise Failed(errno.EINVAL, "a qcow2 image's physical size follows its data: -s "
                      "is not supported")
@@ -174,42 +182,38 @@ def cmd_modify(ctx, args):
         try:
             qcow2ops.reset(name)
         except OSError as e:
-            raise Failed(e.errno or errno.EIO, _errmsg(e), "failed to zero VHD: %d\n" % -e.errno)
+            raise _failed(e, "failed to zero VHD: %d\n")
     if parent is not None:
         try:
             qcow2ops.set_parent(name, parent, parent_raw=raw)
         except OSError as e:
-            raise Failed(e.errno or errno.EIO, _errmsg(e), "failed to set parent to '%s': %d\n"
-                         % (parent, -(e.errno or errno.EIO)))
+            raise _failed(e, "failed to set parent to '%s': %%d\n" % parent)
     return 0
 
 
 def cmd_resize(ctx, args):
-    o, rest = _opts(args, "n:s:j:fh", numbers="s")
-    name, size, journal, fast = o.get("n"), o.get("s"), o.get("j"), "f" in o
-    if size is None or not name or rest or bool(journal) == fast:
+    o, name = _named(args, "n:s:j:fh", numbers="s")
+    size, journal, fast = o.get("s"), o.get("j"), "f" in o
+    if size is None or bool(journal) == fast:
         raise Usage()
     _open(name).close()
     try:
         qcow2ops.resize(name, size * MiB)
     except OSError as e:
-        raise Failed(e.errno or errno.EIO, _errmsg(e), "resize failed: %d\n" % -(e.errno or errno.EIO))
+        raise _failed(e, "resize failed: %d\n")
     return 0
 
 
 def cmd_revert(ctx, args):
-    o, rest = _opts(args, "n:j:h")
-    if not o.get("n") or not o.get("j") or rest:
+    o, name = _named(args, "n:j:h")
+    if not o.get("j"):
         raise Usage()
-    _open(o["n"]).close()
+    _open(name).close()
     return 0
 
 
 def cmd_repair(ctx, args):
-    o, rest = _opts(args, "n:bh")
-    name = o.get("n")
-    if not name or rest:
-        raise Usage()
+    _, name = _named(args, "n:bh")
     _open(name, writable=True, repair_dirty=False).close()
     res = _call(qcow2check.check, name, repair="all")
     if res.corruptions or res.check_errors:
@@ -219,24 +223,18 @@ def cmd_repair(ctx, args):
 
 # -- coalesce / check / read -----------------------------------------------------------------
 def cmd_coalesce(ctx, args):
-    o, rest = _opts(args, "n:o:a:x:sph")
-    name = o.get("n")
-    if not name or rest:
-        raise Usage()
+    _, name = _named(args, "n:o:a:x:sph")
     _open(name).close()
     try:
         done = qcow2ops.commit(name)
     except OSError as e:
-        raise Failed(e.errno or errno.EIO, _errmsg(e), "error coalescing: %d\n" % -(e.errno or errno.EIO))
+        raise _failed(e, "error coalescing: %d\n")
     ctx.say("Coalesced %d sectors" % (done // 512))
     return 0
 
 
 def cmd_check(ctx, args):
-    o, rest = _opts(args, "n:iItpbBh")
-    name = o.get("n")
-    if not name or rest:
-        raise Usage()
+    o, name = _named(args, "n:iItpbBh")
     try:
         res = qcow2check.check(name)
     except OSError as e:
@@ -260,9 +258,8 @@ def cmd_check(ctx, args):
 
 
 def cmd_read(ctx, args):
-    o, rest = _opts(args, "n:pBh")
-    name = o.get("n")
-    if not name or rest or not ("p" in o or "B" in o):
+    o, name = _named(args, "n:pBh")
+    if not ("p" in o or "B" in o):
         raise Usage()
     img = _open(name, fmt="Failed to open %s: %d\n")
     with img:
@@ -363,16 +360,6 @@ def cmd_scan(ctx, args):
     return 0
 
 
-class Ctx(VU.Ctx):
-    def log(self, text):
-        if self.debug:
-            try:
-                import syslog
-                syslog.syslog(syslog.LOG_INFO, "%s: %s" % (PROG, text))
-            except Exception:       # noqa: BLE001 - logging never fails a command
-                pass
-
-
 # -- dispatch ----------------------------------------------------------------------------------
 USAGE = {
     "create": "options: <-n name> <-s size (MB)> [-r reserve (preallocation full)] "
@@ -417,38 +404,23 @@ def run(argv, out=None, err=None):
     """Run qcow2-util with argv (without the program name); returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    ctx = Ctx(out, err)
+    ctx = VU.Ctx(out, err, PROG)
     args = [a for a in argv if a != "--debug"]
     ctx.debug = len(args) != len(argv)
     cmd = args[0] if args else None
-    try:
-        if cmd in IMG_ONLY or (cmd in ("create", "check", "resize") and not _vhd_style(args[1:])):
-            return qcow2img.run(ctx, cmd, args[1:])
-        if cmd not in COMMANDS:
-            if cmd:
-                err.write("invalid COMMAND %s\n" % cmd)
-            err.write("usage: %s COMMAND [OPTIONS]\nCOMMAND := { %s } (vhd-util's)\n"
-                      "         | { create | check | resize | rebase | commit | info | map } "
-                      "(qemu-img's)\n" % (PROG, " | ".join(ORDER)))
-            return errno.EINVAL
-        return COMMANDS[cmd](ctx, args[1:])
-    except Usage as e:
-        (out if e.help else err).write(USAGE[cmd] + "\n")
-        return 0 if e.help else errno.EINVAL
-    except Failed as e:
-        if e.stdout:
-            out.write(e.stdout)
-        err.write("%s %s: %s\n" % (PROG, cmd, e.message))
-        ctx.log("%s: %s" % (cmd, e.message))
-        return e.errno or errno.EIO
-    except OSError as e:
-        err.write("%s %s: %s\n" % (PROG, cmd, e.strerror or e))
-        return e.errno or errno.EIO
-    finally:
+    if cmd in IMG_ONLY or (cmd in ("create", "check", "resize") and not _vhd_style(args[1:])):
         try:
+            return qcow2img.run(ctx, cmd, args[1:])
+        finally:
             out.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+    if cmd not in COMMANDS:
+        if cmd:
+            err.write("invalid COMMAND %s\n" % cmd)
+        err.write("usage: %s COMMAND [OPTIONS]\nCOMMAND := { %s } (vhd-util's)\n"
+                  "         | { create | check | resize | rebase | commit | info | map } "
+                  "(qemu-img's)\n" % (PROG, " | ".join(ORDER)))
+        return errno.EINVAL
+    return VU.run_command(ctx, cmd, COMMANDS[cmd], args[1:], USAGE[cmd])
 
 
 def main(argv=None):

@@ -3,7 +3,6 @@ qcow2) both ways, nbdcopy, nbdinfo's block status, fio verify, qemu-img check af
 everything the engine writes; chains of 30 snapshots and raw backing files, other
 cluster sizes and v2, a 16 TiB image, the dirty bit, the storage layer's snapshot of a
 live disk, clear refusals, corrupted images and kill -9 in the middle of fio writes."""
-import hashlib
 import json
 import os
 import random
@@ -15,7 +14,9 @@ import pytest
 
 from enginelib import (MiB, nbd_map, qcow2_chain, qcow2_check, qemu_io, run, tap_ctl,
                        wait_for)
-from smtap import names, settings
+from test_pause import disk_sha256
+from test_vhd import FIO_CRASH, _acknowledged_writes, _freed, _tapdisk_log, refused, sha, write_model
+from smtap import names
 from smtap.formats import qcow2 as Q
 from smtap.tapdisk import control, minors, tapctl
 from smtap.tapdisk import driver as drv
@@ -26,17 +27,6 @@ SIZE = 24 * MiB
 
 def q2(*args, check=True):
     return run("qcow2-util", *args, check=check)
-
-
-def sha(path):
-    with open(str(path), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def write_model(path, model):
-    with open(str(path), "wb") as f:
-        f.write(model)
-    return str(path)
 
 
 def qemu_compare(image, model_path):
@@ -257,7 +247,7 @@ def test_unpause_a_onto_a_snapshot_taken_while_paused(make_tap, smtap_root):
     leaf = qcow2_chain(smtap_root, 8 * MiB, 2)
     tap = make_tap("qcow2:" + leaf)
     run("qemu-io", "-f", "raw", "-c", "write -P 0xa7 0 1M", tap.uri)
-    before = sha_of(tap.uri, smtap_root)
+    before = disk_sha256(tap.uri, smtap_root)
     tap_ctl("pause", "-p", tap.pid, "-m", tap.minor)
     new = str(smtap_root / "snap.qcow2")
     q2("snapshot", "-n", new, "-p", leaf)
@@ -265,7 +255,7 @@ def test_unpause_a_onto_a_snapshot_taken_while_paused(make_tap, smtap_root):
     tap_ctl("unpause", "-p", tap.pid, "-m", tap.minor, "-a", "qcow2:" + new)
     assert tap_ctl("list").stdout.splitlines() == [
         "pid=%d minor=%d state=0 args=qcow2:%s" % (tap.pid, tap.minor, new)]
-    assert sha_of(tap.uri, smtap_root) == before
+    assert disk_sha256(tap.uri, smtap_root) == before
     assert len(control.Client(tap.pid).stats(tap.minor)["images"]) == 3
     frozen = sha(leaf)
     run("qemu-io", "-f", "raw", "-c", "write -P 0xa8 0 64k", "-c", "flush", tap.uri)
@@ -273,14 +263,6 @@ def test_unpause_a_onto_a_snapshot_taken_while_paused(make_tap, smtap_root):
     tap.destroy()
     for p in (new, leaf):
         qcow2_check(p)
-
-
-def sha_of(uri, root):
-    out = root / "copy.img"
-    run("nbdcopy", uri, out)
-    digest = sha(out)
-    out.unlink()
-    return digest
 
 
 def test_a_16_tib_disk_written_at_its_last_gib(make_tap, smtap_root):
@@ -304,15 +286,6 @@ def test_a_16_tib_disk_written_at_its_last_gib(make_tap, smtap_root):
 
 
 # -- refusals -----------------------------------------------------------------------------------
-def refused(params):
-    """tap-ctl create of params fails with one line on stderr, which it returns."""
-    proc = tap_ctl("create", "-a", params, check=False)
-    assert proc.returncode != 0 and proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 def test_bad_images_are_refused_clearly_and_left_untouched(smtap_root):
     junk = smtap_root / "junk.qcow2"
     junk.write_bytes(os.urandom(64 * 1024))
@@ -359,14 +332,6 @@ def _regions(path):
                ("refblock", img.reftable[0] & Q.REFT_OFFSET_MASK, 256)]
         out += [("l2", e & Q.OFFSET_MASK, 4096) for e in img.l1 if e & Q.OFFSET_MASK]
     return out
-
-
-def _tapdisk_log():
-    try:
-        with open(settings.tapdisk_log_file(), errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 @pytest.mark.timeout(300)
@@ -438,31 +403,6 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
 
 
 # -- kill -9 in the middle of fio writes -----------------------------------------------------------
-FIO_CRASH = ["--name=crash", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-256k",
-             "--size=64M", "--iodepth=16", "--verify=crc32c", "--fsync=8",
-             "--randseed=%d", "--output-format=json"]
-
-
-def _freed(minor):
-    try:
-        minors.free(minor)
-        return True
-    except OSError:
-        return False
-
-
-def _acknowledged_writes(log):
-    done = {}
-    if not os.path.exists(str(log)):
-        return done
-    with open(str(log)) as f:
-        for line in f:
-            fields = [int(x) for x in line.split(",")[:5]]
-            if fields[2] == 1:
-                done[fields[4]] = fields[3]
-    return done
-
-
 @pytest.mark.timeout(600)
 def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
     """At random points of fio writes (a flush every 8) the tapdisk is killed -9: the

@@ -160,7 +160,7 @@ def test_kill_during_writes(work, lazy, cluster, backing):
         models.append(bytes(m))
     assert view(path, work) == models[-1]
     leaks = 0
-    points = sorted(set(range(1, total + 1, max(1, total // 16))) | {1, 2, 3, total})
+    points = sorted(set(range(1, total + 1, max(1, total // 12))) | {1, 2, 3, total})
     for kill_at in points:
         path.write_bytes(pristine.read_bytes())
         out = run_hooked(work, WRITER, "w", path, kill_at, seed, int(lazy))
@@ -205,7 +205,7 @@ def test_kill_during_commit(work):
     assert out.returncode == 0, out.stderr
     total = int(out.stdout.split()[-1])
     assert view(parent, work) == leaf
-    for kill_at in sorted(set(range(1, total + 1, max(1, total // 16))) | {1, total}):
+    for kill_at in sorted(set(range(1, total + 1, max(1, total // 12))) | {1, total}):
         parent.write_bytes(saved[0])
         child.write_bytes(saved[1])
         out = run_hooked(work, COMMITTER, "c", child, kill_at, 0, 0)

@@ -106,7 +106,7 @@ def test_pristine_is_valid(pristine, tmp_path):
     qemu("qemu-img", "check", path)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_corrupted_metadata(pristine, tmp_path, data):
     d, spots = pristine
@@ -134,7 +134,7 @@ def test_truncated_file(pristine, tmp_path, cut):
     unchanged(c, before)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(fields=st.lists(st.tuples(st.sampled_from(range(0, 112, 4)), st.integers(0, (1 << 32) - 1)),
                        min_size=1, max_size=4))
 def test_header_fields(pristine, tmp_path, fields):
