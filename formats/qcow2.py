@@ -398,7 +398,6 @@ class Plan(object):
     def __init__(self):
         self.data, self.fills, self.entries, self.new_l2, self.frees = [], [], {}, {}, []
         self.fresh = set()              # host clusters past the old end of file (zeros)
-        self.start = 0                  # the image's write generation at planning
 
 
 class Image(object):
@@ -432,7 +431,6 @@ class Image(object):
         self.reftable = None
         self.free_hint = 0
         self.started = False            # the first write's header updates were done
-        self.generation = 0             # bumped by every commit (plans see changes)
         self.meta = frozenset()         # metadata clusters, once track_metadata() ran
         self.backing_readv = None       # [(length, offset)] -> [bytes] of the backing chain
         self.on_free = None             # frees(list) instead of free_clusters: a driver
@@ -1086,13 +1084,12 @@ class Image(object):
         self.io.pwrite(struct.pack(">Q", h.incompatible_features), 72)
 
     # -- writing -----------------------------------------------------------------------
-    def plan_write(self, ranges, fill_backing=True):
+    def plan_write(self, ranges):
         """Allocate what writing [(guest offset, length)] needs (refcounts written) and
         say where the bytes go: a Plan. The caller writes plan.fills and plan.data, then
         calls commit(plan). Under self.lock from here to commit."""
         self.begin_write()
         plan = Plan()
-        plan.start = self.generation
         cs, bits = self.cluster_size, self.cluster_bits
         covered = {}                                # guest cluster -> [(start, end)]
         for offset, length in ranges:
@@ -1132,7 +1129,7 @@ class Image(object):
                     plan.fresh.add(h)
                 plan.entries[gc] = h | OFLAG_COPIED
                 if t == UNALLOCATED:
-                    src = ("backing", None) if fill_backing and self.backing_file else ("zero", None)
+                    src = ("backing", None) if self.backing_file else ("zero", None)
                 elif t == NORMAL:
                     src = ("host", self.host_offset(e))
                     plan.frees.append((self.host_offset(e), cs))
@@ -1270,7 +1267,6 @@ class Image(object):
                 self.l1[l1i] = off | OFLAG_COPIED
                 l1w.append((struct.pack(">Q", self.l1[l1i]), self.header.l1_table_offset + l1i * 8))
             self.io.pwritev(l1w)
-        self.generation += 1
         if plan.frees:
             self._barrier()
             (self.on_free or self.free_clusters)(plan.frees)

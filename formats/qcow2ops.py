@@ -212,22 +212,16 @@ def _snapshot_target(path):
     raise Q.QCow2Error(errno.ELOOP, "%s: backing file loop" % path)
 
 
-def set_parent(path, parent, parent_raw=False, name=None):
-    """Reparent without copying (rebase -u): the backing name (`name` as given, else
-    relative to the child's directory) and format; a qcow2 parent must open."""
-    if parent is not None:
-        ppath = os.path.realpath(parent) if name is None else \
-            os.path.join(os.path.dirname(path), parent) if not parent.startswith("/") else parent
-        if not os.path.exists(ppath):
-            raise Q.QCow2Error(errno.ENOENT, "%s: no such parent" % parent)
-        if not parent_raw:
-            Q.Image(ppath).close()
-        stored = name if name is not None else backing_name(path, ppath)
-        fmt = "raw" if parent_raw else "qcow2"
-    else:
-        stored, fmt = None, None
+def set_parent(path, parent, parent_raw=False):
+    """Reparent without copying (vhd-util modify -p, rebase -u): the backing file's name
+    relative to the child's directory, and its format; a qcow2 parent must open."""
+    ppath = os.path.realpath(parent)
+    if not os.path.exists(ppath):
+        raise Q.QCow2Error(errno.ENOENT, "%s: no such parent" % parent)
+    if not parent_raw:
+        Q.Image(ppath).close()
     with Q.Image(path, writable=True) as img:
-        img.set_backing(stored, fmt)
+        img.set_backing(backing_name(path, ppath), "raw" if parent_raw else "qcow2")
 
 
 def resize(path, size):
