@@ -18,7 +18,7 @@ import json
 import os
 import re
 
-from smtap import sparse
+from smtap import sparse, units
 from smtap.formats import qcow2 as Q
 from smtap.formats import qcow2check, qcow2ops
 
@@ -38,8 +38,9 @@ def _msg(e):
     return e.strerror or str(e)
 
 
-def parse_size(text, what="image size"):
-    """qemu's sizes: bytes or a (decimal) number with k/M/G/T/P/E (binary); 'b' is bytes."""
+def qemu_size(text, what="image size"):
+    """qemu-img's size grammar, which this face must take as qemu-img does (so not
+    smtap.units'): bytes or a decimal fraction with k/M/G/T/P/E (binary); 'b' is bytes."""
     m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)\s*$", str(text))
     if not m or ("." in m.group(1) and m.group(2) in ("", "b", "B")):
         raise ImgError("Invalid %s specified. You may use k, M, G, T, P or E suffixes for "
@@ -121,11 +122,11 @@ def _create_options(text):
 
 
 def _on_off(value, name):
-    if value in ("on", "true", "yes", "1", ""):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise ImgError("Parameter '%s' expects 'on' or 'off'" % name)
+    """qemu's on/off option (the name alone: on)."""
+    try:
+        return units.parse_bool(value or "on", name)
+    except ValueError:
+        raise ImgError("Parameter '%s' expects 'on' or 'off'" % name)
 
 
 def cmd_create(ctx, args):
@@ -166,9 +167,9 @@ def cmd_create(ctx, args):
     version = 2 if compat in ("0.10", "v2") else 3
     size = None
     if len(rest) == 2:
-        size = parse_size(rest[1])
+        size = qemu_size(rest[1])
     elif "size" in options:
-        size = parse_size(options["size"])
+        size = qemu_size(options["size"])
     if backing is not None:
         bpath = backing if backing.startswith("/") else os.path.join(os.path.dirname(path), backing)
         if bfmt is None and "-u" not in opts:
@@ -186,14 +187,14 @@ def cmd_create(ctx, args):
     if size is None:
         raise ImgError("%s: Image creation needs a size parameter" % path)
     try:
-        cluster = parse_size(options.get("cluster_size", "65536"), "cluster size")
+        cluster = qemu_size(options.get("cluster_size", "65536"), "cluster size")
         refbits = int(options.get("refcount_bits", "16"))
     except ValueError:
         raise ImgError("%s: Invalid parameter value" % path)
-    prealloc = options.get("preallocation", "off")
+    prealloc = options.get("preallocation", qcow2ops.NO_PREALLOCATION)
     lazy = _on_off(options.get("lazy_refcounts", "off"), "lazy_refcounts")
     line = "Formatting '%s', fmt=qcow2 cluster_size=%d extended_l2=off%s compression_type=zlib " \
-           "size=%d" % (path, cluster, "" if prealloc == "off" else " preallocation=" + prealloc,
+           "size=%d" % (path, cluster, "" if prealloc == qcow2ops.NO_PREALLOCATION else " preallocation=" + prealloc,
                         size)
     if backing is not None:
         line += " backing_file=%s" % backing + (" backing_fmt=%s" % bfmt if bfmt else "")
@@ -279,16 +280,16 @@ def cmd_resize(ctx, args):
     img = _open(path, writable=True)
     try:
         if text[:1] in "+-":
-            delta = parse_size(text[1:], "image size")
+            delta = qemu_size(text[1:], "image size")
             size = img.size + delta if text[0] == "+" else img.size - delta
         else:
-            size = parse_size(text, "image size")
+            size = qemu_size(text, "image size")
         size = -(-size // 512) * 512
         if size < img.size:
             if "--shrink" not in opts:
                 raise ImgError("Use the --shrink option to perform a shrink operation.")
             raise ImgError("%s: shrinking is not supported" % path)
-        if opts.get("--preallocation", "off") != "off":
+        if opts.get("--preallocation", qcow2ops.NO_PREALLOCATION) != qcow2ops.NO_PREALLOCATION:
             raise ImgError("%s: preallocation on resize is not supported" % path)
         img.grow(size)
     except OSError as e:
@@ -597,8 +598,8 @@ def cmd_map(ctx, args):
                 raise ImgError("Could not open backing file '%s': %s" % (bpath, _msg(e)))
             layers.append(cur)
         size = layers[0].size
-        start = parse_size(opts.get("--start-offset", "0"), "offset")
-        length = parse_size(opts.get("--max-length", str(size)), "length")
+        start = qemu_size(opts.get("--start-offset", "0"), "offset")
+        length = qemu_size(opts.get("--max-length", str(size)), "length")
         length = max(0, min(length, size - start))
         try:
             entries = _map_entries(layers, start, length) if length else []

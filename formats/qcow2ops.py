@@ -14,7 +14,8 @@ from array import array
 
 from smtap.formats import qcow2 as Q
 
-PREALLOCATIONS = ("off", "metadata", "falloc", "full")
+NO_PREALLOCATION = "off"
+PREALLOCATIONS = (NO_PREALLOCATION, "metadata", "falloc", "full")
 COPY_CHUNK = 8 << 20
 
 
@@ -40,7 +41,7 @@ def _layout(size, cluster_bits, refcount_order):
 
 
 def create(path, size, cluster_size=1 << Q.DEFAULT_CLUSTER_BITS, backing=None,
-           backing_format=None, preallocation="off", version=3, lazy_refcounts=False,
+           backing_format=None, preallocation=NO_PREALLOCATION, version=3, lazy_refcounts=False,
            refcount_bits=16, hidden=0):
     """A new image of `size` bytes (rounded up to 512 as qemu does). `backing`: the
     backing file name as stored (relative names are relative to the new image's
@@ -111,7 +112,7 @@ def create(path, size, cluster_size=1 << Q.DEFAULT_CLUSTER_BITS, backing=None,
         f.close()
         if not ok:
             _unlink(path)
-    if preallocation != "off":
+    if preallocation != NO_PREALLOCATION:
         try:
             _preallocate(path, preallocation)
         except Exception:

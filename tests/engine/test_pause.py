@@ -1,7 +1,6 @@
 """pause / unpause under load: no request lost or corrupted, waiting requests resume,
 unpause -a switches images of the same size or bigger (an online resize), never smaller;
 no disk type loses a byte across a pause."""
-import hashlib
 import json
 import subprocess
 import threading
@@ -11,7 +10,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from lib.engine import image_file, nbd_size, qemu_io, tap_ctl
+from lib.engine import disk_sha256, image_file, nbd_size, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run
 from lib.qcow2 import QCOW2_DISKS, check_images
@@ -249,14 +248,6 @@ KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
 def test_every_disk_type_has_a_pause_case():
     registered = {name for name in drivers.types() if not name.startswith("test-")}
     assert registered <= {case.split("-")[0] for case in PAUSE_CASES}
-
-
-def disk_sha256(uri, root):
-    out = root / "copy.img"
-    run("nbdcopy", uri, out)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    out.unlink()
-    return digest
 
 
 @pytest.mark.parametrize("case", sorted(PAUSE_CASES))

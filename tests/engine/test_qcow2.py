@@ -12,10 +12,12 @@ import subprocess
 
 import pytest
 
-from enginelib import (MiB, nbd_map, qcow2_chain, qcow2_check, qemu_io, run, tap_ctl,
-                       wait_for)
-from test_pause import disk_sha256
-from test_vhd import FIO_CRASH, _acknowledged_writes, _freed, _tapdisk_log, refused, sha, write_model
+from lib.engine import (FIO_CRASH, acknowledged_writes, create_refused, disk_sha256, minor_freed,
+                        nbd_map, qemu_io, tap_ctl, tapdisk_log, write_model)
+from lib.procs import run, wait_for
+from lib.qcow2 import qcow2_chain, qcow2_check
+from lib.sizes import MiB
+from lib.vhd import sha
 from smtap import names
 from smtap.formats import qcow2 as Q
 from smtap.tapdisk import control, minors, tapctl
@@ -211,7 +213,7 @@ def test_a_read_only_open_writes_nothing(make_tap, smtap_root):
     before = {p: (sha(p), os.stat(p).st_mtime_ns) for p in files}
     tap = make_tap("qcow2:" + leaf, flags=drv.OPEN_RDONLY)
     run("nbdcopy", tap.uri, smtap_root / "out.raw")
-    out = qemu_io(tap.uri, "write -P 1 0 4k", check=False)
+    out = qemu_io(tap.uri, "write -P 1 0 4k", check=False).output
     assert "Permission denied" in out, out
     tap.destroy()
     assert {p: (sha(p), os.stat(p).st_mtime_ns) for p in files} == before
@@ -313,7 +315,7 @@ def test_bad_images_are_refused_clearly_and_left_untouched(smtap_root):
              ext: "extended L2", snap: "internal snapshots", corrupt: "corrupt"}
     before = {p: sha(p) for p in cases}
     for path, reason in cases.items():
-        assert reason in refused("qcow2:" + path), path
+        assert reason in create_refused("qcow2:" + path), path
     assert tap_ctl("list").stdout == ""
     for path in (snap, corrupt):                # read-only: they open
         pid, minor, _ = tapctl.create("qcow2:" + path, flags=drv.OPEN_RDONLY)
@@ -396,7 +398,7 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
         if not was_dirty or flags:          # a dirty image is repaired by a read-write open
             assert after == before, (name, off, flags)
     os.kill(pid, 0)
-    log = _tapdisk_log()
+    log = tapdisk_log()
     assert "Traceback" not in log, log[-4000:]
     print("corrupted images: %d opened, %d refused" % (opened, refused_count))
     assert opened and refused_count, (opened, refused_count)
@@ -434,9 +436,9 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         os.kill(pid, signal.SIGKILL)
         out, err = fio.communicate(timeout=60)
         assert hostroot.wait_dead(pid)
-        assert wait_for(lambda: _freed(minor), 10), minor
+        assert wait_for(lambda: minor_freed(minor), 10), minor
         job = json.loads(out[out.index("{"):])["jobs"][0]
-        acked = _acknowledged_writes(state / "ack_clat.1.log")
+        acked = acknowledged_writes(state / "ack_clat.1.log")
         during += bool(acked) and job["error"] != 0
         assert dirty(path)
         check = run("qemu-img", "check", "--output=json", path, check=False)

@@ -3,17 +3,17 @@ its last GiB written through smtap.formats.qcow2 and read back by it and by qemu
 import json
 
 from smtap.formats import qcow2 as Q
-from vhdlib import MiB, qemu, run
+from lib.procs import run
+from lib.sizes import GiB, MiB, TiB
+from lib.vhd import tool
 
-TiB = 1 << 40
-GiB = 1 << 30
 SIZE = 16 * TiB
 PIECE = 64 * MiB
 
 
 def test_16_tib_image_written_at_its_last_gib(work):
     path = work / "big.qcow2"
-    run("qcow2-util", "create", "-n", path, "-s", SIZE >> 20, check=0)
+    tool("qcow2-util", "create", "-n", path, "-s", SIZE >> 20, check=0)
     assert path.stat().st_size < MiB
     start = SIZE - GiB
     with Q.Image(str(path), writable=True) as img:
@@ -32,10 +32,10 @@ def test_16_tib_image_written_at_its_last_gib(work):
     cmds = []
     for k in range(GiB // PIECE):
         cmds += ["-c", "read -q -P %d %d %d" % (k + 1, start + k * PIECE, PIECE)]
-    out = qemu("qemu-io", "-f", "qcow2", *(cmds + ["-c", "read -q -P 0 0 1M", str(path)]))
+    out = run("qemu-io", "-f", "qcow2", *(cmds + ["-c", "read -q -P 0 0 1M", str(path)]))
     assert "Pattern verification failed" not in out.stdout + out.stderr
-    qemu("qemu-img", "check", str(path))
-    info = json.loads(qemu("qemu-img", "info", "--output=json", str(path)).stdout)
+    run("qemu-img", "check", str(path))
+    info = json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
     assert info["virtual-size"] == SIZE
-    assert run("qcow2-util", "query", "-v", "-a", "-n", path, check=0).text == \
+    assert tool("qcow2-util", "query", "-v", "-a", "-n", path, check=0).text == \
         "%d\n%d\n" % (SIZE >> 20, GiB // 65536)

@@ -9,29 +9,31 @@ import re
 import shutil
 
 from smtap.formats import qcow2 as Q
-from vhdlib import MiB, fingerprint, qemu, run
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import fingerprint, tool
 
 SIZE = 16 * MiB
 
 
 def q2(*args, **kw):
-    return run("qcow2-util", *args, **kw)
+    return tool("qcow2-util", *args, **kw)
 
 
 def qio(path, *cmds):
     args = ["qemu-io", "-f", "qcow2"]
     for c in cmds:
         args += ["-c", c]
-    qemu(*(args + [str(path)]))
+    run(*(args + [str(path)]))
 
 
 def qemu_map_text(path):
-    return qemu("qemu-img", "map", "--output=json", str(path)).stdout
+    return run("qemu-img", "map", "--output=json", str(path)).stdout
 
 
 def leaf_view(path, work):
     out = work / "view.raw"
-    qemu("qemu-img", "convert", "-O", "raw", str(path), str(out))
+    run("qemu-img", "convert", "-O", "raw", str(path), str(out))
     data = out.read_bytes()
     out.unlink()
     return data
@@ -55,7 +57,7 @@ def test_query_create_snapshot_set_like_vhd_util(work):
         assert (img.backing_file, img.backing_format) == ("base.qcow2", "qcow2")
     q2("set", "-n", "base.qcow2", "-f", "hidden", "-v", 1, check=0)
     assert q2("query", "-f", "-n", "base.qcow2", check=0).text == "hidden: 1\n"
-    qemu("qemu-img", "check", "base.qcow2")
+    run("qemu-img", "check", "base.qcow2")
     # an empty snapshot is skipped by the next one, unless -e
     q2("snapshot", "-n", "s2.qcow2", "-p", "snap.qcow2", check=0)
     assert q2("query", "-p", "-n", "s2.qcow2", check=0).text == "%s\n" % (work / "base.qcow2")
@@ -88,13 +90,13 @@ def test_raw_parent_reparent_reset_resize(work):
     assert q2("query", "-a", "-n", "c.qcow2", check=0).text == "0\n"
     assert os.path.getsize("c.qcow2") < before
     assert leaf_view("c.qcow2", work) == b"\x07" * SIZE
-    qemu("qemu-img", "check", "c.qcow2")
+    run("qemu-img", "check", "c.qcow2")
     q2("resize", "-n", "c.qcow2", "-s", 64, "-j", "journal", check=0)
     q2("resize", "-n", "c.qcow2", "-s", 80, "-f", check=0)
     assert q2("query", "-v", "-n", "c.qcow2", check=0).text == "80\n"
     view = leaf_view("c.qcow2", work)                 # the new part reads zeros
     assert view == b"\x07" * SIZE + bytes(64 * MiB)
-    qemu("qemu-img", "check", "c.qcow2")
+    run("qemu-img", "check", "c.qcow2")
 
 
 def test_coalesce_scan_read_check_repair(work):
@@ -108,7 +110,7 @@ def test_coalesce_scan_read_check_repair(work):
     # 64k + 64k of zeros + 100k rounded to clusters (the rest copied from the parent's view)
     assert out.text == "Coalesced %d sectors" % ((64 + 64 + 128) * 1024 // 512)
     assert leaf_view("p.qcow2", work) == view and fingerprint("c.qcow2") == child
-    qemu("qemu-img", "check", "p.qcow2")
+    run("qemu-img", "check", "p.qcow2")
     lines = q2("scan", "-f", "-m", str(work / "*.qcow2"), check=0).text.splitlines()
     assert lines == [
         "vhd=c.qcow2 capacity=%d size=%d hidden=0 parent=p.qcow2" % (SIZE, os.path.getsize("c.qcow2")),
@@ -128,7 +130,7 @@ def test_coalesce_scan_read_check_repair(work):
     out = q2("check", "-n", "p.qcow2", check=0)
     assert out.text.startswith("p.qcow2 is valid\n") and "leaked clusters" in out.text
     q2("repair", "-n", "p.qcow2", check=0)
-    qemu("qemu-img", "check", "p.qcow2")
+    run("qemu-img", "check", "p.qcow2")
     # a corruption (two entries, one cluster): invalid, exit EINVAL; repair makes it consistent
     with Q.Image("c.qcow2") as img:
         table = img.l1[0] & Q.OFFSET_MASK
@@ -140,7 +142,7 @@ def test_coalesce_scan_read_check_repair(work):
     assert out.returncode == errno.EINVAL and "appears invalid" in out.text
     assert len(out.err.splitlines()) == 1
     q2("repair", "-n", "c.qcow2", check=0)
-    assert qemu("qemu-img", "check", "c.qcow2", check=False).returncode == 0
+    assert run("qemu-img", "check", "c.qcow2", check=False).returncode == 0
 
 
 def test_usage_and_non_qcow2_files(work):
@@ -185,7 +187,7 @@ def twins(work, *argv_before_path, size=None):
         path = str(work / d / "disk.qcow2")
         argv = list(argv_before_path) + [path] + ([str(size)] if size is not None else [])
         if tool == "qemu-img":
-            qemu("qemu-img", *argv)
+            run("qemu-img", *argv)
         else:
             q2(*argv, check=0)
         paths.append(path)
@@ -201,13 +203,13 @@ def test_xcpng_argv_create_snapshot_info_depth(work):
     for d in ("a", "b"):
         shutil.copy(str(work / d / "disk.qcow2"), str(work / d / "base.qcow2"))
     ca, cb = [str(work / d / "child.qcow2") for d in ("a", "b")]
-    qemu("qemu-img", "create", "-f", "qcow2", "-b", str(work / "a" / "base.qcow2"), "-F", "qcow2", ca)
+    run("qemu-img", "create", "-f", "qcow2", "-b", str(work / "a" / "base.qcow2"), "-F", "qcow2", ca)
     out = q2("create", "-f", "qcow2", "-b", str(work / "b" / "base.qcow2"), "-F", "qcow2", cb, check=0)
     assert out.text.startswith("Formatting '%s', fmt=qcow2 cluster_size=65536" % cb)
     infos = []
     for tool, p in (("qemu-img", ca), ("qcow2-util", cb)):
         argv = ["info", "--backing-chain", "--output=json", p]
-        text = qemu(tool, *argv).stdout if tool == "qemu-img" else q2(*argv, check=0).text
+        text = run(tool, *argv).stdout if tool == "qemu-img" else q2(*argv, check=0).text
         assert len(re.findall("\"backing-filename\"", text)) + 1 == 2
         infos.append(json.loads(text))
     for info in infos:
@@ -221,18 +223,18 @@ def test_xcpng_argv_create_snapshot_info_depth(work):
     for tool, p in (("qemu-img", ca), ("qcow2-util", cb)):
         d = os.path.dirname(p)
         argv = ["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", os.path.join(d, "disk.qcow2"), p]
-        qemu(*([tool] + argv)) if tool == "qemu-img" else q2(*argv, check=0)
+        run(*([tool] + argv)) if tool == "qemu-img" else q2(*argv, check=0)
         argv = ["resize", p, str(2 * SIZE)]
-        assert (qemu(tool, *argv).stdout if tool == "qemu-img" else q2(*argv, check=0).text) \
+        assert (run(tool, *argv).stdout if tool == "qemu-img" else q2(*argv, check=0).text) \
             == "Image resized.\n"
     assert leaf_view(ca, work) == leaf_view(cb, work)
     for p in (ca, cb):
-        qemu("qemu-img", "check", p)
+        run("qemu-img", "check", p)
     sa, sb = twins(work, "create", "-f", "qcow2", "-o", "preallocation=full,cluster_size=16384",
                    size=4 * MiB)
-    info = json.loads(qemu("qemu-img", "info", "--output=json", sb).stdout)
+    info = json.loads(run("qemu-img", "info", "--output=json", sb).stdout)
     assert info["cluster-size"] == 16384 and info["actual-size"] >= 4 * MiB
-    qemu("qemu-img", "check", sb)
+    run("qemu-img", "check", sb)
     (entry,) = json.loads(q2("map", "--output=json", sb, check=0).text)
     assert (entry["length"], entry["data"], entry["zero"]) == (4 * MiB, True, False)
     assert q2("map", "--output=json", sb, check=0).text == qemu_map_text(sb)
@@ -250,7 +252,7 @@ def test_xcpng_argv_check_repair_commit_map(work):
     results = []
     for tool, p in (("qemu-img", a), ("qcow2-util", b)):
         for argv in (["check", p], ["check", "--output=json", p]):
-            out = qemu(tool, *argv, check=False) if tool == "qemu-img" else q2(*argv)
+            out = run(tool, *argv, check=False) if tool == "qemu-img" else q2(*argv)
             results.append((out.returncode, out.stdout if isinstance(out.stdout, str) else out.text))
     assert results[0][0] == results[2][0] == 3          # leaks only
     assert results[0][1] == results[2][1]
@@ -259,25 +261,25 @@ def test_xcpng_argv_check_repair_commit_map(work):
     assert ja == jb and ja["leaks"] > 0
     for tool, p in (("qemu-img", a), ("qcow2-util", b)):
         argv = ["check", "-f", "qcow2", "-r", "all", p]
-        out = qemu(tool, *argv) if tool == "qemu-img" else q2(*argv, check=0)
+        out = run(tool, *argv) if tool == "qemu-img" else q2(*argv, check=0)
         text = out.stdout if tool == "qemu-img" else out.text
         assert "No errors were found on the image." in text
-        assert qemu("qemu-img", "check", p).returncode == 0
+        assert run("qemu-img", "check", p).returncode == 0
     # commit -d: the base takes the child's view; the child stays as it was
     for p in (a, b):
         d = os.path.dirname(p)
-        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2",
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2",
              os.path.join(d, "top.qcow2"))
         qio(os.path.join(d, "top.qcow2"), "write -P 7 1M 1M", "write -z 9M 64k")
     ta, tb = [os.path.join(os.path.dirname(p), "top.qcow2") for p in (a, b)]
     view = leaf_view(ta, work)
-    qemu("qemu-img", "commit", "-f", "qcow2", ta, "-d")
+    run("qemu-img", "commit", "-f", "qcow2", ta, "-d")
     assert q2("commit", "-f", "qcow2", tb, "-d", check=0).text == "Image committed.\n"
     assert leaf_view(a, work) == leaf_view(b, work) == view
-    assert qemu("qemu-img", "map", "--output=json", tb).stdout == \
+    assert run("qemu-img", "map", "--output=json", tb).stdout == \
         q2("map", "--output=json", tb, check=0).text
-    assert qemu("qemu-img", "map", tb).stdout == q2("map", tb, check=0).text
-    qemu("qemu-img", "check", b)
+    assert run("qemu-img", "map", tb).stdout == q2("map", tb, check=0).text
+    run("qemu-img", "check", b)
     # without -d the top is emptied (qemu's make_empty)
     q2("commit", tb, check=0)
     assert q2("query", "-a", "-n", tb, check=0).text == "0\n"

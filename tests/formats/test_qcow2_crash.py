@@ -13,7 +13,9 @@ import pytest
 
 from smtap.formats import qcow2 as Q
 from smtap.formats import qcow2check, qcow2ops
-from vhdlib import BIN, MiB, qemu
+from lib.checkout import VENV_BIN as BIN
+from lib.procs import run
+from lib.sizes import MiB
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 4 * MiB
@@ -111,7 +113,7 @@ def run_hooked(work, script, *args):
 
 def qemu_check(path):
     """qemu-img check: no corruption (0 clean, 3 leaks only); returns the exit status."""
-    out = qemu("qemu-img", "check", "--output=json", str(path), check=False)
+    out = run("qemu-img", "check", "--output=json", str(path), check=False)
     assert out.returncode in (0, 3), (out.returncode, out.stdout, out.stderr)
     assert not json.loads(out.stdout).get("corruptions")
     return out.returncode
@@ -119,7 +121,7 @@ def qemu_check(path):
 
 def view(path, work):
     out = work / "view.raw"
-    qemu("qemu-img", "convert", "-O", "raw", str(path), str(out))
+    run("qemu-img", "convert", "-O", "raw", str(path), str(out))
     data = out.read_bytes()
     out.unlink()
     return data

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from smtap.formats import qcow2 as Q
 from smtap.formats import qcow2check, qcow2util
-from vhdlib import MiB, fingerprint, qemu, run
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import fingerprint, tool
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 4 * MiB
@@ -26,9 +28,9 @@ def pristine(tmp_path_factory):
     raw = d / "src.raw"
     raw.write_bytes(b"".join(b"%07d compressible\n" % i for i in range(40000))[:2 * MiB]
                     .ljust(SIZE, b"\0"))
-    qemu("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(d / "p.qcow2"))
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(d / "p.qcow2"))
     raw.unlink()
-    run("qcow2-util", "snapshot", "-e", "-c", 4096, "-n", d / "c.qcow2", "-p", d / "p.qcow2",
+    tool("qcow2-util", "snapshot", "-e", "-c", 4096, "-n", d / "c.qcow2", "-p", d / "p.qcow2",
         check=0)
     with Q.Image(str(d / "c.qcow2"), writable=True) as c:
         c.write(b"\x02" * 10000, 5000)
@@ -102,8 +104,8 @@ def test_pristine_is_valid(pristine, tmp_path):
     d, _ = pristine
     c, path = case(d, tmp_path)
     exercise(path)
-    assert run("qcow2-util", "check", "-n", path, check=0).text == "%s is valid\n" % path
-    qemu("qemu-img", "check", path)
+    assert tool("qcow2-util", "check", "-n", path, check=0).text == "%s is valid\n" % path
+    run("qemu-img", "check", path)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -163,7 +165,7 @@ def test_sample_as_processes(pristine, tmp_path):
         before = unchanged(c)
         for argv in (["query", "-vsfpda", "-n", path], ["check", "-n", path],
                      ["info", "--backing-chain", path], ["map", path]):
-            out = run("qcow2-util", *argv)
+            out = tool("qcow2-util", *argv)
             assert "Traceback" not in out.err and "internal error" not in out.err, out.err
             if out.returncode and argv[0] != "check":
                 assert len(out.err.splitlines()) == 1, (k, argv, out.err)

@@ -9,7 +9,9 @@ import pytest
 
 from smtap.formats import qcow2 as Q
 from smtap.formats import qcow2check, qcow2ops
-from vhdlib import MiB, Model, qemu, random_writes, run, seeded
+from lib.procs import run
+from lib.sizes import MiB
+from lib.vhd import Model, random_writes, seeded, tool
 
 SIZE = 12 * MiB
 
@@ -18,21 +20,21 @@ def qio(path, *cmds, fmt="qcow2"):
     args = ["qemu-io", "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    qemu(*(args + [str(path)]))
+    run(*(args + [str(path)]))
 
 
 def qemu_map(path):
-    return qemu("qemu-img", "map", "--output=json", str(path)).stdout
+    return run("qemu-img", "map", "--output=json", str(path)).stdout
 
 
 def qemu_raw(path, work, fmt="qcow2"):
     out = work / "dump.raw"
-    qemu("qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out))
+    run("qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out))
     return out.read_bytes()
 
 
 def qemu_check_clean(path):
-    out = qemu("qemu-img", "check", "--output=json", str(path), check=False)
+    out = run("qemu-img", "check", "--output=json", str(path), check=False)
     assert out.returncode == 0, (out.stdout, out.stderr)
     res = json.loads(out.stdout)
     assert not res.get("corruptions") and not res.get("leaks"), res
@@ -40,7 +42,7 @@ def qemu_check_clean(path):
 
 
 def qemu_compare(path, raw):
-    out = qemu("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw), check=False)
+    out = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw), check=False)
     assert out.returncode == 0, (out.stdout, out.stderr)
 
 
@@ -63,20 +65,20 @@ def writes_by_qemu(path, size, work):
     "lazy_refcounts=on", "preallocation=metadata,cluster_size=65536"])
 def test_images_qemu_writes_are_read_right(work, opts):
     path = work / "q.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(SIZE))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(SIZE))
     expected = writes_by_qemu(path, SIZE, work)
     with Q.Image(str(path)) as img:
         assert img.size == SIZE
         assert img.read(0, SIZE) == expected
         assert img.version == (2 if "0.10" in opts else 3)
-    out = run("qcow2-util", "map", "--output=json", path, check=0)
+    out = tool("qcow2-util", "map", "--output=json", path, check=0)
     assert out.text == qemu_map(path)                       # byte for byte
-    ours = json.loads(run("qcow2-util", "info", "--output=json", path, check=0).text)
-    theirs = json.loads(qemu("qemu-img", "info", "--output=json", str(path)).stdout)
+    ours = json.loads(tool("qcow2-util", "info", "--output=json", path, check=0).text)
+    theirs = json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
     assert ours == theirs
     res = qcow2check.check(str(path))
     assert (res.corruptions, res.leaks, res.check_errors) == (0, 0, 0), res.messages
-    theirs = json.loads(qemu("qemu-img", "check", "--output=json", str(path)).stdout)
+    theirs = json.loads(run("qemu-img", "check", "--output=json", str(path)).stdout)
     assert res.json(str(path)) == theirs
 
 
@@ -84,7 +86,7 @@ def test_images_qemu_writes_are_read_right(work, opts):
 def test_writes_into_images_qemu_made(work, opts):
     """Our writes (unaligned, zeros, discards) into qemu's images: check clean, compare equal."""
     path = work / "q.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(SIZE))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), str(SIZE))
     model = Model(SIZE)
     model.data[:] = writes_by_qemu(path, SIZE, work)
     with Q.Image(str(path), writable=True) as img:
@@ -104,9 +106,9 @@ def test_writes_into_images_qemu_made(work, opts):
 @pytest.mark.parametrize("cluster", [512, 4096, 65536, 2 * MiB])
 def test_images_we_create_and_write(work, cluster):
     path = work / "ours.qcow2"
-    run("qcow2-util", "create", "-n", path, "-s", SIZE >> 20, "-c", cluster, check=0)
+    tool("qcow2-util", "create", "-n", path, "-s", SIZE >> 20, "-c", cluster, check=0)
     qemu_check_clean(path)
-    info = json.loads(qemu("qemu-img", "info", "--output=json", str(path)).stdout)
+    info = json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
     assert info["cluster-size"] == cluster and info["virtual-size"] == SIZE
     assert info["format-specific"]["data"]["compat"] == "1.1"
     model = Model(SIZE)
@@ -119,8 +121,8 @@ def test_images_we_create_and_write(work, cluster):
     raw.write_bytes(bytes(model.data))
     qemu_check_clean(path)
     qemu_compare(path, raw)
-    assert run("qcow2-util", "check", "-n", path, check=0).text == "%s is valid\n" % path
-    assert run("qcow2-util", "map", "--output=json", path, check=0).text == qemu_map(path)
+    assert tool("qcow2-util", "check", "-n", path, check=0).text == "%s is valid\n" % path
+    assert tool("qcow2-util", "map", "--output=json", path, check=0).text == qemu_map(path)
 
 
 def test_refcount_table_and_l1_growth(work):
@@ -150,17 +152,17 @@ def test_chains_with_qcow2_and_raw_backing(work):
     base = work / "base.raw"
     base.write_bytes(seeded(5).getrandbits(8 * 4 * MiB).to_bytes(4 * MiB, "little"))
     mid, top = work / "mid.qcow2", work / "top.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid), "6M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid), "6M")
     qio(mid, "write -P 0x21 1M 64k", "write -z 2M 128k", "write -P 0x22 5M 64k")
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
          "-F", "qcow2", str(top), str(SIZE))
     qio(top, "write -P 0x31 1M 4k", "write -P 0x32 8M 64k")
     expected = qemu_raw(top, work)
     with Q.Chain(str(top)) as chain:
         assert chain.depth == 3
         assert chain.read(0, SIZE) == expected
-    assert run("qcow2-util", "map", "--output=json", top, check=0).text == qemu_map(top)
-    assert run("qcow2-util", "query", "-d", "-n", top, check=0).text == "chain depth: 3\n"
+    assert tool("qcow2-util", "map", "--output=json", top, check=0).text == qemu_map(top)
+    assert tool("qcow2-util", "query", "-d", "-n", top, check=0).text == "chain depth: 3\n"
     model = Model(SIZE)
     model.data[:] = expected
     with Q.Image(str(top), writable=True) as img:
@@ -180,11 +182,11 @@ def test_compressed_clusters_are_read(work):
     text = b"".join(b"line %08d of a compressible disk\n" % i for i in range(60000))
     src.write_bytes(text.ljust(4 * MiB, b"\0"))
     path = work / "c.qcow2"
-    qemu("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src), str(path))
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(src), str(path))
     with Q.Image(str(path)) as img:
         assert img.read(0, 4 * MiB) == src.read_bytes()
     res = qcow2check.check(str(path))
-    theirs = json.loads(qemu("qemu-img", "check", "--output=json", str(path)).stdout)
+    theirs = json.loads(run("qemu-img", "check", "--output=json", str(path)).stdout)
     assert res.json(str(path)) == theirs and theirs["compressed-clusters"] > 0
     with Q.Image(str(path), writable=True) as img:       # overwriting one: copied out first
         img.write(b"\x01" * 100, 70000)
@@ -199,8 +201,8 @@ def test_dirty_image_repaired_on_write_open(work):
     """lazy_refcounts and a crash (qemu-io abort): the dirty bit is set; a read-only open
     reads it as is, a read-write open repairs it first, as qemu does."""
     path = work / "lazy.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), "8M")
-    out = qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "abort", str(path),
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), "8M")
+    out = run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "abort", str(path),
                check=False)
     assert out.returncode != 0
     with Q.Image(str(path)) as img:
@@ -211,28 +213,28 @@ def test_dirty_image_repaired_on_write_open(work):
         assert not img.dirty
         img.write(b"\x01" * 512, 2 * MiB)
     qemu_check_clean(path)
-    info = json.loads(qemu("qemu-img", "info", "--output=json", str(path)).stdout)
+    info = json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
     assert info["dirty-flag"] is False
 
 
 def test_unsupported_images_are_refused_clearly(work):
     aes = work / "aes.qcow2"               # qemu reads AES images (creating them is gone)
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(aes), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(aes), "1M")
     with open(str(aes), "r+b") as f:
         f.seek(32)
         f.write(b"\0\0\0\1")
     ext = work / "extl2.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(ext), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(ext), "1M")
     snap = work / "snap.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(snap), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(snap), "1M")
     qio(snap, "write -P 1 0 64k")
-    qemu("qemu-img", "snapshot", "-c", "s1", str(snap))
+    run("qemu-img", "snapshot", "-c", "s1", str(snap))
     for path, what in ((aes, "encrypted"), (ext, "extended L2")):
         before = path.read_bytes()
         with pytest.raises(Q.QCow2Error) as e:
             Q.Image(str(path))
         assert e.value.errno == 95 and what in e.value.strerror
-        out = run("qcow2-util", "query", "-v", "-n", path)
+        out = tool("qcow2-util", "query", "-v", "-n", path)
         assert out.returncode == 95 and len(out.err.splitlines()) == 1 and what in out.err
         assert path.read_bytes() == before
     with Q.Image(str(snap)) as img:                     # internal snapshots: read, not written
@@ -247,7 +249,7 @@ def test_unknown_extensions_kept_and_hidden_flag(work):
     """A header extension qemu does not know (XCP-ng's "vate" is one) survives our header
     rewrites, and qemu ignores ours."""
     path = work / "x.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "-u", str(path), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "-u", str(path), "1M")
     (work / "b.raw").write_bytes(b"\x33" * MiB)
     with Q.Image(str(path), writable=True) as img:
         img.header.set_ext(0x12345678, b"keep me, please")
@@ -257,8 +259,8 @@ def test_unknown_extensions_kept_and_hidden_flag(work):
     with Q.Image(str(path)) as img:
         assert img.header.ext(0x12345678) == b"keep me, please"
         assert img.hidden == 1 and img.header.ext(Q.EXT_HIDDEN) == b"\x01" + bytes(7)
-    assert run("qcow2-util", "query", "-f", "-n", path, check=0).text == "hidden: 1\n"
-    run("qcow2-util", "set", "-n", path, "-f", "hidden", "-v", "0", check=0)   # in place
+    assert tool("qcow2-util", "query", "-f", "-n", path, check=0).text == "hidden: 1\n"
+    tool("qcow2-util", "set", "-n", path, "-f", "hidden", "-v", "0", check=0)   # in place
     with Q.Image(str(path)) as img:
         assert img.hidden == 0 and img.header.ext(0x12345678) == b"keep me, please"
     qemu_check_clean(path)

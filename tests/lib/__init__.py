@@ -5,7 +5,7 @@ these. Import a name from the module that defines it:
 | module | holds |
 |---|---|
 | lib.checkout | TOP, VENV_BIN, VENV_PYTHON, VENV36, PY36, VERSION: this checkout's paths |
-| lib.sizes | KiB, MiB, GiB |
+| lib.sizes | KiB, MiB, GiB, TiB |
 | lib.procs | run (every command: text output, bad bytes replaced, argv as arguments or one list, check, timeout=120), sh (its stdout), wait_for, memory_of (/proc/<pid>/status) |
 | lib.hosts | host_root (the smtap_root fixtures' root: made, then everything left under it removed), tapdisks_under, nbdfuse_mounts |
 | lib.engine | tap_ctl, tap_list, tap_state, image_file, Tap, Served, nbd_uri, linked_tapdisk, qemu_io, nbd_size, nbd_map, Raw (+ NBDMAGIC, IHAVEOPT, REPLY_MAGIC) |
