@@ -41,6 +41,13 @@ class RawFormat(object):
             f.truncate(size)
 
 
+def _new(path, make, size):
+    """make(path, size) for a file that must not exist yet."""
+    if os.path.lexists(path):
+        raise OSError(errno.EEXIST, "%s exists" % path)
+    make(path, size)
+
+
 class VhdFormat(object):
     """A VHD: the virtual size from its footer (the backup at offset 0 is valid while a
     tapdisk has it open), the utilisation as `vhd-util query -s` reports it."""
@@ -56,9 +63,7 @@ class VhdFormat(object):
     @staticmethod
     def create(path, size):
         from smtap.formats import vhd
-        if os.path.lexists(path):
-            raise OSError(errno.EEXIST, "%s exists" % path)
-        vhd.create(path, size)
+        _new(path, vhd.create, size)
 
 
 class Qcow2Format(object):
@@ -76,9 +81,7 @@ class Qcow2Format(object):
     @staticmethod
     def create(path, size):
         from smtap.formats import qcow2ops
-        if os.path.lexists(path):
-            raise OSError(errno.EEXIST, "%s exists" % path)
-        qcow2ops.create(path, size)
+        _new(path, qcow2ops.create, size)
 
 
 FORMATS = {ext: f for f in (RawFormat, VhdFormat, Qcow2Format) for ext in f.exts}

@@ -277,3 +277,54 @@ def acknowledged_writes(log):
             if fields[2] == 1:
                 done[fields[4]] = fields[3]
     return done
+
+
+class FuzzTapdisk(object):
+    """One real tapdisk that opens damaged images again and again (an anchor VBD keeps it
+    alive: a tapdisk exits with its last VBD), counting what it opened and refused."""
+
+    def __init__(self):
+        from smtap.tapdisk import control, minors
+        self.minors = minors
+        self.pid = control.spawn()
+        self.client = control.Client(self.pid, io_timeout=60)
+        self.anchor = minors.allocate()
+        self.client.attach(self.anchor)
+        self.opened = self.refused = 0
+
+    def try_open(self, params, flags, what, after_close=None):
+        """Open params: refused with one clear line naming its disk type or file, or
+        opened, read whole by nbdcopy, closed (then after_close()); the tapdisk still
+        answers after. True if it opened."""
+        from smtap import names
+        kind, _, path = params.partition(":")
+        minor = self.minors.allocate()
+        self.client.attach(minor)
+        try:
+            self.client.open(minor, params, flags)
+        except OSError as e:
+            message = e.strerror or ""
+            assert message and "\n" not in message and "Traceback" not in message, (what, e)
+            assert kind in message or path in message, (what, message)
+            self.refused += 1
+            ok = False
+        else:
+            self.opened += 1
+            run("nbdcopy", nbd_uri(names.nbd_path(self.pid, minor)), "null:", check=False,
+                timeout=60)
+            self.client.close(minor)
+            if after_close is not None:
+                after_close()
+            ok = True
+        self.client.detach(minor)
+        self.minors.free(minor)
+        assert [v["minor"] for v in self.client.list()] == [self.anchor], what   # answering
+        return ok
+
+    def finish(self):
+        """Alive, no traceback logged, and both outcomes seen."""
+        os.kill(self.pid, 0)
+        log = tapdisk_log()
+        assert "Traceback" not in log, log[-4000:]
+        print("corrupted images: %d opened, %d refused" % (self.opened, self.refused))
+        assert self.opened and self.refused, (self.opened, self.refused)
