@@ -92,11 +92,7 @@ class _Gate(object):
 
 
 def _error(e, path):
-    """A format error as the engine reports it (one line, the errno kept)."""
-    message = e.strerror or str(e)
-    if path not in message:
-        message = "%s: %s" % (path, message)
-    return OSError(e.errno or errno.EIO, "qcow2: " + message)
+    return aiofile.format_error(e, path, "qcow2")
 
 
 def _chain_readv(d, requests):
@@ -135,7 +131,8 @@ def _chain_readv(d, requests):
 
 
 @register
-class Qcow2Driver(driver.Driver):
+class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
+    format_error_type = Q.QCow2Error
     name = "qcow2"
     can_write = True
     can_flush = True
@@ -185,22 +182,6 @@ class Qcow2Driver(driver.Driver):
         self.wmask = full & ~aligned                         # ... of refcount 1: COPIED
         self.zmask = Q.OFLAG_COMPRESSED | Q.OFLAG_ZERO      # a zero cluster: ZERO
 
-    def close(self):
-        img, afile = self.img, self.file
-        self.img = self.file = None
-        try:
-            if img is not None:
-                try:
-                    img.close()         # refcounts flushed, the dirty bit cleared
-                except Q.QCow2Error as e:
-                    raise _error(e, self.path)
-        finally:
-            if afile is not None:
-                afile.close()
-
-    def idle(self):
-        if self.file is not None:
-            self.file.idle()
 
     # -- lookups ------------------------------------------------------------------------
     def _entry(self, gc):
