@@ -10,6 +10,7 @@ import shutil
 
 from smtap.formats import qcow2 as Q
 from lib.procs import run
+from lib.qcow2 import qemu_view
 from lib.sizes import MiB
 from lib.vhd import fingerprint, tool
 
@@ -29,14 +30,6 @@ def qio(path, *cmds):
 
 def qemu_map_text(path):
     return run("qemu-img", "map", "--output=json", str(path)).stdout
-
-
-def leaf_view(path, work):
-    out = work / "view.raw"
-    run("qemu-img", "convert", "-O", "raw", str(path), str(out))
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 # -- vhd-util's face ----------------------------------------------------------------------
@@ -77,7 +70,7 @@ def test_raw_parent_reparent_reset_resize(work):
     q2("snapshot", "-m", "-n", "c.qcow2", "-p", "base.raw", check=0)
     assert q2("query", "-vd", "-n", "c.qcow2", check=0).text == "16\nchain depth: 2\n"
     qio("c.qcow2", "write -P 9 0 64k")
-    assert leaf_view("c.qcow2", work) == b"\x09" * 65536 + b"\x07" * (SIZE - 65536)
+    assert qemu_view("c.qcow2", work) == b"\x09" * 65536 + b"\x07" * (SIZE - 65536)
     q2("create", "-n", "other.qcow2", "-s", 32, check=0)
     q2("modify", "-p", work / "other.qcow2", "-n", "c.qcow2", check=0)
     with Q.Image("c.qcow2") as img:
@@ -89,12 +82,12 @@ def test_raw_parent_reparent_reset_resize(work):
     q2("modify", "-z", "-n", "c.qcow2", check=0)
     assert q2("query", "-a", "-n", "c.qcow2", check=0).text == "0\n"
     assert os.path.getsize("c.qcow2") < before
-    assert leaf_view("c.qcow2", work) == b"\x07" * SIZE
+    assert qemu_view("c.qcow2", work) == b"\x07" * SIZE
     run("qemu-img", "check", "c.qcow2")
     q2("resize", "-n", "c.qcow2", "-s", 64, "-j", "journal", check=0)
     q2("resize", "-n", "c.qcow2", "-s", 80, "-f", check=0)
     assert q2("query", "-v", "-n", "c.qcow2", check=0).text == "80\n"
-    view = leaf_view("c.qcow2", work)                 # the new part reads zeros
+    view = qemu_view("c.qcow2", work)                 # the new part reads zeros
     assert view == b"\x07" * SIZE + bytes(64 * MiB)
     run("qemu-img", "check", "c.qcow2")
 
@@ -104,12 +97,12 @@ def test_coalesce_scan_read_check_repair(work):
     qio("p.qcow2", "write -P 1 0 2M", "write -P 3 8M 1M")
     q2("snapshot", "-n", "c.qcow2", "-p", "p.qcow2", check=0)
     qio("c.qcow2", "write -P 2 64k 64k", "write -z 8M 64k", "write -P 4 12M 100k")
-    view = leaf_view("c.qcow2", work)
+    view = qemu_view("c.qcow2", work)
     child = fingerprint("c.qcow2")
     out = q2("coalesce", "-n", "c.qcow2", check=0)
     # 64k + 64k of zeros + 100k rounded to clusters (the rest copied from the parent's view)
     assert out.text == "Coalesced %d sectors" % ((64 + 64 + 128) * 1024 // 512)
-    assert leaf_view("p.qcow2", work) == view and fingerprint("c.qcow2") == child
+    assert qemu_view("p.qcow2", work) == view and fingerprint("c.qcow2") == child
     run("qemu-img", "check", "p.qcow2")
     lines = q2("scan", "-f", "-m", str(work / "*.qcow2"), check=0).text.splitlines()
     assert lines == [
@@ -227,7 +220,7 @@ def test_xcpng_argv_create_snapshot_info_depth(work):
         argv = ["resize", p, str(2 * SIZE)]
         assert (run(tool, *argv).stdout if tool == "qemu-img" else q2(*argv, check=0).text) \
             == "Image resized.\n"
-    assert leaf_view(ca, work) == leaf_view(cb, work)
+    assert qemu_view(ca, work) == qemu_view(cb, work)
     for p in (ca, cb):
         run("qemu-img", "check", p)
     sa, sb = twins(work, "create", "-f", "qcow2", "-o", "preallocation=full,cluster_size=16384",
@@ -272,10 +265,10 @@ def test_xcpng_argv_check_repair_commit_map(work):
              os.path.join(d, "top.qcow2"))
         qio(os.path.join(d, "top.qcow2"), "write -P 7 1M 1M", "write -z 9M 64k")
     ta, tb = [os.path.join(os.path.dirname(p), "top.qcow2") for p in (a, b)]
-    view = leaf_view(ta, work)
+    view = qemu_view(ta, work)
     run("qemu-img", "commit", "-f", "qcow2", ta, "-d")
     assert q2("commit", "-f", "qcow2", tb, "-d", check=0).text == "Image committed.\n"
-    assert leaf_view(a, work) == leaf_view(b, work) == view
+    assert qemu_view(a, work) == qemu_view(b, work) == view
     assert run("qemu-img", "map", "--output=json", tb).stdout == \
         q2("map", "--output=json", tb, check=0).text
     assert run("qemu-img", "map", tb).stdout == q2("map", tb, check=0).text
@@ -283,7 +276,7 @@ def test_xcpng_argv_check_repair_commit_map(work):
     # without -d the top is emptied (qemu's make_empty)
     q2("commit", tb, check=0)
     assert q2("query", "-a", "-n", tb, check=0).text == "0\n"
-    assert leaf_view(tb, work) == view
+    assert qemu_view(tb, work) == view
 
 
 def test_qemu_face_bad_arguments(work):

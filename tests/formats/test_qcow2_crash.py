@@ -15,6 +15,7 @@ from smtap.formats import qcow2 as Q
 from smtap.formats import qcow2check, qcow2ops
 from lib.checkout import VENV_BIN as BIN
 from lib.procs import run
+from lib.qcow2 import qemu_view
 from lib.sizes import MiB
 
 pytestmark = pytest.mark.timeout(600)
@@ -119,14 +120,6 @@ def qemu_check(path):
     return out.returncode
 
 
-def view(path, work):
-    out = work / "view.raw"
-    run("qemu-img", "convert", "-O", "raw", str(path), str(out))
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
 def sectors_match(actual, before, after):
     """Every sector holds what the acknowledged writes made it, or the in-flight one's."""
     for s in range(0, len(actual), 512):
@@ -160,7 +153,7 @@ def test_kill_during_writes(work, lazy, cluster, backing):
         m = bytearray(models[-1])
         apply(m, op, cluster)
         models.append(bytes(m))
-    assert view(path, work) == models[-1]
+    assert qemu_view(path, work) == models[-1]
     leaks = 0
     points = sorted(set(range(1, total + 1, max(1, total // 12))) | {1, 2, 3, total})
     for kill_at in points:
@@ -172,7 +165,7 @@ def test_kill_during_writes(work, lazy, cluster, backing):
             leaks += 1
         res = qcow2check.check(str(path))
         assert not res.corruptions and not res.check_errors, (kill_at, res.messages)
-        bad = sectors_match(view(path, work), models[acked], models[min(acked + 1, len(models) - 1)])
+        bad = sectors_match(qemu_view(path, work), models[acked], models[min(acked + 1, len(models) - 1)])
         assert bad is None, (kill_at, acked, bad)
         with Q.Image(str(path), writable=True):     # a dirty image is repaired here
             pass
@@ -201,22 +194,22 @@ def test_kill_during_commit(work):
             n = rng.choice([4096, 8192, 20000])
             img.write(bytes([i + 2]) * n, rng.randrange(0, SIZE - n))
         img.write_zeroes(MiB, 64 << 10)
-    leaf = view(child, work)
+    leaf = qemu_view(child, work)
     saved = parent.read_bytes(), child.read_bytes()
     out = run_hooked(work, COMMITTER, "c", child, 0, 0, 0)
     assert out.returncode == 0, out.stderr
     total = int(out.stdout.split()[-1])
-    assert view(parent, work) == leaf
+    assert qemu_view(parent, work) == leaf
     for kill_at in sorted(set(range(1, total + 1, max(1, total // 12))) | {1, total}):
         parent.write_bytes(saved[0])
         child.write_bytes(saved[1])
         out = run_hooked(work, COMMITTER, "c", child, kill_at, 0, 0)
         assert out.returncode == -9, (kill_at, out.stderr)
         assert child.read_bytes() == saved[1]
-        assert view(child, work) == leaf, kill_at
+        assert qemu_view(child, work) == leaf, kill_at
         qemu_check(parent)
         with Q.Image(str(parent)) as img:
             assert img.dirty or kill_at == 1         # lazy: repaired on the next open
         qcow2ops.commit(str(child))
-        assert view(parent, work) == leaf, kill_at
+        assert qemu_view(parent, work) == leaf, kill_at
         assert qemu_check(parent) == 0

@@ -60,3 +60,12 @@ def check_images(root):
     check_vhds(root)
     for path in sorted(root.glob("*.qcow2")):
         qcow2_check(path)
+
+
+def qemu_view(path, work):
+    """What qemu reads of an image (qemu-img convert -O raw through a file under work)."""
+    out = work / "view.raw"
+    run("qemu-img", "convert", "-O", "raw", str(path), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
