@@ -16,7 +16,8 @@ DEB_PACKAGES := python3-venv gcc libaio-dev binutils \
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
 	smtap-xapi=smtap.toolstack.server xe=smtap.toolstack.xe \
 	smtap-sm-plugins=smtap.xapiconf vhd-util=smtap.formats.vhdutil td-util=smtap.formats.tdutil \
-	smtap-gc=smtap.sm.gc
+	smtap-gc=smtap.sm.gc \
+	qcow2-util=smtap.formats.qcow2util
 
 # Install layout (make install DESTDIR=...). PYTHON: the launchers' interpreter.
 PYTHON ?= /usr/bin/python3
@@ -36,7 +37,7 @@ PROFILE ?= dev
 # no dev toolstack, engine commands under /opt/smtap/bin only.
 RPM_SR_TYPES := ram
 RPM_LIB_PACKAGES := formats sm tapdisk
-RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util td-util smtap-sm-plugins smtap-gc
+RPM_COMMAND_NAMES := tapdisk tap-ctl vhd-util td-util qcow2-util smtap-sm-plugins smtap-gc
 RPMTOP ?= $(TOP)/rpmbuild
 RPMBUILD_FLAGS ?= --nodeps
 # The launchers' interpreter in the RPM (dom0's); the tests build a variant with the
@@ -130,6 +131,7 @@ bench: build
 	$(VPY) bench/sm_ops.py
 	$(VPY) bench/vhd.py
 	$(VPY) bench/filesr.py
+	$(VPY) bench/qcow2.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a

@@ -281,10 +281,11 @@ def print_group(title, names_, rows):
                          rows.get("1M read QD8", {}).get(n, (0,) * 5)[4]) for n in names_))
 
 
-def written_vhd(servers, empty, data, dest):
-    """dest: a copy of the empty VHD with data's content written through the engine."""
+def written_vhd(servers, empty, data, dest, disk_type="vhd"):
+    """dest: a copy of the empty image (VHD by default) with data's content written
+    through the engine."""
     shutil.copy(empty, dest)
-    uri, _ = servers.tap("vhd:" + dest)
+    uri, _ = servers.tap("%s:%s" % (disk_type, dest))
     run("nbdcopy", data, uri)
     servers.untap(uri)
     return dest

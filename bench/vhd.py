@@ -40,15 +40,19 @@ BLOCK = 2 * MiB
 
 
 class Images(object):
-    """The images, made once: full.vhd, sparse.vhd, chain (base/mid/leaf), flat.vhd."""
+    """The images, made once: full.vhd, sparse.vhd, chain (base/mid/leaf), flat.vhd.
+    The format's names are class attributes (bench/qcow2.py's subclass: qcow2)."""
+    TYPE, TOOL, PEER = "vhd", "vhd-util", "vpc"     # disk type and extension, tool, qemu's
+    FLATTEN = True                  # qemu's vpc driver does not follow VHD parents
 
     def __init__(self, tmp, servers, size):
         self.tmp, self.servers, self.size = tmp, servers, size
         env = servers.env
+        ext = "." + self.TYPE
         self.raw = base.make_raw(self.path("data.raw"), size)
-        self.empty = self.path("empty.vhd")
-        base.run("vhd-util", "create", "-n", self.empty, "-s", size >> 20, env=env)
-        self.full = self.written("full.vhd", self.raw)
+        self.empty = self.path("empty" + ext)
+        base.run(self.TOOL, "create", "-n", self.empty, "-s", size >> 20, env=env)
+        self.full = self.written("full" + ext, self.raw)
         half = self.path("half.raw")                    # every other block, holes between
         with open(self.raw, "rb") as src, open(half, "wb") as dst:
             dst.truncate(size)
@@ -56,28 +60,30 @@ class Images(object):
                 src.seek(off)
                 dst.seek(off)
                 dst.write(src.read(BLOCK))
-        self.sparse = self.written("sparse.vhd", half)
-        self.chain_base = self.path("base.vhd")
+        self.sparse = self.written("sparse" + ext, half)
+        self.chain_base = self.path("base" + ext)
         shutil.copy(self.full, self.chain_base)
-        self.mid = self.snapshot("mid.vhd", self.chain_base, 0)
-        self.leaf = self.snapshot("leaf.vhd", self.mid, 2)
-        uri, _ = servers.tap("vhd:" + self.leaf, "-R")
-        flat_raw = self.path("flat.raw")
-        base.run("nbdcopy", uri, flat_raw)
-        servers.untap(uri)
-        self.flat = self.written("flat.vhd", flat_raw)
+        self.mid = self.snapshot("mid" + ext, self.chain_base, 0)
+        self.leaf = self.snapshot("leaf" + ext, self.mid, 2)
+        self.flat = self.leaf
+        if self.FLATTEN:
+            uri, _ = servers.tap("%s:%s" % (self.TYPE, self.leaf), "-R")
+            flat_raw = self.path("flat.raw")
+            base.run("nbdcopy", uri, flat_raw)
+            servers.untap(uri)
+            self.flat = self.written("flat" + ext, flat_raw)
 
     def path(self, name):
         return os.path.join(self.tmp, name)
 
     def written(self, name, src):
-        return base.written_vhd(self.servers, self.empty, src, self.path(name))
+        return base.written_vhd(self.servers, self.empty, src, self.path(name), self.TYPE)
 
     def snapshot(self, name, parent, phase):
         """A snapshot of parent with 64 KiB of new data in every 4th block (from phase)."""
         path = self.path(name)
-        base.run("vhd-util", "snapshot", "-n", path, "-p", parent, env=self.servers.env)
-        uri, _ = self.servers.tap("vhd:" + path)
+        base.run(self.TOOL, "snapshot", "-n", path, "-p", parent, env=self.servers.env)
+        uri, _ = self.servers.tap("%s:%s" % (self.TYPE, path))
         cmds = []
         for off in range(phase * BLOCK, self.size, 4 * BLOCK):
             cmds += ["-c", "write -P %d %d 65536" % (0x30 + phase, off + 65536 * phase)]
@@ -94,8 +100,8 @@ class Images(object):
             base.run("cp", "--sparse=always", path, dst)
             out.append(dst)
         if src == self.leaf:        # re-link the copies to each other
-            base.run("vhd-util", "modify", "-n", out[1], "-p", out[0], env=self.servers.env)
-            base.run("vhd-util", "modify", "-n", out[2], "-p", out[1], env=self.servers.env)
+            base.run(self.TOOL, "modify", "-n", out[1], "-p", out[0], env=self.servers.env)
+            base.run(self.TOOL, "modify", "-n", out[2], "-p", out[1], env=self.servers.env)
         return out[-1]
 
 
@@ -103,34 +109,38 @@ def kinds(servers, images, src):
     """The two kinds (O_DIRECT, page cache) on image src: (title, servers) pairs."""
     peer_src = images.flat if src == images.leaf else src      # qemu: no VHD chains
     mine, cached = images.copy(src, "e"), images.copy(src, "eD")
+    t, p = images.TYPE, images.PEER
     return [
-        ("O_DIRECT", [servers.engine("engine vhd", "vhd:" + mine),
-                      servers.qemu_nbd("qemu-nbd vpc none/native",
-                                       images.copy(peer_src, "q"), "vpc", True),
-                      servers.qsd("qsd vpc direct/native", images.copy(peer_src, "s"), "vpc",
+        ("O_DIRECT", [servers.engine("engine " + t, "%s:%s" % (t, mine)),
+                      servers.qemu_nbd("qemu-nbd %s none/native" % p,
+                                       images.copy(peer_src, "q"), p, True),
+                      servers.qsd("qsd %s direct/native" % p, images.copy(peer_src, "s"), p,
                                   True)]),
-        ("page cache", [servers.engine("engine vhd -D", "vhd:" + cached, "-D", warm=cached),
-                        servers.qemu_nbd("qemu-nbd vpc writeback",
-                                         images.copy(peer_src, "qD"), "vpc", False),
-                        servers.qsd("qsd vpc writeback", images.copy(peer_src, "sD"), "vpc",
+        ("page cache", [servers.engine("engine %s -D" % t, "%s:%s" % (t, cached), "-D",
+                                       warm=cached),
+                        servers.qemu_nbd("qemu-nbd %s writeback" % p,
+                                         images.copy(peer_src, "qD"), p, False),
+                        servers.qsd("qsd %s writeback" % p, images.copy(peer_src, "sD"), p,
                                     False)]),
     ]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(images_class=Images, doc=__doc__):
+    """images_class: the format's Images (bench/qcow2.py passes its own)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     base.common_arguments(parser)
     parser.add_argument("--images", default="full,sparse,chain3,empty",
                         help="which of full, sparse, chain3, empty (first writes) to run")
     args = base.parse(parser)
     only = set(args.images.split(","))
     size = args.size_mib << 20
-    tmp = tempfile.mkdtemp(prefix="smtap-bench-vhd-", dir="/var/tmp")
+    t, p = images_class.TYPE, images_class.PEER
+    tmp = tempfile.mkdtemp(prefix="smtap-bench-%s-" % t, dir="/var/tmp")
     servers = base.Servers(tmp)
     tables = []
     started = time.time()
     try:
-        images = Images(tmp, servers, size)
+        images = images_class(tmp, servers, size)
         for sname, src in (("full", images.full), ("sparse", images.sparse),
                            ("chain3", images.leaf)):
             if sname not in only:
@@ -140,16 +150,16 @@ def main():
                 tables.append(("%s, %s" % (sname, title), [s.name for s in members], rows))
                 for s in members:
                     s.stop()
-            if sname == "full":         # the vhd disk type against raw on the same path
-                members = [servers.engine("engine vhd", "vhd:" + images.copy(src, "v")),
+            if sname == "full":         # the disk type against raw on the same path
+                members = [servers.engine("engine " + t, "%s:%s" % (t, images.copy(src, "v"))),
                            servers.engine("engine aio", "aio:" + images.raw)]
                 rows = base.run_group(sname, members, JOBS, args, size)
-                tables.append(("full: vhd / aio, O_DIRECT", [s.name for s in members], rows))
+                tables.append(("full: %s / aio, O_DIRECT" % t, [s.name for s in members], rows))
                 for s in members:
                     s.stop()
         if "empty" in only:
-            tables.append(("empty: " + ALLOC_JOB[0], ["engine vhd", "qemu-nbd vpc none/native",
-                                                       "qsd vpc direct/native"],
+            tables.append(("empty: " + ALLOC_JOB[0], ["engine " + t, "qemu-nbd %s none/native" % p,
+                                                       "qsd %s direct/native" % p],
                            {ALLOC_JOB[0]: allocation(servers, images, args, size)}))
     finally:
         servers.close()
@@ -163,11 +173,12 @@ def main():
 
 
 def allocation(servers, images, args, size):
-    """First writes: a fresh empty VHD per run, the whole of it once."""
+    """First writes: a fresh empty image per run, the whole of it once."""
     _, rw, bs, qd = ALLOC_JOB
-    makers = [lambda p: servers.engine("engine vhd", "vhd:" + p),
-              lambda p: servers.qemu_nbd("qemu-nbd vpc none/native", p, "vpc", True),
-              lambda p: servers.qsd("qsd vpc direct/native", p, "vpc", True)]
+    t, peer = images.TYPE, images.PEER
+    makers = [lambda p: servers.engine("engine " + t, "%s:%s" % (t, p)),
+              lambda p: servers.qemu_nbd("qemu-nbd %s none/native" % peer, p, peer, True),
+              lambda p: servers.qsd("qsd %s direct/native" % peer, p, peer, True)]
     got = {}
     for rnd in range(args.rounds):
         for make in (makers if rnd % 2 == 0 else makers[::-1]):

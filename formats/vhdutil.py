@@ -37,9 +37,10 @@ class Failed(Exception):
 
 
 class Ctx(object):
-    def __init__(self, out, err):
+    def __init__(self, out, err, prog=PROG):
         self.out, self.err = out, err
         self.debug = False
+        self.prog = prog
 
     def say(self, text):
         self.out.write(text)
@@ -57,7 +58,7 @@ class Ctx(object):
         if self.debug:
             try:
                 import syslog
-                syslog.syslog(syslog.LOG_INFO, "%s: %s" % (PROG, text))
+                syslog.syslog(syslog.LOG_INFO, "%s: %s" % (self.prog, text))
             except Exception:       # noqa: BLE001 - logging never fails a command
                 pass
 
@@ -767,20 +768,27 @@ def run(argv, out=None, err=None):
             err.write("invalid COMMAND %s\n" % args[0])
         err.write("usage: %s COMMAND [OPTIONS]\nCOMMAND := { %s }\n" % (PROG, " | ".join(ORDER)))
         return errno.EINVAL
-    cmd = args[0]
+    return run_command(ctx, args[0], COMMANDS[args[0]], args[1:], USAGE[args[0]])
+
+
+def run_command(ctx, cmd, fn, args, usage):
+    """fn(ctx, args) with vhd-util's conventions: Usage -> the usage (stderr, EINVAL; -h:
+    stdout, 0), Failed -> its stdout message and one stderr line, exit its errno (also
+    qcow2-util's)."""
+    out, err = ctx.out, ctx.err
     try:
-        return COMMANDS[cmd](ctx, args[1:])
+        return fn(ctx, args)
     except Usage as e:
-        (out if e.help else err).write(USAGE[cmd] + "\n")
+        (out if e.help else err).write(usage + "\n")
         return 0 if e.help else errno.EINVAL
     except Failed as e:
         if e.stdout:
             out.write(e.stdout)
-        err.write("%s %s: %s\n" % (PROG, cmd, e.message))
+        err.write("%s %s: %s\n" % (ctx.prog, cmd, e.message))
         ctx.log("%s: %s" % (cmd, e.message))
         return e.errno or errno.EIO
     except OSError as e:
-        err.write("%s %s: %s\n" % (PROG, cmd, e.strerror or e))
+        err.write("%s %s: %s\n" % (ctx.prog, cmd, e.strerror or e))
         return e.errno or errno.EIO
     finally:
         try:

@@ -1,9 +1,9 @@
 """SRs that keep each VDI as one file, <location><EXT>, in a directory (sr.path): what
 ramSR (a tmpfs) and FileSR (any directory) share. How a file gives its sizes and how a
 new one is made depends on its format, looked up by extension in FORMATS: raw (a
-sparse file: its length is the virtual size, the blocks it holds its utilisation) or
-VHD (sizes from its metadata, smtap.formats). ramSR creates raw files (EXT); FileSR VHDs
-(raw ones on request).
+sparse file: its length is the virtual size, the blocks it holds its utilisation), VHD
+or qcow2 (sizes from their metadata, smtap.formats). ramSR creates raw files (EXT);
+FileSR VHDs or qcow2 images (raw ones on request).
 """
 import errno
 import os
@@ -41,6 +41,13 @@ class RawFormat(object):
             f.truncate(size)
 
 
+def _new(path, make, size):
+    """make(path, size) for a file that must not exist yet."""
+    if os.path.lexists(path):
+        raise OSError(errno.EEXIST, "%s exists" % path)
+    make(path, size)
+
+
 class VhdFormat(object):
     """A VHD: the virtual size from its footer (the backup at offset 0 is valid while a
     tapdisk has it open), the utilisation as `vhd-util query -s` reports it."""
@@ -56,12 +63,28 @@ class VhdFormat(object):
     @staticmethod
     def create(path, size):
         from smtap.formats import vhd
-        if os.path.lexists(path):
-            raise OSError(errno.EEXIST, "%s exists" % path)
-        vhd.create(path, size)
+        _new(path, vhd.create, size)
 
 
-FORMATS = {ext: f for f in (RawFormat, VhdFormat) for ext in f.exts}
+class Qcow2Format(object):
+    """A qcow2 image: the virtual size from its header, the utilisation as `qcow2-util
+    query -s` reports it (the end of the last cluster in use)."""
+    exts = (".qcow2",)
+    disk_type = "qcow2"
+
+    @staticmethod
+    def sizes(path):
+        from smtap.formats import qcow2
+        with qcow2.Image(path) as img:
+            return img.size, img.end_offset()
+
+    @staticmethod
+    def create(path, size):
+        from smtap.formats import qcow2ops
+        _new(path, qcow2ops.create, size)
+
+
+FORMATS = {ext: f for f in (RawFormat, VhdFormat, Qcow2Format) for ext in f.exts}
 
 
 def file_format(path):

@@ -8,6 +8,9 @@ IMPLIED = {"ATOMIC_PAUSE": ("VDI_ACTIVATE", "VDI_DEACTIVATE")}
 
 FIELDS = ("name", "description", "vendor", "copyright", "driver_version",
           "required_api_version", "capabilities", "configuration")
+# XCP-ng's addition (SM.supported_image_formats); absent: XAPI records [] (the driver
+# chooses the format).
+OPTIONAL = ("supported_image_formats",)
 
 
 def split_capability(capability):
@@ -44,4 +47,7 @@ def describe(info):
     result["capabilities"] = capabilities(info)
     result["configuration"] = [{"key": c["key"], "description": c["description"]}
                                for c in info["configuration"]]
+    for f in OPTIONAL:
+        if f in info:
+            result[f] = list(info[f])
     return result

@@ -1,4 +1,5 @@
-"""The garbage collector of VHD SRs (upstream sm's cleanup.py, for the file SR): one
+"""The garbage collector of VHD and qcow2 SRs (upstream sm's cleanup.py, for the file
+SR; a qcow2 chain is coalesced as a VHD one, by commit into its backing file): one
 process per SR, started in the background by the driver (kick) after snapshot, clone,
 delete, attach and scan; `smtap-gc` is its command line.
 
@@ -365,10 +366,12 @@ class GC(object):
         if child.virtual > parent.virtual:
             self.grow(parent, child.virtual, paused=deadline is not None)
         total = vhdchain.allocated(child.path)
-        stats = {"start": time.time(), "waited": 0.0}
+        stats = {"start": time.time(), "waited": 0.0, "parked": False}
 
         def progress(done, blocks):
-            if park and blocks and done == max(1, blocks // 2):
+            # once, half way (qcow2 reports its progress in bigger steps than VHD)
+            if park and blocks and done >= max(1, blocks // 2) and not stats["parked"]:
+                stats["parked"] = True
                 self.park(park)
             self.check_abort()
             if deadline is not None and time.time() > deadline:
@@ -403,9 +406,7 @@ class GC(object):
         """The parent's virtual size up to the child's: fast when the BAT has room, else
         journalled with the tapdisks of its subtree paused (data blocks may move)."""
         journal = os.path.join(self.path, image.uuid)       # upstream: <sr>/<uuid>
-        with vhdchain.V.VHD(image.path) as img:
-            fast = img.dynamic and -(-size // img.block_size) <= img.header.max_bat_size
-        if fast or paused:
+        if vhdchain.grows_in_place(image.path, size) or paused:
             vhdchain.grow(image.path, size, journal)
             return
         with self.locked():
@@ -513,7 +514,7 @@ class GC(object):
             if self.can_live_coalesce(uuid, size):
                 break
             self.snapshot_coalesce(uuid)
-            after = vhdchain.allocated(os.path.join(self.path, vhdchain.file_name(uuid)))
+            after = vhdchain.allocated(leaf.path)
             if tracker.abort(size, after):
                 raise Skip("snapshot-coalesce gave up: %s" % tracker.reason)
         self.live_leaf_coalesce(uuid)
@@ -561,8 +562,7 @@ class GC(object):
                     pause.__exit__(None, None, None)
                 finally:
                     self.untag_relinking(tagged)
-            old = os.path.join(self.path, vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + uuid))
-            os.unlink(old)
+            os.unlink(vhdchain.renamed(leaf.path, vhdchain.TMP_RENAME_PREFIX + uuid))
             journallib.sync_dir(self.path)
             log.info("GC: leaf-coalesced %s into %s", uuid, parent.uuid)
             self.sync()
@@ -578,7 +578,7 @@ class GC(object):
         deadline = None if force else time.time() + LIVE_LEAF_COALESCE_TIMEOUT
         self.copy(leaf, parent, "leaf-coalescing %s into %s" % (leaf.uuid, parent.uuid),
                   park="leaf-coalesce", deadline=deadline or float("inf"))   # inf: forced
-        old = os.path.join(self.path, vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + leaf.uuid))
+        old = vhdchain.renamed(leaf.path, vhdchain.TMP_RENAME_PREFIX + leaf.uuid)
         os.rename(leaf.path, old)
         journallib.sync_dir(self.path)
         self.park("leaf-renamed")
@@ -638,8 +638,9 @@ def replay_leaf_journals(directory):
     done = []
     for uuid, parent_uuid in sorted(jrn.get_all(JRN_LEAF).items()):
         names = os.listdir(directory)
-        old = vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + uuid)
-        if vhdchain.file_name(parent_uuid) in names or old in names:
+        ext = vhdchain.find_ext(directory, uuid, parent_uuid, vhdchain.TMP_RENAME_PREFIX + uuid)
+        old = vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + uuid, ext)
+        if vhdchain.file_name(parent_uuid, ext) in names or old in names:
             log.warning("GC: undoing the interrupted leaf-coalesce of %s", uuid)
             undo_leaf(directory, uuid, parent_uuid)
         else:
@@ -653,9 +654,10 @@ def undo_leaf(directory, uuid, parent_uuid):
     """upstream _undoInterruptedCoalesceLeaf: both files back under their names, the
     parent hidden again. The parent may hold some of the leaf's data: the same data the
     leaf still has on top of it."""
-    leaf = os.path.join(directory, vhdchain.file_name(uuid))
-    old = os.path.join(directory, vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + uuid))
-    parent = os.path.join(directory, vhdchain.file_name(parent_uuid))
+    ext = vhdchain.find_ext(directory, uuid, parent_uuid, vhdchain.TMP_RENAME_PREFIX + uuid)
+    leaf = os.path.join(directory, vhdchain.file_name(uuid, ext))
+    old = os.path.join(directory, vhdchain.file_name(vhdchain.TMP_RENAME_PREFIX + uuid, ext))
+    parent = os.path.join(directory, vhdchain.file_name(parent_uuid, ext))
     if not os.path.exists(parent):
         if not os.path.exists(leaf):
             raise RuntimeError("neither %s nor %s is there" % (parent, leaf))

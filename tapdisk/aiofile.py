@@ -341,3 +341,37 @@ class AioFile(object):
         if self.block_device:
             return [(length, True)]
         return sparse.extents(self.bfd, offset, length, MAX_EXTENTS)
+
+
+def format_error(e, path, kind):
+    """A format layer's error as the engine reports it: one line naming the disk type and
+    the file, the errno kept."""
+    message = e.strerror or str(e)
+    if path not in message:
+        message = "%s: %s" % (path, message)
+    return OSError(e.errno or errno.EIO, "%s: %s" % (kind, message))
+
+
+class ImageFileDriver(object):
+    """What the disk types of an image format in one AioFile share (vhd, qcow2), before
+    driver.Driver in their bases: the format layer's image (self.img) closed before its
+    file (self.file), whose idle hook is the driver's. format_error_type: the format
+    layer's exception, reported through format_error."""
+    format_error_type = OSError
+
+    def close(self):
+        img, afile = self.img, self.file
+        self.img = self.file = None
+        try:
+            if img is not None:
+                try:
+                    img.close()     # what the format writes on close (footer, refcounts)
+                except self.format_error_type as e:
+                    raise format_error(e, self.path, self.name)
+        finally:
+            if afile is not None:
+                afile.close()
+
+    def idle(self):
+        if self.file is not None:
+            self.file.idle()

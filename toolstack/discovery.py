@@ -67,7 +67,8 @@ def sm_record(sr_type, path, info):
             "version": str(info.get("driver_version", "")),
             "required_api_version": str(info.get("required_api_version", "")),
             "capabilities": caps, "features": features, "configuration": config,
-            "driver_filename": path}
+            "driver_filename": path,
+            "supported_image_formats": [str(f) for f in info.get("supported_image_formats", [])]}
 
 
 def driver_info(host_ref, sr_type, path):

@@ -1,5 +1,12 @@
 """FileSR: VDIs as files in a directory, thin VHDs (<uuid>.vhd, served by the engine's
-vhd driver) by default, raw sparse files (<uuid>.raw, aio) with sm-config:type=raw.
+vhd driver) or qcow2 images (<uuid>.qcow2, the qcow2 driver), raw sparse files
+(<uuid>.raw, aio) with sm-config:type=raw.
+
+The format of a new VDI, as XCP-ng's: sm-config:image-format=vhd|qcow2 (or type=) if
+given, else the first of device-config:preferred-image-formats (default "vhd,qcow2")
+that holds its size: a VDI over 2040 GiB is qcow2 (up to 16381 GiB). Both formats
+live side by side in one SR; a chain is of one format. DRIVER_INFO's
+supported_image_formats tells XAPI (SM.supported_image_formats).
 
 device-config:location is the directory (absolute). sr_create makes it when missing;
 sr_attach wants it there.
@@ -18,7 +25,6 @@ import sys
 import time
 
 from smtap.version import VERSION
-from smtap.formats import vhd as V
 from smtap.sm import command
 from smtap.sm import dirsr
 from smtap.sm import errors
@@ -40,10 +46,18 @@ DRIVER_INFO = {
                      "VDI_UPDATE", "THIN_PROVISIONING"],
     "configuration": [
         {"key": "location", "description": "absolute path of the directory holding the VDIs"},
+        {"key": "preferred-image-formats", "description": "the formats of new VDIs, in order "
+         "of preference, the first that holds the size wins (default: vhd,qcow2)"},
     ],
+    "supported_image_formats": ["vhd", "qcow2", "raw"],
 }
 
-EXTS = {"vhd": vhdchain.VHD_EXT, "raw": vhdchain.RAW_EXT}     # sm-config:type -> file name
+# format -> file name extension
+EXTS = {"vhd": vhdchain.VHD_EXT, "qcow2": vhdchain.QCOW2_EXT, "raw": vhdchain.RAW_EXT}
+COW = ("vhd", "qcow2")
+PREFERRED_KEY = "preferred-image-formats"       # device-config
+DEFAULT_PREFERRED = "vhd,qcow2"
+FORMAT_KEY = "image-format"                     # sm-config
 RESIZE_JOURNAL = ".journal-"        # upstream FileSR's JOURNAL_FILE_PREFIX
 BASE_LABEL = "base copy"
 ACTIVATING, RELINKING = "activating", "relinking"
@@ -72,7 +86,17 @@ class FileSR(dirsr.DirSR):
                                "got %s" % self.path)
         self.path = os.path.normpath(self.path)
 
+    def preferred_formats(self):
+        """device-config:preferred-image-formats as a list (refused clearly when bad)."""
+        text = self.dconf.get(PREFERRED_KEY, DEFAULT_PREFERRED)
+        names = [n.strip().lower() for n in text.split(",") if n.strip()]
+        if not names or [n for n in names if n not in COW]:
+            errors.raise_error("InvalidArg", "device-config:%s=%s: a comma-separated list of "
+                               "%s" % (PREFERRED_KEY, text, ", ".join(COW)))
+        return names
+
     def create(self, size):
+        self.preferred_formats()
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             errors.raise_error("InvalidArg", "%s exists and is not a directory" % self.path)
         self.refuse_shared_directory("SRExists")
@@ -81,6 +105,7 @@ class FileSR(dirsr.DirSR):
             log.info("made %s", self.path)
 
     def attach(self):
+        self.preferred_formats()
         self.check_path()
         self.refuse_shared_directory("SRUnavailable")
         self.replay()
@@ -212,7 +237,8 @@ class FileVDI(dirsr.DirVDI):
             if os.path.exists(os.path.join(self.sr.path, self.location + ext)):
                 self.fmt = fmt
                 return
-        self.fmt = "raw" if self.sm_config.get("type") == "raw" else "vhd"
+        wanted = self.sm_config.get(FORMAT_KEY) or self.sm_config.get("type")
+        self.fmt = wanted if wanted in EXTS else "vhd"
 
     def load_storage(self):
         """Sizes, hidden flag and parent from the file (the truth), when it is there."""
@@ -224,7 +250,7 @@ class FileVDI(dirsr.DirVDI):
         else:
             try:
                 image = vhdchain.query(self.file)
-            except V.VHDError as e:
+            except OSError as e:
                 errors.raise_error("VDILoad", "%s: %s" % (self.file, errors.describe(e)))
         self.from_image(image)
 
@@ -239,8 +265,10 @@ class FileVDI(dirsr.DirVDI):
         self.parent = image.parent
         if self.fmt == "raw":
             self.sm_config["type"] = "raw"
+            self.sm_config.pop(FORMAT_KEY, None)
             return
         self.sm_config.pop("type", None)
+        self.sm_config[FORMAT_KEY] = self.fmt
         if image.parent:
             self.sm_config["vhd-parent"] = image.parent
         else:
@@ -289,20 +317,44 @@ class FileVDI(dirsr.DirVDI):
             time.sleep(0.5)
 
     # -- create / delete ------------------------------------------------------------------------
+    def choose_format(self, size):
+        """sm-config:image-format (or type) if given, else the first preferred format
+        that holds size."""
+        given = [(k, self.sm_config[k]) for k in (FORMAT_KEY, "type") if k in self.sm_config]
+        if len(set(v for _, v in given)) > 1:
+            errors.raise_error("VDIType", "sm-config:%s=%s and %s=%s disagree"
+                               % (given[0] + given[1]))
+        if given:
+            key, fmt = given[0]
+            if fmt not in EXTS or (key == FORMAT_KEY and fmt == "raw"):
+                errors.raise_error("VDIType", "sm-config:%s=%s: must be %s" % (
+                    key, fmt, " or ".join(COW + (("raw",) if key == "type" else ()))))
+            return fmt
+        for fmt in self.sr.preferred_formats():
+            if size <= vhdchain.max_size(EXTS[fmt]):
+                return fmt
+        errors.raise_error("VDISize", "%d bytes: more than device-config:%s=%s holds (at most "
+                           "%d MB)" % (size, PREFERRED_KEY, ",".join(self.sr.preferred_formats()),
+                                       max(vhdchain.max_size(EXTS[f])
+                                           for f in self.sr.preferred_formats()) >> 20))
+
     def create(self, size):
-        fmt = self.sm_config.get("type", "vhd")
-        if fmt not in EXTS:
-            errors.raise_error("VDIType", "sm-config:type=%s: must be vhd or raw" % fmt)
+        fmt = self.choose_format(size)
         self.fmt = fmt
-        if fmt == "vhd":
-            rounded = vhdchain.round_size(size)
+        if fmt in COW:
+            rounded = vhdchain.round_size(size, EXTS[fmt])
             if rounded is None:
-                errors.raise_error("VDISize", "VDI size must be between 1 MB and %d MB"
-                                   % (vhdchain.MAX_VHD_SIZE >> 20))
+                errors.raise_error("VDISize", "a %s VDI must be between 1 MB and %d MB%s" % (
+                    fmt, vhdchain.max_size(EXTS[fmt]) >> 20,
+                    " (a bigger one is qcow2: sm-config:%s=qcow2)" % FORMAT_KEY
+                    if fmt == "vhd" and size <= vhdchain.MAX_QCOW2_SIZE else ""))
             size = rounded
-        self.sm_config = dict((k, v) for k, v in self.sm_config.items() if k != "type")
+        self.sm_config = dict((k, v) for k, v in self.sm_config.items()
+                              if k not in ("type", FORMAT_KEY))
         if fmt == "raw":
             self.sm_config["type"] = "raw"
+        else:
+            self.sm_config[FORMAT_KEY] = fmt
         try:
             dirsr.DirVDI.create(self, size)
         except OSError as e:
@@ -354,14 +406,14 @@ class FileVDI(dirsr.DirVDI):
             errors.raise_error("InvalidArg", "driver_params type=%s: double, single or internal"
                                % kind)
         self.require_file()
-        if self.fmt != "vhd":
+        if self.fmt not in COW:
             errors.raise_error("Unimplemented", "snapshot of a raw VDI")
         if self.hidden:
             errors.raise_error(failure, "hidden VDI %s (a base copy)" % self.uuid)
         self.sr.replay()
         try:
             depth = vhdchain.depth(self.file)
-        except V.VHDError as e:
+        except OSError as e:
             errors.raise_error("VDIUnavailable", "chain depth of %s: %s"
                                % (self.file, errors.describe(e)))
         if depth >= vhdchain.MAX_CHAIN:
@@ -399,11 +451,13 @@ class FileVDI(dirsr.DirVDI):
         if made.base:
             base.location = base.uuid
             base.vdi_type = self.vdi_type
+            base.fmt = self.fmt             # a chain is of one format
             base.load_storage()
             base.db_introduce()
         if new is not None:
             new.copy_fields(self)
             new.location = new.uuid
+            new.fmt = self.fmt
             new.load_storage()
             if is_snapshot:
                 new.mark_snapshot_of(self)
@@ -424,10 +478,11 @@ class FileVDI(dirsr.DirVDI):
         if self.fmt == "raw":
             return dirsr.DirVDI.resize(self, size)
         self.require_file()
-        rounded = vhdchain.round_size(size)
+        rounded = vhdchain.round_size(size, EXTS[self.fmt])
         if rounded is None or rounded < self.size:
-            errors.raise_error("VDISize", "%d -> %d bytes: VHDs grow only, up to %d MB"
-                               % (self.size, size, vhdchain.MAX_VHD_SIZE >> 20))
+            errors.raise_error("VDISize", "%d -> %d bytes: %s VDIs grow only, up to %d MB%s" % (
+                self.size, size, self.fmt, vhdchain.max_size(EXTS[self.fmt]) >> 20,
+                " (past that: a qcow2 VDI, by migrating it)" if self.fmt == "vhd" else ""))
         if self.hidden:
             errors.raise_error("VDIUnavailable", "hidden VDI %s (a base copy)" % self.uuid)
         if rounded > self.size:
@@ -450,12 +505,12 @@ class FileVDI(dirsr.DirVDI):
         if self.sr.request.vdi_on_boot != "reset":
             return
         self.require_file()
-        if self.fmt != "vhd" or not self.parent:
+        if self.fmt not in COW or not self.parent:
             errors.raise_error("VDIType", "VDI %s has no parent to reset to (on-boot=reset "
-                               "needs a VHD with a snapshot)" % self.uuid)
+                               "needs a VHD or qcow2 VDI with a snapshot)" % self.uuid)
         if self.is_active():
             errors.raise_error("VDIInUse", "VDI %s is active: cannot reset it" % self.uuid)
-        V.reset(self.file)
+        vhdchain.reset(self.file)
         log.info("VDI %s reset to its parent %s", self.uuid, self.parent)
 
     def update(self):

@@ -62,15 +62,12 @@ class _MetaIO(V.PosixFile):
 
 
 def _error(e, path):
-    """A format error as the engine reports it (one line, the errno kept)."""
-    message = e.strerror or str(e)
-    if path not in message:
-        message = "%s: %s" % (path, message)
-    return OSError(e.errno or errno.EIO, "vhd: " + message)
+    return aiofile.format_error(e, path, "vhd")
 
 
 @register
-class VhdDriver(driver.Driver):
+class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
+    format_error_type = V.VHDError
     name = "vhd"
     can_write = True
     can_flush = True
@@ -165,22 +162,6 @@ class VhdDriver(driver.Driver):
         else:
             self.full = bytearray(nblk)
 
-    def close(self):
-        img, afile = self.img, self.file
-        self.img = self.file = None
-        try:
-            if img is not None:
-                try:
-                    img.close()         # the footer rewritten (a strict open poisoned it)
-                except V.VHDError as e:
-                    raise _error(e, self.path)
-        finally:
-            if afile is not None:
-                afile.close()
-
-    def idle(self):
-        if self.file is not None:
-            self.file.idle()
 
     # -- bitmaps ------------------------------------------------------------------------
     def _is_full(self, bm):

@@ -48,8 +48,8 @@ def test_vhd_vdis_sizes_and_records(dhost, file_sr):
     assert int(x.VDI.get_physical_utilisation(vdi)) < MiB       # thin
     small = dhost.vdi_create(file_sr, 1)
     assert x.VDI.get_virtual_size(small) == str(2 * MiB)         # at least 2 MiB
-    err = failure(dhost.vdi_create, file_sr, 2041 << 30)
-    assert err[0] == "SR_BACKEND_FAILURE_79", err                # VDISize
+    err = failure(dhost.vdi_create, file_sr, 2041 << 30, {"image-format": "vhd"})
+    assert err[0] == "SR_BACKEND_FAILURE_79", err                # VDISize (qcow2's)
     err = failure(dhost.vdi_create, file_sr, MiB, {"type": "qcow9"})
     assert err[0] == "SR_BACKEND_FAILURE_66", err                # VDIType
     raw = dhost.vdi_create(file_sr, 3 * MiB + 1, {"type": "raw"})

@@ -12,7 +12,8 @@ from lib.engine import (IHAVEOPT, IO_BACKENDS, Raw, have_io_uring, image_file, n
                         nbd_uri, qemu_io)
 from lib.procs import run
 from lib.sizes import MiB
-from lib.vhd import VHD_DISKS, check_vhds
+from lib.qcow2 import QCOW2_DISKS, check_images
+from lib.vhd import VHD_DISKS
 
 
 def pattern_file(path, size):
@@ -169,8 +170,9 @@ def test_unknown_option_and_command_get_errors(serve, tmp_path):
     c.close()
 
 
-# the disks the garbage tests run on: memory, a VHD and a VHD chain
+# the disks the garbage tests run on: memory, a VHD and a VHD chain, qcow2 and a qcow2 chain
 GARBAGE_DISKS = dict(VHD_DISKS, ram=lambda root, size: "ram:%s?size=%d" % (root / "x", size))
+GARBAGE_DISKS.update(QCOW2_DISKS)
 
 
 @pytest.mark.parametrize("disk", sorted(GARBAGE_DISKS))
@@ -189,11 +191,11 @@ def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage, di
     c.close()
     assert run("nbdinfo", "--size", s.uri).stdout.strip() == str(4 * MiB)
     s.stop()
-    check_vhds(tmp_path)
+    check_images(tmp_path)
 
 
 # and a client vanishing with I/O queued, on each back end (ram answers in the turn)
-VANISHING = [("ram", "auto")] + [(d, b) for d in sorted(VHD_DISKS) + ["aio"]
+VANISHING = [("ram", "auto")] + [(d, b) for d in sorted(VHD_DISKS) + sorted(QCOW2_DISKS) + ["aio"]
                                      for b in IO_BACKENDS]
 
 
@@ -227,7 +229,7 @@ def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk
     assert "Pattern verification failed" not in out
     assert s.proc.poll() is None
     s.stop()
-    check_vhds(tmp_path)
+    check_images(tmp_path)
 
 
 def test_pipelined_requests_simple_replies(serve, tmp_path):
@@ -255,15 +257,15 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
 
 
 @pytest.mark.parametrize("kind,backend", [("ram", "auto")] + [
-    (k, b) for k in ("aio", "vhd", "vhd-chain3") for b in IO_BACKENDS])
+    (k, b) for k in ("aio", "vhd", "vhd-chain3", "qcow2", "qcow2-chain3") for b in IO_BACKENDS])
 def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend):
     """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it
     (on each I/O back end: the queued path's)."""
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
-    if kind.startswith("vhd"):
-        params = VHD_DISKS[kind](tmp_path, 16 * MiB)
+    if kind.startswith(("vhd", "qcow2")):
+        params = dict(VHD_DISKS, **QCOW2_DISKS)[kind](tmp_path, 16 * MiB)
     else:
         img = tmp_path / "d.img"
         img.write_bytes(b"")
@@ -278,4 +280,4 @@ def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 15 * MiB
     assert job["read"]["io_bytes"] == job["write"]["io_bytes"]     # all read back, verified
     s.stop()
-    check_vhds(tmp_path)
+    check_images(tmp_path)

@@ -1,7 +1,6 @@
 """pause / unpause under load: no request lost or corrupted, waiting requests resume,
 unpause -a switches images of the same size or bigger (an online resize), never smaller;
 no disk type loses a byte across a pause."""
-import hashlib
 import json
 import subprocess
 import threading
@@ -11,11 +10,12 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from lib.engine import image_file, nbd_size, qemu_io, tap_ctl
+from lib.engine import disk_sha256, image_file, nbd_size, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run
+from lib.qcow2 import QCOW2_DISKS, check_images
 from lib.sizes import MiB
-from lib.vhd import VHD_DISKS, check_vhds, vhd_disk
+from lib.vhd import VHD_DISKS, vhd_disk
 
 PAUSED = 0x2a
 
@@ -61,8 +61,9 @@ class Pauser(threading.Thread):
         self.join(60)
 
 
-# the disks the heavier pause tests run on: raw, a VHD, a VHD chain
+# the disks the heavier pause tests run on: raw, a VHD, a VHD chain, qcow2, a qcow2 chain
 DISKS = dict(VHD_DISKS, aio=lambda root, size: "aio:" + image_file(root / "disk.img", size))
+DISKS.update(QCOW2_DISKS)
 
 
 @pytest.mark.parametrize("disk", sorted(DISKS))
@@ -90,7 +91,7 @@ def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk, io_backe
     assert stats["reqs_outstanding"] == 0 and stats["images"]
     assert all(image["fail"] == [0, 0] for image in stats["images"]), stats
     tap.destroy()
-    check_vhds(smtap_root)
+    check_images(smtap_root)
 
 
 def test_requests_wait_while_paused(make_tap, smtap_root):
@@ -147,7 +148,7 @@ def test_unpause_a_onto_a_vhd_snapshot_of_the_same_disk(make_tap, smtap_root):
         run("qemu-io", "-f", "raw", "-c", "write -P 0xa8 0 64k", tap.uri)
         assert read_pattern(tap.uri, "0xa8") and not read_pattern(tap.uri, "0xa7", "1M")
         tap.destroy()
-        check_vhds(root)
+        check_images(root)
 
 
 def test_unpause_switches_to_an_image_of_the_same_size(make_tap, smtap_root):
@@ -238,6 +239,8 @@ PAUSE_CASES = {
     "null": (lambda root, size: "null:x?size=%d" % size, False),
     "vhd": (VHD_DISKS["vhd"], True),
     "vhd-chain3": (VHD_DISKS["vhd-chain3"], True),
+    "qcow2": (QCOW2_DISKS["qcow2"], True),
+    "qcow2-chain3": (QCOW2_DISKS["qcow2-chain3"], True),
 }
 KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
 
@@ -245,14 +248,6 @@ KEEPING = sorted(name for name, (_, keeps) in PAUSE_CASES.items() if keeps)
 def test_every_disk_type_has_a_pause_case():
     registered = {name for name in drivers.types() if not name.startswith("test-")}
     assert registered <= {case.split("-")[0] for case in PAUSE_CASES}
-
-
-def disk_sha256(uri, root):
-    out = root / "copy.img"
-    run("nbdcopy", uri, out)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    out.unlink()
-    return digest
 
 
 @pytest.mark.parametrize("case", sorted(PAUSE_CASES))
@@ -268,7 +263,7 @@ def test_a_flushed_write_survives_pause_and_unpause(make_tap, smtap_root, case):
     assert disk_sha256(tap.uri, smtap_root) == before
     assert read_pattern(tap.uri, "0xa5" if keeps else "0", "1M")
     tap.destroy()
-    check_vhds(smtap_root)
+    check_images(smtap_root)
 
 
 @pytest.mark.parametrize("case", KEEPING)
@@ -283,7 +278,7 @@ def test_fio_verify_across_pause_cycles(make_tap, smtap_root, case):
     assert not pauser.failure, pauser.failure
     assert job["read"]["io_bytes"] >= size and pauser.cycles >= 5, (job["read"], pauser.cycles)
     tap.destroy()
-    check_vhds(smtap_root)
+    check_images(smtap_root)
 
 
 def test_a_refused_unpause_keeps_a_volatile_ram_disk(make_tap, smtap_root):

@@ -7,9 +7,7 @@ import pytest
 from lib.engine import image_file, nbd_map, qemu_io, tap_ctl
 from lib.fs import tmpfs, used
 from lib.procs import memory_of, run
-from lib.sizes import MiB
-
-TiB = 1 << 40
+from lib.sizes import MiB, TiB
 
 
 def test_an_empty_ram_disk_reserves_nothing(make_tap, smtap_root):

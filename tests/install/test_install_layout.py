@@ -76,7 +76,7 @@ def test_host_profile_has_only_new_types_and_no_toolstack(tmp_path):
         sorted("/opt/xensource/sm/%sSR" % t for t in RPM_SR_TYPES if t in ALL_SR_TYPES)
     assert not [p for p in paths if p.startswith("/opt/smtap/lib/smtap/toolstack")]
     assert set(os.listdir(os.path.join(dest, "opt/smtap/bin"))) == \
-        set(COMMANDS + ["vhd-util", "td-util", "smtap-gc"])
+        set(COMMANDS + ["vhd-util", "td-util", "smtap-gc", "qcow2-util"])
     # No xapi.conf, no drop-in: xapi-core owns the one, the RPM computes the other.
     assert not [p for p in paths if p.startswith("/etc/xapi.conf")
                 and p != "/etc/xapi.conf.d/"], sorted(paths)

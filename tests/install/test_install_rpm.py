@@ -57,7 +57,7 @@ def test_rpm_paths_do_not_clash_with_sm_or_blktap(built_rpm):
     assert not [p for p in paths if "/toolstack" in p]
     commands = set(os.path.basename(p) for p in paths if p.startswith("/opt/smtap/bin/"))
     assert commands == {"smtap-sm-plugins", "tap-ctl", "tapdisk", "vhd-util", "td-util",
-                        "smtap-gc"}
+                        "smtap-gc", "qcow2-util"}
     # The libaio batch library built in %build, byte-code compiled in %install.
     assert "/opt/smtap/lib/smtap/tapdisk/libsmtap-aio.so.1" in paths
     assert [p for p in paths if p.endswith(".pyc")]

@@ -5,7 +5,7 @@ these. Import a name from the module that defines it:
 | module | holds |
 |---|---|
 | lib.checkout | TOP, VENV_BIN, VENV_PYTHON, VENV36, PY36, VERSION: this checkout's paths |
-| lib.sizes | KiB, MiB, GiB |
+| lib.sizes | KiB, MiB, GiB, TiB |
 | lib.procs | run (every command: text output, bad bytes replaced, argv as arguments or one list, check, timeout=120), sh (its stdout), wait_for, memory_of (/proc/<pid>/status) |
 | lib.hosts | host_root (the smtap_root fixtures' root: made, then everything left under it removed), tapdisks_under, nbdfuse_mounts |
 | lib.engine | tap_ctl, tap_list, tap_state, image_file, Tap, Served, nbd_uri, linked_tapdisk, qemu_io, nbd_size, nbd_map, Raw (+ NBDMAGIC, IHAVEOPT, REPLY_MAGIC) |
@@ -16,6 +16,7 @@ these. Import a name from the module that defines it:
 | lib.install | make, make_install, build_rpm, the stock 8.3 host's files and upstream paths, host_env, driver_info, read_sm_plugins, dropin, confd, stock_host, py36_prefix, rpm_root, fake_rpm, rpm_query_list, rpm_install |
 | lib.vhd | tool, vhd_util, td_util, sha, fingerprint, Model, random_writes, seeded; the engine tests' VHDs: vhd_chain, vhd_disk, vhd_check, VHD_DISKS, check_vhds |
 | lib.filesr | the file SR on VHD: vhd_write (offline guest writes), chain_sha, vhd_tree, hidden_images, all_valid, leftovers, sr_location, retry_depth, fill_fs (a full file system), the GC: wait_gc, park, park_and_kill |
+| lib.qcow2 | qcow2_util, qemu_view (what qemu reads of an image); the engine tests' qcow2 images: qcow2_chain, QCOW2_DISKS, qcow2_check, check_images (VHDs and qcow2 under a root) |
 | lib/drivers/ | SR drivers run as programs: testsr.py, listing_driver.py, noisy_driver.py, upstream_sr.py |
 
 Where the helpers were (for a branch written before): each old module's names still

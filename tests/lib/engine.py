@@ -210,3 +210,121 @@ class Raw(object):
 
     def close(self):
         self.s.close()
+
+
+# -- helpers the disk-type tests share (vhd, qcow2) ------------------------------------------
+def write_model(path, model):
+    """A raw file holding model (bytes): the reference a disk is compared with."""
+    with open(str(path), "wb") as f:
+        f.write(model)
+    return str(path)
+
+
+def disk_sha256(uri, root):
+    """sha256 of the whole disk at uri (nbdcopy to a file under root, then removed)."""
+    import hashlib
+    out = root / "copy.img"
+    run("nbdcopy", uri, out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+def create_refused(params):
+    """tap-ctl create of params fails with one line on stderr, which it returns."""
+    proc = tap_ctl("create", "-a", params, check=False)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def tapdisk_log():
+    """The host root's tapdisk log ("" when there is none)."""
+    from smtap import settings
+    try:
+        with open(settings.tapdisk_log_file(), errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def minor_freed(minor):
+    """minors.free(minor) succeeded (its tapdisk let it go)."""
+    from smtap.tapdisk import minors
+    try:
+        minors.free(minor)
+        return True
+    except OSError:
+        return False
+
+
+# fio jobs killed -9 mid-write: verify headers, a flush every 8 writes (%d: the seed)
+FIO_CRASH = ["--name=crash", "--ioengine=nbd", "--rw=randwrite", "--bsrange=4k-256k",
+             "--size=64M", "--iodepth=16", "--verify=crc32c", "--fsync=8",
+             "--randseed=%d", "--output-format=json"]
+
+
+def acknowledged_writes(log):
+    """{offset: length} of the writes a fio completion log holds (time, latency,
+    direction, length, offset, ...)."""
+    done = {}
+    if not os.path.exists(str(log)):        # none completed
+        return done
+    with open(str(log)) as f:
+        for line in f:
+            fields = [int(x) for x in line.split(",")[:5]]
+            if fields[2] == 1:
+                done[fields[4]] = fields[3]
+    return done
+
+
+class FuzzTapdisk(object):
+    """One real tapdisk that opens damaged images again and again (an anchor VBD keeps it
+    alive: a tapdisk exits with its last VBD), counting what it opened and refused."""
+
+    def __init__(self):
+        from smtap.tapdisk import control, minors
+        self.minors = minors
+        self.pid = control.spawn()
+        self.client = control.Client(self.pid, io_timeout=60)
+        self.anchor = minors.allocate()
+        self.client.attach(self.anchor)
+        self.opened = self.refused = 0
+
+    def try_open(self, params, flags, what, after_close=None):
+        """Open params: refused with one clear line naming its disk type or file, or
+        opened, read whole by nbdcopy, closed (then after_close()); the tapdisk still
+        answers after. True if it opened."""
+        from smtap import names
+        kind, _, path = params.partition(":")
+        minor = self.minors.allocate()
+        self.client.attach(minor)
+        try:
+            self.client.open(minor, params, flags)
+        except OSError as e:
+            message = e.strerror or ""
+            assert message and "\n" not in message and "Traceback" not in message, (what, e)
+            assert kind in message or path in message, (what, message)
+            self.refused += 1
+            ok = False
+        else:
+            self.opened += 1
+            run("nbdcopy", nbd_uri(names.nbd_path(self.pid, minor)), "null:", check=False,
+                timeout=60)
+            self.client.close(minor)
+            if after_close is not None:
+                after_close()
+            ok = True
+        self.client.detach(minor)
+        self.minors.free(minor)
+        assert [v["minor"] for v in self.client.list()] == [self.anchor], what   # answering
+        return ok
+
+    def finish(self):
+        """Alive, no traceback logged, and both outcomes seen."""
+        os.kill(self.pid, 0)
+        log = tapdisk_log()
+        assert "Traceback" not in log, log[-4000:]
+        print("corrupted images: %d opened, %d refused" % (self.opened, self.refused))
+        assert self.opened and self.refused, (self.opened, self.refused)

@@ -1,4 +1,4 @@
-"""The file SR on VHD: write into a VDI's image as a guest would (offline, through
+"""The file SR on VHD and qcow2: write into a VDI's image as a guest would (offline, through
 smtap.formats), read whole chains, look at the SR's tree, stop the GC at a phase, fill
 its file system."""
 import hashlib
@@ -7,20 +7,24 @@ import signal
 import time
 
 from lib.sizes import MiB
+from smtap.formats import qcow2 as Q
 from smtap.formats import vhd as V
 from smtap.sm import gcctl, testhooks, vhdchain
 
 
+COW_EXTS = (".vhd", ".qcow2")
+
+
 def vhd_write(path, pattern, offset, length):
-    """Guest writes into an unplugged VDI's leaf."""
-    with V.VHD(path, writable=True) as img:
+    """Guest writes into an unplugged VDI's leaf (a VHD or a qcow2 image)."""
+    with (Q.Image if path.endswith(".qcow2") else V.VHD)(path, writable=True) as img:
         img.write(bytes([pattern]) * length, offset)
 
 
 def chain_sha(path):
     """sha256 of what the VDI's chain reads, all of its virtual size."""
     h = hashlib.sha256()
-    with V.Chain(path) as chain:
+    with (Q.Chain if path.endswith(".qcow2") else V.Chain)(path) as chain:
         pos = 0
         while pos < chain.size:
             n = min(4 * MiB, chain.size - pos)
@@ -35,10 +39,11 @@ def vhd_tree(directory):
 
 
 def all_valid(directory):
-    """vhd-util check of every VHD of the directory: [(file, reason)] of the invalid."""
+    """vhd-util / qcow2-util check of every image of the directory: [(file, reason)] of
+    the invalid."""
     bad = []
     for name in sorted(os.listdir(directory)):
-        if name.endswith(".vhd"):
+        if name.endswith(COW_EXTS):
             why = vhdchain.check(os.path.join(directory, name))
             if why:
                 bad.append((name, why))
@@ -49,7 +54,7 @@ def leftovers(directory):
     """What is in the SR directory besides visible VDIs: hidden images, journals, temp."""
     hidden = [u for u, (_, h) in vhd_tree(directory).items() if h]
     other = [n for n in os.listdir(directory)
-             if not (n.endswith(".vhd") or n.endswith(".raw"))]
+             if not n.endswith(COW_EXTS + (".raw",))]
     return sorted(hidden + other)
 
 

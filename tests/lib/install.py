@@ -61,7 +61,7 @@ UPSTREAM_PATHS = (
     ["/opt/xensource/sm/" + n for n in UPSTREAM_SM_DRIVERS + UPSTREAM_SM_MODULES] +
     ["/etc/xapi.d/plugins/" + n for n in UPSTREAM_PLUGINS] +
     ["/usr/sbin/tap-ctl", "/usr/bin/vhd-util", "/usr/libexec/tapdisk", "/usr/bin/tapdisk",
-     "/usr/sbin/tapback", "/usr/bin/vhd-index", "/usr/sbin/td-util",
+     "/usr/sbin/tapback", "/usr/bin/vhd-index", "/usr/sbin/td-util", "/usr/bin/qemu-img",
      "/etc/logrotate.d/SMlog", "/etc/logrotate.d/blktap", "/var/log/SMlog",
      "/usr/lib/python3.6/site-packages/sm", "/usr/lib64/python3.6/site-packages/sm"])
 # Directories other packages own: we may put files in them, never own them.

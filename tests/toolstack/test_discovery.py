@@ -72,6 +72,7 @@ def test_sm_record_fields(host):
     assert sm["features"] == {"VDI_CREATE": "1", "ATOMIC_PAUSE": "1", "VDI_RESET_ON_BOOT": "2",
                               "VDI_ACTIVATE": "1", "VDI_DEACTIVATE": "1"}
     assert sm["configuration"] == {"path": "where it lives"}
+    assert sm["supported_image_formats"] == []   # not declared: the driver chooses
     assert sm["driver_filename"] == settings.host_path("/opt/xensource/sm/TestSR")
     uuid = sm["uuid"]
     host.restart()                       # same driver, same record

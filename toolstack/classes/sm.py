@@ -6,5 +6,5 @@ SM = ApiClass("SM", [
     Field("copyright"), Field("version"), Field("required_api_version"),
     Field("configuration", MAP), Field("capabilities", SET), Field("features", MAP),
     Field("other_config", MAP, setter=RW), Field("driver_filename"),
-    Field("required_cluster_stack", SET),
+    Field("required_cluster_stack", SET), Field("supported_image_formats", SET),
 ], by_name_label=True, needs_drivers=True)
