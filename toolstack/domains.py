@@ -380,7 +380,12 @@ def dead_tapdisk(store, vdi):
     if not parsed:
         return None
     pid = parsed[0]
-    return None if os.path.exists("/proc/%d" % pid) else pid
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"    # killed, not yet reaped
+    except OSError:
+        alive = False
+    return None if alive else pid
 
 
 # --- what the VM class asks ----------------------------------------------------------------
@@ -553,6 +558,9 @@ def _resync_vm(ctx, vm, rec, run):
         except qemu.QemuError as e:
             log.warning("VM %s: qemu %d does not answer (%s): killed", rec["uuid"], pid, e)
         else:
+            # the agent said it was ready to the previous toolstack: its metrics say so
+            gm = ctx.store.db.get("VM_guest_metrics", rec.get("guest_metrics") or "")
+            dom.agent_ready = bool(gm and gm.get("PV_drivers_detected"))
             ctx.ts.domains[vm] = dom
             dom.watch()
             log.info("VM %s: qemu %d still runs: watched again", rec["uuid"], pid)

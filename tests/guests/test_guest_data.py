@@ -1,0 +1,93 @@
+"""Guests writing and reading their disks: a VM with a ram VDI and a file-SR VDI makes
+file systems and writes data, powers off, starts again and verifies it; dom0 reads what
+the guest wrote; the SR driver saw XAPI's sequence for every VBD."""
+import os
+import re
+
+from e2e_helpers import sh
+
+WRITE = r"""
+set -e
+for m in a b; do
+    d=$(disk xvd$m)
+    mkfs.ext4 -q -F -L guest-$m $d
+    mkdir -p /mnt/$m && mount $d /mnt/$m
+    dd if=/dev/urandom of=/mnt/$m/data bs=1M count=6 2>/dev/null
+    echo "hello from the guest, disk $m" >/mnt/$m/hello
+    (cd /mnt/$m && sha256sum data hello >sums)
+    result sums-$m "$(sha256sum </mnt/$m/sums | cut -d' ' -f1)"
+    umount /mnt/$m
+done
+result written yes
+"""
+
+VERIFY = r"""
+set -e
+for m in a b; do
+    d=$(disk xvd$m)
+    e2fsck -f -n $d >/dev/null
+    mkdir -p /mnt/$m && mount -o ro $d /mnt/$m
+    (cd /mnt/$m && sha256sum -c sums >/dev/null)
+    result sums-$m "$(sha256sum </mnt/$m/sums | cut -d' ' -f1)"
+    umount /mnt/$m
+done
+result verified yes
+"""
+
+
+def sm_commands(guests, vm_start_mark):
+    """The SR driver commands the toolstack ran since a mark in its log, in order."""
+    with open(guests.log) as f:
+        text = f.read()[vm_start_mark:]
+    return re.findall(r"INFO (\w+)SR (\w+): exit 0", text)
+
+
+def test_a_guest_writes_powers_off_starts_again_and_verifies(guests, tmp_path):
+    ram = guests.sr_create("ram", size="192MiB")
+    files = guests.sr_create("file")
+    disk_a = guests.vdi_create(ram, "64MiB", name="ram-disk")
+    disk_b = guests.vdi_create(files, "64MiB", name="file-disk")
+    vm = guests.new_vm("writer", [disk_a, disk_b], WRITE)
+    assert guests.power_state(vm) == "halted"
+
+    mark = os.path.getsize(guests.log)
+    guests.xe_ok("vm-start", "uuid=" + vm)
+    assert guests.power_state(vm) == "running"
+    assert guests.xe_ok("vm-list", "uuid=" + vm, "params=dom-id", "--minimal") != "-1"
+    assert len(guests.qemus()) == 1 and len(guests.tapdisks()) == 2
+    devices = sorted(guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=device",
+                                  "--minimal").split(","))
+    assert devices == ["xvda", "xvdb"]
+    guests.wait_state(vm, "halted")
+    written = guests.results(vm)
+    assert written.get("written") == "yes", guests.console(vm)
+    assert "smtap-guest: script exit 0" in guests.console(vm)
+    # XAPI's sequence per VBD: epoch begin, attach, activate ... deactivate, detach, end
+    calls = sm_commands(guests, mark)
+    for driver in ("ram", "File"):
+        mine = [c for d, c in calls if d == driver and c.startswith("vdi_")]
+        assert mine == ["vdi_epoch_begin", "vdi_attach", "vdi_activate",
+                        "vdi_deactivate", "vdi_detach", "vdi_epoch_end"], (driver, calls)
+    assert guests.leftovers() == []                   # qemu and both tapdisks gone
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                        "--minimal") == "false,false"
+
+    guests.set_script(vm, VERIFY)                     # a second boot reads it all back
+    verified = guests.run_to_halt(vm)
+    assert verified.get("verified") == "yes", guests.console(vm)
+    assert verified["sums-a"] == written["sums-a"] and verified["sums-b"] == written["sums-b"]
+    assert guests.boots(vm) == 2 and guests.leftovers() == []
+
+    vbd, dev = guests.plug(disk_a, mode="RO")         # dom0 sees what the guest wrote
+    point = str(tmp_path / "a")
+    os.mkdir(point)
+    sh("mount", "-o", "ro", dev, point)
+    try:
+        assert sh("cat", os.path.join(point, "hello")) == "hello from the guest, disk a\n"
+        sh("sha256sum", "-c", "sums", cwd=point)
+    finally:
+        sh("umount", point)
+    guests.unplug(vbd)
+    guests.xe_ok("vm-uninstall", "uuid=" + vm, "--force")
+    assert guests.xe_ok("vdi-list", "sr-uuid=" + ram, "--minimal") == ""
+    assert guests.leftovers() == []

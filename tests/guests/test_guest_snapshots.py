@@ -1,0 +1,68 @@
+"""vm-snapshot of a running guest while it writes and verifies with fio: the SR driver
+snapshots each VDI with its tapdisk paused, fio sees no error, and a clone of the
+snapshot boots and finds only whole fio blocks on its disk."""
+import time
+
+FIO = ("fio --filename=$d --bs=4k --size=16M --ioengine=libaio --direct=1 --iodepth=8 "
+       "--verify=crc32c --output-format=terse")
+
+LIVE = r"""
+set -e
+d=$(disk xvda)
+%(fio)s --name=fill --rw=write --do_verify=0 >/dev/null
+result phase randwrite
+%(fio)s --name=live --rw=randwrite --verify_backlog=256 --verify_fatal=1 --time_based \
+    --runtime=20 >/run/fio.out 2>/run/fio.err || { cat /run/fio.err; result fio failed; exit 1; }
+result fio-errors "$(tail -1 /run/fio.out | cut -d';' -f5)"
+result fio-verified-kib "$(tail -1 /run/fio.out | cut -d';' -f6)"
+""" % {"fio": FIO}
+
+CHECK = r"""
+set -e
+d=$(disk xvda)
+%(fio)s --name=check --rw=read --verify_only=1 --verify_fatal=1 >/run/v.out 2>/run/v.err \
+    || { cat /run/v.err; result verify failed; exit 1; }
+result verify whole-blocks
+""" % {"fio": FIO}
+
+
+def test_snapshot_under_fio_verify_then_a_clone_boots_and_verifies(guests):
+    sr = guests.sr_create("ram", size="128MiB")
+    vdi = guests.vdi_create(sr, "16MiB")
+    vm = guests.new_vm("busy", [vdi], LIVE)
+    guests.xe_ok("vm-start", "uuid=" + vm)
+    guests.wait_console(vm, r"^smtap-result: phase=randwrite")
+    time.sleep(2)
+    snaps = []
+    for n in range(2):
+        snaps.append(guests.xe_ok("vm-snapshot", "uuid=" + vm, "new-name-label=snap%d" % n))
+        assert guests.power_state(vm) == "running"
+        time.sleep(3)
+    guests.wait_state(vm, "halted")
+    done = guests.results(vm)
+    assert done.get("fio-errors") == "0", guests.console(vm)
+    assert int(done["fio-verified-kib"]) > 0, done
+
+    assert sorted(guests.xe_ok("snapshot-list", "snapshot-of=" + vm, "--minimal").split(",")) \
+        == sorted(snaps)
+    snap = snaps[0]
+    assert guests.xe_ok("snapshot-param-get", "uuid=" + snap, "param-name=is-a-snapshot") \
+        == "true"
+    code, _ = guests.xe_fails("vm-start", "uuid=" + snap)
+    assert code == "VM_IS_SNAPSHOT"
+    snap_vdi = guests.xe_ok("vbd-list", "vm-uuid=" + snap, "params=vdi-uuid", "--minimal")
+    assert guests.xe_ok("vdi-param-get", "uuid=" + snap_vdi, "param-name=snapshot-of") == vdi
+
+    template = guests.xe_ok("snapshot-clone", "uuid=" + snap, "new-name-label=from-snap")
+    assert guests.xe_ok("template-list", "uuid=" + template, "--minimal") == template
+    guests.xe_ok("template-param-set", "uuid=" + template, "is-a-template=false")
+    guests.set_script(template, CHECK)
+    checked = guests.run_to_halt(template)
+    assert checked.get("verify") == "whole-blocks", guests.console(template)
+    assert guests.leftovers() == []
+
+    for s in snaps:
+        guests.xe_ok("snapshot-uninstall", "uuid=" + s, "--force")
+    guests.xe_ok("vm-uninstall", "uuid=" + template, "--force")
+    guests.xe_ok("vm-uninstall", "uuid=" + vm, "--force")
+    assert guests.xe_ok("vdi-list", "sr-uuid=" + sr, "--minimal") == ""

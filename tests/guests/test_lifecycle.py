@@ -1,0 +1,137 @@
+"""A guest's lifecycle as XAPI runs it: the template, power states and the operations
+each allows, hot plug and unplug through qemu's monitor (refused as XAPI refuses them),
+clean reboot (the guest's agent) and shutdown (the ACPI power button), qemu dying, and
+a toolstack restart finding its guests again."""
+import os
+import signal
+
+from smtap.toolstack import hostroot, templates
+
+# Waits for a second disk, writes to it, waits until it is unplugged, then idles.
+HOTPLUG = r"""
+d=$(disk xvdb 1800) || exit 1
+dd if=/dev/zero of=$d bs=64k count=16 oflag=direct 2>/dev/null && result wrote-xvdb yes
+gone xvdb 1800 && result unplugged yes
+sleep 3600
+"""
+
+
+def test_template_and_what_a_halted_vm_refuses(guests):
+    (tpl,) = guests.xe_ok("template-list", "name-label=" + templates.NAME,
+                          "--minimal").split(",")
+    assert guests.xe_ok("template-param-get", "uuid=" + tpl, "param-name=is-a-template") == "true"
+    kernel = guests.xe_ok("template-param-get", "uuid=" + tpl, "param-name=PV-kernel")
+    assert os.path.exists(kernel)
+    assert tpl not in guests.xe_ok("vm-list", "--minimal")     # vm-list shows VMs only
+    code, _ = guests.xe_fails("vm-start", "uuid=" + tpl)
+    assert code == "VM_IS_TEMPLATE"
+    code, _ = guests.xe_fails("vm-destroy", "uuid=" + tpl)       # a default template stays
+    assert code == "VM_IS_TEMPLATE"
+
+    vm = guests.xe_ok("vm-install", "template=" + templates.NAME, "new-name-label=vm1")
+    assert guests.xe_ok("vm-list", "name-label=vm1", "--minimal") == vm
+    assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=is-a-template") == "false"
+    ops = guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=allowed-operations")
+    assert "start" in ops and "clean_shutdown" not in ops
+    code, err = guests.xe_fails("vm-shutdown", "uuid=" + vm)
+    assert code == "VM_BAD_POWER_STATE" and "expected: Running" in err, err
+    sr = guests.sr_create("ram", size="64MiB")
+    vdi = guests.vdi_create(sr, "16MiB")
+    vbd = guests.xe_ok("vbd-create", "vm-uuid=" + vm, "vdi-uuid=" + vdi, "device=0")
+    code, err = guests.xe_fails("vbd-plug", "uuid=" + vbd)           # not running
+    assert code == "VM_BAD_POWER_STATE", err
+    guests.xe_ok("vm-destroy", "uuid=" + vm)
+    assert guests.xe_ok("vbd-list", "uuid=" + vbd, "--minimal") == ""
+    assert guests.xe_ok("vdi-list", "uuid=" + vdi, "--minimal") == vdi   # VDIs stay
+
+
+def test_hotplug_reboot_and_clean_shutdown(guests):
+    sr = guests.sr_create("ram", size="128MiB")
+    root_disk = guests.vdi_create(sr, "16MiB", name="root")
+    extra = guests.vdi_create(sr, "16MiB", name="extra")
+    vm = guests.new_vm("hot", [root_disk], HOTPLUG)
+    guests.xe_ok("vm-start", "uuid=" + vm)
+    code, _ = guests.xe_fails("vm-start", "uuid=" + vm)
+    assert code == "VM_BAD_POWER_STATE"
+    code, _ = guests.xe_fails("vm-destroy", "uuid=" + vm)
+    assert code == "VM_BAD_POWER_STATE"
+    vbd = guests.xe_ok("vbd-create", "vm-uuid=" + vm, "vdi-uuid=" + extra, "device=1")
+    code, _ = guests.xe_fails("vbd-plug", "uuid=" + vbd)     # the guest is still booting
+    assert code == "VM_MISSING_PV_DRIVERS"
+
+    guests.wait_agent(vm)
+    guests.xe_ok("vbd-plug", "uuid=" + vbd)                  # hot, through qemu's monitor
+    assert guests.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=device") == "xvdb"
+    code, _ = guests.xe_fails("vbd-plug", "uuid=" + vbd)
+    assert code == "DEVICE_ALREADY_ATTACHED"
+    guests.wait_console(vm, r"^smtap-result: wrote-xvdb=yes")
+    root_vbd = guests.xe_ok("vbd-list", "vdi-uuid=" + root_disk, "--minimal")
+    guests.xe_ok("vbd-param-set", "uuid=" + root_vbd, "unpluggable=false")
+    code, _ = guests.xe_fails("vbd-unplug", "uuid=" + root_vbd)
+    assert code == "VBD_NOT_UNPLUGGABLE"
+    guests.xe_ok("vbd-unplug", "uuid=" + vbd)                # the guest lets it go
+    guests.wait_console(vm, r"^smtap-result: unplugged=yes")
+    assert guests.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=currently-attached") \
+        == "false"
+    assert len(guests.tapdisks()) == 1                       # the extra VDI is detached
+    code, _ = guests.xe_fails("vbd-unplug", "uuid=" + vbd)
+    assert code == "DEVICE_ALREADY_DETACHED"
+
+    domid = guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id")
+    guests.xe_ok("vm-reboot", "uuid=" + vm)                  # asked through the agent
+    assert guests.power_state(vm) == "running" and guests.boots(vm) == 2
+    assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") == domid
+    # a reboot plugs every VBD, as a start does: the second disk is there at boot
+    guests.wait_console(vm, r"^smtap-result: wrote-xvdb=yes")
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                        "--minimal") == "true,true"
+    assert "smtap-guest: reboot" in guests.console(vm, -2)
+
+    guests.wait_agent(vm)
+    guests.xe_ok("vm-shutdown", "uuid=" + vm)                # the ACPI power button
+    assert guests.power_state(vm) == "halted"
+    assert "Power down" in guests.console(vm)
+    assert guests.leftovers() == []
+    assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") == "-1"
+
+
+def test_qemu_killed_halts_the_vm_and_unplugs_its_disks(guests):
+    sr = guests.sr_create("ram", size="64MiB")
+    vdi = guests.vdi_create(sr, "16MiB")
+    vm = guests.new_vm("victim", [vdi])                      # no script: it idles
+    guests.xe_ok("vm-start", "uuid=" + vm)
+    ((pid, _),) = guests.qemus()
+    os.kill(pid, signal.SIGKILL)
+    guests.wait_state(vm, "halted", timeout=60)
+    assert guests.leftovers() == []                          # its tapdisk went too
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                        "--minimal") == "false"
+    assert "qemu exited (killed)" in guests.console(vm)
+
+
+def test_a_toolstack_restart_finds_its_guests_again(guests, monkeypatch):
+    sr = guests.sr_create("ram", size="64MiB")
+    vdi = guests.vdi_create(sr, "16MiB")
+    vm = guests.new_vm("survivor", [vdi])
+    guests.xe_ok("vm-start", "uuid=" + vm)
+    guests.wait_agent(vm)
+    ((pid, _),) = guests.qemus()
+    tapdisks = guests.tapdisks()
+
+    guests.stop(signal.SIGKILL)                              # the toolstack dies, not qemu
+    guests.start()
+    assert guests.power_state(vm) == "running"
+    assert [p for p, _ in guests.qemus()] == [pid] and guests.tapdisks() == tapdisks
+    guests.xe_ok("vm-reboot", "uuid=" + vm)                  # its agent is still heard
+    assert guests.power_state(vm) == "running" and guests.boots(vm) == 2
+    assert "smtap-guest: reboot" in guests.console(vm, -2)
+
+    ((pid, _),) = guests.qemus()
+    guests.stop(signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)                             # qemu dies while it is down
+    assert hostroot.wait_dead(pid)
+    guests.start()
+    guests.wait_state(vm, "halted", timeout=60)              # the start-up resync
+    assert guests.leftovers() == []
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                        "--minimal") == "false"
