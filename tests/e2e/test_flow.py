@@ -6,15 +6,13 @@ import re
 
 import pytest
 
-from lib.checkout import TOP, VENV_PYTHON
+from lib.demo import STEP, run_demo, steps
 from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
 from lib.sizes import MiB
 from lib.toolstack import traces
 from smtap.sm import gcctl
 from smtap.toolstack import hostroot
-
-STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
 
 
 @pytest.mark.parametrize("sr_type", ["ram", "file"])
@@ -83,20 +81,6 @@ def test_flow(e2e, mnt, sr_type):
     assert hostroot.mounts_under(e2e.root) == []            # the ram SR's tmpfs too
     e2e.stop()
     assert hostroot.leftovers(e2e.root) == []
-
-
-def run_demo(*args):
-    env = {k: v for k, v in os.environ.items() if k != "SMTAP_ROOT"}
-    proc = run(VENV_PYTHON, "-m", "smtap.toolstack.demo", *args, check=False, cwd=TOP, env=env,
-               timeout=300)
-    m = re.match(r"smtap demo: .+ on the local toolstack, root (\S+)\n", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    return proc, m.group(1)
-
-
-def steps(output):
-    return [(m.group("what"), m.group("status")) for m in map(STEP.match, output.splitlines())
-            if m]
 
 
 def test_make_demo_module(tmp_path):

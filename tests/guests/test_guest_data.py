@@ -4,7 +4,11 @@ the guest wrote; the SR driver saw XAPI's sequence for every VBD."""
 import os
 import re
 
-from e2e_helpers import sh
+import pytest
+
+from lib.procs import sh
+
+pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
 
 WRITE = r"""
 set -e

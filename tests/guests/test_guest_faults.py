@@ -5,7 +5,11 @@ again."""
 import os
 import signal
 
+import pytest
+
 from smtap.toolstack import hostroot
+
+pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
 
 WRITER = r"""
 d=$(disk xvda)

@@ -3,6 +3,10 @@ snapshots each VDI with its tapdisk paused, fio sees no error, and a clone of th
 snapshot boots and finds only whole fio blocks on its disk."""
 import time
 
+import pytest
+
+pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
+
 FIO = ("fio --filename=$d --bs=4k --size=16M --ioengine=libaio --direct=1 --iodepth=8 "
        "--verify=crc32c --output-format=terse")
 

@@ -5,7 +5,11 @@ a toolstack restart finding its guests again."""
 import os
 import signal
 
+import pytest
+
 from smtap.toolstack import hostroot, templates
+
+pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
 
 # Waits for a second disk, writes to it, waits until it is unplugged, then idles.
 HOTPLUG = r"""
