@@ -44,6 +44,25 @@ def test_template_and_what_a_halted_vm_refuses(guests):
     vbd = guests.xe_ok("vbd-create", "vm-uuid=" + vm, "vdi-uuid=" + vdi, "device=0")
     code, err = guests.xe_fails("vbd-plug", "uuid=" + vbd)           # not running
     assert code == "VM_BAD_POWER_STATE", err
+
+    pattern = os.urandom(1 << 20)                   # what the copies must hold
+    dom0_vbd, dev = guests.plug(vdi)
+    with open(dev, "r+b") as f:
+        f.write(pattern)
+    guests.unplug(dom0_vbd)
+    clone = guests.xe_ok("vm-clone", "uuid=" + vm, "new-name-label=vm-clone")
+    copy = guests.xe_ok("vm-copy", "uuid=" + vm, "new-name-label=vm-copy", "sr-uuid=" + sr)
+    for new in (clone, copy):
+        assert guests.power_state(new) == "halted"
+        assert guests.xe_ok("vm-param-get", "uuid=" + new, "param-name=is-a-template") \
+            == "false"
+        new_vdi = guests.xe_ok("vbd-list", "vm-uuid=" + new, "params=vdi-uuid", "--minimal")
+        assert new_vdi and new_vdi != vdi
+        dom0_vbd, dev = guests.plug(new_vdi, mode="RO")
+        with open(dev, "rb") as f:
+            assert f.read(len(pattern)) == pattern
+        guests.unplug(dom0_vbd)
+        guests.xe_ok("vm-uninstall", "uuid=" + new, "--force")
     guests.xe_ok("vm-destroy", "uuid=" + vm)
     assert guests.xe_ok("vbd-list", "uuid=" + vbd, "--minimal") == ""
     assert guests.xe_ok("vdi-list", "uuid=" + vdi, "--minimal") == vdi   # VDIs stay
