@@ -133,8 +133,9 @@ vermin: build
 test: build
 	$(VENV)/bin/pytest -q tests
 
+# DEMO=--guest: boot a guest too (README "Demo").
 demo: build
-	$(VPY) -m smtap.toolstack.demo
+	$(VPY) -m smtap.toolstack.demo $(DEMO)
 
 bench: build
 	$(VPY) bench/engine.py
