@@ -89,10 +89,19 @@ def epoch(ctx, vbd, command):
         log.warning("%s of %s: %s", command, vdi, e)
 
 
-def _free_domid(ctx, vm):
-    used = set(rec["domid"] for ref, rec in ctx.store.all("VM")
-               if ref != vm and rec["power_state"] in (RUNNING, PAUSED))
-    return min(n for n in range(1, len(used) + 2) if n not in used)
+def _claim_domid(ctx, vm):
+    """The lowest domid no other domain has (running, or journalled while it starts or
+    stops), recorded in this VM's journal at once: two starts never share one."""
+    with ctx.ts.lock("domids"):
+        used = set()
+        for ref, rec in ctx.store.all("VM"):
+            if ref != vm and rec["power_state"] in (RUNNING, PAUSED):
+                used.add(rec["domid"])
+            if ref != vm and (rec.get("run") or {}).get("domid"):
+                used.add(rec["run"]["domid"])
+        domid = min(n for n in range(1, len(used) + 2) if n not in used)
+        ctx.store.update("VM", vm, {"run": {"state": STARTING, "domid": domid}})
+        return domid
 
 
 def _fw_cfg(paths, xenstore_data):
@@ -137,16 +146,16 @@ def start(ctx, vm, paused=False):
     try:
         for vbd in disk_vbds(ctx, vm):
             epoch(ctx, vbd, "vdi_epoch_begin")
+            plugged.append(vbd)                # from here its epoch is ended on a failure
             vbd_module.connect(ctx, vbd, dom0=False)
-            plugged.append(vbd)
             store.update("VBD", vbd, {"device": device_name(
-                store.get("VBD", vbd)["userdevice"])})
+                store.get("VBD", vbd)["userdevice"]), "status_code": 0, "status_detail": ""})
         disks = [disk_of(ctx, vbd) for vbd in plugged]
         shutil.rmtree(paths.dir, ignore_errors=True)
         os.makedirs(paths.dir)
         argv = qemu.command_line(rec, paths, disks, _fw_cfg(paths, rec["xenstore_data"]),
                                  qemu.accelerator())
-        domid = _free_domid(ctx, vm)
+        domid = _claim_domid(ctx, vm)
         _console_mark(paths, "start, domid %d" % domid)
         pid = qemu.launch(argv, paths)
         store.update("VM", vm, {"run": {"state": STARTING, "pid": pid, "domid": domid}})

@@ -2,7 +2,6 @@
 file systems and writes data, powers off, starts again and verifies it; dom0 reads what
 the guest wrote; the SR driver saw XAPI's sequence for every VBD."""
 import os
-import re
 
 import pytest
 
@@ -39,13 +38,6 @@ result verified yes
 """
 
 
-def sm_commands(guests, vm_start_mark):
-    """The SR driver commands the toolstack ran since a mark in its log, in order."""
-    with open(guests.log) as f:
-        text = f.read()[vm_start_mark:]
-    return re.findall(r"INFO (\w+)SR (\w+): exit 0", text)
-
-
 def test_a_guest_writes_powers_off_starts_again_and_verifies(guests, tmp_path):
     ram = guests.sr_create("ram", size="192MiB")
     files = guests.sr_create("file")
@@ -67,7 +59,7 @@ def test_a_guest_writes_powers_off_starts_again_and_verifies(guests, tmp_path):
     assert written.get("written") == "yes", guests.console(vm)
     assert "smtap-guest: script exit 0" in guests.console(vm)
     # XAPI's sequence per VBD: epoch begin, attach, activate ... deactivate, detach, end
-    calls = sm_commands(guests, mark)
+    calls = guests.sm_commands(mark)
     for driver in ("ram", "File"):
         mine = [c for d, c in calls if d == driver and c.startswith("vdi_")]
         assert mine == ["vdi_epoch_begin", "vdi_attach", "vdi_activate",

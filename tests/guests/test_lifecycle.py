@@ -2,6 +2,7 @@
 each allows, hot plug and unplug through qemu's monitor (refused as XAPI refuses them),
 clean reboot (the guest's agent) and shutdown (the ACPI power button), qemu dying, and
 a toolstack restart finding its guests again."""
+import glob
 import os
 import signal
 
@@ -158,3 +159,46 @@ def test_a_toolstack_restart_finds_its_guests_again(guests, monkeypatch):
     assert guests.leftovers() == []
     assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
                         "--minimal") == "false"
+
+
+def test_a_start_that_fails_undoes_everything(guests):
+    """Two starts that fail, each undone whole (the VM Halted with no domid, no VBD
+    attached, every epoch begun ended, no process left): a disk whose file is gone (its
+    vdi_attach fails once the ram disk is plugged), a disk whose driver serves no data
+    (DummySR's params_nbd names no socket: qemu refuses it)."""
+    ram = guests.sr_create("ram", size="64MiB")
+    files = guests.sr_create("file")
+    good = guests.vdi_create(ram, "16MiB")
+    lost = guests.vdi_create(files, "16MiB")
+    (image,) = glob.glob(os.path.join(guests.root, "srv", "files", lost + ".*"))
+    os.unlink(image)
+    vm = guests.new_vm("doomed", [good, lost])
+
+    def undone():
+        assert guests.power_state(vm) == "halted"
+        assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") == "-1"
+        assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                            "--minimal") == "false,false"
+        assert guests.leftovers() == []                            # the ram VDI's tapdisk too
+
+    mark = os.path.getsize(guests.log)
+    code, err = guests.xe_fails("vm-start", "uuid=" + vm)
+    assert code == "VDI_MISSING" and lost in err, (code, err)
+    undone()
+    calls = guests.sm_commands(mark, failed=True)
+    ram_calls = [c for d, c in calls if d == "ram" and c.startswith("vdi_")]
+    file_calls = [c for d, c in calls if d == "File" and c.startswith("vdi_")]
+    assert ram_calls == ["vdi_epoch_begin", "vdi_attach", "vdi_activate",
+                         "vdi_deactivate", "vdi_detach", "vdi_epoch_end"], calls
+    assert file_calls[0] == "vdi_epoch_begin" and file_calls[-1] == "vdi_epoch_end", calls
+    assert "vdi_activate" not in file_calls, calls
+
+    dummy = guests.xe_ok("sr-create", "type=dummy", "name-label=nothing", "physical-size=1GiB")
+    bad = guests.vdi_create(dummy, "16MiB")
+    guests.xe_ok("vbd-destroy", "uuid=" + guests.xe_ok(
+        "vbd-list", "vm-uuid=" + vm, "vdi-uuid=" + lost, "--minimal"))
+    guests.xe_ok("vbd-create", "vm-uuid=" + vm, "vdi-uuid=" + bad, "device=1")
+    code, err = guests.xe_fails("vm-start", "uuid=" + vm)
+    assert code == "FAILED_TO_START_EMULATOR", err
+    assert "xvdb" in err or "nbd" in err.lower(), err              # qemu's own words
+    undone()

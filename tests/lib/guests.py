@@ -95,6 +95,13 @@ class GuestHost(E2EHost):
         self.wait_state(vm, "halted", timeout)
         return self.results(vm)
 
+    def sm_commands(self, mark, failed=False):
+        """The SR driver commands the toolstack ran since a mark (an offset) in its log,
+        in order: (driver, command), those that failed too if asked."""
+        with open(self.log) as f:
+            text = f.read()[mark:]
+        return re.findall(r"INFO (\w+)SR (\w+): exit %s" % (r"\d+" if failed else "0"), text)
+
     def qemus(self):
         return [p for p in hostroot.processes_under(self.root) if qemu.QEMU in p[1]]
 
