@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from lib import guests
 from lib.demo import STEP, run_demo, steps
 from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
@@ -84,7 +85,10 @@ def test_flow(e2e, mnt, sr_type):
 
 
 def test_make_demo_module(tmp_path):
-    proc, root = run_demo()
+    """The demo as `make demo` runs it; with --guest where a guest can boot (the guest
+    steps are checked then; one demo run serves both)."""
+    guest = guests.why_not() is None
+    proc, root = run_demo(*(["--guest"] if guest else []), timeout=500 if guest else 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""                                    # quiet but for its steps
     done = steps(proc.stdout)
@@ -97,6 +101,12 @@ def test_make_demo_module(tmp_path):
                      "CLONE=$(xe vdi-clone uuid=$SNAP)", "read the clone's files",
                      "smtap-gc -u $SR -g", "one VHD, no base copy left", "nothing left behind"):
         assert any(expected in n for n in names), (expected, proc.stdout)
+    if guest:
+        for expected in ("VM=$(xe vm-install template=smtap-guest", "xe vm-start uuid=$VM",
+                         "the guest boots, writes, reads back and powers off",
+                         "xe vm-uninstall uuid=$VM --force"):
+            assert any(expected in n for n in names), (expected, proc.stdout)
+        assert "-> sha256 " in proc.stdout and " match" in proc.stdout
     others = [l for l in proc.stdout.splitlines()[1:] if not STEP.match(l)]
     assert len(others) == 1 and re.match(r"smtap demo: ok: \d+ steps in [\d.]+ s$", others[0])
     assert not os.path.exists(root)

@@ -22,7 +22,7 @@ LIVE = FIO + r"""
 set -e
 fio_all --rw=write --do_verify=0 >/dev/null
 result phase randwrite
-fio_all --rw=randwrite --verify_backlog=256 --verify_fatal=1 --time_based --runtime=20 \
+fio_all --rw=randwrite --verify_backlog=256 --verify_fatal=1 --time_based --runtime=10 \
     >/run/fio.out 2>/run/fio.err || { cat /run/fio.err; result fio failed; exit 1; }
 result fio-jobs "$(wc -l </run/fio.out)"
 result fio-errors "$(cut -d';' -f5 /run/fio.out | sort -u | tr '\n' ' ')"
@@ -50,12 +50,12 @@ def test_snapshot_under_fio_verify_then_a_clone_boots_and_verifies(guests):
     vm = guests.new_vm("busy", disks, LIVE)
     guests.xe_ok("vm-start", "uuid=" + vm)
     guests.wait_console(vm, r"^smtap-result: phase=randwrite")
-    time.sleep(2)
+    time.sleep(1)
     snaps = []
     for n in range(2):
         snaps.append(guests.xe_ok("vm-snapshot", "uuid=" + vm, "new-name-label=snap%d" % n))
         assert guests.power_state(vm) == "running"
-        time.sleep(3)
+        time.sleep(2)
     guests.wait_state(vm, "halted")
     done = guests.results(vm)
     assert done.get("fio-jobs") == str(len(disks)), guests.console(vm)

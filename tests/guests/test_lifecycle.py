@@ -1,7 +1,10 @@
 """A guest's lifecycle as XAPI runs it: the template, power states and the operations
 each allows, hot plug and unplug through qemu's monitor (refused as XAPI refuses them),
-clean reboot (the guest's agent) and shutdown (the ACPI power button), qemu dying, and
-a toolstack restart finding its guests again."""
+a toolstack restart finding its guests again, clean reboot (the guest's agent), kill -9
+of a tapdisk under a running guest and vm-shutdown --force, qemu dying (with the
+toolstack up or down), concurrent starts, and starts that fail. Guests boot only where a
+test needs one: each boot costs 5-10 s under TCG."""
+import concurrent.futures
 import glob
 import os
 import signal
@@ -17,6 +20,24 @@ HOTPLUG = r"""
 d=$(disk xvdb 1800) || exit 1
 dd if=/dev/zero of=$d bs=64k count=16 oflag=direct 2>/dev/null && result wrote-xvdb yes
 gone xvdb 1800 && result unplugged yes
+sleep 3600
+"""
+
+# The boot after the reboot: writes to its second disk until the writes fail.
+WRITER = r"""
+d=$(disk xvdb) || exit 1
+result booted-with xvdb
+i=0
+while :; do
+    if dd if=/dev/urandom of=$d bs=4k count=1 seek=$((i % 512)) oflag=direct conv=notrunc 2>/dev/null
+    then
+        [ $i -eq 20 ] && result writing yes
+    else
+        result io-error "write $i"
+        break
+    fi
+    i=$((i + 1))
+done
 sleep 3600
 """
 
@@ -69,7 +90,12 @@ def test_template_and_what_a_halted_vm_refuses(guests):
     assert guests.xe_ok("vdi-list", "uuid=" + vdi, "--minimal") == vdi   # VDIs stay
 
 
-def test_hotplug_reboot_and_clean_shutdown(guests):
+def test_hotplug_a_toolstack_restart_reboot_and_a_tapdisk_killed(guests):
+    """One guest through it all: hot plug (refused while it boots), a toolstack killed
+    and restarted finding it again (same qemu, same tapdisks, its monitor and agent
+    heard), hot unplug, a reboot through the agent that plugs every VBD as a start does,
+    kill -9 of the tapdisk under a disk the guest writes to, vm-shutdown --force. (The
+    clean shutdown is test_guest_data's.)"""
     sr = guests.sr_create("ram", size="128MiB")
     root_disk = guests.vdi_create(sr, "16MiB", name="root")
     extra = guests.vdi_create(sr, "16MiB", name="extra")
@@ -89,6 +115,15 @@ def test_hotplug_reboot_and_clean_shutdown(guests):
     code, _ = guests.xe_fails("vbd-plug", "uuid=" + vbd)
     assert code == "DEVICE_ALREADY_ATTACHED"
     guests.wait_console(vm, r"^smtap-result: wrote-xvdb=yes")
+
+    ((pid, _),) = guests.qemus()
+    tapdisks = guests.tapdisks()
+    assert len(tapdisks) == 2
+    guests.stop(signal.SIGKILL)                              # the toolstack dies, not qemu
+    guests.start()
+    assert guests.power_state(vm) == "running"
+    assert [p for p, _ in guests.qemus()] == [pid] and guests.tapdisks() == tapdisks
+
     root_vbd = guests.xe_ok("vbd-list", "vdi-uuid=" + root_disk, "--minimal")
     guests.xe_ok("vbd-param-set", "uuid=" + root_vbd, "unpluggable=false")
     code, _ = guests.xe_fails("vbd-unplug", "uuid=" + root_vbd)
@@ -102,62 +137,71 @@ def test_hotplug_reboot_and_clean_shutdown(guests):
     assert code == "DEVICE_ALREADY_DETACHED"
 
     domid = guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id")
+    guests.set_script(vm, WRITER)                            # the next boot's
     guests.xe_ok("vm-reboot", "uuid=" + vm)                  # asked through the agent
     assert guests.power_state(vm) == "running" and guests.boots(vm) == 2
     assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") == domid
+    assert "smtap-guest: reboot" in guests.console(vm, -2)
     # a reboot plugs every VBD, as a start does: the second disk is there at boot
-    guests.wait_console(vm, r"^smtap-result: wrote-xvdb=yes")
     assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
                         "--minimal") == "true,true"
-    assert "smtap-guest: reboot" in guests.console(vm, -2)
+    guests.wait_console(vm, r"^smtap-result: booted-with=xvdb")
 
-    guests.wait_agent(vm)
-    guests.xe_ok("vm-shutdown", "uuid=" + vm)                # the ACPI power button
+    # kill -9 of the tapdisk under the running guest: I/O errors in the guest (not a
+    # hang), the VBD says what happened, the guest goes on; a forced shutdown cleans up
+    guests.wait_console(vm, r"^smtap-result: writing=yes")
+    pid = guests.tapdisk_pid(sr, extra)
+    os.kill(pid, signal.SIGKILL)
+    assert hostroot.wait_dead(pid)
+    guests.wait_console(vm, r"^smtap-result: io-error=write \d+", timeout=60)
+    assert "I/O error" in guests.console(vm)               # the guest kernel's own words
+    detail = guests.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=status-detail")
+    assert "tapdisk %d serving VDI %s is gone" % (pid, extra) in detail, detail
+    assert guests.xe_ok("vbd-param-get", "uuid=" + vbd, "param-name=status-code") == "5"
+    assert guests.xe_ok("vbd-param-get", "uuid=" + root_vbd, "param-name=status-code") == "0"
+    assert guests.power_state(vm) == "running"
+
+    guests.xe_ok("vm-shutdown", "uuid=" + vm, "--force")
     assert guests.power_state(vm) == "halted"
-    assert "Power down" in guests.console(vm)
-    assert guests.leftovers() == []
     assert guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") == "-1"
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+                        "--minimal") == "false,false"
+    assert guests.leftovers() == []                          # no qemu, tapdisk, socket, link
+    dom0_vbd, dev = guests.plug(extra)                       # the VDI is usable again
+    guests.unplug(dom0_vbd)
+    assert guests.leftovers() == []
 
 
-def test_qemu_killed_halts_the_vm_and_unplugs_its_disks(guests):
+def test_qemu_deaths_and_concurrent_starts(guests):
+    """qemu killed: the VM Halted, its disks unplugged; killed while the toolstack is
+    down: the start-up resync does the same. Two VMs started at once get two domids.
+    (No boot is waited for: qemu's death is what is tried.)"""
     sr = guests.sr_create("ram", size="64MiB")
-    vdi = guests.vdi_create(sr, "16MiB")
-    vm = guests.new_vm("victim", [vdi])                      # no script: it idles
-    guests.xe_ok("vm-start", "uuid=" + vm)
-    ((pid, _),) = guests.qemus()
+    vms = [guests.new_vm("victim%d" % n, [guests.vdi_create(sr, "16MiB")]) for n in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:   # no script: they idle
+        for started in [pool.submit(guests.xe_ok, "vm-start", "uuid=" + vm) for vm in vms]:
+            started.result()
+    domids = [guests.xe_ok("vm-param-get", "uuid=" + vm, "param-name=dom-id") for vm in vms]
+    assert sorted(domids) == ["1", "2"], domids
+    assert len(guests.qemus()) == 2 and len(guests.tapdisks()) == 2
+
+    vm, other = vms
+    pid = [p for p, cmd in guests.qemus() if vm in cmd][0]
     os.kill(pid, signal.SIGKILL)
     guests.wait_state(vm, "halted", timeout=60)
-    assert guests.leftovers() == []                          # its tapdisk went too
+    assert "qemu exited (killed)" in guests.console(vm)
     assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
                         "--minimal") == "false"
-    assert "qemu exited (killed)" in guests.console(vm)
-
-
-def test_a_toolstack_restart_finds_its_guests_again(guests, monkeypatch):
-    sr = guests.sr_create("ram", size="64MiB")
-    vdi = guests.vdi_create(sr, "16MiB")
-    vm = guests.new_vm("survivor", [vdi])
-    guests.xe_ok("vm-start", "uuid=" + vm)
-    guests.wait_agent(vm)
-    ((pid, _),) = guests.qemus()
-    tapdisks = guests.tapdisks()
-
-    guests.stop(signal.SIGKILL)                              # the toolstack dies, not qemu
-    guests.start()
-    assert guests.power_state(vm) == "running"
-    assert [p for p, _ in guests.qemus()] == [pid] and guests.tapdisks() == tapdisks
-    guests.xe_ok("vm-reboot", "uuid=" + vm)                  # its agent is still heard
-    assert guests.power_state(vm) == "running" and guests.boots(vm) == 2
-    assert "smtap-guest: reboot" in guests.console(vm, -2)
+    assert len(guests.qemus()) == 1 and len(guests.tapdisks()) == 1  # its tapdisk went
 
     ((pid, _),) = guests.qemus()
     guests.stop(signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)                             # qemu dies while it is down
     assert hostroot.wait_dead(pid)
     guests.start()
-    guests.wait_state(vm, "halted", timeout=60)              # the start-up resync
+    guests.wait_state(other, "halted", timeout=60)           # the start-up resync
     assert guests.leftovers() == []
-    assert guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=currently-attached",
+    assert guests.xe_ok("vbd-list", "vm-uuid=" + other, "params=currently-attached",
                         "--minimal") == "false"
 
 

@@ -75,12 +75,24 @@ def up_to_date(out):
 
 
 # --- the kernel package ------------------------------------------------------------------
+def candidate(package):
+    """The version apt would fetch of package, or None (no list names it)."""
+    out = run(["apt-cache", "policy", package])
+    m = re.search(r"^\s*Candidate: (\S+)", out, re.M)
+    return m.group(1) if m and m.group(1) != "(none)" else None
+
+
 def download(cache, package):
     """The .deb of `package` in the cache, fetched by apt-get download if missing."""
     os.makedirs(cache, exist_ok=True)
-    version = run(["apt-cache", "policy", package]).split("Candidate:", 1)[1].split()[0]
-    if version == "(none)":
-        raise SystemExit("guest: apt knows no package %s (apt-get update?)" % package)
+    version = candidate(package)
+    if not version:
+        # a fresh container ships no package lists: fetch them once
+        log("apt knows no %s: apt-get update" % package)
+        subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
+        version = candidate(package)
+    if not version:
+        raise SystemExit("guest: apt knows no package %s (its sources?)" % package)
     name = "%s_%s_amd64.deb" % (package, version.replace(":", "%3a"))
     path = os.path.join(cache, name)
     if not os.path.exists(path):
