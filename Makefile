@@ -185,7 +185,7 @@ install:
 		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -c 'from smtap import xapiconf; xapiconf.simulate_stock_host()' && \
 		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null; \
 	fi
-	@# The dev toolstack's guest image: a link to the checkout's (it is 100 MiB).
+	@# The dev toolstack's guest image: a link to the checkout's (it is 25 MiB).
 	@if case " $(LIB_PACKAGES) " in *" toolstack "*) true;; *) false;; esac && [ -d $(GUEST_DIR) ]; then \
 		install -d $(DESTDIR)$(PREFIX)/share && ln -sfn $(GUEST_DIR) $(DESTDIR)$(PREFIX)/share/guest; \
 	fi

@@ -1,4 +1,4 @@
-"""Guests writing and reading their disks: a VM with a ram VDI and a file-SR VDI makes
+"""Guests writing and reading their disks: a VM with a ram VDI and a file-SR VHD VDI makes
 file systems and writes data, powers off, starts again and verifies it; dom0 reads what
 the guest wrote; the SR driver saw XAPI's sequence for every VBD."""
 import os
@@ -45,6 +45,7 @@ def test_a_guest_writes_powers_off_starts_again_and_verifies(guests, tmp_path):
     files = guests.sr_create("file")
     disk_a = guests.vdi_create(ram, "32MiB", name="ram-disk")
     disk_b = guests.vdi_create(files, "32MiB", name="file-disk")
+    assert os.path.exists(os.path.join(guests.root, "srv", "files", disk_b + ".vhd"))
     vm = guests.new_vm("writer", [disk_a, disk_b], WRITE)
     assert guests.power_state(vm) == "halted"
 

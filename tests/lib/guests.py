@@ -8,11 +8,13 @@ import time
 
 from lib.checkout import TOP
 from lib.toolstack import E2EHost
+from smtap.sm import gcctl
 from smtap.toolstack import hostroot, qemu, templates
 
 GUEST_IMAGE = os.path.join(TOP, "build", "guest", "manifest.json")
 BOOT_TIMEOUT = 180          # under TCG on a loaded 2-core machine a boot takes 5-20 s
 BOOT_MARK = "--- smtap: start"
+GC_WAIT = 60
 
 
 class GuestHost(E2EHost):
@@ -107,7 +109,11 @@ class GuestHost(E2EHost):
 
     def leftovers(self):
         """What guests and their disks left: processes but the toolstack, runtime
-        sockets and links, the VMs' runtime files."""
+        sockets and links, the VMs' runtime files. A file SR's garbage collector (its
+        SR's, started by attach, snapshot, delete) is waited for first."""
+        for sr in self.xe_ok("sr-list", "type=file", "--minimal").split(","):
+            if sr:
+                gcctl.wait_idle(sr, GC_WAIT)
         xapi = self.proc.pid if self.proc else None
         found = ["process %d: %s" % p for p in hostroot.processes_under(self.root)
                  if p[0] != xapi]
