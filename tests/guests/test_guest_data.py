@@ -6,6 +6,7 @@ import os
 import pytest
 
 from lib.procs import sh
+from smtap.toolstack import qemu
 
 pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
 
@@ -52,8 +53,16 @@ def test_a_guest_writes_powers_off_starts_again_and_verifies(guests, tmp_path):
     mark = os.path.getsize(guests.log)
     guests.xe_ok("vm-start", "uuid=" + vm)
     assert guests.power_state(vm) == "running"
+    assert guests.xe_ok("vm-list", "uuid=" + vm, "params=power-state", "--minimal") \
+        == "running"
     assert guests.xe_ok("vm-list", "uuid=" + vm, "params=dom-id", "--minimal") != "-1"
-    assert len(guests.qemus()) == 1 and len(guests.tapdisks()) == 2
+    ((_, cmdline),) = guests.qemus()
+    assert len(guests.tapdisks()) == 2
+    # each disk virtio-blk on its VDI's NBD export, cache=none; KVM where it runs a stock
+    # kernel (on a kvm_pvm host, as here, TCG: qemu.accelerator)
+    assert cmdline.count("virtio-blk-pci") == 2 and cmdline.count('"driver": "nbd"') == 2
+    assert cmdline.count('"cache": {"direct": true, "no-flush": false}') == 4, cmdline
+    assert "accel=%s" % qemu.accelerator() in cmdline
     devices = sorted(guests.xe_ok("vbd-list", "vm-uuid=" + vm, "params=device",
                                   "--minimal").split(","))
     assert devices == ["xvda", "xvdb"]
