@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from smtap import settings
+from smtap import settings, units
 from smtap.toolstack.hostroot import (cleanup, leftovers, loops_under, mounts_under,
                                       processes_under, short_root, wait_for_socket)
 
@@ -463,7 +463,9 @@ class Demo(object):
         return "sha256 %s match%s" % (results["written"], "; " + up[0][13:32] if up else "")
 
     def guest_unplugged(self, vbd):
-        if self.xe("vbd-param-get", "uuid=" + vbd, "param-name=currently-attached") != "false":
+        if units.parse_bool(self.xe("vbd-param-get", "uuid=" + vbd,
+                                    "param-name=currently-attached"),
+                            "currently-attached", units.XAPI_BOOL):
             raise RuntimeError("the guest's VBD is still attached")
         return "false"
 

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 
-from smtap import names
+from smtap import names, units
 from smtap.toolstack import dom0_device, errors, qemu, smapi
 from smtap.toolstack.classes import vbd as vbd_module
 from smtap.toolstack.context import Context
@@ -70,7 +70,7 @@ def disk_of(ctx, vbd):
         raise ApiError(errors.FAILED_TO_START_EMULATOR, rec["VM"], "qemu",
                        "VDI %s has no NBD export (params_nbd %r)"
                        % (rec["VDI"], info.get("params_nbd", "")))
-    read_only = rec["mode"] == "RO" or info.get("writable") == "false"
+    read_only = rec["mode"] == "RO" or units.flag(info.get("writable")) is False
     # the link's target: the link's own path under a long root may not fit sun_path
     return {"id": device_name(rec["userdevice"]), "socket": os.path.realpath(path),
             "export": export, "read_only": read_only}
@@ -475,10 +475,10 @@ def _assert_hotpluggable(ctx, vbd, rec, vm, vm_rec, op):
                            % (vm, vm_op))
     if vm_rec.get("domain_type") == "hvm":
         gm = ctx.store.db.get("VM_guest_metrics", vm_rec.get("guest_metrics") or "")
-        if gm is None or (gm.get("can_use_hotplug_vbd") != "yes"
-                          and not gm.get("PV_drivers_detected")):
+        hotplug = units.flag(gm.get("can_use_hotplug_vbd"), units.YES_NO) if gm else None
+        if gm is None or (hotplug is not True and not gm.get("PV_drivers_detected")):
             raise ApiError(errors.VM_MISSING_PV_DRIVERS, vm)
-        if gm.get("can_use_hotplug_vbd") == "no":
+        if hotplug is False:
             raise ApiError(errors.OPERATION_NOT_ALLOWED,
                            "VM states it does not support VBD hotplug.")
         if rec["type"] == "CD":

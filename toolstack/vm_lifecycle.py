@@ -2,6 +2,7 @@
 check_operation_error): the power state first, then operations in progress, templates,
 snapshots, the control domain, and the guest's features for the operations that need
 its cooperation. allowed_operations is computed from the same rules when read."""
+from smtap import units
 from smtap.toolstack import errors, objects
 from smtap.toolstack.errors import ApiError
 
@@ -76,7 +77,7 @@ def error(store, ref, rec, op, strict=True):
             current[0] if len(current) == 1 else "{%s}" % ",".join(current)), ref]
     if rec.get("is_a_template") and not rec.get("is_a_snapshot"):
         default = rec.get("is_default_template") or \
-            (rec.get("other_config") or {}).get("default_template") == "true"
+            units.flag((rec.get("other_config") or {}).get("default_template"), default=False)
         if not (op in TEMPLATE_OPS or (op == "destroy" and not default)):
             return errors.VM_IS_TEMPLATE, [ref, op]
     if rec.get("is_a_snapshot") and op not in SNAPSHOT_OPS:
