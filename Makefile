@@ -8,9 +8,12 @@ VERSION := $(shell cat $(TOP)/VERSION)
 # Debian packages the build, tests, benchmarks and demo use (README "Dependencies" lists
 # the same; tests/test_dependencies.py checks both, and that every tool they run is here).
 # file: nbdinfo runs it for its "content" field and libnbd-bin does not depend on it.
+# qemu-system-x86 runs the local toolstack's guests; busybox-static, cpio, kmod (depmod)
+# make the guest's initramfs (toolstack/guest/build.py).
 DEB_PACKAGES := python3-venv gcc libaio-dev binutils \
 	qemu-utils qemu-system-common nbdkit nbdkit-plugin-python libnbd-bin file fio \
-	fuse3 mount util-linux e2fsprogs rpm logrotate
+	fuse3 mount util-linux e2fsprogs rpm logrotate \
+	qemu-system-x86 busybox-static cpio kmod
 
 # Engine and toolstack commands: name=module.
 COMMANDS := tapdisk=smtap.tapdisk.daemon tap-ctl=smtap.tapdisk.tapctl \
@@ -44,9 +47,9 @@ RPMBUILD_FLAGS ?= --nodeps
 # venv's to run the installed drivers on this machine.
 RPM_PYTHON ?= /usr/bin/python3
 
-.PHONY: build deps venv venv-owner aio commands test demo install install-host rpm bench clean vermin py36
+.PHONY: build deps venv venv-owner aio commands guest test demo install install-host rpm bench clean vermin py36
 
-build: deps venv aio commands
+build: deps venv aio commands guest
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -78,6 +81,13 @@ $(VENV)/.stamp: requirements.txt
 # every interpreter.
 aio:
 	@python3 tapdisk/aio_build.py --if-needed
+
+# The local toolstack's guest (kernel + initramfs from Debian packages, nothing installed):
+# made when missing or when what it is made of changed; the kernel .deb is kept in
+# build/guest-cache.
+GUEST_DIR := $(TOP)/build/guest
+guest:
+	@python3 toolstack/guest/build.py --if-needed --out $(GUEST_DIR)
 
 commands: $(VENV)/.stamp
 	@for c in $(COMMANDS); do \
@@ -123,8 +133,9 @@ vermin: build
 test: build
 	$(VENV)/bin/pytest -q tests
 
+# DEMO=--guest: boot a guest too (README "Demo").
 demo: build
-	$(VPY) -m smtap.toolstack.demo
+	$(VPY) -m smtap.toolstack.demo $(DEMO)
 
 bench: build
 	$(VPY) bench/engine.py
@@ -132,6 +143,7 @@ bench: build
 	$(VPY) bench/vhd.py
 	$(VPY) bench/filesr.py
 	$(VPY) bench/qcow2.py
+	$(VPY) bench/guest.py
 
 # --- install: the tree as on a host, relocatable --------------------------------------
 # Launchers find the private library relative to themselves (bin/launcher.in), so a
@@ -172,6 +184,10 @@ install:
 	@if [ "$(PROFILE)" = dev ] && [ -n "$(DESTDIR)" ]; then \
 		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -c 'from smtap import xapiconf; xapiconf.simulate_stock_host()' && \
 		SMTAP_ROOT=$(DESTDIR) PYTHONPATH=$(TOP) python3 -m smtap.xapiconf --write >/dev/null; \
+	fi
+	@# The dev toolstack's guest image: a link to the checkout's (it is 25 MiB).
+	@if case " $(LIB_PACKAGES) " in *" toolstack "*) true;; *) false;; esac && [ -d $(GUEST_DIR) ]; then \
+		install -d $(DESTDIR)$(PREFIX)/share && ln -sfn $(GUEST_DIR) $(DESTDIR)$(PREFIX)/share/guest; \
 	fi
 	@printf '# smtap: the tapdisk engine log (smtap.settings.tapdisk_log_file).\n/var/log/smtap/*.log {\n\tweekly\n\trotate 4\n\tcompress\n\tdelaycompress\n\tmissingok\n\tnotifempty\n}\n' > $(DESTDIR)/etc/logrotate.d/smtap
 

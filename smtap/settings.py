@@ -127,3 +127,19 @@ def state_dir():
 def prefix():
     """The suite's private tree on a host: lib/ (Python), bin/ (engine commands)."""
     return host_path("/opt/smtap")
+
+
+def guest_image_dir():
+    """The local toolstack's guest kernel and initramfs (toolstack/guest/build.py)."""
+    return host_path("/opt/smtap/share/guest")
+
+
+def vm_runtime_dir(vm_uuid):
+    """A running guest's sockets (QMP monitors, agent), pid file and fw_cfg files."""
+    return os.path.join(host_path("/run/smtap/vm"), vm_uuid)
+
+
+def vm_log_dir():
+    """Each guest's serial console (<uuid>.console.log) and qemu's own messages
+    (<uuid>.qemu.log); outside the engine log's rotation glob."""
+    return host_path("/var/log/smtap/vm")

@@ -41,6 +41,7 @@ def _words(true, false):
 XAPI_BOOL = _words("true", "false")                   # XAPI's wire, SMAPI args, SRmaster
 XE_BOOL = _words("true t 1", "false f 0")             # xe's parameters (XAPI's cli)
 OPTION_BOOL = _words("1 yes true on", "0 no false off")   # the engine's ?k=v options
+YES_NO = _words("yes", "no")                          # XAPI's guest metrics' feature keys
 
 
 def parse_bool(text, what="value", words=OPTION_BOOL):
@@ -52,6 +53,14 @@ def parse_bool(text, what="value", words=OPTION_BOOL):
             what, "/".join(w for w in words if words[w]) + " or " +
             "/".join(w for w in words if not words[w]), text))
     return value
+
+
+def flag(text, words=XAPI_BOOL, default=None):
+    """True or False for one of `words`, `default` for anything else (a map key that is
+    missing, empty or "unspecified")."""
+    if text is None:
+        return default
+    return words.get(str(text).strip().lower(), default)
 
 
 def human(size):

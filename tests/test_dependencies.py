@@ -16,7 +16,7 @@ TOOLS = [
     "qemu-storage-daemon", "fio",
     "file", "losetup", "mount", "umount", "blockdev", "fallocate", "prlimit",
     "fusermount3", "mkfs.ext4", "e2fsck", "rpm", "rpmbuild", "gcc", "objdump", "unshare",
-    "logrotate", "runuser",
+    "logrotate", "runuser", "qemu-system-x86_64", "busybox", "cpio", "depmod",
 ]
 
 

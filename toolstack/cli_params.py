@@ -17,7 +17,14 @@ class CliError(Exception):
 # RW fields that are not strings (xe parses them; enum names in any case, as XAPI).
 BOOL_FIELDS = ("shared", "allow-caching", "bootable", "unpluggable", "is-a-template")
 INT_FIELDS = ("user-version", "VCPUs-max", "VCPUs-at-startup")
-ENUMS = {"on-boot": ("persist", "reset"), "mode": ("RO", "RW"), "type": ("Disk", "CD", "Floppy")}
+SIZE_FIELDS = ("memory-static-max", "memory-dynamic-max", "memory-dynamic-min",
+               "memory-static-min")
+ENUMS = {"on-boot": ("persist", "reset"), "mode": ("RO", "RW"), "type": ("Disk", "CD", "Floppy"),
+         "actions-after-shutdown": ("destroy", "restart"),
+         "actions-after-reboot": ("destroy", "restart"),
+         "actions-after-crash": ("destroy", "coredump_and_destroy", "restart",
+                                 "coredump_and_restart", "preserve", "rename_restart"),
+         "domain-type": ("hvm", "pv", "pv_in_pvh", "pvh", "unspecified")}
 
 
 def cli_bool(name, value):
@@ -52,6 +59,12 @@ def setter_value(name, value):
         except ValueError:
             raise CliError("Error: Failed to parse parameter '%s': expecting an integer"
                            % name)
+    if name in SIZE_FIELDS:
+        try:
+            return str(units.parse_size(value, name, minimum=0))
+        except ValueError:
+            raise CliError("Error: Failed to parse field '%s': expecting an integer (possibly "
+                           "with suffix)" % name)
     if name in ENUMS:
         return parse_enum(name, value, ENUMS[name])
     return value
@@ -193,7 +206,8 @@ def param_clear_command(cls):
     """A map or set emptied, a string field set to ""."""
     def run(x, args, out):
         ref, name, source, qual, calls = named_field(x, cls, args, ("RW", "MRW", "SRW"))
-        if qual == "RW" and (name in BOOL_FIELDS or name in INT_FIELDS or name in ENUMS):
+        if qual == "RW" and (name in BOOL_FIELDS or name in INT_FIELDS or name in ENUMS
+                             or name in SIZE_FIELDS):
             raise CliError("Error: Parameter '%s' cannot be cleared" % name)
         getattr(calls, "set_" + source)(ref, {"MRW": {}, "SRW": []}.get(qual, ""))
     return run

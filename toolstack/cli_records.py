@@ -38,6 +38,16 @@ def set_uuids(cls, name):
     return lambda rec, look: [look.field(cls, r, "uuid") for r in rec[name]]
 
 
+def guest_metrics(name):
+    """A field of the VM's guest metrics (what its agent reported), empty without."""
+    def get(rec, look):
+        gm = look.records("VM_guest_metrics").get(rec["guest_metrics"])
+        if gm is None:
+            return {} if name == "os_version" else "false"
+        return gm[name]
+    return get
+
+
 def sr_host(rec, look):
     if rec["shared"]:
         return "<shared>"
@@ -171,12 +181,29 @@ CLASSES = {
     "VM": {
         "fields": NAME + [
             ("user-version", "user_version", "RW"), ("is-a-template", "is_a_template", "RW"),
+            ("is-default-template", "is_default_template", "RO"),
             ("is-a-snapshot", "is_a_snapshot", "RO"),
+            ("snapshot-of", ref_uuid("VM", "snapshot_of"), "RO"),
+            ("snapshots", set_uuids("VM", "snapshots"), "SRO"),
+            ("snapshot-time", "snapshot_time", "RO")] + OPS + [
             ("is-control-domain", "is_control_domain", "RO"),
             ("power-state", lambda rec, look: rec["power_state"].lower(), "RO"),
             ("resident-on", ref_uuid("host", "resident_on"), "RO"),
-            ("dom-id", "domid", "RO"), ("VCPUs-max", "VCPUs_max", "RW"),
-            ("VCPUs-at-startup", "VCPUs_at_startup", "RW"),
+            ("dom-id", "domid", "RO"), ("domain-type", "domain_type", "RW"),
+            ("memory-static-max", "memory_static_max", "RW"),
+            ("memory-dynamic-max", "memory_dynamic_max", "RW"),
+            ("memory-dynamic-min", "memory_dynamic_min", "RW"),
+            ("memory-static-min", "memory_static_min", "RW"),
+            ("VCPUs-max", "VCPUs_max", "RW"), ("VCPUs-at-startup", "VCPUs_at_startup", "RW"),
+            ("actions-after-shutdown", "actions_after_shutdown", "RW"),
+            ("actions-after-reboot", "actions_after_reboot", "RW"),
+            ("actions-after-crash", "actions_after_crash", "RW"),
+            ("PV-kernel", "PV_kernel", "RW"), ("PV-ramdisk", "PV_ramdisk", "RW"),
+            ("PV-args", "PV_args", "RW"), ("platform", "platform", "MRW"),
+            ("xenstore-data", "xenstore_data", "MRW"),
+            ("blocked-operations", "blocked_operations", "MRW"),
+            ("os-version", guest_metrics("os_version"), "MRO"),
+            ("PV-drivers-detected", guest_metrics("PV_drivers_detected"), "RO"),
             ("other-config", "other_config", "MRW"), ("tags", "tags", "SRW")],
         "default": ["uuid", "name-label", "power-state"],
     },
@@ -184,7 +211,7 @@ CLASSES = {
 
 # The CLI's class prefixes (sr-list, vm-list, ...).
 PREFIXES = {"sr": "SR", "pbd": "PBD", "vdi": "VDI", "vbd": "VBD", "sm": "SM", "host": "host",
-            "vm": "VM", "pool": "pool"}
+            "vm": "VM", "template": "VM", "snapshot": "VM", "pool": "pool"}
 
 
 def fields_of(cls):

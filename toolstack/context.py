@@ -15,6 +15,7 @@ class Toolstack(object):
         self.store = store
         self.host = self.pool = self.dom0 = None
         self.drivers = {}                 # SR type -> discovery.Driver
+        self.domains = {}                 # VM ref -> domains.Domain: its running qemu
         self.drivers_ready = threading.Event()
         self.ready = threading.Event()    # discovery and the start-up resync are done
         self._locks = {}

@@ -7,12 +7,16 @@ written and read back, a snapshot (checked by plugging it read-only: e2fsck and 
 files), then everything unplugged and destroyed; then a file SR on VHD: a snapshot of the
 mounted file system being written (frozen for it), a clone of the snapshot plugged,
 checked and written, both compared, the garbage collector run until nothing is left.
-Each step prints its command line and its time. At the end nothing may be left behind:
-no process, loop device, mount, socket, link or record of the root. Exit 0 only if every
-step worked and nothing is left.
+With --guest, a guest too, on the first SR (ram by default): a VM of the built-in
+template, booted with qemu, with a VDI of that SR as its disk: its script makes a file
+system, writes, reads back and compares sha256, and powers off. Each step prints its
+command line and its time. At the end nothing may be left behind: no process, loop
+device, mount, socket, link or record of the root. Exit 0 only if every step worked and
+nothing is left.
 
     make demo                       # = make build; .venv/bin/python3 -m smtap.toolstack.demo
-    python3 -m smtap.toolstack.demo [--sr-type all|ram|file] [--vdi-size 128MiB] [--keep-root]
+    python3 -m smtap.toolstack.demo [--sr-type all|ram|file] [--vdi-size 128MiB] [--guest]
+                                    [--keep-root]
 
 What a root leaves behind is found and removed by smtap.toolstack.hostroot.
 """
@@ -28,13 +32,28 @@ import subprocess
 import sys
 import time
 
-from smtap import settings
+from smtap import settings, units
 from smtap.toolstack.hostroot import (cleanup, leftovers, loops_under, mounts_under,
                                       processes_under, short_root, wait_for_socket)
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(TOP, ".venv", "bin", "python3")
 MiB = 1 << 20
+GUEST_BOOT = 180         # seconds for the guest to boot, run its script and power off
+# The guest's script (toolstack/guest/init runs it; `disk` and `result` are its helpers).
+GUEST_SCRIPT = """set -e
+d=$(disk xvda)
+mkfs.ext4 -q -F -L guest-demo $d
+mount $d /mnt
+dd if=/dev/urandom of=/mnt/random-8M.bin bs=1M count=8 2>/dev/null
+echo "hello from a guest on the engine's NBD export" >/mnt/hello.txt
+sha256sum /mnt/random-8M.bin /mnt/hello.txt >/run/sums
+result written "$(sha256sum </run/sums | cut -c1-16)"
+umount /mnt
+mount -o ro $d /mnt
+sha256sum -c /run/sums >/dev/null && result read-back "$(sha256sum </run/sums | cut -c1-16)"
+umount /mnt
+"""
 
 class StepFailed(Exception):
     pass
@@ -51,7 +70,7 @@ def sha256(path):
 
 class Demo(object):
     def __init__(self, root, sr_type="ram", vdi_size="128MiB", sr_size="512MiB",
-                 location=None, out=sys.stdout):
+                 location=None, out=sys.stdout, guest=False):
         self.root = root
         self.sr_types = ["ram", "file"] if sr_type == "all" else [sr_type]
         self.vdi_size = vdi_size
@@ -73,6 +92,8 @@ class Demo(object):
         self.vbds = []
         self.vdis = []
         self.sr = None
+        self.vms = []
+        self.guest = guest
         self.vars = {"ROOT": root}   # shell variables of the printed command lines
 
     def forget(self, value):
@@ -251,6 +272,8 @@ class Demo(object):
         for cls in ("vbd", "vdi", "pbd", "sr"):
             uuids = [u for u in self.xe(cls + "-list", "--minimal").split(",") if u]
             left += ["%s %s" % (cls.upper(), u) for u in uuids]
+        left += ["VM %s" % u for u in self.xe("vm-list", "is-control-domain=false",
+                                              "--minimal").split(",") if u]
         if left:
             raise RuntimeError("records left: " + ", ".join(left))
         return "none"
@@ -265,7 +288,7 @@ class Demo(object):
             self.files, self.groups = {}, {}
             (self.ram_flow if sr_type == "ram" else self.file_flow)(host, dom0)
             self.forget_vars()
-        self.step("no records left (xe vbd-list, vdi-list, pbd-list, sr-list)",
+        self.step("no records left (xe vm-list, vbd-list, vdi-list, pbd-list, sr-list)",
                   self.check_records)
         self.step("stop smtap-xapi", self.stop)
 
@@ -309,6 +332,7 @@ class Demo(object):
         self.unplug(svbd)
         self.destroy_vdi(snap)
         self.destroy_vdi(vdi)
+        self.guest_on_sr("ram")
         self.destroy_sr()
 
     def destroy_vdi(self, vdi):
@@ -360,6 +384,7 @@ class Demo(object):
         self.step(self.shown(["smtap-gc", "-u", self.sr, "-g"]), self.gc_run)
         self.step("ls $SRDIR: one VHD, no base copy left", self.one_file, vdi)
         self.destroy_vdi(vdi)
+        self.guest_on_sr("file")
         self.destroy_sr()
 
     def absent(self, point, names):
@@ -387,6 +412,63 @@ class Demo(object):
             raise RuntimeError("%s holds %s" % (self.location, ", ".join(names)))
         return "$VDI.vhd"
 
+    # -- the guest ---------------------------------------------------------------------------
+    def guest_on_sr(self, sr_type):
+        """--guest: the guest on the first SR of the demo's."""
+        if self.guest and self.sr_types[0] == sr_type:
+            self.guest_flow()
+
+    def guest_flow(self):
+        """A VM of the built-in template on a VDI of the SR: boots, runs GUEST_SCRIPT, powers
+        off; the toolstack unplugs its disk when its qemu goes."""
+        vdi = self.xe_step("vdi-create", "sr-uuid=" + self.sr, "name-label=guest-disk",
+                           "virtual-size=64MiB", var="GVDI")
+        self.vdis.append(vdi)
+        vm = self.xe_step("vm-install", "template=smtap-guest", "new-name-label=demo-guest",
+                          var="VM")
+        self.vms.append(vm)
+        vbd = self.xe_step("vbd-create", "vm-uuid=" + vm, "vdi-uuid=" + vdi, "device=0",
+                           var="GVBD")
+        self.vbds.append(vbd)
+        self.step('xe vm-param-set uuid=$VM xenstore-data:vm-data/script="$SCRIPT" '
+                  '(demo.py GUEST_SCRIPT)', self.xe, "vm-param-set", "uuid=" + vm,
+                  "xenstore-data:vm-data/script=" + GUEST_SCRIPT)
+        self.xe_step("vm-start", "uuid=" + vm)
+        console = os.path.join(self.root, "var", "log", "smtap", "vm", vm + ".console.log")
+        self.step("the guest boots, writes, reads back and powers off (%s)"
+                  % self.shown([console]), self.guest_results, vm, console)
+        self.xe_step("vm-param-get", "uuid=" + vm, "param-name=power-state")
+        self.step("its disk unplugged (xe vbd-param-get uuid=$GVBD param-name=currently-attached)",
+                  self.guest_unplugged, vbd)
+        self.xe_step("vm-uninstall", "uuid=" + vm, "--force")
+        self.vms.remove(vm)
+        self.vbds.remove(vbd)
+        self.vdis.remove(vdi)
+        for name in ("VM", "GVBD", "GVDI"):
+            self.vars.pop(name, None)
+
+    def guest_results(self, vm, console):
+        deadline = time.monotonic() + GUEST_BOOT
+        while self.xe("vm-param-get", "uuid=" + vm, "param-name=power-state") != "halted":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the guest did not power off within %d s" % GUEST_BOOT)
+            time.sleep(0.3)
+        with open(console, errors="replace") as f:
+            boot = f.read().rsplit("--- smtap: start", 1)[-1]
+        results = dict(line.split(": ", 1)[1].split("=", 1) for line in boot.splitlines()
+                       if line.startswith("smtap-result: ") and "=" in line)
+        if not results.get("written") or results.get("read-back") != results["written"]:
+            raise RuntimeError("the guest's console:\n" + boot.strip()[-2000:])
+        up = [line for line in boot.splitlines() if line.startswith("smtap-guest: up in")]
+        return "sha256 %s match%s" % (results["written"], "; " + up[0][13:32] if up else "")
+
+    def guest_unplugged(self, vbd):
+        if units.parse_bool(self.xe("vbd-param-get", "uuid=" + vbd,
+                                    "param-name=currently-attached"),
+                            "currently-attached", units.XAPI_BOOL):
+            raise RuntimeError("the guest's VBD is still attached")
+        return "false"
+
     def undo(self):
         """After a failure: undo what exists, through xe while the toolstack runs."""
         if self.frozen:
@@ -394,6 +476,9 @@ class Demo(object):
         for point in reversed(list(self.mounted)):
             subprocess.run(["umount", point], stderr=subprocess.DEVNULL)
         if self.xapi is not None and self.xapi.poll() is None:
+            for vm in self.vms:
+                self._try("vm-shutdown", "uuid=" + vm, "--force")
+                self._try("vm-destroy", "uuid=" + vm)
             for vbd in reversed(list(self.plugged)):
                 self._try("vbd-unplug", "uuid=" + vbd)
             for vbd in reversed(list(self.vbds)):
@@ -426,6 +511,9 @@ def main(argv=None):
     parser.add_argument("--sr-type", choices=("all", "ram", "file"), default="all")
     parser.add_argument("--vdi-size", default="128MiB")
     parser.add_argument("--sr-size", default="512MiB", help="the ram SR's budget")
+    parser.add_argument("--guest", action="store_true",
+                        help="boot a guest on a VDI too (qemu: seconds with KVM, 15-30 s "
+                             "under TCG)")
     parser.add_argument("--keep-root", action="store_true",
                         help="leave the temporary root (and its logs) in place")
     args = parser.parse_args(argv)
@@ -436,7 +524,7 @@ def main(argv=None):
     out = sys.stdout
     out.write("smtap demo: %s on the local toolstack, root %s\n" % (
         "a ram SR and a file SR" if args.sr_type == "all" else "a %s SR" % args.sr_type, root))
-    demo = Demo(root, args.sr_type, args.vdi_size, args.sr_size, out=out)
+    demo = Demo(root, args.sr_type, args.vdi_size, args.sr_size, out=out, guest=args.guest)
     t0 = time.monotonic()
     ok = True
     try:

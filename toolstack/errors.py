@@ -55,6 +55,17 @@ VDI_COPY_FAILED = "VDI_COPY_FAILED"
 VDI_TOO_SMALL = "VDI_TOO_SMALL"
 VDI_NOT_MANAGED = "VDI_NOT_MANAGED"
 LOCATION_NOT_UNIQUE = "LOCATION_NOT_UNIQUE"
+VM_BAD_POWER_STATE = "VM_BAD_POWER_STATE"
+OTHER_OPERATION_IN_PROGRESS = "OTHER_OPERATION_IN_PROGRESS"
+VM_IS_TEMPLATE = "VM_IS_TEMPLATE"
+VM_IS_SNAPSHOT = "VM_IS_SNAPSHOT"
+ONLY_PROVISION_TEMPLATE = "ONLY_PROVISION_TEMPLATE"
+VM_LACKS_FEATURE = "VM_LACKS_FEATURE"
+VM_MISSING_PV_DRIVERS = "VM_MISSING_PV_DRIVERS"
+VM_SHUTDOWN_TIMEOUT = "VM_SHUTDOWN_TIMEOUT"
+VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT = "VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT"
+FAILED_TO_START_EMULATOR = "FAILED_TO_START_EMULATOR"
+VBD_NOT_UNPLUGGABLE = "VBD_NOT_UNPLUGGABLE"
 
 # The errors the toolstack raises, as XAPI's datamodel documents them
 # (xen-api ocaml/idl/datamodel_errors.ml): the names of their parameters and the
@@ -121,6 +132,30 @@ DOCS = {
     DEVICE_DETACH_REJECTED: (["type", "ref", "msg"], "The VM rejected the attempt to detach "
                              "the device."),
     XENAPI_MISSING_PLUGIN: (["name"], "The requested plug-in could not be found."),
+    VM_BAD_POWER_STATE: (["vm", "expected", "actual"], "You attempted an operation on a VM "
+                         "that was not in an appropriate power state at the time; for example, "
+                         "you attempted to start a VM that was already running. The parameters "
+                         "returned are the VM's handle, and the expected and actual VM state "
+                         "at the time of the call."),
+    OTHER_OPERATION_IN_PROGRESS: (["class", "object"], "Another operation involving the "
+                                  "object is currently in progress"),
+    VM_IS_TEMPLATE: (["vm", "operation"], "The operation attempted is not valid for a "
+                     "template VM"),
+    VM_IS_SNAPSHOT: (["vm", "operation"], "The operation attempted is not valid for a "
+                     "snapshot VM"),
+    ONLY_PROVISION_TEMPLATE: ([], "The provision call can only be invoked on templates, not "
+                              "regular VMs."),
+    VM_LACKS_FEATURE: (["vm"], "You attempted an operation on a VM which lacks the feature."),
+    VM_MISSING_PV_DRIVERS: (["vm"], "You attempted an operation on a VM which requires PV "
+                            "drivers to be installed but the drivers were not detected."),
+    VM_SHUTDOWN_TIMEOUT: (["vm", "timeout"], "VM failed to shutdown before the timeout "
+                          "expired"),
+    VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT: (["vm"], "VM didn't acknowledge the need to "
+                                        "shutdown."),
+    FAILED_TO_START_EMULATOR: (["vm", "name", "msg"], "An emulator required to run this VM "
+                               "failed to start"),
+    VBD_NOT_UNPLUGGABLE: (["vbd"], "Drive could not be hot-unplugged because it is not "
+                          "marked as unpluggable"),
     XENAPI_PLUGIN_FAILURE: (["status", "stdout", "stderr"], "There was a failure "
                             "communicating with the plug-in."),
 }

@@ -71,6 +71,9 @@ def vdi_allowed(store, ref, rec):
 def vbd_allowed(store, ref, rec):
     if rec.get("current_operations"):
         return []
+    vm = store.db.get("VM", rec.get("VM"))
+    if vm and vm.get("power_state") not in ("Running", None):
+        return ["attach"] + (["pause", "unpause"] if vm["power_state"] == "Paused" else [])
     if rec.get("currently_attached"):
         return ["unplug", "unplug_force", "pause", "unpause"]
     return ["attach", "plug"]

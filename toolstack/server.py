@@ -19,7 +19,7 @@ import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
 from smtap import settings
-from smtap.toolstack import discovery, errors, inventory
+from smtap.toolstack import discovery, domains, errors, inventory, templates
 from smtap.toolstack.classes import host as host_class
 from smtap.toolstack.classes import vbd as vbd_class
 from smtap.toolstack.context import Context, Toolstack
@@ -166,6 +166,7 @@ def start():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ts = Toolstack(Store(Database(db_path())))
     host_class.bootstrap(ts, *inventory.ensure())
+    templates.ensure(ts)
     server = Server(path, ts)
 
     def discover():
@@ -178,6 +179,10 @@ def start():
             log.exception("driver discovery failed")
         finally:
             ts.drivers_ready.set()
+        try:
+            domains.resync(Context(ts))        # guests first: their VBDs are the VDIs' users
+        except Exception:
+            log.exception("start-up resync of the guests failed")
         try:
             vbd_class.resync(Context(ts))
         except Exception:

@@ -6,6 +6,7 @@
 Output and errors as XAPI's CLI prints them; any error exits non-zero. The global
 options are accepted as xe takes them; the toolstack is always this root's own.
 """
+import re
 import socket
 import sys
 
@@ -14,7 +15,8 @@ import XenAPI
 from smtap import settings, units
 from smtap.toolstack import client
 from smtap.toolstack.cli_errors import USAGE, failure_lines, internal_error_lines
-from smtap.toolstack.cli_params import GENERIC, CliError, by_uuid, cli_bool, parse_enum
+from smtap.toolstack.cli_params import (GENERIC, CliError, by_uuid, cli_bool, list_command,
+                                         parse_enum)
 from smtap.toolstack.cli_records import PREFIXES, format_table
 
 COMMANDS = {}     # name -> Command
@@ -173,7 +175,8 @@ for _cls, _method, _help in (
         ("PBD", "unplug", "Detach the SR on the PBD's host (sr_detach). The contents of an "
                           "SR kept in memory (type ram) go with it."),
         ("PBD", "destroy", "Destroy an unplugged PBD."),
-        ("VBD", "plug", "Attach the VDI to dom0 (vdi_attach, vdi_activate)."),
+        ("VBD", "plug", "Attach the VDI to dom0 (vdi_attach, vdi_activate), or to a "
+                        "running VM (hotplug through its qemu)."),
         ("VBD", "destroy", "Destroy an unplugged VBD."),
         ("VDI", "destroy", "Destroy a VDI and its data (vdi_delete)."),
         ("VDI", "forget", "Forget a VDI's record, leaving its data.")):
@@ -298,6 +301,150 @@ def vbd_unplug(x, args, out):
     """As XAPI's CLI: force=true is VBD.unplug_force."""
     vbd = by_uuid(x, "VBD", args.need("uuid"))
     (x.VBD.unplug_force if args.flag("force") else x.VBD.unplug)(vbd)
+
+
+# --- VM -----------------------------------------------------------------------------------
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def force(args):
+    """--force, or force=true (xe turns one into the other)."""
+    return "force" in args.flags or args.flag("force")
+
+
+def named_vm(x, name, what="VM"):
+    """A VM by uuid or by name-label (which must name exactly one)."""
+    if UUID_RE.match(name):
+        return by_uuid(x, "VM", name)
+    found = x.VM.get_by_name_label(name)
+    if len(found) != 1:
+        raise CliError("%s '%s': %s" % (what, name, "no such VM" if not found else
+                                        "%d VMs have that name: use its uuid" % len(found)))
+    return found[0]
+
+
+def the_vm(x, args):
+    """uuid=, or vm= (a name-label or uuid)."""
+    if args.get("uuid"):
+        return by_uuid(x, "VM", args.get("uuid"))
+    if args.get("vm"):
+        return named_vm(x, args.get("vm"))
+    raise CliError("Required parameter not found: uuid (or vm)", usage=True)
+
+
+def filtered_list(defaults):
+    """vm-list and its kin: XAPI's CLI shows templates and snapshots in their own lists."""
+    generic = list_command("VM")
+
+    def run(x, args, out):
+        for key, value in defaults.items():
+            args.values.setdefault(key, value)
+        generic(x, args, out)
+    return run
+
+
+for _name, _defaults, _help in (
+        ("vm-list", {"is-a-template": "false", "is-a-snapshot": "false"},
+         "List the VMs (not templates nor snapshots; <field>=<value> filters, params=)."),
+        ("template-list", {"is-a-template": "true", "is-a-snapshot": "false"},
+         "List the templates (vm-install makes VMs of them)."),
+        ("snapshot-list", {"is-a-snapshot": "true"}, "List the VM snapshots.")):
+    command(_name, [], ["params", "<field>=<value>"], _help)(filtered_list(_defaults))
+
+VM_SELECT = ["uuid", "vm"]
+
+
+@command("vm-install", ["new-name-label"], ["template", "template-uuid", "sr-uuid"],
+         "Make a VM of a template (template: its name-label or uuid).")
+def vm_install(x, args, out):
+    name = args.get("template-uuid") or args.get("template")
+    if not name:
+        raise CliError("Required parameter not found: template", usage=True)
+    template = named_vm(x, name, "template")
+    vm = x.VM.clone(template, args.need("new-name-label"))
+    x.VM.provision(vm)
+    x.VM.set_is_a_template(vm, False)
+    uuid_of(x, "VM", vm, out)
+
+
+def vm_action(method, flagged=None):
+    """A lifecycle command: method, or flagged with --force."""
+    def run(x, args, out):
+        vm = the_vm(x, args)
+        getattr(x.VM, flagged if flagged and force(args) else method)(vm)
+    return run
+
+
+for _name, _method, _flagged, _help in (
+        ("vm-shutdown", "clean_shutdown", "hard_shutdown", "Shut a VM down: its guest is "
+         "asked (the ACPI power button); --force: qemu is stopped at once."),
+        ("vm-reboot", "clean_reboot", "hard_reboot", "Reboot a VM: its guest is asked (its "
+         "agent); --force: qemu is stopped and the VM started again."),
+        ("vm-pause", "pause", None, "Pause a running VM."),
+        ("vm-unpause", "unpause", None, "Unpause a paused VM."),
+        ("vm-destroy", "destroy", None, "Destroy a halted VM's record and its VBDs, leaving "
+         "its VDIs."),
+        ("snapshot-destroy", "destroy", None, "Destroy a snapshot's record, leaving its "
+         "VDIs.")):
+    command(_name, [], VM_SELECT + (["force"] if _flagged else []), _help)(
+        vm_action(_method, _flagged))
+
+
+@command("vm-start", [], VM_SELECT + ["paused", "force"],
+         "Start a VM: its VBDs plugged (vdi_attach, vdi_activate), its qemu started.")
+def vm_start(x, args, out):
+    x.VM.start(the_vm(x, args), args.flag("paused"), force(args))
+
+
+def uninstall(x, args, out):
+    """The VM (or snapshot) and the VDIs of its disks (not CDs)."""
+    vm = the_vm(x, args)
+    vdis = []
+    for vbd in x.VM.get_VBDs(vm):
+        rec = x.VBD.get_record(vbd)
+        if not rec["empty"] and rec["type"] == "Disk":
+            vdis.append(rec["VDI"])
+    if not force(args):
+        sys.stderr.write("About to uninstall %s and destroy %d VDI(s). Type 'yes' to "
+                         "continue\n" % (x.VM.get_uuid(vm), len(vdis)))
+        if sys.stdin.readline().strip() != "yes":
+            raise CliError("Aborted: nothing was destroyed (--force skips the question)")
+    x.VM.destroy(vm)
+    for vdi in vdis:
+        x.VDI.destroy(vdi)
+
+
+command("vm-uninstall", [], VM_SELECT + ["force"], "Destroy a halted VM and the VDIs of "
+        "its disks.")(uninstall)
+command("snapshot-uninstall", [], VM_SELECT + ["force"], "Destroy a snapshot and the VDIs "
+        "of its disks.")(uninstall)
+
+
+def vm_copy_command(method, with_sr=False):
+    def run(x, args, out):
+        vm = the_vm(x, args)
+        name = args.need("new-name-label")
+        if method == "copy":
+            sr = args.get("sr-uuid")
+            new = x.VM.copy(vm, name, by_uuid(x, "SR", sr) if sr else "OpaqueRef:NULL")
+        else:
+            new = getattr(x.VM, method)(vm, name)
+        if args.get("new-name-description") is not None:
+            x.VM.set_name_description(new, args.get("new-name-description"))
+        uuid_of(x, "VM", new, out)
+    return run
+
+
+for _name, _method, _help in (
+        ("vm-snapshot", "snapshot", "Snapshot a VM, running or not: each disk's VDI "
+         "snapshotted by its SR driver (vdi_snapshot); prints the snapshot's uuid."),
+        ("vm-clone", "clone", "Clone a halted VM: each disk's VDI cloned (vdi_clone)."),
+        ("vm-copy", "copy", "Copy a halted VM: each disk's data copied into a new VDI "
+         "(of sr-uuid, or of the VDI's own SR)."),
+        ("snapshot-clone", "clone", "Make a template of a snapshot: each disk's VDI cloned."),
+        ("snapshot-copy", "copy", "Make a template of a snapshot: each disk's data copied.")):
+    command(_name, ["new-name-label"], VM_SELECT + ["new-name-description"] +
+            (["sr-uuid"] if _method == "copy" else []), _help)(vm_copy_command(_method))
 
 
 # --- host -------------------------------------------------------------------------------

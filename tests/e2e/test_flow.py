@@ -6,15 +6,14 @@ import re
 
 import pytest
 
-from lib.checkout import TOP, VENV_PYTHON
+from lib import guests
+from lib.demo import STEP, run_demo, steps
 from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
 from lib.sizes import MiB
 from lib.toolstack import traces
 from smtap.sm import gcctl
 from smtap.toolstack import hostroot
-
-STEP = re.compile(r"^\[ *\d+\.\d{3} s\] (?P<what>.+) \.\.\. (?P<status>ok|FAILED)(?: -> .*)?$")
 
 
 @pytest.mark.parametrize("sr_type", ["ram", "file"])
@@ -85,22 +84,11 @@ def test_flow(e2e, mnt, sr_type):
     assert hostroot.leftovers(e2e.root) == []
 
 
-def run_demo(*args):
-    env = {k: v for k, v in os.environ.items() if k != "SMTAP_ROOT"}
-    proc = run(VENV_PYTHON, "-m", "smtap.toolstack.demo", *args, check=False, cwd=TOP, env=env,
-               timeout=300)
-    m = re.match(r"smtap demo: .+ on the local toolstack, root (\S+)\n", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    return proc, m.group(1)
-
-
-def steps(output):
-    return [(m.group("what"), m.group("status")) for m in map(STEP.match, output.splitlines())
-            if m]
-
-
 def test_make_demo_module(tmp_path):
-    proc, root = run_demo()
+    """The demo as `make demo` runs it; with --guest where a guest can boot (the guest
+    steps are checked then; one demo run serves both)."""
+    guest = guests.why_not() is None
+    proc, root = run_demo(*(["--guest"] if guest else []), timeout=500 if guest else 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""                                    # quiet but for its steps
     done = steps(proc.stdout)
@@ -113,6 +101,12 @@ def test_make_demo_module(tmp_path):
                      "CLONE=$(xe vdi-clone uuid=$SNAP)", "read the clone's files",
                      "smtap-gc -u $SR -g", "one VHD, no base copy left", "nothing left behind"):
         assert any(expected in n for n in names), (expected, proc.stdout)
+    if guest:
+        for expected in ("VM=$(xe vm-install template=smtap-guest", "xe vm-start uuid=$VM",
+                         "the guest boots, writes, reads back and powers off",
+                         "xe vm-uninstall uuid=$VM --force"):
+            assert any(expected in n for n in names), (expected, proc.stdout)
+        assert "-> sha256 " in proc.stdout and " match" in proc.stdout
     others = [l for l in proc.stdout.splitlines()[1:] if not STEP.match(l)]
     assert len(others) == 1 and re.match(r"smtap demo: ok: \d+ steps in [\d.]+ s$", others[0])
     assert not os.path.exists(root)

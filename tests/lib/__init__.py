@@ -17,6 +17,8 @@ these. Import a name from the module that defines it:
 | lib.vhd | tool, vhd_util, td_util, sha, fingerprint, Model, random_writes, seeded; the engine tests' VHDs: vhd_chain, vhd_disk, vhd_check, VHD_DISKS, check_vhds |
 | lib.filesr | the file SR on VHD: vhd_write (offline guest writes), chain_sha, vhd_tree, hidden_images, all_valid, leftovers, sr_location, retry_depth, fill_fs (a full file system), the GC: wait_gc, park, park_and_kill |
 | lib.qcow2 | qcow2_util, qemu_view (what qemu reads of an image); the engine tests' qcow2 images: qcow2_chain, QCOW2_DISKS, qcow2_check, check_images (VHDs and qcow2 under a root) |
+| lib.demo | run_demo (`make demo`'s module as a user runs it: its process and root), steps, STEP |
+| lib.guests | GuestHost (the e2e host with VMs of the built-in template: new_vm, set_script, console, results, wait_console, wait_state, wait_agent, run_to_halt, qemus, leftovers), why_not |
 | lib/drivers/ | SR drivers run as programs: testsr.py, listing_driver.py, noisy_driver.py, upstream_sr.py |
 
 Where the helpers were (for a branch written before): each old module's names still

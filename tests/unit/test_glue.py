@@ -83,8 +83,9 @@ def test_xe_reads_flags_and_sizes_with_the_suites_parsers():
             Args(["virtual-size=" + bad]).size("virtual-size")
 
 
-# Comparisons with a yes/no word that parse no value: the filter language's keyword.
-NOT_A_BOOLEAN = {'tok[1] == "true"'}
+# Comparisons with a yes/no word that parse no value: the filter language's keyword, the
+# answer xe uninstall's question asks for (as XAPI's xe: the word itself).
+NOT_A_BOOLEAN = {'tok[1] == "true"', 'sys.stdin.readline().strip() != "yes"'}
 
 
 @pytest.mark.skipif(sys.version_info < (3, 8), reason="ast.get_source_segment: Python 3.8")

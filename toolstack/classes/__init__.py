@@ -1,3 +1,3 @@
 """The XenAPI classes; importing this package registers them all in objects.CLASSES."""
 from smtap.toolstack.classes import (  # noqa: F401
-    session, host, sm, sr, pbd, vdi, vbd, task, message, secret)
+    session, host, vm, sm, sr, pbd, vdi, vbd, task, message, secret)

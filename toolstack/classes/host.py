@@ -1,4 +1,4 @@
-"""pool, host and VM: this one host, its dom0, and host plugins."""
+"""pool and host: this one host (its dom0 is a VM: vm.py), and host plugins."""
 import os
 import socket
 import xml.parsers.expat
@@ -60,21 +60,6 @@ host_metrics = ApiClass("host_metrics", [
     Field("last_updated", DATETIME), Field("other_config", MAP, setter=RW),
 ])
 
-VM = ApiClass("VM", [
-    Field("name_label", setter=RW), Field("name_description", setter=RW),
-    Field("allowed_operations", SET), Field("current_operations", MAP),
-    Field("power_state", default="Halted"), Field("user_version", INT, 1, setter=RW),
-    Field("is_a_template", BOOL, setter=RW), Field("is_default_template", BOOL),
-    Field("resident_on", REF), Field("affinity", REF, setter=RW),
-    Field("memory_static_max", INT), Field("memory_dynamic_max", INT),
-    Field("memory_dynamic_min", INT), Field("memory_static_min", INT),
-    Field("VCPUs_max", INT, 1, setter=RW), Field("VCPUs_at_startup", INT, 1, setter=RW),
-    Field("VBDs", SET, reverse=("VBD", "VM")), Field("is_control_domain", BOOL),
-    Field("domid", INT, -1), Field("other_config", MAP, setter=RW),
-    Field("tags", SET, setter=RW), Field("is_a_snapshot", BOOL), Field("snapshot_of", REF),
-], by_name_label=True)
-
-
 def bootstrap(ts, host_uuid, dom0_uuid):
     """This host, its dom0 and the pool: found by the inventory's uuids or created."""
     store = ts.store
@@ -99,7 +84,7 @@ def bootstrap(ts, host_uuid, dom0_uuid):
         ts.dom0 = found or store.create("VM", {
             "uuid": dom0_uuid, "name_label": "Control domain on host: %s" % name,
             "power_state": "Running", "is_control_domain": True, "resident_on": ts.host,
-            "domid": 0})
+            "domid": 0, "domain_type": "pv"})
         store.update("host", ts.host, {"control_domain": ts.dom0})
         pools = store.all("pool")
         ts.pool = pools[0][0] if pools else store.create("pool", {"master": ts.host})

@@ -1,5 +1,7 @@
-"""VBD: dom0 plug/unplug -> vdi_attach + vdi_activate / vdi_deactivate + vdi_detach,
-once per VDI however many VBDs use it, plus dom0's block device for the VDI.
+"""VBD: plug/unplug -> vdi_attach + vdi_activate / vdi_deactivate + vdi_detach, once
+per VDI however many VBDs use it (the datapath: connect, disconnect), plus dom0's block
+device for the VDI; a guest's VBDs are plugged into its qemu (domains.py), at VM start
+or hot.
 
 Every step can be cut short (kill -9 of the toolstack or of a driver) and is journalled
 in the VDI's hidden `attach` map first: "attaching" before vdi_attach, "detaching"
@@ -58,7 +60,7 @@ _DEVICE = re.compile(r"^(?:(?P<n>\d+)|(?:xvd|sd)(?P<x>[a-z]+)\d*|hd(?P<h>[a-z])\
 MAX_DEVICES = 255
 
 
-def _disk_number(device):
+def disk_number(device):
     """The disk number a userdevice names (0, xvda, sda, hda are all disk 0), or None."""
     m = _DEVICE.match(device)
     if not m:
@@ -75,13 +77,13 @@ def _disk_number(device):
 def _userdevice(ctx, vm, device):
     """As XAPI's VBD.create: "autodetect" becomes the lowest free disk number, a name
     that is no device is INVALID_DEVICE, one the VM already uses DEVICE_ALREADY_EXISTS."""
-    used = set(_disk_number(rec["userdevice"]) for _, rec in ctx.store.find("VBD", VM=vm))
+    used = set(disk_number(rec["userdevice"]) for _, rec in ctx.store.find("VBD", VM=vm))
     if device == "autodetect":
         free = [n for n in range(MAX_DEVICES) if n not in used]
         if not free:
             raise ApiError(errors.INVALID_DEVICE, device)
         return str(free[0])
-    number = _disk_number(device)
+    number = disk_number(device)
     if number is None or number >= MAX_DEVICES:
         raise ApiError(errors.INVALID_DEVICE, device)
     if number in used:
@@ -120,12 +122,20 @@ def assert_attachable(ctx, vdi, vdi_rec, vbd, mode):
 
 @VBD.method
 def plug(ctx, self):
-    store = ctx.store
-    vbd = store.get("VBD", self)
-    if store.get("VM", vbd["VM"])["is_control_domain"] is not True:
-        raise ApiError(errors.OPERATION_NOT_ALLOWED, "only dom0 VBDs can be plugged here")
+    vbd = ctx.store.get("VBD", self)
+    if ctx.store.get("VM", vbd["VM"])["is_control_domain"] is not True:
+        from smtap.toolstack import domains
+        return domains.hotplug(ctx, self)
     if vbd["currently_attached"]:
         raise ApiError(errors.DEVICE_ALREADY_ATTACHED, self)
+    connect(ctx, self, dom0=True)
+
+
+def connect(ctx, self, dom0):
+    """The VBD's datapath: the VDI attached and active on this host (once for all its
+    VBDs), and for dom0 its block device; the VBD marked attached."""
+    store = ctx.store
+    vbd = store.get("VBD", self)
     vdi = vbd["VDI"]
     sr = store.get("VDI", vdi)["SR"]
     assert_attached(ctx, sr)
@@ -135,19 +145,27 @@ def plug(ctx, self):
         info = vdi_rec["attach"]
         if not _users(ctx, vdi, self):
             undo_stale(ctx, sr, vdi)
-            info = attach(ctx, sr, vdi, vbd["mode"] == "RW")
+            info = attach(ctx, sr, vdi, vbd["mode"] == "RW", device=dom0)
         with store.transaction():
             store.update("VDI", vdi, {"attach": dict(info, state=ATTACHED)})
             store.update("VBD", self, {"currently_attached": True,
-                                       "device": info.get("device", "")})
+                                       "device": info.get("device", "") if dom0 else ""})
 
 
 def unplug(ctx, self, force=False):
-    store = ctx.store
-    vbd = store.get("VBD", self)
+    vbd = ctx.store.get("VBD", self)
+    if ctx.store.get("VM", vbd["VM"])["is_control_domain"] is not True:
+        from smtap.toolstack import domains
+        return domains.hotunplug(ctx, self, force)
     if not vbd["currently_attached"]:
         raise ApiError(errors.DEVICE_ALREADY_DETACHED, self)
-    vdi = vbd["VDI"]
+    disconnect(ctx, self, force)
+
+
+def disconnect(ctx, self, force=False):
+    """The VBD's datapath goes: the VDI detached once its last VBD goes."""
+    store = ctx.store
+    vdi = store.get("VBD", self)["VDI"]
     with ctx.ts.lock("VDI", vdi), operations.running(
             ctx, ("VBD", self, "unplug_force" if force else "unplug")):
         if _users(ctx, vdi, self):
