@@ -126,7 +126,7 @@ class Servers(object):
     def untap(self, uri):
         """Destroy the tapdisk tap() made for uri."""
         for pid, minor in list(self.taps):
-            if uri.endswith("nbd%d.%d" % (pid, minor)):
+            if uri.endswith(names.nbd_name(pid, minor)):
                 subprocess.run(["tap-ctl", "destroy", "-p", str(pid), "-m", str(minor)],
                                env=self.env, check=True, stdout=subprocess.DEVNULL)
                 self.taps.remove((pid, minor))

@@ -16,6 +16,7 @@ from lib.install import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, py36_prefix, rpm_in
                          rpm_query_list, stock_host)
 from lib.procs import run
 from lib.sizes import MiB
+from smtap import names
 from smtap.toolstack import hostroot
 
 pytestmark = [pytest.mark.rpm,
@@ -95,7 +96,7 @@ def test_every_launcher_and_plugin_answers_under_bare_python36(built_rpm, bare36
         pid, minor = int(m.group(1)), m.group(2)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             assert f.read().split(b"\0")[0].decode() == bare36
-        sock = os.path.join(runtime, "nbd%d.%s" % (pid, minor))
+        sock = names.nbd_path(pid, int(minor), runtime)
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img,
              nbd_uri(sock)])
         if params.startswith("aio"):
