@@ -942,17 +942,24 @@ class Session(object):
                         out.append(data)
             replies.views = True    # viewing()
             return
-        errors = chain.pwritev([(data, offset) for data, offset, _, _ in run])
-        if errors is None and any(fua for _, _, _, fua in run):
+        requests = []
+        fua = 0
+        for data, offset, _, f in run:      # loops, no generators: runs are often of one
+            requests.append((data, offset))
+            fua |= f
+        errors = chain.pwritev(requests)
+        if errors is None and fua:
             err = self._flush(chain)
             if err is not None:
                 errors = [err] * len(run)
         if errors is None:
             if self.structured:
-                out.extend(F.chunk_done(handle) for _, _, handle, _ in run)
+                for _, _, handle, _ in run:
+                    out.append(F.chunk_done(handle))
             else:
                 pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC
-                out.extend(pack(magic, 0, handle) for _, _, handle, _ in run)
+                for _, _, handle, _ in run:
+                    out.append(pack(magic, 0, handle))
             return
         for (_, _, handle, _), err in zip(run, errors):
             self._write_answer(handle, err)
