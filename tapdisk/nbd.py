@@ -72,6 +72,8 @@ _leaked = []    # I/O queues that could not be drained, and their buffers: never
 # the hot loop's names, one lookup each
 CMD_READ, CMD_WRITE, READ_FLAGS, WRITE_FLAGS = F.CMD_READ, F.CMD_WRITE, F.READ_FLAGS, F.WRITE_FLAGS
 FLAG_FUA = F.CMD_FLAG_FUA
+REQUEST_SIZE, REQUEST_MAGIC = F.REQUEST_SIZE, F.REQUEST_MAGIC
+_unpack_request = F.REQUEST.unpack_from
 Op = ioqueue.Op
 
 
@@ -619,7 +621,7 @@ class Session(object):
             elif not backlog:
                 continue
             # 3. start the complete requests
-            if have < F.REQUEST_SIZE:
+            if have < REQUEST_SIZE:
                 continue
             if backend.held and self.entered:
                 if inflight or out:
@@ -662,6 +664,13 @@ class Session(object):
         while I/O is in flight, or the limits of what may be in flight. Returns (where
         it stopped, whether complete requests are left, DISC seen); self.started: how
         many requests it started."""
+        if not self.inflight and have >= REQUEST_SIZE:
+            # queue depth 1: the buffer holds one read or write, nothing is in flight
+            magic, flags, typ, handle, offset, length = _unpack_request(buf, 0)
+            if (magic == REQUEST_MAGIC and typ <= CMD_WRITE and have == REQUEST_SIZE
+                    + (length if typ else 0) and self._start_one(
+                        view, flags, typ, handle, offset, length)):
+                return have, False, False
         reqs, end = F.split_requests(buf, 0, have)
         chain = self.chain
         size, readonly = self.size, self.readonly
@@ -768,6 +777,53 @@ class Session(object):
         if stop is None:
             return end, False, disconnect
         return reqs[stop][1] - F.REQUEST_SIZE, True, disconnect
+
+    def _start_one(self, view, flags, typ, handle, offset, length):
+        """Start the read or write that is the whole receive buffer, with nothing in
+        flight (queue depth 1), without _dispatch's batching. False: it is not the
+        simple case (a check fails, a write to widen): _dispatch's general path
+        takes it."""
+        chain = self.chain
+        if (chain is None or offset + length > self.size or not length
+                or length > MAX_REQUEST):
+            return False
+        acct = self.acct
+        if typ == CMD_READ:
+            if flags & ~READ_FLAGS:
+                return False
+            acct[0] += length >> 9
+            acct[2] += 1
+            if chain.queued:
+                op = _queued_op(self.replies.pool, self.io.ops, CMD_READ, handle, length,
+                                offset)
+                self.inflight, self.inbytes = 1, length
+                self._queue(chain.queue_reads, [(length, offset, op.view, op.buf[1], op)])
+                self.client.inflight = self.inflight    # (answered at once: not counted)
+            else:
+                self._run_sync(chain, CMD_READ, [(length, offset, handle)])
+                self.client.inflight = 1    # answered in the turn: until its answer is sent
+        else:
+            if self.readonly or flags & ~WRITE_FLAGS:
+                return False
+            queued = chain.queued
+            if queued and (offset | length) & self.write_mask:
+                return False
+            acct[1] += length >> 9
+            acct[3] += 1
+            data = view[REQUEST_SIZE:REQUEST_SIZE + length]
+            if queued:
+                op = _queued_op(self.replies.pool, self.io.ops, CMD_WRITE, handle, length,
+                                offset)
+                op.view[:] = data           # the receive buffer moves on
+                op.fua = flags & FLAG_FUA
+                self.inflight, self.inbytes = 1, length
+                self._queue(chain.queue_writes, [(length, offset, op.view, op.buf[1], op)])
+                self.client.inflight = self.inflight
+            else:
+                self._run_sync(chain, CMD_WRITE, [(data, offset, handle, flags & FLAG_FUA)])
+                self.client.inflight = 1
+        self.started = 1
+        return True
 
     def _refuse(self, handle, why):
         """Answer a request that cannot be run: why = (NBD error, message), None: the
@@ -886,17 +942,24 @@ class Session(object):
                         out.append(data)
             replies.views = True    # viewing()
             return
-        errors = chain.pwritev([(data, offset) for data, offset, _, _ in run])
-        if errors is None and any(fua for _, _, _, fua in run):
+        requests = []
+        fua = 0
+        for data, offset, _, f in run:      # loops, no generators: runs are often of one
+            requests.append((data, offset))
+            fua |= f
+        errors = chain.pwritev(requests)
+        if errors is None and fua:
             err = self._flush(chain)
             if err is not None:
                 errors = [err] * len(run)
         if errors is None:
             if self.structured:
-                out.extend(F.chunk_done(handle) for _, _, handle, _ in run)
+                for _, _, handle, _ in run:
+                    out.append(F.chunk_done(handle))
             else:
                 pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC
-                out.extend(pack(magic, 0, handle) for _, _, handle, _ in run)
+                for _, _, handle, _ in run:
+                    out.append(pack(magic, 0, handle))
             return
         for (_, _, handle, _), err in zip(run, errors):
             self._write_answer(handle, err)
