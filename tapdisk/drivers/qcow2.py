@@ -338,8 +338,8 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                     read(rfd, req[i], req[i + 1], address + req[i + 2], op, buffered)
                 for fpos, data, n in fills:
                     view[fpos:fpos + n] = zero(n) if data is None else data
-            self._track(requests)
         finally:
+            self._track(requests)   # even a batch that failed midway: its I/O runs on
             self.gate.leave()
 
     # -- frees while queued I/O is in flight ----------------------------------------------
@@ -513,8 +513,8 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                         write(fd, phys, k, address + pos, op)
                     else:
                         write(bfd, phys, k, address + pos, op, True)
-            self._track(requests)
         finally:
+            self._track(requests)   # even a batch that failed midway: its I/O runs on
             self.gate.leave()
         if slow:
             self._pwritev_slow(slow)
