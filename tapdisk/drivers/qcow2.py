@@ -12,16 +12,23 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   before the tables that use them, so a kill -9 leaves leaks at most); after a crash
   the next read-write open repairs the refcounts, as qemu's does. v2 images have no
   dirty bit: each allocating batch has its barriers.
-- Reads and writes of allocated clusters map straight to one libaio batch (contiguous
-  runs merged); unallocated clusters read as zeros here and from the parent in a chain
-  (extents() says which, exactly, from the L2 entries), zero clusters as zeros.
-- A write that allocates: new clusters (refcounts), the rest of each new cluster copied
+- The queued path (can_queue, as vhd): a read in one allocated cluster is one I/O on
+  the connection's queue, holes and zero clusters are answered at once (in a chain the
+  engine reads the holes from the parent: extents() says which, exactly, from the L2
+  entries), other reads are mapped run by run; a write into allocated clusters of
+  refcount 1 (no metadata to change) is queued. The synchronous path (preadv/pwritev:
+  one libaio batch, contiguous runs merged) serves the engine's retries and widened
+  writes.
+- A write that allocates (queued or not: on the synchronous path, in the batch's turn):
+  new clusters (refcounts), the rest of each new cluster copied
   from the backing chain (the parents' drivers) or zeroed, the data, then the L2
   entries, then a new table's L1 entry. Writes never land on metadata or far past the
   end of the file (a corrupt table): EIO, nothing written.
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
-  Freed clusters are reused only once no read or write in flight can still use them.
+  Freed clusters are reused only once no read or write in flight can still use them:
+  a free waits for the synchronous requests (the gate) and is deferred past queued ones
+  still in flight.
 - Backing files: qcow2 (this type) or raw (aio), named relative to the image's
   directory; a missing one is refused at open.
 """
@@ -563,10 +570,6 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     def pwrite(self, buf, offset):
         self.pwritev([(buf, offset)])
-
-    def _free(self, frees):
-        """The format's frees, once no request in flight can still use the clusters."""
-        self.gate.run_exclusive(self.img.free_clusters, frees)
 
     def zero(self, length, offset, may_trim=False):
         """Zeros that never show a parent: zero clusters (may_trim: their space freed),

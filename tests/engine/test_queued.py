@@ -16,7 +16,7 @@ from smtap.tapdisk.drivers import qcow2 as qcow2drv
 from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run, wait_for
-from lib.qcow2 import QCOW2_DISKS, check_images
+from lib.qcow2 import QCOW2_DISKS, check_images, qcow2_check, qcow2_chain
 from lib.sizes import MiB
 
 PIPES = {}
@@ -197,3 +197,30 @@ def test_qcow2_reads_and_in_place_writes_take_the_queue(smtap_root, monkeypatch,
     finally:
         vbd.close(force=True)
     check_images(smtap_root)
+
+
+def test_a_qcow2_free_waits_for_the_queued_requests_in_flight(smtap_root):
+    """A cluster trimmed while a queued read of it is still in flight (another
+    connection's) stays allocated until that read completed: no allocation reuses it
+    meanwhile; the next flush after that frees it."""
+    path = qcow2_chain(smtap_root, 4 * MiB, 1)
+    d = qcow2drv.Qcow2Driver()
+    d.open(path, 0, {})
+    try:
+        d.pwrite(b"\x55" * 65536, 0)
+        host = d._host_of(0) >> d.bits
+        op = ioqueue.Op()
+        op.pending = 1                          # its I/O on some connection's queue
+        d._track([(65536, 0, None, 0, op)])
+        d.trim(65536, 0)
+        assert d.extents(65536, 0) == [(65536, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+        assert d.img.refcount(host) == 1        # not reusable yet
+        d.pwrite(b"\x66" * 65536, MiB)
+        assert d._host_of(MiB) >> d.bits != host
+        op.pending = 0                          # completed: freed at the next flush
+        d.flush()
+        assert d.img.refcount(host) == 0
+        assert d.pread(65536, MiB) == b"\x66" * 65536
+    finally:
+        d.close()
+    qcow2_check(path)
