@@ -12,16 +12,23 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   before the tables that use them, so a kill -9 leaves leaks at most); after a crash
   the next read-write open repairs the refcounts, as qemu's does. v2 images have no
   dirty bit: each allocating batch has its barriers.
-- Reads and writes of allocated clusters map straight to one libaio batch (contiguous
-  runs merged); unallocated clusters read as zeros here and from the parent in a chain
-  (extents() says which, exactly, from the L2 entries), zero clusters as zeros.
-- A write that allocates: new clusters (refcounts), the rest of each new cluster copied
+- The queued path (can_queue, as vhd): a read in one allocated cluster is one I/O on
+  the connection's queue, holes and zero clusters are answered at once (in a chain the
+  engine reads the holes from the parent: extents() says which, exactly, from the L2
+  entries), other reads are mapped run by run; a write into allocated clusters of
+  refcount 1 (no metadata to change) is queued. The synchronous path (preadv/pwritev:
+  one libaio batch, contiguous runs merged) serves the engine's retries and widened
+  writes.
+- A write that allocates (queued or not: on the synchronous path, in the batch's turn):
+  new clusters (refcounts), the rest of each new cluster copied
   from the backing chain (the parents' drivers) or zeroed, the data, then the L2
   entries, then a new table's L1 entry. Writes never land on metadata or far past the
   end of the file (a corrupt table): EIO, nothing written.
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
-  Freed clusters are reused only once no read or write in flight can still use them.
+  Freed clusters are reused only once no read or write in flight can still use them:
+  a free waits for the synchronous requests (the gate) and is deferred past queued ones
+  still in flight.
 - Backing files: qcow2 (this type) or raw (aio), named relative to the image's
   directory; a missing one is refused at open.
 """
@@ -39,6 +46,7 @@ ZERO = driver.EXTENT_ZERO
 MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 16          # clusters one extents() call looks at
 L2_CACHE = 64 << 20         # bytes of L2 tables kept in memory
+PRUNE = 4096                # queued requests remembered before the completed ones go
 
 
 class _MetaIO(Q.File):
@@ -141,12 +149,17 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     can_extents = True
     can_multi_conn = True       # flush is fdatasync of the one file: every client's writes
     trim_hides_parent = True    # trimmed clusters become zero clusters under a parent
+    can_queue = True
     options = {"direct": driver.parse_bool}     # direct=0: never O_DIRECT (as -D)
 
     def __init__(self):
         super(Qcow2Driver, self).__init__()
         self.file = self.img = self.parent = None
         self.gate = _Gate()
+        self._qlock = threading.Lock()
+        self._queued = []       # requests with queued I/O (a writable image): see _track
+        self._deferred = []     # [(frees, the requests in flight when they were made)]
+        self._prune_at = PRUNE
 
     # -- open / close ------------------------------------------------------------------
     def open(self, path, flags, options):
@@ -182,6 +195,17 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self.wmask = full & ~aligned                         # ... of refcount 1: COPIED
         self.zmask = Q.OFLAG_COMPRESSED | Q.OFLAG_ZERO      # a zero cluster: ZERO
 
+
+    def close(self):
+        """The deferred frees first: the engine closes (and pauses) with no I/O in
+        flight."""
+        try:
+            if self._deferred and self.img is not None:
+                with self.img.lock:
+                    self._reap(force=True)
+        finally:
+            self._deferred = []
+            super(Qcow2Driver, self).close()
 
     # -- lookups ------------------------------------------------------------------------
     def _entry(self, gc):
@@ -284,6 +308,92 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 fills.append((at, None, n))
         return acc
 
+    def queue_reads(self, io, requests):
+        """Driver.queue_reads: a request in one allocated cluster is one I/O, one in a
+        hole or a zero cluster is zeros at once; others are mapped (runs: data queued,
+        zeros and compressed clusters filled here). In a chain the engine hands the
+        holes (extents) down to the parent's driver."""
+        afile, img = self.file, self.img
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        bits, cmask, rmask, zmask = self.bits, self.cmask, self.rmask, self.zmask
+        l2bits, l2mask, l2get = self.l2bits, self.l2mask, img._l2.get
+        read, zero = io.read, driver.zeros
+        self.gate.enter()
+        try:
+            eof = img.file_size
+            for length, offset, view, address, op in requests:
+                gc = offset >> bits
+                if (offset + length - 1) >> bits == gc:
+                    table = l2get(gc >> l2bits)
+                    e = table[gc & l2mask] if table is not None else self._entry(gc)
+                    if e and not e & rmask:
+                        phys = (e & Q.OFFSET_MASK) + (offset & cmask)
+                        if phys + length <= eof:
+                            if direct and not (phys | length | address) & mask:
+                                read(fd, phys, length, address, op)
+                            else:
+                                read(bfd, phys, length, address, op, True)
+                            continue
+                    elif not e or (e & zmask == Q.OFLAG_ZERO):     # unallocated or zeros
+                        view[:] = zero(length)
+                        continue
+                req, fills = [], []
+                buffered = not direct or bool((self._map(offset, length, 0, req, fills)
+                                               | address) & mask)
+                rfd = bfd if buffered else fd
+                for i in range(0, len(req), 3):
+                    read(rfd, req[i], req[i + 1], address + req[i + 2], op, buffered)
+                for fpos, data, n in fills:
+                    view[fpos:fpos + n] = zero(n) if data is None else data
+        finally:
+            self._track(requests)   # even a batch that failed midway: its I/O runs on
+            self.gate.leave()
+
+    # -- frees while queued I/O is in flight ----------------------------------------------
+    # The gate holds off frees only while a request looks its clusters up; queued I/O
+    # runs on after that, completed by its own connection's thread. So a free waits for
+    # no one: it is kept with the requests still in flight, and run (refcounts dropped,
+    # the clusters reusable) once they all completed, at the next allocation, flush or
+    # close. A crash meanwhile leaks the clusters at most (the dirty bit repairs it).
+    def _track(self, requests):
+        if self.readonly:
+            return          # a parent: its clusters are never freed while open
+        ops = [r[4] for r in requests if r[4].pending]
+        if ops:
+            with self._qlock:
+                queued = self._queued
+                queued.extend(ops)
+                if len(queued) > self._prune_at:      # completed ones go, now and then
+                    queued = self._queued = [op for op in queued if op.pending]
+                    self._prune_at = 2 * len(queued) + PRUNE
+
+    def _free(self, frees):
+        """The format's frees (under its lock): at once if no queued request is in
+        flight, else once those that are completed (_reap)."""
+        self.gate.run_exclusive(self._free_or_defer, frees)
+
+    def _free_or_defer(self, frees):
+        with self._qlock:
+            busy = self._queued = [op for op in self._queued if op.pending]
+        if busy:
+            self._deferred.append((frees, busy))
+        else:
+            self.img.free_clusters(frees)
+
+    def _reap(self, force=False):
+        """Run the deferred frees whose requests all completed (force: all of them, when
+        nothing can be in flight). Under the image's lock."""
+        keep = []
+        for frees, ops in self._deferred:
+            if force or not any(op.pending for op in ops):
+                try:
+                    self.img.free_clusters(frees)
+                except Q.QCow2Error as e:
+                    raise _error(e, self.path)
+            else:
+                keep.append((frees, ops))
+        self._deferred = keep
+
     def pread(self, length, offset):
         return bytes(self.preadv([(length, offset)])[0])
 
@@ -345,47 +455,84 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def _pwritev_fast(self, requests):
         """Every request in allocated clusters of refcount 1: one batch, True. Else
         nothing written, False."""
-        bits, cmask, wmask = self.bits, self.cmask, self.wmask
-        l2bits, l2mask, l2get = self.l2bits, self.l2mask, self.img._l2.get
-        entry = self._entry
-        meta = self.img.meta
-        eof = self.img.file_size
         writes = []
         for buf, offset in requests:
-            n = len(buf)
-            gc = offset >> bits
-            last = (offset + n - 1) >> bits
-            if last == gc:
-                table = l2get(gc >> l2bits)
-                e = table[gc & l2mask] if table is not None else entry(gc)
-                if e & wmask != Q.OFLAG_COPIED:
-                    return False
-                phys = (e & Q.OFFSET_MASK) + (offset & cmask)
-                if phys >> bits in meta or phys >= eof:
-                    return False            # the slow path says why
-                writes.append((buf, phys))
-                continue
             view = memoryview(buf).cast("B")
-            pos = 0
-            while pos < n:
-                g = (offset + pos) >> bits
-                k = min(n - pos, ((g + 1) << bits) - offset - pos)
-                e = entry(g)
-                if e & wmask != Q.OFLAG_COPIED:
-                    return False
-                phys = (e & Q.OFFSET_MASK) + ((offset + pos) & cmask)
-                if phys >> bits in meta or phys >= eof:
-                    return False
+            pieces = self._in_place(offset, len(view))
+            if pieces is None:
+                return False
+            for phys, pos, k in pieces:
                 writes.append((view[pos:pos + k], phys))
-                pos += k
         self.file.pwritev(writes)
         return True
+
+    def _in_place(self, offset, n):
+        """[(host offset, position, length)] of a write into allocated clusters of
+        refcount 1 (no metadata to change), or None (the slow path: allocation,
+        copy-on-write, or a table pointing where it must not, which it reports)."""
+        bits, cmask, wmask = self.bits, self.cmask, self.wmask
+        meta = self.img.meta
+        eof = self.img.file_size
+        gc = offset >> bits
+        if (offset + n - 1) >> bits == gc:
+            table = self.img._l2.get(gc >> self.l2bits)
+            e = table[gc & self.l2mask] if table is not None else self._entry(gc)
+            if e & wmask != Q.OFLAG_COPIED:
+                return None
+            phys = (e & Q.OFFSET_MASK) + (offset & cmask)
+            if phys >> bits in meta or phys >= eof:
+                return None
+            return [(phys, 0, n)]
+        out = []
+        pos = 0
+        while pos < n:
+            g = (offset + pos) >> bits
+            k = min(n - pos, ((g + 1) << bits) - offset - pos)
+            e = self._entry(g)
+            if e & wmask != Q.OFLAG_COPIED:
+                return None
+            phys = (e & Q.OFFSET_MASK) + ((offset + pos) & cmask)
+            if phys >> bits in meta or phys >= eof:
+                return None
+            out.append((phys, pos, k))
+            pos += k
+        return out
+
+    def queue_writes(self, io, requests):
+        """Driver.queue_writes: writes into allocated clusters of refcount 1 queued
+        (no metadata changes); the others (allocation, copy-on-write) on the
+        synchronous path here, in its crash-safe order, before returning."""
+        if self.readonly:
+            raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
+        afile = self.file
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        write = io.write
+        slow = []
+        self.gate.enter()
+        try:
+            for length, offset, view, address, op in requests:
+                pieces = self._in_place(offset, length)
+                if pieces is None:
+                    slow.append((view, offset))
+                    continue
+                for phys, pos, k in pieces:
+                    if direct and not (phys | k | (address + pos)) & mask:
+                        write(fd, phys, k, address + pos, op)
+                    else:
+                        write(bfd, phys, k, address + pos, op, True)
+        finally:
+            self._track(requests)   # even a batch that failed midway: its I/O runs on
+            self.gate.leave()
+        if slow:
+            self._pwritev_slow(slow)
 
     def _pwritev_slow(self, requests):
         """Allocating writes, under the image's lock: plan (clusters and refcounts), the
         copy-on-write fills and the data in one batch, then the tables."""
         img = self.img
         with img.lock:
+            if self._deferred:
+                self._reap()
             try:
                 plan = img.plan_write([(offset, len(buf)) for buf, offset in requests])
                 writes = img.fill_data(plan)
@@ -424,16 +571,14 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def pwrite(self, buf, offset):
         self.pwritev([(buf, offset)])
 
-    def _free(self, frees):
-        """The format's frees, once no request in flight can still use the clusters."""
-        self.gate.run_exclusive(self.img.free_clusters, frees)
-
     def zero(self, length, offset, may_trim=False):
         """Zeros that never show a parent: zero clusters (may_trim: their space freed),
         partial clusters written."""
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
         with self.img.lock:
+            if self._deferred:
+                self._reap()
             try:
                 self.img.write_zeroes(offset, length, unmap=may_trim)
             except Q.QCow2Error as e:
@@ -445,12 +590,17 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         if self.readonly:
             return
         with self.img.lock:
+            if self._deferred:
+                self._reap()
             try:
                 self.img.discard(offset, length)
             except Q.QCow2Error as e:
                 raise _error(e, self.path)
 
     def flush(self):
+        if self._deferred:
+            with self.img.lock:
+                self._reap()
         try:
             self.img.flush()
         except Q.QCow2Error as e:

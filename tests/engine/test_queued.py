@@ -11,10 +11,12 @@ import pytest
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, ioqueue, vbd as vbdmod
+from smtap.tapdisk.drivers import qcow2 as qcow2drv
 
 from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run, wait_for
+from lib.qcow2 import QCOW2_DISKS, check_images, qcow2_check, qcow2_chain
 from lib.sizes import MiB
 
 PIPES = {}
@@ -151,3 +153,74 @@ def test_page_cache_writes_on_a_full_file_system_answer_enospc(serve, smtap_root
     qemu_io(s.uri, "read -P 0x61 0 1M")
     qemu_io(s.uri, "discard 4M 8M")
     qemu_io(s.uri, "write -P 0x63 4M 1M", "read -P 0x63 4M 1M")           # room again
+
+
+@pytest.mark.parametrize("disk,backend", [(d, b) for d in sorted(QCOW2_DISKS) for b in IO_BACKENDS])
+def test_qcow2_reads_and_in_place_writes_take_the_queue(smtap_root, monkeypatch, disk, backend):
+    """A qcow2 image (and a chain of two over a raw base) on the queued path: reads and
+    writes into allocated clusters give their I/O to the connection's queue, the
+    synchronous preadv is not used; allocating writes, zeroes and trims (frees while
+    reads may be in flight) keep the data right and the images clean."""
+    if backend == "io_uring" and not have_io_uring():
+        pytest.skip("no io_uring here")
+    monkeypatch.setenv("SMTAP_IO", backend)
+    qcls = qcow2drv.Qcow2Driver
+    seen = {"read": 0, "write": 0, "sync_reads": 0}
+
+    def counting(kind, fn):
+        def wrapper(self, io, requests):
+            fn(self, io, requests)
+            seen[kind] += sum(1 for r in requests if r[4].pending)    # I/O queued for it
+        return wrapper
+
+    def sync_preadv(self, requests, _orig=qcls.preadv):
+        seen["sync_reads"] += 1
+        return _orig(self, requests)
+
+    monkeypatch.setattr(qcls, "queue_reads", counting("read", qcls.queue_reads))
+    monkeypatch.setattr(qcls, "queue_writes", counting("write", qcls.queue_writes))
+    params = QCOW2_DISKS[disk](smtap_root, 8 * MiB)
+    vbd = vbdmod.VBD(0, settings.runtime_dir())
+    vbd.open(params, 0)
+    try:
+        assert vbd.chain.queued
+        uri = "nbd+unix:///?socket=%s" % vbd.nbd_path
+        qemu_io(uri, "write -P 0x41 0 2M", "write -z 2M 64k", "discard 3M 1M")  # allocating
+        monkeypatch.setattr(qcls, "preadv", sync_preadv)
+        qemu_io(uri, "write -P 0x42 64k 128k", "write -P 0x43 1M 4k",            # in place
+                "read -P 0x41 0 64k", "read -P 0x42 64k 128k", "read -P 0x41 192k 832k",
+                "read -P 0x43 1M 4k", "read -P 0 2M 64k", "read -P 0 3M 1M")
+        assert seen["write"] >= 2 and seen["read"] >= 4 and seen["sync_reads"] == 0
+        # frees (discard) while the other connection's reads are queued
+        qemu_io(uri, "aio_read -P 0x41 256k 64k", "discard 512k 64k", "aio_flush",
+                "read -P 0 512k 64k", "write -P 0x44 5M 1M", "read -P 0x44 5M 1M")
+    finally:
+        vbd.close(force=True)
+    check_images(smtap_root)
+
+
+def test_a_qcow2_free_waits_for_the_queued_requests_in_flight(smtap_root):
+    """A cluster trimmed while a queued read of it is still in flight (another
+    connection's) stays allocated until that read completed: no allocation reuses it
+    meanwhile; the next flush after that frees it."""
+    path = qcow2_chain(smtap_root, 4 * MiB, 1)
+    d = qcow2drv.Qcow2Driver()
+    d.open(path, 0, {})
+    try:
+        d.pwrite(b"\x55" * 65536, 0)
+        host = d._host_of(0) >> d.bits
+        op = ioqueue.Op()
+        op.pending = 1                          # its I/O on some connection's queue
+        d._track([(65536, 0, None, 0, op)])
+        d.trim(65536, 0)
+        assert d.extents(65536, 0) == [(65536, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
+        assert d.img.refcount(host) == 1        # not reusable yet
+        d.pwrite(b"\x66" * 65536, MiB)
+        assert d._host_of(MiB) >> d.bits != host
+        op.pending = 0                          # completed: freed at the next flush
+        d.flush()
+        assert d.img.refcount(host) == 0
+        assert d.pread(65536, MiB) == b"\x66" * 65536
+    finally:
+        d.close()
+    qcow2_check(path)
