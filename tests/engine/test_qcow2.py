@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from lib.engine import (FIO_CRASH, FuzzTapdisk, acknowledged_writes, create_refused, disk_sha256,
+from lib.engine import (check_raw_parent_opens_with_aio, FIO_CRASH, FuzzTapdisk, acknowledged_writes, create_refused, disk_sha256,
                         minor_freed, nbd_map, qemu_io, tap_ctl, write_model)
 from lib.procs import run, wait_for
 from lib.qcow2 import qcow2_chain, qcow2_check
@@ -192,19 +192,9 @@ def test_writes_zeroes_and_trims_never_show_the_parent(make_tap, smtap_root):
 
 
 def test_a_raw_backing_file_opens_with_aio(make_tap, smtap_root):
-    raw = smtap_root / "raw.img"
-    raw.write_bytes(b"\x3c" * (8 * MiB))
-    leaf = str(smtap_root / "leaf.qcow2")
-    q2("snapshot", "-n", leaf, "-p", raw, "-m")
-    tap = make_tap("qcow2:" + leaf)
-    images = control.Client(tap.pid).stats(tap.minor)["images"]
-    assert [(i["driver"]["type"], i["driver"]["name"]) for i in images] == [
-        ("qcow2", leaf), ("aio", str(raw))]
-    qemu_io(tap.uri, "read -P 0x3c 0 8M", "write -P 0x3d 1M 4k", "read -P 0x3d 1M 4k",
-            "read -P 0x3c 1052672 60k")
-    tap.destroy()
-    qcow2_check(leaf)
-    assert raw.read_bytes() == b"\x3c" * (8 * MiB)
+    check_raw_parent_opens_with_aio(
+        make_tap, smtap_root, "qcow2", lambda leaf, raw: q2("snapshot", "-n", leaf, "-p", raw, "-m"),
+        qcow2_check, "60k")
 
 
 def test_a_read_only_open_writes_nothing(make_tap, smtap_root):

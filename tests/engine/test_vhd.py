@@ -13,7 +13,7 @@ import uuid as uuidlib
 
 import pytest
 
-from lib.engine import (FIO_CRASH, FuzzTapdisk, acknowledged_writes, create_refused, minor_freed,
+from lib.engine import (check_raw_parent_opens_with_aio, FIO_CRASH, FuzzTapdisk, acknowledged_writes, create_refused, minor_freed,
                         nbd_map, nbd_uri, qemu_io, tap_ctl, write_model)
 from lib.procs import run, wait_for
 from lib.sizes import MiB
@@ -189,19 +189,10 @@ def test_writes_zeroes_and_trims_never_show_the_parent(make_tap, smtap_root):
 
 
 def test_a_raw_parent_opens_with_aio(make_tap, smtap_root):
-    raw = smtap_root / "raw.img"
-    raw.write_bytes(b"\x3c" * (8 * MiB))
-    leaf = str(smtap_root / "leaf.vhd")
-    vhd_util("snapshot", "-n", leaf, "-p", raw, "-m", check=0)
-    tap = make_tap("vhd:" + leaf)
-    images = control.Client(tap.pid).stats(tap.minor)["images"]
-    assert [(i["driver"]["type"], i["driver"]["name"]) for i in images] == [
-        ("vhd", leaf), ("aio", str(raw))]
-    qemu_io(tap.uri, "read -P 0x3c 0 8M", "write -P 0x3d 1M 4k", "read -P 0x3d 1M 4k",
-            "read -P 0x3c 1052672 4k")
-    tap.destroy()
-    vhd_check(leaf)
-    assert raw.read_bytes() == b"\x3c" * (8 * MiB)
+    check_raw_parent_opens_with_aio(
+        make_tap, smtap_root, "vhd",
+        lambda leaf, raw: vhd_util("snapshot", "-n", leaf, "-p", raw, "-m", check=0),
+        vhd_check, "4k")
 
 
 def _small_block_vhd(path, size, block_size):

@@ -328,3 +328,25 @@ class FuzzTapdisk(object):
         assert "Traceback" not in log, log[-4000:]
         print("corrupted images: %d opened, %d refused" % (self.opened, self.refused))
         assert self.opened and self.refused, (self.opened, self.refused)
+
+
+def check_raw_parent_opens_with_aio(make_tap, root, disk_type, snapshot, check, unwritten):
+    """A <disk_type> leaf over a raw parent: the engine opens the parent with aio, reads
+    come from it, a write lands in the leaf only (`unwritten`: how much of the leaf's
+    allocation unit after the write still reads the parent's bytes), the leaf checks
+    clean and the parent is unchanged. snapshot(leaf, raw) makes the leaf, check(leaf)
+    runs the format's checker."""
+    from smtap.tapdisk import control
+    raw = root / "raw.img"
+    raw.write_bytes(b"\x3c" * (8 << 20))
+    leaf = str(root / ("leaf." + disk_type))
+    snapshot(leaf, str(raw))
+    tap = make_tap(disk_type + ":" + leaf)
+    images = control.Client(tap.pid).stats(tap.minor)["images"]
+    assert [(i["driver"]["type"], i["driver"]["name"]) for i in images] == [
+        (disk_type, leaf), ("aio", str(raw))]
+    qemu_io(tap.uri, "read -P 0x3c 0 8M", "write -P 0x3d 1M 4k", "read -P 0x3d 1M 4k",
+            "read -P 0x3c 1052672 %s" % unwritten)
+    tap.destroy()
+    check(leaf)
+    assert raw.read_bytes() == b"\x3c" * (8 << 20)
