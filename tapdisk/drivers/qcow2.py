@@ -338,8 +338,8 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                         view[:] = zero(length)
                         continue
                 req, fills = [], []
-                buffered = not direct or bool((self._map(offset, length, 0, req, fills)
-                                               | address) & mask)
+                align = self._map(offset, length, 0, req, fills) | address  # (always run)
+                buffered = not direct or bool(align & mask)
                 rfd = bfd if buffered else fd
                 for i in range(0, len(req), 3):
                     read(rfd, req[i], req[i + 1], address + req[i + 2], op, buffered)

@@ -375,7 +375,8 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         read, zero = io.read, driver.zeros
         for length, offset, view, address, op in self._queue_in_full_blocks(read, requests):
             req, zeros = [], []
-            buffered = not direct or bool(self._map(offset, length, 0, req, zeros) & mask)
+            align = self._map(offset, length, 0, req, zeros)    # (never short-circuited)
+            buffered = not direct or bool(align & mask)
             rfd = bfd if buffered else fd
             for i in range(0, len(req), 3):
                 read(rfd, req[i], req[i + 1], address + req[i + 2], op, buffered)

@@ -8,25 +8,14 @@ import time
 import pytest
 
 from lib.engine import nbd_map, nbd_uri, qemu_io
-from lib.procs import run
+from lib.procs import fd_flags_of, run
 from lib.sizes import MiB
 from smtap import settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, image, vbd
 
 
-def fd_flags_of(pid, path):
-    """open flags of every fd of pid on path."""
-    out = []
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) != str(path):
-                continue
-            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
-                out.append(int(f.read().split("flags:")[1].split()[0], 8))
-        except OSError:
-            pass
-    return out
+QEMU_FORMAT = {"vhd": "vpc", "qcow2": "qcow2"}
 
 
 # -- aio ----------------------------------------------------------------------------------------
@@ -43,6 +32,31 @@ def test_aio_direct_and_buffered(serve, tmp_path, buffered):
     data = img.read_bytes()
     assert data[1000:1777] == b"\x43" * 777 and data[4096:4096 + MiB] == b"\x21" * MiB
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(img), s.uri)
+
+
+@pytest.mark.parametrize("how", ["direct", "direct=0", "-D"])
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_image_formats_direct_and_buffered(serve, tmp_path, fmt, how):
+    """An image format opens its file O_DIRECT by default, buffered with `?direct=0` or
+    -D; either way aligned, unaligned and block-crossing writes land where qemu reads
+    them, and a later connection (fresh buffers) reads them back."""
+    img = tmp_path / ("d." + fmt)
+    run("qemu-img", "create", "-q", "-f", QEMU_FORMAT[fmt], img, 24 * MiB)
+    s = serve("%s:%s%s" % (fmt, img, "?direct=0" if how == "direct=0" else ""),
+              *(["-D"] if how == "-D" else []))
+    flags = fd_flags_of(s.proc.pid, img)
+    assert flags
+    assert any(f & os.O_DIRECT for f in flags) == (how == "direct")
+    writes = [(0x21, 4096, MiB), (0x43, 1000, 777), (0x65, 3 * MiB + 512, 2 * MiB)]
+    qemu_io(s.uri, *["write -P %#x %d %d" % w for w in writes] + ["flush"])
+    qemu_io(s.uri, *["read -P %#x %d %d" % w for w in writes])
+    s.stop()
+    model = bytearray(24 * MiB)
+    for pattern, off, n in writes:
+        model[off:off + n] = bytes([pattern]) * n
+    want = tmp_path / "model.raw"
+    want.write_bytes(bytes(model))
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", QEMU_FORMAT[fmt], want, img)
 
 
 def test_aio_errors_are_clear(serve, tmp_path):

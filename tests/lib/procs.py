@@ -1,5 +1,6 @@
 """Running commands (text output, undecodable bytes replaced, never an exception),
 waiting for a condition, and what /proc says of a process."""
+import os
 import subprocess
 import time
 
@@ -43,4 +44,18 @@ def memory_of(pid):
             key, _, value = line.partition(":")
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def fd_flags_of(pid, path):
+    """The open flags of every fd of process pid on path (/proc/<pid>/fdinfo)."""
+    out = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) != str(path):
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                out.append(int(f.read().split("flags:")[1].split()[0], 8))
+        except OSError:
+            pass
     return out
