@@ -98,3 +98,41 @@ def test_raw_parent(work):
     vhd_util("check", "-n", "c.vhd", check=0)
     vhd_util("coalesce", "-n", "c.vhd", check=0)
     assert (work / "base.raw").read_bytes()[4096:5120] == b"\x01" * 1024
+
+
+def test_snapshot_walks_past_empty_parents(work):
+    """Unless -e (or -m), the child links to the first ancestor holding data, and gets the
+    size of the parent it was asked for; -e links to that parent as it is."""
+    vhd_util("create", "-n", "base.vhd", "-s", 8, check=0)
+    with V.VHD("base.vhd", writable=True) as base:
+        base.write(b"\x05" * 4096, MiB)
+    vhd_util("snapshot", "-n", "e1.vhd", "-p", "base.vhd", "-e", check=0)
+    vhd_util("snapshot", "-n", "e2.vhd", "-p", "e1.vhd", "-e", check=0)
+    vhd_util("resize", "-s", 16, "-n", "e2.vhd", "-j", "j", check=0)     # larger than base
+    assert vhd_util("query", "-n", "e2.vhd", "-d", check=0).text == "chain depth: 3\n"
+
+    vhd_util("snapshot", "-n", "walked.vhd", "-p", "e2.vhd", check=0)
+    out = vhd_util("query", "-n", "walked.vhd", "-v", "-p", "-d", check=0).text
+    assert out == "16\n%s\nchain depth: 2\n" % (work / "base.vhd")
+    assert view(work / "walked.vhd")[MiB - 1:MiB + 4097] == b"\0" + b"\x05" * 4096 + b"\0"
+
+    vhd_util("snapshot", "-n", "kept.vhd", "-p", "e2.vhd", "-e", check=0)
+    out = vhd_util("query", "-n", "kept.vhd", "-p", "-d", check=0).text
+    assert out == "%s\nchain depth: 4\n" % (work / "e2.vhd")
+
+    with V.VHD("e1.vhd", writable=True) as e1:      # data in e1: the walk stops there
+        e1.write(b"\x06" * 512, 0)
+    vhd_util("snapshot", "-n", "w2.vhd", "-p", "e2.vhd", check=0)
+    assert vhd_util("query", "-n", "w2.vhd", "-p", check=0).text == "%s\n" % (work / "e1.vhd")
+    for name in ("walked.vhd", "kept.vhd", "w2.vhd"):
+        vhd_util("check", "-n", name, "-p", check=0)
+
+
+def test_snapshot_walk_ends_at_a_raw_parent(work):
+    (work / "base.raw").write_bytes(b"\x09" * (4 * MiB))
+    vhd_util("snapshot", "-n", "e.vhd", "-p", "base.raw", "-m", check=0)
+    vhd_util("snapshot", "-n", "c.vhd", "-p", "e.vhd", check=0)    # e.vhd is empty
+    with V.VHD("c.vhd") as c:
+        assert c.parent_is_raw and c.parent_path() == str(work / "base.raw")
+    assert vhd_util("query", "-n", "c.vhd", "-d", check=0).text == "chain depth: 2\n"
+    assert view(work / "c.vhd") == b"\x09" * (4 * MiB)
