@@ -1,10 +1,19 @@
 """Shared fixtures: smtap_root (a test's own SMTAP_ROOT), work (a test's own working
-directory)."""
+directory); before the first test, what killed runs left behind goes."""
+import os
 import pathlib
 
 import pytest
 
 from lib import hosts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stale_roots_swept():
+    """Host roots of earlier runs killed midway (their fixtures never ran) are removed
+    first: their loop devices and mounts would otherwise stay on the machine."""
+    if hosts.hostroot is not None and os.geteuid() == 0:
+        hosts.sweep_stale_roots()
 
 
 @pytest.fixture

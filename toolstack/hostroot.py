@@ -115,8 +115,25 @@ def leftovers(root):
 
 def cleanup(root):
     """Best effort: unmount, free loop devices, kill processes of the root (in that
-    order: a loop device pins its nbdfuse file). Returns what could not be removed."""
+    order: a loop device pins its nbdfuse file), then unmount and free again what a
+    process kept busy. Returns what could not be removed."""
     root = str(root).rstrip("/")
+    for _ in range(2):
+        _release(root)
+        for pid, _ in processes_under(root):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        deadline = time.time() + 5
+        while processes_under(root) and time.time() < deadline:
+            time.sleep(0.05)
+        if not (mounts_under(root) or loops_under(root)):
+            break
+    return leftovers(root)
+
+
+def _release(root):
     for point, fstype, _ in mounts_under(root):
         if fstype.startswith("fuse"):
             continue
@@ -127,29 +144,56 @@ def cleanup(root):
         cmd = ["fusermount3", "-u", point] if fstype.startswith("fuse") else ["umount", point]
         if subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode:
             subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL)
-    for pid, _ in processes_under(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    deadline = time.time() + 5
-    while processes_under(root) and time.time() < deadline:
-        time.sleep(0.05)
-    return leftovers(root)
 
 
 def short_root(prefix="/tmp/s"):
-    """A fresh directory short enough for the runtime links (mkdtemp's are too long)."""
+    """A fresh directory short enough for the runtime links (mkdtemp's are too long),
+    owned by this process (OWNER_FILE): a root whose owner died without cleaning up
+    (a run killed with -9) is found by stale_roots."""
     alphabet = string.ascii_lowercase + string.digits
     n = ROOT_MAX - len(prefix)
     for _ in range(1000):
         path = prefix + "".join(random.choice(alphabet) for _ in range(min(n, 6)))
         try:
             os.mkdir(path, 0o755)
-            return path
         except FileExistsError:
             continue
+        with open(os.path.join(path, OWNER_FILE), "w") as f:
+            f.write(_process_id(os.getpid()))
+        return path
     raise RuntimeError("no free directory name under %s" % prefix)
+
+
+OWNER_FILE = ".smtap-owner"     # "<pid> <start time>" of the process that made the root
+
+
+def _process_id(pid):
+    """pid and its start time (/proc/<pid>/stat field 22): a pid reused later differs."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return "%d %s" % (pid, f.read().rsplit(")", 1)[1].split()[19])
+    except OSError:
+        return ""
+
+
+def stale_roots(prefix):
+    """Roots made by short_root(prefix) whose owner process is gone."""
+    parent, start = os.path.split(prefix)
+    found = []
+    try:
+        names = os.listdir(parent or "/")
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                owner = f.read().strip()
+        except OSError:
+            continue            # not a root, or not one short_root made
+        if name.startswith(start) and owner and _process_id(int(owner.split()[0])) != owner:
+            found.append(path)
+    return sorted(found)
 
 
 def wait_for_socket(path, timeout):

@@ -29,6 +29,23 @@ def host_root(monkeypatch, prefix="/tmp/s"):
             shutil.rmtree(root, ignore_errors=True)
 
 
+PREFIXES = ("/tmp/s", "/tmp/e")      # host_root's: the tests' and the e2e tests'
+
+
+def sweep_stale_roots(prefixes=PREFIXES):
+    """Remove the roots of runs that died without cleaning up (a pytest killed with -9:
+    no fixture ran): their mounts, loop devices, processes, then the directory. Roots
+    of live runs (other worktrees' suites) are left alone. Returns the roots removed."""
+    removed = []
+    for prefix in prefixes:
+        for root in hostroot.stale_roots(prefix):
+            hostroot.cleanup(root)
+            if not hostroot.mounts_under(root):
+                shutil.rmtree(root, ignore_errors=True)
+                removed.append(root)
+    return removed
+
+
 def tapdisks_under(root):
     """[(pid, command line)] of the live tapdisk daemons of this root."""
     return [p for p in hostroot.processes_under(str(root)) if "smtap.tapdisk.daemon" in p[1]]
