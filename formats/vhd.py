@@ -776,39 +776,52 @@ class VHD(object):
     def write(self, data, offset):
         """Write sector-aligned data: new blocks first (zeroed bitmap + data, then the BAT
         entry), then the data, then the bitmaps (data before bitmap), then the batmap."""
+        self.write_runs([(data, offset)])
+
+    def write_runs(self, runs):
+        """write() of several [(data, offset)] at once: the new blocks of all of them
+        allocated together (one barrier), one vectored data write, each bitmap written once."""
         if not self.writable:
             raise VHDError(errno.EROFS, "%s: opened read-only" % self.path)
-        length = len(data)
-        if offset % SECTOR or length % SECTOR:
-            raise _einval("%s: unaligned write (%d bytes at %d)" % (self.path, length, offset))
-        self._check_range(offset, length)
-        if not length:
-            return
-        view = memoryview(data)
+        segs, writes = [], []
+        for data, offset in runs:
+            length = len(data)
+            if offset % SECTOR or length % SECTOR:
+                raise _einval("%s: unaligned write (%d bytes at %d)" % (self.path, length, offset))
+            self._check_range(offset, length)
+            if not self.dynamic:
+                writes.append((data, offset))
+                continue
+            view, pos = memoryview(data), 0
+            for blk, boff, n in self._segments(offset, length):
+                segs.append((blk, boff, n, view[pos:pos + n]))
+                pos += n
         if not self.dynamic:
-            self.io.pwrite(view, offset)
+            if writes:
+                self.io.pwritev(writes)
+            return
+        if not segs:
             return
         self.dirty = True
-        segs = list(self._segments(offset, length))
-        for blk, boff, n in segs:
+        new = {}
+        for blk, boff, n, _ in segs:
             if self.bat[blk] == DD_BLK_UNUSED:
-                self.allocate_block(blk, zero=n < self.block_size)
-        writes, pos = [], 0
-        for blk, boff, n in segs:
-            writes.append((view[pos:pos + n], (self.bat[blk] + self.bm_secs) * SECTOR + boff))
-            pos += n
-        self.io.pwritev(writes)
-        self._update_bitmaps([(blk, boff // SECTOR, (boff + n) // SECTOR) for blk, boff, n in segs
-                              if not self.block_full(blk)])
+                new[blk] = new.get(blk, True) and n < self.block_size
+        if new:
+            self.allocate_blocks(new)
+        self.io.pwritev([(piece, (self.bat[blk] + self.bm_secs) * SECTOR + boff)
+                         for blk, boff, n, piece in segs])
+        self._update_bitmaps([(blk, boff // SECTOR, (boff + n) // SECTOR)
+                              for blk, boff, n, _ in segs if not self.block_full(blk)])
 
     def _update_bitmaps(self, ranges):
         if not ranges:
             return
-        bitmaps = self.read_bitmaps([blk for blk, _, _ in ranges])
-        writes, full = [], []
+        bitmaps = self.read_bitmaps(sorted(set(blk for blk, _, _ in ranges)))
         for blk, first, last in ranges:
-            bm = bitmaps[blk]
-            set_bits(bm, first, last)
+            set_bits(bitmaps[blk], first, last)
+        writes, full = [], []
+        for blk, bm in bitmaps.items():
             writes.append((bytes(bm), self.bat[blk] * SECTOR))
             if self.batmap_map is not None and all(
                     b == 0xFF for b in bm[:self.spb >> 3]) and not self.block_full(blk):
@@ -823,30 +836,50 @@ class VHD(object):
     def allocate_block(self, blk, zero=True):
         """Allocate block blk at the end of the file, in upstream's crash-safe order: the
         zeroed bitmap (and data when `zero`), the footer moved past it, then the BAT entry."""
-        eod = self.end_of_data()
-        sec = eod // SECTOR
-        gap = -(sec + self.bm_secs) % (PAGE // SECTOR)
-        bm_sec = sec + gap
-        if bm_sec + self.bm_secs + self.spb > DD_BLK_UNUSED:
-            raise VHDError(errno.EIO, "%s: file too large for 32-bit block offsets" % self.path)
-        new_end = (bm_sec + self.bm_secs + self.spb) * SECTOR
-        data_start = (bm_sec + self.bm_secs) * SECTOR
-        self.io.pwrite(bytes((gap + self.bm_secs) * SECTOR), eod)
-        if zero:
-            # Past the end of a file, extending it gives zeros; write what is in the way.
-            stale_end = new_end if self.io.is_block else min(new_end, self.io.size())
-            pos = data_start
-            while pos < stale_end:
-                n = min(stale_end - pos, 1 << 20)
-                self.io.pwrite(_zeros(n), pos)
-                pos += n
-        self._write_trailer(new_end)
+        self.allocate_blocks({blk: zero})
+
+    def allocate_blocks(self, blocks):
+        """allocate_block for each of {blk: zero}, one after the other at the end of the
+        file: every block's bitmap (and zeroed data), the footer past the last, one
+        barrier (when ordered), then the BAT entries."""
+        placed = []
+        try:
+            self._place_blocks(blocks, placed)
+        except BaseException:
+            self._eod = None        # from the BAT again: nothing placed is referenced
+            raise
+        for blk, bm_sec in placed:
+            self.bat[blk] = bm_sec
+        sectors = sorted(set(blk * 4 // SECTOR for blk, _ in placed))
+        for first in sectors:       # each BAT sector once
+            self.write_bat_entry(first * (SECTOR // 4))
+        self.dirty = True
+
+    def _place_blocks(self, blocks, placed):
+        for blk in sorted(blocks):
+            eod = self.end_of_data()
+            sec = eod // SECTOR
+            gap = -(sec + self.bm_secs) % (PAGE // SECTOR)
+            bm_sec = sec + gap
+            if bm_sec + self.bm_secs + self.spb > DD_BLK_UNUSED:
+                raise VHDError(errno.EIO, "%s: file too large for 32-bit block offsets"
+                               % self.path)
+            new_end = (bm_sec + self.bm_secs + self.spb) * SECTOR
+            data_start = (bm_sec + self.bm_secs) * SECTOR
+            self.io.pwrite(bytes((gap + self.bm_secs) * SECTOR), eod)
+            if blocks[blk]:
+                # Past the end of a file, extending it gives zeros; write what is in the way.
+                stale_end = new_end if self.io.is_block else min(new_end, self.io.size())
+                pos = data_start
+                while pos < stale_end:
+                    n = min(stale_end - pos, 1 << 20)
+                    self.io.pwrite(_zeros(n), pos)
+                    pos += n
+            self._eod = new_end
+            placed.append((blk, bm_sec))
+        self._write_trailer(self._eod)
         if self.ordered:
             self.io.flush()
-        self.bat[blk] = bm_sec
-        self._eod = new_end
-        self.write_bat_entry(blk)
-        self.dirty = True
 
     def write_bat_entry(self, blk):
         """Rewrite the BAT sector that holds entry blk."""
@@ -1386,19 +1419,17 @@ def coalesce(path, progress=None):
         try:
             if progress is not None:
                 progress(0, len(todo))
-            for done, blk in enumerate(todo, 1):
-                base = blk * child.block_size
-                n = min(child.block_size, child.size - base)
-                if child.block_full(blk):
-                    write(child.read(base, n), base)
-                    total += child.spb
+            for first in range(0, len(todo), COALESCE_BATCH):
+                group = todo[first:first + COALESCE_BATCH]
+                runs, sectors = _coalesce_runs(child, group)
+                if target is not None:
+                    target.pwritev([(data, off) for data, off in runs])
                 else:
-                    for off, ln, present in child.extents(base, n):
-                        if present:
-                            write(child.read(off, ln), off)
-                            total += ln // SECTOR
+                    parent.write_runs(runs)
+                total += sectors
                 if progress is not None:
-                    progress(done, len(todo))
+                    for done in range(first + 1, first + len(group) + 1):
+                        progress(done, len(todo))
         finally:
             if parent is not None:
                 parent.close()
@@ -1406,6 +1437,31 @@ def coalesce(path, progress=None):
                 target.flush()
                 target.close()
         return total
+
+
+COALESCE_BATCH = 16     # blocks copied per round: 32 MiB of 2 MiB blocks at most in memory
+
+
+def _coalesce_runs(child, blocks):
+    """[(data, virtual offset)] of what the child holds in these blocks (whole blocks
+    where its batmap says full, else the runs its bitmaps set), read with one vectored
+    read; and how many sectors that is."""
+    wanted = []
+    for blk in blocks:
+        base = blk * child.block_size
+        n = min(child.block_size, child.size - base)
+        if child.block_full(blk):
+            wanted.append((base, n))
+        else:
+            wanted += [(off, ln) for off, ln, present in child.extents(base, n) if present]
+    datas = child.io.preadv([(ln, child.data_offset(off)) for off, ln in wanted])
+    runs = []
+    for (off, ln), data in zip(wanted, datas):
+        if len(data) != ln:
+            raise _einval("%s: data of %d bytes at %d past the end of the file"
+                          % (child.path, ln, off))
+        runs.append((data, off))
+    return runs, sum(ln for _, ln in wanted) // SECTOR
 
 
 def keyhash_of(nonce, key):

@@ -149,7 +149,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         bs = img.block_size
         self.bs, self.shift, self.bmask = bs, bs.bit_length() - 1, bs - 1
         self.bm_bytes = img.bm_secs * V.SECTOR
-        self.bat = img.bat          # the format's array: allocate_block updates it
+        self.bat = img.bat          # the format's array: allocate_blocks updates it
         nblk = len(self.bat)
         spb = img.spb
         self._ones = (b"\xff" * (spb >> 3), (0xff00 >> (spb & 7)) & 0xff)
@@ -452,12 +452,12 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         """Allocate the blocks of {blk: zero the data?} not allocated yet."""
         bat = self.bat
         with self._lock:
-            for blk, zero in blocks.items():
-                if bat[blk] == UNUSED:
-                    try:
-                        self.img.allocate_block(blk, zero=zero)
-                    except V.VHDError as e:
-                        raise _error(e, self.path)
+            new = dict((blk, zero) for blk, zero in blocks.items() if bat[blk] == UNUSED)
+            if new:
+                try:
+                    self.img.allocate_blocks(new)   # one footer write for all of them
+                except V.VHDError as e:
+                    raise _error(e, self.path)
 
     def pwritev(self, requests):
         if self.readonly:

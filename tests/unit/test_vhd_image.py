@@ -123,6 +123,45 @@ def test_allocation_order(work):
     vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
+def test_several_blocks_allocated_at_once_share_one_barrier(work):
+    """write_runs (coalesce's batches): every new block's zeroed bitmap, the footer past
+    the last, one flush, the BAT, then the data and each bitmap once."""
+    vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
+    rec = Recorder("d.vhd")
+    img = V.VHD("d.vhd", writable=True, io=rec)
+    eod, table = img.end_of_data(), img.header.table_offset
+    img.write_runs([(b"\x05" * 4096, 2 * MiB + 8192), (b"\x06" * 4096, 2 * MiB + 65536),
+                    (b"\x07" * (2 * MiB), 6 * MiB), (b"\x08" * 512, 0)])
+    bitmaps = dict((img.block_offset(b) * 512, b) for b in (0, 1, 3))
+    kinds = []
+    for entry in rec.log:
+        if entry[0] == "flush":
+            kinds.append("flush")
+        elif table <= entry[1] < table + 512:
+            kinds.append("BAT")
+        elif entry[1] + entry[2] - 512 in bitmaps:     # (a zeroed one: with its gap)
+            kinds.append(("bitmap" if kinds.count("flush") else "zeroed bitmap",
+                          bitmaps[entry[1] + entry[2] - 512]))
+        elif entry[2] == 512 and entry[1] >= eod + 6 * MiB:
+            kinds.append("footer past the blocks")
+        else:
+            kinds.append("data" if entry[1] > eod else "batmap")
+    assert kinds[:5] == [("zeroed bitmap", 0), ("zeroed bitmap", 1), ("zeroed bitmap", 3),
+                         "footer past the blocks", "flush"]
+    assert kinds[5:] == ["BAT", "data", "data", "data", "data", ("bitmap", 0), ("bitmap", 1),
+                         ("bitmap", 3), "batmap", "batmap"]      # block 3 full: its batmap bit
+    assert img.extents(0, 10 * MiB) == [
+        (0, 512, True), (512, 2 * MiB + 7680, False), (2 * MiB + 8192, 4096, True),
+        (2 * MiB + 12288, 53248, False), (2 * MiB + 65536, 4096, True),
+        (2 * MiB + 69632, 4 * MiB - 69632, False), (6 * MiB, 2 * MiB, True),
+        (8 * MiB, 2 * MiB, False)]
+    img.close()
+    rec.close()
+    vhd_util_here("check", "-n", "d.vhd", check=0)
+    with V.VHD("d.vhd") as img:
+        assert img.read(2 * MiB + 65536, 4096) == b"\x06" * 4096 and img.block_full(3)
+
+
 def test_strict_open_poisons_the_primary_footer(work):
     vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
     img = V.VHD("d.vhd", writable=True, strict=True)
