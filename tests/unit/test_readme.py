@@ -54,3 +54,32 @@ def test_profile_table_is_settings():
         assert "`%s`" % paths["runtime"] in row and "`%s/<ns>/<name>`" % paths["locks"] in row
     for name in (names.ctl_name(0)[:-1], names.LINKS, names.MINORS + "/" + names.MARKER):
         assert "`%s" % name in text
+
+
+def smtap_imports(path):
+    """The smtap packages a file imports (smtap.sm, smtap.tapdisk, ...)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names_ = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names_ = [node.module] + ["%s.%s" % (node.module, a.name) for a in node.names]
+        else:
+            continue
+        found.update(".".join(n.split(".")[:2]) for n in names_ if n.startswith("smtap."))
+    return found
+
+
+def test_the_layers_import_one_way():
+    """formats <- tapdisk <- sm (README "Layout"): a format imports neither the engine
+    nor SM nor the toolstack; the engine knows nothing of SM or the toolstack."""
+    below = {"formats": {"smtap.tapdisk", "smtap.sm", "smtap.toolstack"},
+             "tapdisk": {"smtap.sm", "smtap.toolstack"}}
+    for layer, banned in below.items():
+        files = glob.glob(os.path.join(TOP, layer, "**", "*.py"), recursive=True)
+        assert files
+        wrong = sorted((os.path.relpath(p, TOP), sorted(smtap_imports(p) & banned))
+                       for p in files if smtap_imports(p) & banned)
+        assert wrong == []
