@@ -18,6 +18,7 @@ these. Import a name from the module that defines it:
 | lib.filesr | the file SR on VHD: vhd_write (offline guest writes), chain_sha, vhd_tree, hidden_images, all_valid, leftovers, sr_location, retry_depth, fill_fs (a full file system), the GC: wait_gc, park, park_and_kill |
 | lib.qcow2 | qcow2_util, qemu_view (what qemu reads of an image); the engine tests' qcow2 images: qcow2_chain, QCOW2_DISKS, qcow2_check, check_images (VHDs and qcow2 under a root) |
 | lib.demo | run_demo (`make demo`'s module as a user runs it: its process and root), steps, STEP |
+| lib.runlock | the run's lock under make test's workers (held, lock_path: a test marked `alone` runs with nothing beside it), the xdist groups GUEST_BOOTS and PY36_BUILDS |
 | lib.guests | GuestHost (the e2e host with VMs of the built-in template: new_vm, set_script, console, results, wait_console, wait_state, wait_agent, run_to_halt, qemus, leftovers), why_not |
 | lib/drivers/ | SR drivers run as programs: testsr.py, listing_driver.py, noisy_driver.py, upstream_sr.py |
 
