@@ -130,8 +130,11 @@ py36:
 vermin: build
 	$(VENV)/bin/vermin --target=3.6- --no-tips --violations sm tapdisk plugins smtap formats
 
+# The suite on TEST_WORKERS pytest-xdist workers (0: in one process); --dist loadgroup
+# keeps an xdist_group on one worker (tests/lib/runlock.py: which tests, and why).
+TEST_WORKERS ?= 2
 test: build
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # DEMO=--guest: boot a guest too (README "Demo").
 demo: build

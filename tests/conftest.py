@@ -1,11 +1,22 @@
 """Shared fixtures: smtap_root (a test's own SMTAP_ROOT), work (a test's own working
-directory); before the first test, what killed runs left behind goes."""
+directory); before the first test, what killed runs left behind goes; every test takes the
+run's lock, an `alone` one exclusively (lib.runlock)."""
 import os
 import pathlib
 
 import pytest
 
-from lib import hosts
+from lib import hosts, runlock
+
+
+@pytest.fixture(autouse=True)
+def run_lock(request, tmp_path_factory):
+    """First in, last out of the test's fixtures (autouse, at the top): a test marked
+    `alone` runs with no test of another worker beside it, its set-up and teardown
+    included."""
+    path = runlock.lock_path(request.config, tmp_path_factory.getbasetemp())
+    with runlock.held(path, exclusive=request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -31,10 +31,13 @@ from lib.engine import nbd_size, nbd_uri, tap_state
 from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.install import DRIVER_INFO_CALL, make_install
 from lib.procs import run, sh
+from lib.runlock import PY36_BUILDS
 from lib.sizes import MiB
 from lib.toolstack import E2EHost, traces
 from smtap import names, settings
 from smtap.toolstack import hostroot
+
+pytestmark = PY36_BUILDS
 
 # Dev-only commands (modern Python): an installed tree keeps them on the venv's 3.11.
 TOOLSTACK_COMMANDS = ("xe", "smtap-xapi")

@@ -78,6 +78,7 @@ def test_unplug_force_of_a_mounted_device(e2e, mnt):
     e2e.destroy_sr(sr)
 
 
+@pytest.mark.alone          # the freed loop number must come back to it
 def test_unplug_never_touches_a_reused_loop_number(e2e):
     """Failed before: A's unplug detached B's loop device and nbdfuse (A's remembered
     /dev/loopN had been given to B) and answered success."""

@@ -10,6 +10,7 @@ from lib import guests
 from lib.demo import STEP, run_demo, steps
 from lib.fs import check_fs, make_fs, read_files, write_files
 from lib.procs import run, sh
+from lib.runlock import GUEST_BOOTS
 from lib.sizes import MiB
 from lib.toolstack import traces
 from smtap.sm import gcctl
@@ -84,6 +85,7 @@ def test_flow(e2e, mnt, sr_type):
     assert hostroot.leftovers(e2e.root) == []
 
 
+@GUEST_BOOTS                  # with --guest where a guest boots
 def test_make_demo_module(tmp_path):
     """The demo as `make demo` runs it; with --guest where a guest can boot (the guest
     steps are checked then; one demo run serves both)."""

@@ -123,6 +123,7 @@ def test_device_held_open_is_refused(serve, attached, tmp_path):
     assert gone(mount_dir)
 
 
+@pytest.mark.alone          # the freed loop number must come back to it
 def test_loop_number_reused_by_another_device_is_left_alone(serve, attached, tmp_path):
     """Failed before: detach by the remembered /dev/loopN detached the other device."""
     a = serve("aio:%s" % image_file(tmp_path / "a.img", 8 * MiB, b"A"))

@@ -6,9 +6,11 @@ import os
 import pytest
 
 from lib.procs import sh
+from lib.runlock import GUEST_BOOTS
 from smtap.toolstack import qemu
 
-pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
+pytestmark = [pytest.mark.timeout(600),   # each boot may take 20 s on a loaded machine
+              GUEST_BOOTS]
 
 WRITE = r"""
 set -e

@@ -7,7 +7,10 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
+from lib.runlock import GUEST_BOOTS
+
+pytestmark = [pytest.mark.timeout(600),   # each boot may take 20 s on a loaded machine
+              GUEST_BOOTS]
 
 # One fio per step over every disk (/dev/xvd*), a job each.
 FIO = r"""

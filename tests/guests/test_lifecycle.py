@@ -11,9 +11,11 @@ import signal
 
 import pytest
 
+from lib.runlock import GUEST_BOOTS
 from smtap.toolstack import hostroot, templates
 
-pytestmark = pytest.mark.timeout(600)     # each boot may take 20 s on a loaded machine
+pytestmark = [pytest.mark.timeout(600),   # each boot may take 20 s on a loaded machine
+              GUEST_BOOTS]
 
 # Waits for a second disk, writes to it, waits until it is unplugged, then idles.
 HOTPLUG = r"""

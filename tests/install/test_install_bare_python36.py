@@ -15,11 +15,12 @@ from lib.engine import nbd_uri
 from lib.install import (DRIVER_INFO_CALL, STOCK_SM_PLUGINS, py36_prefix, rpm_install,
                          rpm_query_list, stock_host)
 from lib.procs import run
+from lib.runlock import PY36_BUILDS
 from lib.sizes import MiB
 from smtap import names
 from smtap.toolstack import hostroot
 
-pytestmark = [pytest.mark.rpm,
+pytestmark = [pytest.mark.rpm, PY36_BUILDS,
               pytest.mark.skipif(py36_prefix() is None, reason="no Python 3.6 (make py36)")]
 
 

@@ -13,8 +13,9 @@ from lib.install import (ALL_SR_TYPES, RPM_SR_TYPES, SHARED_DIRS, STOCK_SM_PLUGI
                          UPSTREAM_PATHS, driver_info, host_env, read_sm_plugins, rpm_install,
                          stock_host)
 from lib.procs import run
+from lib.runlock import PY36_BUILDS
 
-pytestmark = pytest.mark.rpm
+pytestmark = [pytest.mark.rpm, PY36_BUILDS]
 
 RAMSR = os.path.join(TOP, "sm", "drivers", "ramSR.py")
 NEED_RAMSR = pytest.mark.skipif(not os.path.exists(RAMSR),

@@ -13,8 +13,9 @@ import pytest
 from lib.install import (DROPIN, LINSTOR_DROPIN, STOCK_SM_PLUGINS, XAPI_CONF_83,
                          XAPI_CORE_DROPINS, confd, dropin, fake_rpm, py36_prefix, rpm_root,
                          tree)
+from lib.runlock import PY36_BUILDS
 
-pytestmark = [pytest.mark.rpm,
+pytestmark = [pytest.mark.rpm, PY36_BUILDS,
               pytest.mark.skipif(py36_prefix() is None, reason="no Python 3.6 (make py36)")]
 
 # The list before 8.3 added largeblock: what an xapi-core update changes.

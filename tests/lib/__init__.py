@@ -13,11 +13,12 @@ these. Import a name from the module that defines it:
 | lib.vdis | a VDI through XenAPI (x, vdi ref): link_path, nbd_uri, qemu_io, write, holds, tapdisk_of, minor_allocated, host_tags, vdi_call |
 | lib.toolstack | failure, XeError, Host (installed root + smtap-xapi + XenAPI session + xe), DriverHost, E2EHost, traces, new_sr, new_vdi, dom0_vbd, raw_post, raw_call |
 | lib.sm | the SM harness: xapi_value, xapi_call, params_for, vdi_create_args, install_driver, Reply, run_driver, Driver, FakeXapi, fake_xapi_server, dummy_driver, log_lines, helper_driver |
-| lib.install | make, make_install, build_rpm, the stock 8.3 host's files and upstream paths, host_env, driver_info, read_sm_plugins, dropin, confd, stock_host, py36_prefix, rpm_root, fake_rpm, rpm_query_list, rpm_install |
+| lib.install | make, make_install, install_dev_tree (a host's tree, copied from one make install per process), build_rpm, the stock 8.3 host's files and upstream paths, host_env, driver_info, read_sm_plugins, dropin, confd, stock_host, py36_prefix, rpm_root, fake_rpm, rpm_query_list, rpm_install |
 | lib.vhd | tool, vhd_util, td_util, sha, fingerprint, Model, random_writes, seeded; the engine tests' VHDs: vhd_chain, vhd_disk, vhd_check, VHD_DISKS, check_vhds |
 | lib.filesr | the file SR on VHD: vhd_write (offline guest writes), chain_sha, vhd_tree, hidden_images, all_valid, leftovers, sr_location, retry_depth, fill_fs (a full file system), the GC: wait_gc, park, park_and_kill |
 | lib.qcow2 | qcow2_util, qemu_view (what qemu reads of an image); the engine tests' qcow2 images: qcow2_chain, QCOW2_DISKS, qcow2_check, check_images (VHDs and qcow2 under a root) |
 | lib.demo | run_demo (`make demo`'s module as a user runs it: its process and root), steps, STEP |
+| lib.runlock | the run's lock under make test's workers (held, lock_path: a test marked `alone` runs with nothing beside it), the xdist groups GUEST_BOOTS and PY36_BUILDS |
 | lib.guests | GuestHost (the e2e host with VMs of the built-in template: new_vm, set_script, console, results, wait_console, wait_state, wait_agent, run_to_halt, qemus, leftovers), why_not |
 | lib/drivers/ | SR drivers run as programs: testsr.py, listing_driver.py, noisy_driver.py, upstream_sr.py |
 

@@ -6,6 +6,8 @@ import os
 import random
 import struct
 
+import crc32c as _crc32c
+
 from lib.checkout import TOP                   # noqa: F401  (e2e_helpers' names)
 from lib.procs import run, sh                  # noqa: F401
 from lib.sizes import MiB
@@ -59,21 +61,10 @@ def check_fs(dev_or_image, files):
 
 
 # --- fio's verify blocks --------------------------------------------------------------------
-_POLY = 0x82F63B78
-_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
-    _TABLE.append(_c)
-
-
 def crc32c(data):
-    """CRC-32C (Castagnoli), as iSCSI and fio's data checksum."""
-    crc, table = 0xFFFFFFFF, _TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+    """CRC-32C (Castagnoli), as iSCSI and fio's data checksum (the crc32c package: in C,
+    SSE4.2 where the CPU has it; Python's took 5 s per 16 MiB image checked)."""
+    return _crc32c.crc32c(data)
 
 
 FIO_MAGIC = 0xACCA

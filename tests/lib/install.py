@@ -1,9 +1,12 @@
 """The install and RPM tests' helpers: make install into a tree, what a stock XCP-ng 8.3
 host has (its xapi.conf, drop-ins, the paths its own packages own), running installed
 launchers, `make rpm`, `rpm --root` with the scriptlets run on a dom0-like Python 3.6."""
+import atexit
 import glob
 import os
 import shlex
+import shutil
+import tempfile
 import xmlrpc.client
 
 import pytest
@@ -90,6 +93,26 @@ def make_install(destdir, target="install", python=VPY, **variables):
     """`make <target> DESTDIR=destdir PYTHON=python VAR=value...`: the tree (a str)."""
     extra = ["%s=%s" % kv for kv in variables.items()]
     make(target, "DESTDIR=%s" % destdir, "PYTHON=%s" % python, *extra)
+    return str(destdir)
+
+
+_dev_tree = []          # this test process's `make install` tree, made on first use
+
+
+def install_dev_tree(destdir):
+    """What `make install DESTDIR=destdir` lays out (the venv's python), copied from one
+    tree made once per test process: the dev tree is relocatable and holds no path of
+    its root (checked once), so a copy is the same tree; it saves a make per host test.
+    The install tests run make install itself."""
+    if not _dev_tree:
+        template = tempfile.mkdtemp(prefix="smtap-dev-tree-")
+        os.chmod(template, 0o755)         # cp -a gives the root its mode
+        atexit.register(shutil.rmtree, template, True)
+        make_install(template)
+        held = run("grep", "-rlF", template, template, check=False)
+        assert held.returncode == 1, "the installed tree names its root: " + held.stdout
+        _dev_tree.append(template)
+    run("cp", "-a", _dev_tree[0] + "/.", str(destdir))
     return str(destdir)
 
 

@@ -15,7 +15,7 @@ import XenAPI
 
 from lib import engine, hosts, vdis
 from lib.checkout import TOP, VENV_PYTHON
-from lib.install import make_install
+from lib.install import install_dev_tree
 from lib.procs import run
 from lib.sizes import GiB
 from smtap import names, settings
@@ -59,7 +59,7 @@ class Host(object):
         return settings.host_path(host_path)
 
     def install(self):
-        make_install(self.root)
+        install_dev_tree(self.root)
 
     def write(self, host_path, text, mode=0o644):
         path = settings.host_path(host_path)

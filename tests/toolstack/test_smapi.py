@@ -301,6 +301,7 @@ def test_host_call_plugin(test_host):
         "XENAPI_MISSING_PLUGIN"
 
 
+@pytest.mark.alone          # losetup -a: no other test's loop device takes its number
 def test_vbd_plug_makes_a_dom0_block_device_when_the_export_is_served(test_host, tmp_path):
     h = test_host
     sock = str(tmp_path / "nbd.sock")

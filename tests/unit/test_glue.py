@@ -108,15 +108,17 @@ def test_no_other_boolean_or_size_parser():
             if isinstance(node, ast.FunctionDef) and node.name in ("parse_bool", "parse_size") \
                     and path != os.path.join(top, "sm", "units.py"):
                 found.append("%s:%d def %s" % (path, node.lineno, node.name))
-            if isinstance(node, ast.Compare) and \
-                    ast.get_source_segment(source, node) not in NOT_A_BOOLEAN:
-                for comparator in node.comparators:
-                    items = comparator.elts if isinstance(
-                        comparator, (ast.Tuple, ast.List, ast.Set)) else [comparator]
-                    if any(isinstance(i, ast.Constant) and isinstance(i.value, str)
-                           and i.value.lower() in words for i in items):
-                        found.append("%s:%d %s" % (path, node.lineno,
-                                                   ast.get_source_segment(source, node)))
+            if not isinstance(node, ast.Compare):
+                continue
+            for comparator in node.comparators:
+                items = comparator.elts if isinstance(
+                    comparator, (ast.Tuple, ast.List, ast.Set)) else [comparator]
+                if any(isinstance(i, ast.Constant) and isinstance(i.value, str)
+                       and i.value.lower() in words for i in items):
+                    # the source segment only for a match: it rescans the whole file
+                    segment = ast.get_source_segment(source, node)
+                    if segment not in NOT_A_BOOLEAN:
+                        found.append("%s:%d %s" % (path, node.lineno, segment))
     assert found == []
 
 
