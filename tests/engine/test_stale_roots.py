@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from lib import hosts
 from smtap.toolstack import hostroot
 
@@ -14,6 +16,7 @@ def dead_pid():
     return p.pid
 
 
+@pytest.mark.alone          # a loop device of its own: not one another test waits to reuse
 def test_a_dead_runs_root_is_swept_a_live_ones_kept():
     prefix = "/tmp/zq"          # roots must be short (hostroot.ROOT_MAX)
     dead, live = hostroot.short_root(prefix), hostroot.short_root(prefix)
