@@ -114,6 +114,19 @@ class _Pending(object):
         return None
 
 
+def _merged(pieces):
+    """[(host offset, position, length)] with pieces contiguous both on the host and
+    in the request merged (a write over new clusters allocated together: one I/O)."""
+    pieces.sort(key=lambda p: p[1])
+    out = []
+    for phys, pos, k in pieces:
+        if out and out[-1][0] + out[-1][2] == phys and out[-1][1] + out[-1][2] == pos:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + k)
+        else:
+            out.append((phys, pos, k))
+    return out
+
+
 def _error(e, path):
     return aiofile.format_error(e, path, "qcow2")
 
@@ -577,7 +590,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                     continue
                 _, _, _, address, op = r
                 pieces, gens = plan
-                for phys, pos, k in pieces:
+                for phys, pos, k in _merged(pieces):
                     if direct and not (phys | k | (address + pos)) & mask:
                         write(fd, phys, k, address + pos, op)
                     else:
