@@ -758,20 +758,40 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         return out
 
     def _allocate(self, new, out):
-        """The clusters of the new gens and their content; a gen written whole by its
-        data, or into a cluster past the old end of the file (zeros) with nothing to
-        keep, writes only its data (a piece of its request's)."""
+        """The clusters of the new gens and their content. One past the old end of the
+        file (zeros) where the cluster read zeros before is linked at once: until its
+        writes land it reads zeros, the old content; its writes (and those of the
+        batch stacked on it) are then plain writes into it. A gen written whole by its
+        data writes only that; others write their whole cluster from their buffer."""
         img = self.img
         cmask = self.cmask
         cs = cmask + 1
         for l1i in sorted(set(g.gc >> self.l2bits for g in new)):
             img.prepare_l2(l1i)
-        hosts, old_end = img.alloc_data(len(new))
-        backing = []
-        for g, host in zip(new, hosts):
+        own = set(new)
+        first = [g for g in new if g.base not in own]
+        hosts, old_end = img.alloc_data(len(first))
+        for g, host in zip(first, hosts):
             g.host = host
-            whole = not g.inner and len(g.data) == cs
-            if whole or (g.base is self._ZERO and host >= old_end):
+        early = set(g for g in first if g.base is self._ZERO and g.host >= old_end)
+        root = {}                       # a gen stacked on an early one -> that one
+        rest = []
+        for g in new:
+            if g.host is None:
+                r = root.get(g.base, g.base)
+                if r in early:
+                    root[g] = r
+                else:
+                    rest.append(g)
+        if rest:
+            hosts, _ = img.alloc_data(len(rest))
+            for g, host in zip(rest, hosts):
+                g.host = host
+        if early:
+            self._link_now(early, root)
+        backing = []
+        for g in new:
+            if g in early or g in root or (not g.inner and len(g.data) == cs):
                 continue
             g.buf = self._pool.get(cs)
             if g.base is self._BACKING:
@@ -788,9 +808,34 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                     self._content(g.base, v)
                 v[g.inner:g.inner + len(g.data)] = g.data
         for pieces, gens in (p for p in out if p is not None):
+            keep = []
             for g in gens:
                 if g.buf is None:       # the data alone, from the request's buffer
-                    pieces.append((g.host + g.inner, g.pos, len(g.data)))
+                    host = root[g].host if g in root else g.host
+                    pieces.append((host + g.inner, g.pos, len(g.data)))
+                if g in early or g in root:
+                    self._release(g)
+                else:
+                    keep.append(g)
+            gens[:] = keep
+
+    def _link_now(self, early, root):
+        """Link the early gens (and forget those stacked on them): their clusters read
+        zeros, as the guest clusters did."""
+        pending = self._pending
+        entries = {}
+        for g in sorted(list(early) + list(root), key=lambda g: g.num):
+            rec = pending.get(g.gc)
+            if rec is not None and g in rec.gens:
+                rec.gens.remove(g)
+                rec.top = max(rec.top, g.num)
+                if not rec.gens:
+                    del pending[g.gc]
+            if g in early:
+                entries[g.gc] = g.host | Q.OFLAG_COPIED
+        frees = self.img.set_entries(entries)
+        if frees:
+            self._free(frees)
 
     def _content(self, g, v):
         """Gen g's content into v (a cluster's bytes)."""
@@ -802,14 +847,24 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     def _link(self, gens):
         """Once a request's new clusters are written (op.after; or at once on the
-        synchronous path): each linked in its L2 entry, unless a newer change to its
-        guest cluster was linked first (then it is freed: no table ever pointed at it).
-        What a link replaces is freed once no request in flight can use it (_free)."""
+        synchronous path): each linked in its L2 entry, with those of every other
+        request whose writes completed meanwhile (one table write for all), unless a
+        newer change to its guest cluster was linked first (then it is freed: no table
+        ever pointed at it). What a link replaces is freed once no request in flight
+        can use it (_free)."""
         img = self.img
-        entries, lost = {}, []
+        cs = self.cmask + 1
         with img.lock:
             pending = self._pending
-            for g in gens:
+            ready = set(gens)
+            for rec in pending.values():
+                for g in rec.gens:
+                    op = g.op
+                    if op is not None and not op.pending and not op.error:
+                        ready.add(g)
+            entries, lost = {}, []
+            linked = {}
+            for g in sorted(ready, key=lambda g: g.num):
                 rec = pending.get(g.gc)
                 if rec is not None and g in rec.gens:
                     rec.gens.remove(g)
@@ -817,9 +872,12 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                         del pending[g.gc]
                     if g.num > rec.top:
                         rec.top = g.num
+                        if g.gc in linked:          # an older one of this batch loses
+                            lost.append((linked[g.gc], cs))
+                        linked[g.gc] = g.host
                         entries[g.gc] = g.host | Q.OFLAG_COPIED
                     else:
-                        lost.append((g.host, self.cmask + 1))
+                        lost.append((g.host, cs))
                 self._release(g)
             try:
                 if entries:
