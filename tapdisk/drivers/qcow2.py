@@ -19,16 +19,22 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   refcount 1 (no metadata to change) is queued. The synchronous path (preadv/pwritev:
   one libaio batch, contiguous runs merged) serves the engine's retries and widened
   writes.
-- A write that allocates (queued or not: on the synchronous path, in the batch's turn):
-  new clusters (refcounts), the rest of each new cluster copied
-  from the backing chain (the parents' drivers) or zeroed, the data, then the L2
-  entries, then a new table's L1 entry. Writes never land on metadata or far past the
-  end of the file (a corrupt table): EIO, nothing written.
+- A write that allocates is queued too, in qemu's crash-safe order: under the image's
+  lock the batch's new clusters are allocated (refcounts written, the file extended)
+  and each one's content made (the data; around it the parents' data, read in one
+  batch, or zeros), its writes queued, and its L2 entry set once they completed
+  (op.after). Reads see the old entry until then: the old data or the new, never a
+  half-written cluster. A new cluster past the old end of the file, where the guest
+  cluster read zeros, is linked at once (it reads zeros too). Writes to a cluster
+  whose allocation is in flight never wait: see "allocations in flight". Compressed,
+  shared and preallocated zero clusters take the format's plan_write, synchronously.
+  Writes never land on metadata or far past the end of the file (a corrupt table):
+  EIO, nothing written.
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
   Freed clusters are reused only once no read or write in flight can still use them:
-  a free waits for the synchronous requests (the gate) and is deferred past queued ones
-  still in flight.
+  a free waits for no one (it is made under the image's lock), it is deferred past
+  the batches of requests still busy.
 - Backing files: qcow2 (this type) or raw (aio), named relative to the image's
   directory; a missing one is refused at open.
 """
