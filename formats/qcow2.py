@@ -623,22 +623,27 @@ class Image(object):
         # wait for them (a driver defers frees past its readers instead of waiting).
         with self.lock:
             table = self._l2.get(l1i)
-            if table is not None:
-                return table
-            off = self.l1[l1i] & OFFSET_MASK
-            if not off:
-                return None
-            if off % self.cluster_size:
-                raise QCow2Error(errno.EIO, "%s: L2 table offset %#x is not cluster aligned"
-                                 % (self.path, off))
-            if off + self.cluster_size > self.file_size:
-                raise QCow2Error(errno.EIO, "%s: L2 table at %#x past the end of the file"
-                                 % (self.path, off))
-            table = _unpack_u64(self.io.pread(self.cluster_size, off))
-            if len(table) != self.l2_entries:
-                raise QCow2Error(errno.EIO, "%s: short read of the L2 table at %#x"
-                                 % (self.path, off))
-            self._l2_replace(l1i, table)
+            if table is None:
+                table = self._read_l2(l1i)
+                if table is not None:
+                    self._l2_replace(l1i, table)
+        return table
+
+    def _read_l2(self, l1i):
+        """The L2 table of l1i read from the file (None: it has none), checked."""
+        off = self.l1[l1i] & OFFSET_MASK
+        if not off:
+            return None
+        if off % self.cluster_size:
+            raise QCow2Error(errno.EIO, "%s: L2 table offset %#x is not cluster aligned"
+                             % (self.path, off))
+        if off + self.cluster_size > self.file_size:
+            raise QCow2Error(errno.EIO, "%s: L2 table at %#x past the end of the file"
+                             % (self.path, off))
+        table = _unpack_u64(self.io.pread(self.cluster_size, off))
+        if len(table) != self.l2_entries:
+            raise QCow2Error(errno.EIO, "%s: short read of the L2 table at %#x"
+                             % (self.path, off))
         return table
 
     def entry(self, gc):
@@ -1590,15 +1595,7 @@ class Image(object):
     def _table_for_scan(self, l1i):
         """An L2 table for a full scan (not kept in the cache)."""
         table = self._l2.get(l1i)
-        if table is not None:
-            return table
-        off = self.l1[l1i] & OFFSET_MASK
-        if not off:
-            return None
-        if off % self.cluster_size or off + self.cluster_size > self.file_size:
-            raise QCow2Error(errno.EIO, "%s: L2 table at %#x is outside the file"
-                             % (self.path, off))
-        return _unpack_u64(self.io.pread(self.cluster_size, off))
+        return table if table is not None else self._read_l2(l1i)
 
     def allocation_bitmap(self):
         """1 bit per guest cluster (MSB first), set where this image holds data of its own
