@@ -617,6 +617,20 @@ class Image(object):
             return table
         if l1i >= len(self.l1):
             return None
+        # Read and cached under the lock: writers change cached tables (and write them)
+        # under it, so a copy read from the file meanwhile could replace a newer one.
+        # Lock-free readers take it here, on a miss only: whoever holds it must never
+        # wait for them (a driver defers frees past its readers instead of waiting).
+        with self.lock:
+            table = self._l2.get(l1i)
+            if table is None:
+                table = self._read_l2(l1i)
+                if table is not None:
+                    self._l2_replace(l1i, table)
+        return table
+
+    def _read_l2(self, l1i):
+        """The L2 table of l1i read from the file (None: it has none), checked."""
         off = self.l1[l1i] & OFFSET_MASK
         if not off:
             return None
@@ -628,11 +642,8 @@ class Image(object):
                              % (self.path, off))
         table = _unpack_u64(self.io.pread(self.cluster_size, off))
         if len(table) != self.l2_entries:
-            raise QCow2Error(errno.EIO, "%s: short read of the L2 table at %#x" % (self.path, off))
-        with self.lock:
-            self._l2[l1i] = table
-            while len(self._l2) > self._l2_max:
-                self._l2.popitem(last=False)
+            raise QCow2Error(errno.EIO, "%s: short read of the L2 table at %#x"
+                             % (self.path, off))
         return table
 
     def entry(self, gc):
@@ -1252,13 +1263,7 @@ class Image(object):
                 writes.append((_pack_u64(table), plan.new_l2[l1i]))
                 self._l2_replace(l1i, table)
             else:
-                table = self.l2_table(l1i)
-                base = self.l1[l1i] & OFFSET_MASK
-                for i, e in changes:
-                    table[i] = e
-                for sector in sorted(set(i >> 6 for i, _ in changes)):     # 64 entries each
-                    first = sector << 6
-                    writes.append((_pack_u64(table[first:first + 64]), base + first * 8))
+                self._change_entries(l1i, changes, writes)
         self.io.pwritev(writes)
         if plan.new_l2:
             self._barrier(force=True)
@@ -1270,6 +1275,66 @@ class Image(object):
         if plan.frees:
             self._barrier()
             (self.on_free or self.free_clusters)(plan.frees)
+
+    def _change_entries(self, l1i, changes, writes, frees=None):
+        """[(index, entry)] set in the existing table of l1i; the sectors they are in
+        (64 entries each) added to writes; frees: what the old entries held goes there."""
+        table = self.l2_table(l1i)
+        base = self.l1[l1i] & OFFSET_MASK
+        for i, e in changes:
+            if frees is not None:
+                self._replaced(table[i], e, frees)
+            table[i] = e
+        for sector in sorted(set(i >> 6 for i, _ in changes)):
+            first = sector << 6
+            writes.append((_pack_u64(table[first:first + 64]), base + first * 8))
+
+    def _replaced(self, old, new, frees):
+        """What an L2 entry old held that new does not keep, added to frees."""
+        t = cluster_type(old)
+        if t in (NORMAL, ZERO_ALLOC) and new & OFFSET_MASK != old & OFFSET_MASK:
+            frees.append((self.host_offset(old), self.cluster_size))
+        elif t == COMPRESSED:
+            frees.append(self.compressed_extent(old))
+
+    # -- allocation by a caller that writes the data itself (a driver's queued writes) ----
+    # Under self.lock: alloc_data (refcounts written), the caller writes the clusters,
+    # then set_entries; prepare_l2 first for a table that does not exist yet.
+    def prepare_l2(self, l1i):
+        """Give L1 entry l1i a table of its own (zeros; or the COPIED flag on the one it
+        has), durably linked, so that set_entries only changes entries."""
+        e = self.l1[l1i]
+        if e & OFFSET_MASK and e & OFLAG_COPIED:
+            return
+        self.begin_write()
+        plan = Plan()
+        self._plan_l2(plan, l1i)
+        self._rc_flush()
+        self.commit(plan)
+
+    def alloc_data(self, count):
+        """Host offsets of `count` new data clusters (contiguous when free space allows;
+        refcounts written) and the file size before them: what lies at or past it
+        reads zeros."""
+        self.begin_write()
+        hosts = self._alloc_data(count)
+        self._rc_flush()
+        return hosts, self._old_size
+
+    def set_entries(self, entries):
+        """After the data they point at (a barrier first, unless lazy): {guest cluster:
+        entry} into tables prepare_l2 made. Returns the frees of what they replace (the
+        caller runs them once no request in flight can still use those clusters)."""
+        self._barrier()
+        mask = self.l2_entries - 1
+        by_table = {}
+        for gc, e in entries.items():
+            by_table.setdefault(gc >> self.l2_bits, []).append((gc & mask, e))
+        writes, frees = [], []
+        for l1i, changes in sorted(by_table.items()):
+            self._change_entries(l1i, changes, writes, frees)
+        self.io.pwritev(writes)
+        return frees
 
     def _l2_replace(self, l1i, table):
         with self.lock:
@@ -1352,7 +1417,6 @@ class Image(object):
         """Whole clusters [first, last): new_entry(gc, entry, type) is the new L2 entry,
         or None to leave it; the old clusters a new entry does not keep are freed once
         the tables no longer point at them. In chunks of 8192 entries."""
-        cs = self.cluster_size
         entries, frees = {}, []
         for gc in range(first, last):
             e = self.entry(gc)
@@ -1361,10 +1425,7 @@ class Image(object):
             if new is None:
                 continue
             entries[gc] = new
-            if t in (NORMAL, ZERO_ALLOC) and new & OFFSET_MASK != e & OFFSET_MASK:
-                frees.append((self.host_offset(e), cs))
-            elif t == COMPRESSED:
-                frees.append(self.compressed_extent(e))
+            self._replaced(e, new, frees)
             if len(entries) >= 8192:
                 self._set_entries(entries, frees)
                 entries, frees = {}, []
@@ -1534,15 +1595,7 @@ class Image(object):
     def _table_for_scan(self, l1i):
         """An L2 table for a full scan (not kept in the cache)."""
         table = self._l2.get(l1i)
-        if table is not None:
-            return table
-        off = self.l1[l1i] & OFFSET_MASK
-        if not off:
-            return None
-        if off % self.cluster_size or off + self.cluster_size > self.file_size:
-            raise QCow2Error(errno.EIO, "%s: L2 table at %#x is outside the file"
-                             % (self.path, off))
-        return _unpack_u64(self.io.pread(self.cluster_size, off))
+        return table if table is not None else self._read_l2(l1i)
 
     def allocation_bitmap(self):
         """1 bit per guest cluster (MSB first), set where this image holds data of its own

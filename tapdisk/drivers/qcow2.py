@@ -19,26 +19,33 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   refcount 1 (no metadata to change) is queued. The synchronous path (preadv/pwritev:
   one libaio batch, contiguous runs merged) serves the engine's retries and widened
   writes.
-- A write that allocates (queued or not: on the synchronous path, in the batch's turn):
-  new clusters (refcounts), the rest of each new cluster copied
-  from the backing chain (the parents' drivers) or zeroed, the data, then the L2
-  entries, then a new table's L1 entry. Writes never land on metadata or far past the
-  end of the file (a corrupt table): EIO, nothing written.
+- A write that allocates is queued too, in qemu's crash-safe order: under the image's
+  lock the batch's new clusters are allocated (refcounts written, the file extended)
+  and each one's content made (the data; around it the parents' data, read in one
+  batch, or zeros), its writes queued, and its L2 entry set once they completed
+  (op.after). Reads see the old entry until then: the old data or the new, never a
+  half-written cluster. A new cluster past the old end of the file, where the guest
+  cluster read zeros, is linked at once (it reads zeros too). Writes to a cluster
+  whose allocation is in flight never wait: see "allocations in flight". Compressed,
+  shared and preallocated zero clusters take the format's plan_write, synchronously.
+  Writes never land on metadata or far past the end of the file (a corrupt table):
+  EIO, nothing written.
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
   Freed clusters are reused only once no read or write in flight can still use them:
-  a free waits for the synchronous requests (the gate) and is deferred past queued ones
-  still in flight.
+  a free waits for no one (it is made under the image's lock), it is deferred past
+  the batches of requests still busy.
 - Backing files: qcow2 (this type) or raw (aio), named relative to the image's
   directory; a missing one is refused at open.
 """
 import errno
+import functools
 import os
 import threading
 
 from smtap.formats import qcow2 as Q
 from smtap.tapdisk import aiofile
-from smtap.tapdisk import driver
+from smtap.tapdisk import driver, ioqueue
 from smtap.tapdisk.drivers import register
 
 HOLE = driver.EXTENT_HOLE | driver.EXTENT_ZERO
@@ -66,48 +73,79 @@ class _MetaIO(Q.File):
         pass        # the driver's AioFile owns the descriptor
 
 
-class _Gate(object):
-    """Reads and writes go through shared; freeing clusters waits for exclusive, so
-    that no request that looked a cluster up before it was freed still uses it."""
+class _Batch(object):
+    """The requests of one batch (queued, or one synchronous call) as frees see them:
+    busy from before its first lookup until all its I/O completed. A free never waits
+    for a batch: it is deferred past the busy ones (_free)."""
+    __slots__ = ("ops", "open")
 
     def __init__(self):
-        self.cond = threading.Condition(threading.Lock())
-        self.shared = 0
-        self.closed = False
+        self.ops = ()
+        self.open = True
 
-    def enter(self):
-        with self.cond:
-            while self.closed:
-                self.cond.wait()
-            self.shared += 1
+    def busy(self):
+        if self.open:
+            return True
+        for op in self.ops:
+            if op.pending:
+                return True
+        return False
 
-    def leave(self):
-        with self.cond:
-            self.shared -= 1
-            if not self.shared:
-                self.cond.notify_all()
 
-    def run_exclusive(self, fn, *args):
-        with self.cond:
-            self.closed = True
-            try:
-                while self.shared:
-                    self.cond.wait()
-                return fn(*args)
-            finally:
-                self.closed = False
-                self.cond.notify_all()
+class _Gen(object):
+    """A new cluster for a guest cluster (gc), written by one request (op) and linked
+    in its L2 entry once that completed: num orders it among the changes to gc; data
+    (the request's bytes, at inner) and buf (the whole cluster's content, when the
+    rest of it must be written too: copy-on-write or zeros) say what it holds."""
+    __slots__ = ("gc", "num", "host", "inner", "pos", "data", "buf", "op", "base")
+
+
+class _Pending(object):
+    """A guest cluster with allocations in flight: gens (in order) and top, the num of
+    the newest change linked (a gen, or a zero or trim of the whole cluster): a gen
+    at or below it lost and is freed when it completes."""
+    __slots__ = ("top", "gens")
+
+    def __init__(self):
+        self.top = 0
+        self.gens = []
+
+    def latest(self):
+        """The newest gen still to be linked whose content is usable (its request not
+        failed), or None."""
+        for g in reversed(self.gens):
+            if g.num > self.top and not (g.op is not None and g.op.error and
+                                         not g.op.pending):
+                return g
+        return None
+
+
+def _merged(pieces):
+    """[(host offset, position, length)] with pieces contiguous both on the host and
+    in the request merged (a write over new clusters allocated together: one I/O)."""
+    pieces.sort(key=lambda p: p[1])
+    out = []
+    for phys, pos, k in pieces:
+        if out and out[-1][0] + out[-1][2] == phys and out[-1][1] + out[-1][2] == pos:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + k)
+        else:
+            out.append((phys, pos, k))
+    return out
 
 
 def _error(e, path):
     return aiofile.format_error(e, path, "qcow2")
 
 
-def _chain_readv(d, requests):
-    """[(length, offset)] as driver d and the parents below it show them: [bytes]. One
+def _chain_readv(d, requests, into=None):
+    """[(length, offset)] as driver d and the parents below it show them: [bytes], or
+    into the writable buffers `into` (of zeros, or to be zeroed: it returns None). One
     batch per image: each reads what it holds (its extents) and hands its holes down,
     the last answers for the rest (zeros past an image's end)."""
-    out = [bytearray(n) for n, _ in requests]
+    out = [bytearray(n) for n, _ in requests] if into is None else into
+    if into is not None:
+        for v in into:
+            v[:] = driver.zeros(len(v))
     pending = [(n, off, i, 0) for i, (n, off) in enumerate(requests)]
     while pending and d is not None:
         parent = getattr(d, "parent", None)
@@ -135,7 +173,7 @@ def _chain_readv(d, requests):
             for (i, rpos), buf in zip(where, d.preadv(reads)):
                 out[i][rpos:rpos + len(buf)] = buf
         pending, d = below, parent
-    return [bytes(b) for b in out]
+    return [bytes(b) for b in out] if into is None else None
 
 
 @register
@@ -155,11 +193,13 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def __init__(self):
         super(Qcow2Driver, self).__init__()
         self.file = self.img = self.parent = None
-        self.gate = _Gate()
         self._qlock = threading.Lock()
-        self._queued = []       # requests with queued I/O (a writable image): see _track
-        self._deferred = []     # [(frees, the requests in flight when they were made)]
+        self._batches = []      # _Batch of the requests in flight (a writable image)
+        self._deferred = []     # [(frees, the batches busy when they were made)]
         self._prune_at = PRUNE
+        self._pending = {}      # guest cluster -> _Pending: allocations in flight
+        self._seq = 0           # the last _Gen / whole-cluster change number
+        self._pool = None       # aligned cluster buffers of the gens (under img.lock)
 
     # -- open / close ------------------------------------------------------------------
     def open(self, path, flags, options):
@@ -194,17 +234,20 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self.rmask = full & ~(aligned | Q.OFLAG_COPIED)     # a plain data cluster: 0
         self.wmask = full & ~aligned                         # ... of refcount 1: COPIED
         self.zmask = Q.OFLAG_COMPRESSED | Q.OFLAG_ZERO      # a zero cluster: ZERO
-
+        self._pool = ioqueue.Pool()
 
     def close(self):
-        """The deferred frees first: the engine closes (and pauses) with no I/O in
+        """The deferred frees first, and the clusters of allocations that never got
+        linked (their requests failed): the engine closes (and pauses) with no I/O in
         flight."""
         try:
-            if self._deferred and self.img is not None:
+            if (self._deferred or self._pending) and self.img is not None:
                 with self.img.lock:
+                    self._drop_failed(force=True)
                     self._reap(force=True)
         finally:
             self._deferred = []
+            self._pending = {}
             super(Qcow2Driver, self).close()
 
     # -- lookups ------------------------------------------------------------------------
@@ -223,11 +266,11 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     # -- reads ----------------------------------------------------------------------------
     def preadv(self, requests):
-        self.gate.enter()
+        batch = self._enter()
         try:
             return self._preadv(requests)
         finally:
-            self.gate.leave()
+            batch.open = False
 
     def _preadv(self, requests):
         afile, img = self.file, self.img
@@ -318,7 +361,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         bits, cmask, rmask, zmask = self.bits, self.cmask, self.rmask, self.zmask
         l2bits, l2mask, l2get = self.l2bits, self.l2mask, img._l2.get
         read, zero = io.read, driver.zeros
-        self.gate.enter()
+        batch = self._enter()
         try:
             eof = img.file_size
             for length, offset, view, address, op in requests:
@@ -346,35 +389,42 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 for fpos, data, n in fills:
                     view[fpos:fpos + n] = zero(n) if data is None else data
         finally:
-            self._track(requests)   # even a batch that failed midway: its I/O runs on
-            self.gate.leave()
+            self._leave(batch, requests)    # even one that failed midway: its I/O runs on
 
     # -- frees while queued I/O is in flight ----------------------------------------------
-    # The gate holds off frees only while a request looks its clusters up; queued I/O
-    # runs on after that, completed by its own connection's thread. So a free waits for
-    # no one: it is kept with the requests still in flight, and run (refcounts dropped,
-    # the clusters reusable) once they all completed, at the next allocation, flush or
-    # close. A crash meanwhile leaks the clusters at most (the dirty bit repairs it).
-    def _track(self, requests):
+    # A request looks its clusters up without a lock, and its queued I/O runs on after
+    # that, completed by its own connection's thread. So a free waits for no one (it is
+    # made under the image's lock, which a lookup may need to load a table: waiting for
+    # lookups there could deadlock): it is kept with the batches busy when it was made
+    # (registered before their first lookup), and run (refcounts dropped, the clusters
+    # reusable) once they all completed, at the next allocation, flush or close. A
+    # crash meanwhile leaks the clusters at most (the dirty bit repairs it).
+    _IDLE = _Batch()
+    _IDLE.open = False
+
+    def _enter(self):
+        """A batch of requests about to look clusters up (_leave when queued)."""
         if self.readonly:
-            return          # a parent: its clusters are never freed while open
-        ops = [r[4] for r in requests if r[4].pending]
-        if ops:
-            with self._qlock:
-                queued = self._queued
-                queued.extend(ops)
-                if len(queued) > self._prune_at:      # completed ones go, now and then
-                    queued = self._queued = [op for op in queued if op.pending]
-                    self._prune_at = 2 * len(queued) + PRUNE
+            return self._IDLE   # a parent: its clusters are never freed while open
+        batch = _Batch()
+        with self._qlock:
+            batches = self._batches
+            batches.append(batch)
+            if len(batches) > self._prune_at:      # completed ones go, now and then
+                batches = self._batches = [b for b in batches if b.busy()]
+                self._prune_at = 2 * len(batches) + PRUNE
+        return batch
+
+    def _leave(self, batch, requests):
+        if batch is not self._IDLE:
+            batch.ops = [r[4] for r in requests if r[4].pending]
+            batch.open = False
 
     def _free(self, frees):
-        """The format's frees (under its lock): at once if no queued request is in
-        flight, else once those that are completed (_reap)."""
-        self.gate.run_exclusive(self._free_or_defer, frees)
-
-    def _free_or_defer(self, frees):
+        """The format's frees (under its lock): at once if no batch is busy, else once
+        those that are completed (_reap)."""
         with self._qlock:
-            busy = self._queued = [op for op in self._queued if op.pending]
+            busy = self._batches = [b for b in self._batches if b.busy()]
         if busy:
             self._deferred.append((frees, busy))
         else:
@@ -384,14 +434,14 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         """Run the deferred frees whose requests all completed (force: all of them, when
         nothing can be in flight). Under the image's lock."""
         keep = []
-        for frees, ops in self._deferred:
-            if force or not any(op.pending for op in ops):
+        for frees, batches in self._deferred:
+            if force or not any(b.busy() for b in batches):
                 try:
                     self.img.free_clusters(frees)
                 except Q.QCow2Error as e:
                     raise _error(e, self.path)
             else:
-                keep.append((frees, ops))
+                keep.append((frees, batches))
         self._deferred = keep
 
     def pread(self, length, offset):
@@ -444,13 +494,12 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def pwritev(self, requests):
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
-        self.gate.enter()
+        batch = self._enter()
         try:
-            if self._pwritev_fast(requests):
-                return
+            if not self._pwritev_fast(requests):
+                self._pwritev_slow(requests)
         finally:
-            self.gate.leave()
-        self._pwritev_slow(requests)
+            batch.open = False
 
     def _pwritev_fast(self, requests):
         """Every request in allocated clusters of refcount 1: one batch, True. Else
@@ -468,13 +517,16 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     def _in_place(self, offset, n):
         """[(host offset, position, length)] of a write into allocated clusters of
-        refcount 1 (no metadata to change), or None (the slow path: allocation,
-        copy-on-write, or a table pointing where it must not, which it reports)."""
+        refcount 1 with no allocation in flight (no metadata to change), or None (the
+        allocating path, which also reports a table pointing where it must not)."""
         bits, cmask, wmask = self.bits, self.cmask, self.wmask
         meta = self.img.meta
         eof = self.img.file_size
+        pending = self._pending     # read before the entries: see _plan
         gc = offset >> bits
         if (offset + n - 1) >> bits == gc:
+            if pending and gc in pending:
+                return None
             table = self.img._l2.get(gc >> self.l2bits)
             e = table[gc & self.l2mask] if table is not None else self._entry(gc)
             if e & wmask != Q.OFLAG_COPIED:
@@ -488,6 +540,8 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         while pos < n:
             g = (offset + pos) >> bits
             k = min(n - pos, ((g + 1) << bits) - offset - pos)
+            if pending and g in pending:
+                return None
             e = self._entry(g)
             if e & wmask != Q.OFLAG_COPIED:
                 return None
@@ -499,60 +553,119 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         return out
 
     def queue_writes(self, io, requests):
-        """Driver.queue_writes: writes into allocated clusters of refcount 1 queued
-        (no metadata changes); the others (allocation, copy-on-write) on the
-        synchronous path here, in its crash-safe order, before returning."""
+        """Driver.queue_writes: writes into allocated clusters of refcount 1 queued as
+        they are; allocating and copy-on-write ones queued too (_plan: the new clusters'
+        refcounts written, their data with the rest of each cluster, then their L2
+        entries in op.after, once it is written). What _plan cannot take (compressed,
+        shared or preallocated zero clusters) runs on the synchronous path here."""
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
         afile = self.file
         fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
         write = io.write
         slow = []
-        self.gate.enter()
+        batch = self._enter()
         try:
-            for length, offset, view, address, op in requests:
+            for r in requests:
+                length, offset, view, address, op = r
                 pieces = self._in_place(offset, length)
                 if pieces is None:
-                    slow.append((view, offset))
+                    slow.append(r)
                     continue
                 for phys, pos, k in pieces:
                     if direct and not (phys | k | (address + pos)) & mask:
                         write(fd, phys, k, address + pos, op)
                     else:
                         write(bfd, phys, k, address + pos, op, True)
+            if slow:
+                self._queue_allocating(io, slow)
         finally:
-            self._track(requests)   # even a batch that failed midway: its I/O runs on
-            self.gate.leave()
-        if slow:
-            self._pwritev_slow(slow)
+            self._leave(batch, requests)    # even one that failed midway: its I/O runs on
+
+    def _queue_allocating(self, io, requests):
+        afile = self.file
+        fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
+        write = io.write
+        cs = self.cmask + 1
+        sync = []
+        with self.img.lock:
+            plans = self._plan([(r[1], r[2], r[4]) for r in requests])
+            for r, plan in zip(requests, plans):
+                if plan is None:
+                    sync.append((r[2], r[1]))
+                    continue
+                _, _, _, address, op = r
+                pieces, gens = plan
+                for phys, pos, k in _merged(pieces):
+                    if direct and not (phys | k | (address + pos)) & mask:
+                        write(fd, phys, k, address + pos, op)
+                    else:
+                        write(bfd, phys, k, address + pos, op, True)
+                for g in gens:
+                    if g.buf is not None:
+                        if direct and not (g.host | g.buf[1]) & mask:
+                            write(fd, g.host, cs, g.buf[1], op)
+                        else:
+                            write(bfd, g.host, cs, g.buf[1], op, True)
+                if gens:
+                    op.after = functools.partial(self._link, gens)
+        if sync:
+            self._pwritev_slow(sync)
 
     def _pwritev_slow(self, requests):
-        """Allocating writes, under the image's lock: plan (clusters and refcounts), the
-        copy-on-write fills and the data in one batch, then the tables."""
+        """Allocating writes on the synchronous path, under the image's lock: _plan's
+        (its clusters written in one batch, then linked), the rest plan_write's."""
         img = self.img
+        cs = self.cmask + 1
         with img.lock:
-            if self._deferred:
-                self._reap()
-            try:
-                plan = img.plan_write([(offset, len(buf)) for buf, offset in requests])
-                writes = img.fill_data(plan)
-            except Q.QCow2Error as e:
-                raise _error(e, self.path)
-            at = {}
-            for goff, n, host in plan.data:
-                at[goff] = host
-            for buf, offset in requests:
-                view = memoryview(buf).cast("B")
-                pos = 0
-                for goff, n, host in self._pieces(offset, len(view), at):
-                    writes.append((view[pos:pos + n], host))
-                    pos += n
-            writes.sort(key=lambda w: w[1])     # a new cluster's pieces: one I/O
-            self.file.pwritev(writes)
-            try:
-                img.commit(plan)
-            except Q.QCow2Error as e:
-                raise _error(e, self.path)
+            views = [memoryview(buf).cast("B") for buf, _ in requests]
+            plans = self._plan([(offset, v, None) for (_, offset), v in zip(requests, views)])
+            writes, gens, rest = [], [], []
+            for (buf, offset), view, plan in zip(requests, views, plans):
+                if plan is None:
+                    rest.append((view, offset))
+                    continue
+                pieces, gs = plan
+                for phys, pos, k in pieces:
+                    writes.append((view[pos:pos + k], phys))
+                for g in gs:
+                    if g.buf is not None:
+                        writes.append((g.buf[0][:cs], g.host))
+                gens += gs
+            if writes:
+                writes.sort(key=lambda w: w[1])
+                try:
+                    self.file.pwritev(writes)
+                except Exception:
+                    self._abandon(gens)
+                    raise
+            if gens:
+                self._link(gens)
+            if rest:
+                self._plan_write(rest)
+
+    def _plan_write(self, requests):
+        """The format's allocating write (plan_write: the clusters _plan leaves)."""
+        img = self.img
+        try:
+            plan = img.plan_write([(offset, len(buf)) for buf, offset in requests])
+            writes = img.fill_data(plan)
+        except Q.QCow2Error as e:
+            raise _error(e, self.path)
+        at = {}
+        for goff, n, host in plan.data:
+            at[goff] = host
+        for view, offset in requests:
+            pos = 0
+            for goff, n, host in self._pieces(offset, len(view), at):
+                writes.append((view[pos:pos + n], host))
+                pos += n
+        writes.sort(key=lambda w: w[1])     # a new cluster's pieces: one I/O
+        self.file.pwritev(writes)
+        try:
+            img.commit(plan)
+        except Q.QCow2Error as e:
+            raise _error(e, self.path)
 
     def _pieces(self, offset, length, at):
         bits = self.bits
@@ -568,6 +681,293 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         e = self._entry(goff >> self.bits)
         return (e & Q.OFFSET_MASK) + (goff & self.cmask)
 
+    # -- allocations in flight ------------------------------------------------------------
+    # A write to a cluster it must allocate gets a new cluster (a _Gen) whose content is
+    # whole before its L2 entry is set: the data, and around it the cluster's content
+    # until then (the backing chain's, zeros, or an earlier gen's still in flight, from
+    # memory). Reads see the old entry until then, so the old data or the new, never a
+    # half-written cluster. A second write to the cluster while the first is in flight
+    # never writes into the first's cluster (the first's copy of the rest could land
+    # over it): it gets a gen of its own, holding the first's data too, and whichever
+    # is linked last of the two must be the newer (num), the older one is then freed.
+    # So no write ever waits for another. A zero or trim of the whole cluster counts as
+    # the newest change (top); a partial zero is a gen.
+    _BACKING, _ZERO = "backing", "zero"
+
+    def _plan(self, reqs):
+        """Under the image's lock: reqs [(offset, data, op or None)] -> for each,
+        ([(host offset, position, length)] to write from data, [_Gen] whose buf (if
+        any) is written whole), or None for what plan_write must take. New clusters
+        are allocated (refcounts written) and their gens registered in _pending."""
+        img = self.img
+        if self._deferred:
+            self._reap()
+        self._drop_failed()
+        bits, cmask, wmask = self.bits, self.cmask, self.wmask
+        cs = cmask + 1
+        pending = self._pending
+        parent = self.parent is not None
+        orphan = img.backing_file is not None and not parent     # no chain to copy from
+        out, new = [], []
+        try:
+            for offset, data, op in reqs:
+                length = len(data)
+                pieces, gens = [], []
+                pos = 0
+                while pos < length:
+                    goff = offset + pos
+                    gc = goff >> bits
+                    inner = goff & cmask
+                    k = min(length - pos, cs - inner)
+                    rec = pending.get(gc)
+                    base = rec.latest() if rec is not None else None
+                    if base is None:
+                        e = self._entry(gc)
+                        if e & wmask == Q.OFLAG_COPIED:
+                            phys = (e & Q.OFFSET_MASK) + inner
+                            if phys >> bits in img.meta or phys >= img.file_size:
+                                break       # plan_write reports it
+                            pieces.append((phys, pos, k))
+                            pos += k
+                            continue
+                        t = Q.cluster_type(e)
+                        if t == Q.UNALLOCATED and parent:
+                            base = self._BACKING
+                        elif t == Q.ZERO_PLAIN or (t == Q.UNALLOCATED and not orphan):
+                            base = self._ZERO
+                        else:
+                            break
+                    g = _Gen()
+                    self._seq += 1
+                    g.gc, g.num, g.inner, g.pos, g.data, g.op, g.base = \
+                        gc, self._seq, inner, pos, data[pos:pos + k], op, base
+                    g.host = g.buf = None
+                    if rec is None:
+                        rec = pending[gc] = _Pending()
+                    rec.gens.append(g)
+                    gens.append(g)
+                    pos += k
+                if pos < length:
+                    self._forget(gens)
+                    out.append(None)
+                    continue
+                new += gens
+                out.append((pieces, gens))
+            if new:
+                self._allocate(new, out)
+        except Q.QCow2Error as e:
+            self._abandon(new)
+            raise _error(e, self.path)
+        except Exception:
+            self._abandon(new)
+            raise
+        return out
+
+    def _allocate(self, new, out):
+        """The clusters of the new gens and their content. One past the old end of the
+        file (zeros) where the cluster read zeros before is linked at once: until its
+        writes land it reads zeros, the old content; its writes (and those of the
+        batch stacked on it) are then plain writes into it. A gen written whole by its
+        data writes only that; others write their whole cluster from their buffer."""
+        img = self.img
+        cmask = self.cmask
+        cs = cmask + 1
+        for l1i in sorted(set(g.gc >> self.l2bits for g in new)):
+            img.prepare_l2(l1i)
+        own = set(new)
+        first = [g for g in new if g.base not in own]
+        hosts, old_end = img.alloc_data(len(first))
+        for g, host in zip(first, hosts):
+            g.host = host
+        early = set(g for g in first if g.base is self._ZERO and g.host >= old_end)
+        root = {}                       # a gen stacked on an early one -> that one
+        rest = []
+        for g in new:
+            if g.host is None:
+                r = root.get(g.base, g.base)
+                if r in early:
+                    root[g] = r
+                else:
+                    rest.append(g)
+        if rest:
+            hosts, _ = img.alloc_data(len(rest))
+            for g, host in zip(rest, hosts):
+                g.host = host
+        if early:
+            self._link_now(early, root)
+        backing = []
+        for g in new:
+            if g in early or g in root or (not g.inner and len(g.data) == cs):
+                continue
+            g.buf = self._pool.get(cs)
+            if g.base is self._BACKING:
+                backing.append((cs, g.gc << self.bits, g.buf[0][:cs]))
+        if backing:
+            _chain_readv(self.parent, [(n, off) for n, off, _ in backing],
+                         [v for _, _, v in backing])
+        for g in new:                   # in order: a gen's base may be the one before
+            v = g.buf[0][:cs] if g.buf is not None else None
+            if v is not None:
+                if g.base is self._ZERO:
+                    v[:] = driver.zeros(cs)
+                elif g.base is not self._BACKING:
+                    self._content(g.base, v)
+                v[g.inner:g.inner + len(g.data)] = g.data
+        for pieces, gens in (p for p in out if p is not None):
+            keep = []
+            for g in gens:
+                if g.buf is None:       # the data alone, from the request's buffer
+                    host = root[g].host if g in root else g.host
+                    pieces.append((host + g.inner, g.pos, len(g.data)))
+                if g in early or g in root:
+                    self._release(g)
+                else:
+                    keep.append(g)
+            gens[:] = keep
+
+    def _link_now(self, early, root):
+        """Link the early gens (and forget those stacked on them): their clusters read
+        zeros, as the guest clusters did."""
+        pending = self._pending
+        entries = {}
+        for g in sorted(list(early) + list(root), key=lambda g: g.num):
+            rec = pending.get(g.gc)
+            if rec is not None and g in rec.gens:
+                rec.gens.remove(g)
+                rec.top = max(rec.top, g.num)
+                if not rec.gens:
+                    del pending[g.gc]
+            if g in early:
+                entries[g.gc] = g.host | Q.OFLAG_COPIED
+        frees = self.img.set_entries(entries)
+        if frees:
+            self._free(frees)
+
+    def _content(self, g, v):
+        """Gen g's content into v (a cluster's bytes)."""
+        if g.buf is not None:
+            v[:] = g.buf[0][:len(v)]
+        else:
+            v[:] = driver.zeros(len(v))
+            v[g.inner:g.inner + len(g.data)] = g.data
+
+    def _link(self, gens):
+        """Once a request's new clusters are written (op.after; or at once on the
+        synchronous path): each linked in its L2 entry, with those of every other
+        request whose writes completed meanwhile (one table write for all), unless a
+        newer change to its guest cluster was linked first (then it is freed: no table
+        ever pointed at it). What a link replaces is freed once no request in flight
+        can use it (_free)."""
+        img = self.img
+        cs = self.cmask + 1
+        with img.lock:
+            pending = self._pending
+            ready = set(gens)
+            for rec in pending.values():
+                for g in rec.gens:
+                    op = g.op
+                    if op is not None and not op.pending and not op.error:
+                        ready.add(g)
+            entries, lost = {}, []
+            linked = {}
+            for g in sorted(ready, key=lambda g: g.num):
+                rec = pending.get(g.gc)
+                if rec is not None and g in rec.gens:
+                    rec.gens.remove(g)
+                    if not rec.gens:
+                        del pending[g.gc]
+                    if g.num > rec.top:
+                        rec.top = g.num
+                        if g.gc in linked:          # an older one of this batch loses
+                            lost.append((linked[g.gc], cs))
+                        linked[g.gc] = g.host
+                        entries[g.gc] = g.host | Q.OFLAG_COPIED
+                    else:
+                        lost.append((g.host, cs))
+                self._release(g)
+            try:
+                if entries:
+                    frees = img.set_entries(entries)
+                    if frees:
+                        self._free(frees)
+                if lost:
+                    img.free_clusters(lost)
+            except Q.QCow2Error as e:
+                raise _error(e, self.path)
+
+    def _release(self, g):
+        if g.buf is not None:
+            self._pool.put(g.buf)
+            g.buf = None
+        g.data = None
+
+    def _forget(self, gens):
+        """Gens registered but given no cluster: gone."""
+        pending = self._pending
+        for g in gens:
+            rec = pending.get(g.gc)
+            if rec is not None and g in rec.gens:
+                rec.gens.remove(g)
+                if not rec.gens:
+                    del pending[g.gc]
+            self._release(g)
+
+    def _abandon(self, gens):
+        """Gens whose writes will never be linked: gone, their clusters freed (no table
+        points at them)."""
+        self._forget(gens)
+        frees = [(g.host, self.cmask + 1) for g in gens if g.host is not None]
+        for g in gens:
+            g.host = None
+        if frees:
+            try:
+                self.img.free_clusters(frees)
+            except Q.QCow2Error as e:
+                raise _error(e, self.path)
+
+    def _drop_failed(self, force=False):
+        """The gens whose requests failed (their I/O completed, no after: the engine
+        redoes them on the synchronous path), or all that are left (force: at close)."""
+        failed = []
+        for rec in list(self._pending.values()):
+            for g in list(rec.gens):
+                op = g.op
+                if force or (op is not None and op.error and not op.pending):
+                    failed.append(g)
+        if failed:
+            self._abandon(failed)
+
+    def _settle(self, offset, length, write_partial):
+        """A zero (write_partial) or trim of [offset, offset + length) that meets
+        allocations in flight: the whole clusters' become older than it (lost), a
+        partial cluster's is zeroed by a gen here (write_partial) or left (a trim is
+        advisory). Returns the ranges left for the format. Under the image's lock."""
+        pending = self._pending
+        if not pending:
+            return [(offset, length)]
+        bits, cmask = self.bits, self.cmask
+        out = []
+        pos, end = offset, offset + length
+        while pos < end:
+            gc = pos >> bits
+            n = min(end, (gc + 1) << bits) - pos
+            rec = pending.get(gc)
+            if rec is not None:
+                if not pos & cmask and (n == cmask + 1 or pos + n >= self.size):
+                    self._seq += 1
+                    rec.top = self._seq
+                elif rec.latest() is not None:
+                    if write_partial:
+                        self._pwritev_slow([(driver.zeros(n), pos)])
+                    pos += n
+                    continue
+            if out and sum(out[-1]) == pos:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((pos, n))
+            pos += n
+        return out
+
     def pwrite(self, buf, offset):
         self.pwritev([(buf, offset)])
 
@@ -580,7 +980,8 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
             if self._deferred:
                 self._reap()
             try:
-                self.img.write_zeroes(offset, length, unmap=may_trim)
+                for off, n in self._settle(offset, length, True):
+                    self.img.write_zeroes(off, n, unmap=may_trim)
             except Q.QCow2Error as e:
                 raise _error(e, self.path)
 
@@ -593,13 +994,15 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
             if self._deferred:
                 self._reap()
             try:
-                self.img.discard(offset, length)
+                for off, n in self._settle(offset, length, False):
+                    self.img.discard(off, n)
             except Q.QCow2Error as e:
                 raise _error(e, self.path)
 
     def flush(self):
-        if self._deferred:
+        if self._deferred or self._pending:
             with self.img.lock:
+                self._drop_failed()
                 self._reap()
         try:
             self.img.flush()

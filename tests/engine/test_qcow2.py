@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from lib.engine import (check_raw_parent_opens_with_aio, FIO_CRASH, FuzzTapdisk, acknowledged_writes, create_refused, disk_sha256,
                         minor_freed, nbd_map, qemu_io, tap_ctl, write_model)
 from lib.procs import run, wait_for
-from lib.qcow2 import qcow2_chain, qcow2_check
+from lib.qcow2 import qcow2_chain, qcow2_check, qemu_view
 from lib.sizes import MiB
 from lib.vhd import sha
 from smtap import names
@@ -370,18 +371,42 @@ def test_corrupted_images_get_a_clear_error_never_a_crash_hang_or_write(smtap_ro
 
 
 # -- kill -9 in the middle of fio writes -----------------------------------------------------------
+def fio_or_base_blocks(data, base_byte):
+    """The offsets of the 4 KiB blocks of data that are neither the base's (base_byte
+    throughout) nor one of fio's for that offset (its verify header: magic, offset)."""
+    base = bytes([base_byte]) * 4096
+    bad = []
+    for off in range(0, len(data), 4096):
+        block = data[off:off + 4096]
+        if block != base:
+            magic, _, _, _, at = struct.unpack_from("<HHIQQ", block)
+            if magic != 0xacca or at != off:
+                bad.append(off)
+    return bad
+
+
 @pytest.mark.timeout(600)
-def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
+@pytest.mark.parametrize("over", ["empty", "backing"])
+def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root, over):
     """At random points of fio writes (a flush every 8) the tapdisk is killed -9: the
     image is left dirty, qemu-img check finds no corruption (leaks at most), fio's verify
     reads back every write it saw complete, and the next read-write open repairs it:
-    qemu-img check clean. SMTAP_QCOW2_KILL_POINTS points (default 8)."""
+    qemu-img check clean. On an empty image (every first write allocates) and on a
+    snapshot of a full one (each copies the rest of its cluster from the backing file):
+    there every 4 KiB block reads as the backing file's or as one fio wrote there,
+    never anything else. SMTAP_QCOW2_KILL_POINTS points (default 8)."""
     import re
     bad_block = re.compile(r"\(requested block: offset=(\d+), length=\d+\)")
     points = int(os.environ.get("SMTAP_QCOW2_KILL_POINTS", "8"))
     rng = random.Random(int(os.environ.get("SMTAP_QCOW2_KILL_SEED", "9")))
     path, empty = str(smtap_root / "crash.qcow2"), str(smtap_root / "empty.qcow2")
-    q2("create", "-n", empty, "-s", 64)
+    if over == "empty":
+        q2("create", "-n", empty, "-s", 64)
+    else:
+        base = str(smtap_root / "base.qcow2")
+        q2("create", "-n", base, "-s", 64)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 64M", base)
+        q2("snapshot", "-n", empty, "-p", base)
     state = smtap_root / "state"
     during = 0
     for point in range(points):
@@ -390,7 +415,8 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         shutil.copy(empty, path)
         pid, minor, _ = tapctl.create("qcow2:" + path)
         uri = "nbd+unix:///?socket=%s" % names.nbd_path(pid, minor)
-        args = [a.replace("%d", str(point)) for a in FIO_CRASH]
+        args = [a.replace("%d", str(point)) for a in FIO_CRASH] + (
+            ["--verify_interval=4k"] if over == "backing" else [])
         fio = subprocess.Popen(["fio"] + args + ["--uri=" + uri, "--do_verify=0",
                                                  "--verify_state_save=1", "--write_lat_log=ack",
                                                  "--log_offset=1"], cwd=str(state),
@@ -416,6 +442,9 @@ def test_kill_9_during_fio_writes_loses_no_acknowledged_write(smtap_root):
         tapctl.destroy(pid, minor, timeout=30)
         bad = {int(m) for m in bad_block.findall(proc.stderr)}
         assert not bad & set(acked), (point, sorted(bad & set(acked)), proc.stderr[-3000:])
+        if over == "backing":
+            garbage = fio_or_base_blocks(qemu_view(path, smtap_root), 0x77)
+            assert not garbage, (point, [hex(b) for b in garbage[:16]])
         verified = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
         assert verified["io_bytes"] >= sum(acked.values()), point
         pid, minor, _ = tapctl.create("qcow2:" + path)        # read-write: repaired

@@ -5,6 +5,7 @@ request's data back in a pipe until the test writes it."""
 import os
 import socket
 import struct
+import subprocess
 
 import pytest
 
@@ -211,7 +212,7 @@ def test_a_qcow2_free_waits_for_the_queued_requests_in_flight(smtap_root):
         host = d._host_of(0) >> d.bits
         op = ioqueue.Op()
         op.pending = 1                          # its I/O on some connection's queue
-        d._track([(65536, 0, None, 0, op)])
+        d._leave(d._enter(), [(65536, 0, None, 0, op)])
         d.trim(65536, 0)
         assert d.extents(65536, 0) == [(65536, drv.EXTENT_HOLE | drv.EXTENT_ZERO)]
         assert d.img.refcount(host) == 1        # not reusable yet
@@ -224,3 +225,97 @@ def test_a_qcow2_free_waits_for_the_queued_requests_in_flight(smtap_root):
     finally:
         d.close()
     qcow2_check(path)
+
+
+@pytest.mark.timeout(300)
+def test_qcow2_frees_racing_queued_reads_past_the_l2_cache_never_hang(make_tap, smtap_root):
+    """A disk whose L2 tables do not all fit the driver's cache (4 KiB clusters: 2048
+    tables of 2 MiB for a cache of 1024), three connections at once: random reads over
+    all of it (queued, loading tables), writes and trims in its first 8 MiB (each trim of
+    a written cluster frees it). A free must never wait for a reader that waits for the
+    image: the jobs end (a hang is the timeout here), the image checks clean."""
+    path = smtap_root / "wide.qcow2"
+    size = 4096 * MiB
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, size)
+    cmds = []
+    for off in range(0, size, 2 * MiB):            # one cluster in each table
+        cmds += ["-c", "write -P 0x5a %d 4k" % off]
+    for i in range(0, len(cmds), 512):
+        run("qemu-io", "-f", "qcow2", *(cmds[i:i + 512] + [str(path)]))
+    tap = make_tap("qcow2:%s" % path)
+    common = ["--ioengine=nbd", "--uri=" + tap.uri, "--bs=4k", "--time_based", "--runtime=8",
+              "--randrepeat=0"]
+    jobs = [["--name=reads", "--rw=randread", "--size=%d" % size, "--iodepth=16"],
+            ["--name=writes", "--rw=randwrite", "--size=8M", "--iodepth=8"],
+            ["--name=trims", "--rw=randtrim", "--size=8M", "--iodepth=8"]]
+    args = ["fio", "--output-format=terse"] + common
+    for job in jobs:
+        args += job
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the tapdisk hung: a free waited for queued readers waiting for it")
+    assert out.returncode == 0, out.stderr[-2000:]
+    tap.destroy()
+    qcow2_check(path)
+
+
+@pytest.mark.parametrize("disk", sorted(QCOW2_DISKS))
+def test_qcow2_allocating_and_copy_on_write_writes_take_the_queue(smtap_root, monkeypatch, disk):
+    """First writes to clusters (zeros around them, or the parents' data copied: a chain
+    of two over a raw base) go on the queue, none on the synchronous path, even two
+    connections writing the blocks of the same new clusters at once, in random order
+    (each 4 KiB its own, many in flight): every block reads back as written, the rest
+    of each cluster as it was, and the images check clean."""
+    import random
+    qcls = qcow2drv.Qcow2Driver
+    sync = []
+    monkeypatch.setattr(qcls, "_pwritev_slow", lambda self, requests: sync.append(requests))
+    monkeypatch.setattr(qcls, "_plan_write", lambda self, requests: sync.append(requests))
+    stacked = []        # a new cluster's content taken from one still in flight
+
+    def content(self, g, v, _orig=qcls._content):
+        stacked.append(g)
+        return _orig(self, g, v)
+
+    monkeypatch.setattr(qcls, "_content", content)
+    size = 8 * MiB
+    params = QCOW2_DISKS[disk](smtap_root, size)
+    vbd = vbdmod.VBD(0, settings.runtime_dir())
+    vbd.open(params, 0)
+    try:
+        uri = "nbd+unix:///?socket=%s" % vbd.nbd_path
+        before = smtap_root / "before.raw"
+        run("nbdcopy", uri, str(before))
+        model = bytearray(before.read_bytes())
+        rng = random.Random(13)
+        region = range(MiB, 3 * MiB, 4096)        # 32 clusters, every block written once
+        blocks = list(region)
+        rng.shuffle(blocks)
+        scripts = [[], []]
+        for i, off in enumerate(blocks):
+            pattern = 0x20 + (off >> 12) % 200
+            model[off:off + 4096] = bytes([pattern]) * 4096
+            scripts[(off >> 12) & 1] += ["-c", "aio_write -P %#x %d 4k" % (pattern, off)]
+        for off in (5 * MiB + 512, 6 * MiB - 1000):              # unaligned, across clusters
+            model[off:off + 3000] = b"\x7e" * 3000
+            scripts[0] += ["-c", "aio_write -P 0x7e %d 3000" % off]
+        procs = [subprocess.Popen(["qemu-io", "-f", "raw"] + s + ["-c", "aio_flush", uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for s in scripts]
+        for p in procs:
+            out = p.communicate(timeout=120)[0]
+            assert p.returncode == 0 and "error" not in out.lower(), out[-2000:]
+        after = smtap_root / "after.raw"
+        run("nbdcopy", uri, str(after))
+        got = after.read_bytes()
+        bad = [off for off in range(0, size, 4096) if got[off:off + 4096] != model[off:off + 4096]]
+        assert not bad, [hex(b) for b in bad[:16]]
+        assert not sync, "allocating writes took the synchronous path"
+        # copied from the parents: writes to a cluster in flight stack; zeros past the
+        # end of the file are linked at once (the writes to it are then in place)
+        assert bool(stacked) == (disk != "qcow2")
+        assert not vbd.chain.leaf._pending     # every allocation linked
+    finally:
+        vbd.close(force=True)
+    check_images(smtap_root)
