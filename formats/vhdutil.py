@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 
+from smtap.errtext import one_line
 from smtap.formats import vhd as V
 from smtap.formats import vhdcheck, vhdresize
 
@@ -784,11 +785,11 @@ def run_command(ctx, cmd, fn, args, usage):
     except Failed as e:
         if e.stdout:
             out.write(e.stdout)
-        err.write("%s %s: %s\n" % (ctx.prog, cmd, e.message))
+        err.write("%s %s: %s\n" % (ctx.prog, cmd, one_line(e.message)))
         ctx.log("%s: %s" % (cmd, e.message))
         return e.errno or errno.EIO
     except OSError as e:
-        err.write("%s %s: %s\n" % (ctx.prog, cmd, e.strerror or e))
+        err.write("%s %s: %s\n" % (ctx.prog, cmd, one_line(e.strerror or e)))
         return e.errno or errno.EIO
     finally:
         try:
@@ -806,7 +807,7 @@ def guarded(prog, runner, argv=None):
     except KeyboardInterrupt:
         return errno.EINTR
     except Exception as e:      # noqa: BLE001 - one line, never a traceback
-        sys.stderr.write("%s: internal error: %s: %s\n" % (prog, type(e).__name__, e))
+        sys.stderr.write("%s: internal error: %s: %s\n" % (prog, type(e).__name__, one_line(e)))
         return errno.EIO
 
 

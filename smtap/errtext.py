@@ -23,3 +23,16 @@ def value_text(value):
     if isinstance(value, (list, tuple)):
         return "[%s]" % ", ".join(value_text(v) for v in value)
     return "" if value is None else str(value)
+
+
+def one_line(text):
+    """text for a one-line message: control characters (a newline in a file name read
+    from a corrupt image) escaped as \\n, \\xNN."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, "\\x%02x" % ord(c)
+                                                              if ord(c) < 256 else
+                                                              "\\u%04x" % ord(c))
+                   for c in text)

@@ -170,6 +170,16 @@ def test_usage_and_non_qcow2_files(work):
     assert fingerprint("plain.txt") == before
 
 
+def test_a_control_character_in_a_backing_name_is_escaped_on_one_line(work):
+    """A corrupt image's backing file name may hold a newline: the error is still one
+    stderr line (tests/formats/test_qcow2_fuzz.py found it)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(work / "par\nent.qcow2"),
+        "-F", "qcow2", "c.qcow2", str(8 * MiB))
+    out = q2("query", "-vp", "-n", "c.qcow2")
+    assert out.returncode == errno.ENOENT, (out.returncode, out.err)
+    assert len(out.err.splitlines()) == 1 and "par\\nent.qcow2" in out.err, out.err
+
+
 # -- qemu-img's face: XCP-ng's argv, against qemu-img on twin images ------------------------
 def twins(work, *argv_before_path, size=None):
     """Run one create argv with qemu-img (a/) and qcow2-util (b/): the two paths."""
