@@ -11,8 +11,8 @@ import pytest
 from smtap.tapdisk import control
 from smtap.tapdisk import driver as drv
 
-from lib.engine import (IHAVEOPT, IO_BACKENDS, Raw, have_io_uring, image_file, nbd_map,
-                        nbd_uri, qemu_io)
+from lib.engine import (IHAVEOPT, IO_BACKENDS, NBD_LOOPS, Raw, have_io_uring, image_file,
+                        nbd_loop_env, nbd_map, nbd_uri, qemu_io)
 from lib.procs import run, wait_for
 from lib.sizes import MiB
 from lib.qcow2 import QCOW2_DISKS, check_images
@@ -282,15 +282,18 @@ def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage, di
 
 
 # and a client vanishing with I/O queued, on each back end (ram answers in the turn)
-VANISHING = [("ram", "auto")] + [(d, b) for d in sorted(VHD_DISKS) + sorted(QCOW2_DISKS) + ["aio"]
-                                     for b in IO_BACKENDS]
+# (a raw disk: on the NBD loop's C part and on Python's alone)
+VANISHING = [("ram", "auto", "c")] + [(d, b, "c") for d in sorted(VHD_DISKS) + sorted(QCOW2_DISKS)
+                                      for b in IO_BACKENDS] + [
+    ("aio", b, n) for b in IO_BACKENDS for n in NBD_LOOPS]
 
 
-@pytest.mark.parametrize("disk,backend", VANISHING)
-def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk, backend):
+@pytest.mark.parametrize("disk,backend,loop", VANISHING)
+def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk, backend, loop):
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
+    monkeypatch.setenv(*nbd_loop_env(loop))
     disks = dict(GARBAGE_DISKS, aio=lambda root, size: "aio:" + image_file(root / "d.img", size))
     s = serve(disks[disk](tmp_path, 64 * MiB))
     c = Raw(s.nbd_path)
@@ -343,14 +346,19 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
     c.close()
 
 
-@pytest.mark.parametrize("kind,backend", [("ram", "auto")] + [
-    (k, b) for k in ("aio", "vhd", "vhd-chain3", "qcow2", "qcow2-chain3") for b in IO_BACKENDS])
-def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend):
+@pytest.mark.parametrize("kind,backend,loop", [("ram", "auto", "c")] + [
+    (k, b, "c") for k in ("vhd", "vhd-chain3", "qcow2", "qcow2-chain3") for b in IO_BACKENDS]
+    + [(k, b, n) for k in ("aio", "aio-D") for b in IO_BACKENDS for n in NBD_LOOPS])
+def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend, loop):
     """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it
-    (on each I/O back end: the queued path's)."""
+    (on each I/O back end: the queued path's; a raw disk, O_DIRECT or not, on the NBD
+    loop's C part and on Python's alone)."""
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
+    monkeypatch.setenv(*nbd_loop_env(loop))
+    flags = ("-D",) if kind == "aio-D" else ()
+    kind = kind.split("-D")[0]
     if kind.startswith(("vhd", "qcow2")):
         params = dict(VHD_DISKS, **QCOW2_DISKS)[kind](tmp_path, 16 * MiB)
     else:
@@ -358,7 +366,7 @@ def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend
         img.write_bytes(b"")
         os.truncate(img, 16 * MiB)
         params = "%s:%s" % (kind, img)
-    s = serve(params)
+    s = serve(params, *flags)
     out = run("fio", "--name=v", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
               "--bsrange=512-128k", "--bs_unaligned", "--iodepth=32", "--size=16M",
               "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",
