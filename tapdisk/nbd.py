@@ -587,7 +587,14 @@ class Session(object):
 
     def _c_serve(self, buf, have, cap):
         """Run the C loop (nothing in flight): (status, bytes left in buf). The
-        requests it handed back are answered here (their replies in self.replies)."""
+        requests it handed back are answered here (their replies in self.replies).
+        The gate: busy is set (this thread set it when the requests came) and stays so
+        while C works, so a pause waits for it; C reads the gate before each request it
+        starts and returns, drained, once it is held. It clears busy only to wait for
+        the client with nothing in flight, as _loop does, with a barrier between each
+        store and the read of the gate that follows it (smtap_gate_set puts one on the
+        pause's side): VBD.park's "whichever comes second sees the other's write" holds
+        (smtap_nbd.c's top comment)."""
         c = self.cloop
         if buf is not self._cbuf:
             c.buf, c.cap = native.address(buf), cap
