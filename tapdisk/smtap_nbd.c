@@ -584,16 +584,15 @@ int smtap_nbd_serve(struct smtap_nbd *c)
         inflight(c, l);
         if (l->nready && (err = send_ready(c, l)) < 0)
             break;
-        if (l->nio)
-            ;
-        else if (l->stop)
-            break;
-        else if (l->waiting)
-            continue;                   /* what waited for the I/O may start now */
-        else if (c->have == c->cap) {
-            l->stop = RET_GROW;         /* full with nothing to start: a big write */
-            break;
-        } else {
+        if (!l->nio) {                  /* nothing in flight */
+            if (l->stop)
+                break;
+            if (l->waiting)
+                continue;               /* what waited for the I/O may start now */
+            if (c->have == c->cap) {
+                l->stop = RET_GROW;     /* full with nothing to start: a big write */
+                break;
+            }
             int r = quiet_recv(c, gen);
             if (r) {
                 l->stop = r;
