@@ -132,13 +132,18 @@ class VBD(object):
             self._set_held(True)
             deadline = time.monotonic() + self.timeout
             unread = {}
-            while self._busy():
+            # Once every client was seen quiet, the gate holds: one that turns busy
+            # after that (a request came) reads held next and parks without touching the
+            # chain (see park). So the decision is on that one look, never on another
+            # (a C loop, outside the GIL, can turn busy between any two).
+            busy = self._busy()
+            while busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 if not self._gate.wait(min(left, STALL_CHECK)) and self.server is not None:
                     unread = self.server.drop_stalled(unread)
-            busy = self._busy()
+                busy = self._busy()
             if busy and not force:
                 self._set_held(False)
                 self._gate.notify_all()
