@@ -163,7 +163,7 @@ install:
 		case " $(LIB_PACKAGES) " in *" $$d "*) ;; *) continue;; esac; \
 		[ -d $(TOP)/$$d ] || continue; \
 		tar -C $(TOP) --exclude=__pycache__ --exclude='*.pyc' --exclude=_aio_build --exclude='*.tmp' \
-			--exclude=aio_build.py --exclude='*.c' -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
+			--exclude=aio_build.py --exclude='*.c' --exclude='*.h' -cf - $$d | tar -C $(DESTDIR)$(LIBDIR)/smtap -xf -; \
 	done
 	@set -e; rm -f $(DESTDIR)$(PREFIX)/bin/*; for c in $(INSTALL_COMMANDS); do \
 		name=$${c%%=*}; mod=$${c#*=}; \

@@ -1,5 +1,5 @@
-"""Build tapdisk/libsmtap-aio.so.1 from smtap_aio.c: the libaio batch call (tapdisk/native.py
-loads it with ctypes).
+"""Build tapdisk/libsmtap-aio.so.1 from smtap_aio.c (the I/O queue) and smtap_nbd.c (the
+NBD loop's common case): tapdisk/native.py loads it with ctypes.
 
 A plain shared library, no Python extension: the one object serves every interpreter
 (dom0's 3.6 and the development venv's), and needs no Python headers or cffi to build.
@@ -15,7 +15,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "smtap_aio.c")
+SOURCES = [os.path.join(HERE, name) for name in ("smtap_aio.c", "smtap_nbd.c")]
+HEADERS = [os.path.join(HERE, "smtap_aio.h")]
 # Versioned like a shared library, and so no Python module name: import machinery and
 # pkgutil would take a "*.so" in a package for an extension module.
 LIBRARY = "libsmtap-aio.so.1"
@@ -29,14 +30,14 @@ def needed():
     out = target()
     if not os.path.exists(out):
         return True
-    return os.path.getmtime(out) < max(os.path.getmtime(SOURCE), os.path.getmtime(__file__))
+    return os.path.getmtime(out) < max(os.path.getmtime(p) for p in SOURCES + HEADERS + [__file__])
 
 
 def build():
     out = target()
     tmp = out + ".tmp"
     cmd = (shlex.split(os.environ.get("CC", "gcc")) + ["-shared", "-fPIC", "-O2", "-Wall"]
-           + shlex.split(os.environ.get("CFLAGS", "")) + [SOURCE, "-o", tmp, "-laio"])
+           + shlex.split(os.environ.get("CFLAGS", "")) + SOURCES + ["-o", tmp, "-laio"])
     subprocess.check_call(cmd)
     os.rename(tmp, out)
     return out

@@ -160,6 +160,16 @@ class Driver(object):
     def queue_writes(self, io, requests):
         raise NotImplementedError
 
+    def direct_map(self):
+        """Where the disk's data is, for the NBD loop's C part (tapdisk/smtap_nbd.c),
+        which then serves reads, writes and flushes itself: (fd, o_direct, mask) if
+        every byte of the disk is at the same offset of descriptor fd (o_direct: it is
+        opened O_DIRECT, requests must be aligned to mask + 1; flush: fdatasync(fd)),
+        else None (the default: every request through the driver). Called when an NBD
+        connection takes the chain; the descriptor must stay open until a pause or
+        close, which wait for the connections first."""
+        return None
+
     # -- pause ----------------------------------------------------------------------
     def suspend(self):
         """tap-ctl pause: let go of what the storage layer may change while paused (the

@@ -20,6 +20,7 @@ import time
 
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers
+from smtap.tapdisk import native
 
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EBUSY, errno.EINTR))
 RETRY_INTERVAL = 1.0
@@ -67,6 +68,7 @@ class Chain(object):
         self.timeout = timeout
         self.secs = [0, 0]
         self.retries = 0
+        self.served_c = 0       # requests the NBD loop's C part answered (retired counters)
         self._lock = threading.Lock()
         self._counters = {}     # id -> the callers' counters (counters())
         self.images = []
@@ -100,6 +102,11 @@ class Chain(object):
         self.write_mask = leaf.write_align - 1      # writes with these bits: widened
         if self.queued and not self.has_parent:     # the hot path: straight to the leaf
             self.queue_reads, self.queue_writes = leaf.queue_reads, leaf.queue_writes
+
+    def direct_map(self):
+        """The leaf's Driver.direct_map() if it is alone (no parent: its data is all of the
+        disk's), else None."""
+        return None if self.has_parent else self.leaf.direct_map()
 
     def _open(self, params, flags, kept, resumed):
         parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED
@@ -168,9 +175,10 @@ class Chain(object):
     # -- accounting --------------------------------------------------------------------
     def counters(self):
         """A caller's own counters, summed into stats(): [sectors read, sectors written,
-        read requests, write requests, failed reads, failed writes]. The caller adds to
-        them (no lock: they are its alone) and retire()s them when it goes."""
-        c = [0] * 6
+        read requests, write requests, failed reads, failed writes, requests the NBD
+        loop's C part answered]. The caller adds to them (no lock: they are its alone;
+        a C array, which its C loop adds to too) and retire()s them when it goes."""
+        c = native.longlongs(7)
         with self._lock:
             self._counters[id(c)] = c
         return c
@@ -180,6 +188,7 @@ class Chain(object):
             if self._counters.pop(id(c), None) is not None:
                 self.secs[0] += c[0]
                 self.secs[1] += c[1]
+                self.served_c += c[native.SERVED_C]
                 if self.images:
                     leaf = self.images[0]
                     leaf.hits[0] += c[2] - c[4]
@@ -477,14 +486,17 @@ class Chain(object):
     def stats(self):
         with self._lock:
             secs = list(self.secs)
+            served_c = self.served_c
             images = [i.stats() for i in self.images]
             for c in self._counters.values():
                 secs[0] += c[0]
                 secs[1] += c[1]
+                served_c += c[native.SERVED_C]
                 if images:
                     leaf = images[0]
                     leaf["hits"][0] += c[2] - c[4]
                     leaf["hits"][1] += c[3] - c[5]
                     leaf["fail"][0] += c[4]
                     leaf["fail"][1] += c[5]
-            return {"secs": secs, "retries": self.retries, "images": images}
+            return {"secs": secs, "retries": self.retries, "images": images,
+                    "served_c": served_c}

@@ -71,6 +71,11 @@ class IoQueue(object):
         self.outstanding = 0        # I/Os given and not completed
         self.readable = False       # the last run saw the socket readable
 
+    @property
+    def handle(self):
+        """The queue's address, for C (smtap_nbd.c puts its I/O on it)."""
+        return self._q.value
+
     def _room(self, n):
         """A submission array for n requests (grown on demand: an idle client's queue
         stays small)."""

@@ -2,7 +2,8 @@
 
 - libsmtap-aio.so.1 (smtap_aio.c, built by aio_build.py): the I/O queue (io_uring or
   libaio; one call per loop turn submits, reaps and waits), and fstatfs's file system
-  type;
+  type; smtap_nbd.c: the NBD loop's common case (NbdLoop, nbd_serve) and the pause
+  gate it shares with Python (Gate, ClientState);
 - libc: fallocate (hole punching, zeroing) and madvise (giving RAM back), which
   Python 3.6's os and mmap lack.
 ctypes releases the GIL during each call. Loaded on first use.
@@ -42,6 +43,17 @@ def _load():
         # smtap_queue_run: no argtypes (ctypes' conversions cost more than the call): it
         # takes the queue as a c_void_p and three Python ints (C ints)
         lib.smtap_queue_run.restype = ctypes.c_int
+        lib.smtap_nbd_sizeof.restype = ctypes.c_int
+        lib.smtap_nbd_sizeof.argtypes = []
+        if lib.smtap_nbd_sizeof() != ctypes.sizeof(NbdLoop):
+            raise OSError("%s: struct smtap_nbd is %d bytes, NbdLoop %d: rebuild it"
+                          % (LIBRARY, lib.smtap_nbd_sizeof(), ctypes.sizeof(NbdLoop)))
+        lib.smtap_nbd_serve.restype = ctypes.c_int
+        lib.smtap_nbd_serve.argtypes = [ctypes.c_void_p]
+        lib.smtap_nbd_release.restype = None
+        lib.smtap_nbd_release.argtypes = [ctypes.c_void_p]
+        lib.smtap_gate_set.restype = None
+        lib.smtap_gate_set.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.smtap_fs_type.restype = ctypes.c_longlong
         lib.smtap_fs_type.argtypes = [ctypes.c_int]
         libc = ctypes.CDLL(None, use_errno=True)
@@ -93,6 +105,67 @@ def queue_run():
     """smtap_queue_run(q, n, wait, sockfd) (smtap_aio.c), the hot path: called directly,
     no wrapper."""
     return _load().smtap_queue_run
+
+
+# -- the NBD loop's common case (smtap_nbd.c) ------------------------------------------
+class Gate(ctypes.Structure):
+    """A VBD's pause gate as C reads it (struct smtap_gate): held, and a generation
+    that moves on at every hold. Set through gate_set only (it orders the store)."""
+    _fields_ = [("held", ctypes.c_int), ("gen", ctypes.c_int)]
+
+
+class ClientState(ctypes.Structure):
+    """An NBD client as the gate sees it (struct smtap_client): written by its thread,
+    in Python or in C."""
+    _fields_ = [("busy", ctypes.c_int), ("inflight", ctypes.c_int)]
+    __hash__ = object.__hash__      # a VBD keeps its clients in a set
+
+
+NBD_SLOTS = 256         # smtap_nbd.c's SLOTS: requests in flight at most
+# why nbd_serve returned (smtap_nbd.c's RET_*; < 0: -errno of the socket)
+NBD_PYTHON, NBD_HELD, NBD_IDLE, NBD_EOF, NBD_GROW = range(1, 6)
+SERVED_C = 6            # the counter (image.Chain.counters()) of requests C answered
+
+
+class NbdFailed(ctypes.Structure):
+    """A request whose I/O failed in C, handed back unanswered (struct smtap_failed)."""
+    _fields_ = [("kind", ctypes.c_longlong), ("handle", ctypes.c_ulonglong),
+                ("offset", ctypes.c_longlong), ("length", ctypes.c_longlong),
+                ("flags", ctypes.c_longlong), ("addr", ctypes.c_longlong),
+                ("error", ctypes.c_longlong)]
+
+
+class NbdLoop(ctypes.Structure):
+    """One connection's C loop (struct smtap_nbd)."""
+    _fields_ = [("buf", ctypes.c_void_p), ("cap", ctypes.c_longlong),
+                ("have", ctypes.c_longlong), ("grow", ctypes.c_longlong),
+                ("queue", ctypes.c_void_p), ("gate", ctypes.c_void_p),
+                ("client", ctypes.c_void_p), ("acct", ctypes.c_void_p),
+                ("size", ctypes.c_longlong), ("mask", ctypes.c_longlong),
+                ("max_inflight", ctypes.c_longlong), ("max_bytes", ctypes.c_longlong),
+                ("sockfd", ctypes.c_int), ("fd", ctypes.c_int), ("direct", ctypes.c_int),
+                ("readonly", ctypes.c_int), ("structured", ctypes.c_int),
+                ("nfailed", ctypes.c_int), ("failed", NbdFailed * NBD_SLOTS),
+                ("priv", ctypes.c_void_p)]
+
+
+def gate_set(gate, held):
+    _load().smtap_gate_set(ctypes.addressof(gate), 1 if held else 0)
+
+
+def nbd_serve():
+    """smtap_nbd_serve(address of an NbdLoop): the hot call, no wrapper."""
+    return _load().smtap_nbd_serve
+
+
+def nbd_release(loop):
+    """Free what the C loop keeps (buffers, the requests it handed back)."""
+    _load().smtap_nbd_release(ctypes.addressof(loop))
+
+
+def at(address, length):
+    """A writable view of length bytes of C memory at address."""
+    return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
 
 
 def fs_type(fd):

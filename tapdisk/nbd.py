@@ -7,7 +7,13 @@ thread per listening socket, one per client.
 The transmission loop is the hot path, one turn at a time: answer the requests whose
 I/O completed (each as soon as its own did), receive what the client sent (into one
 buffer), split it into requests and start them, then send every answer of the turn
-with one sendmsg. On a chain whose drivers queue their I/O (aio, vhd) a turn's reads
+with one sendmsg. On a chain whose data is all in one file at the disk's offsets (a
+raw image on aio: Driver.direct_map) the common case runs in C (tapdisk/smtap_nbd.c,
+through ctypes, without the GIL): reads, writes and flushes, received, checked,
+started and answered there, until a request that is not that case (which C leaves in
+the receive buffer, for this loop), an I/O error (the request handed back unanswered),
+a pause or the client's idling; SMTAP_NBD_C=0 turns it off. On a chain whose drivers
+queue their I/O (aio, vhd) a turn's reads
 and writes go on the connection's I/O queue (tapdisk/ioqueue.py: io_uring or libaio,
 one submit per turn) and the loop keeps receiving while they are in flight; a command
 (flush, trim, zeroes, block status, disconnect) and a write the leaf cannot take as
@@ -22,6 +28,7 @@ fail requests with EIO), park(client) (wait out a pause) and quiet(client) (abou
 wait for the client with nothing in flight); and idle() (this client's thread went
 idle: drivers may drop its buffers).
 """
+import ctypes
 import errno
 import fcntl
 import logging
@@ -64,6 +71,7 @@ MAX_INFLIGHT_BYTES = 64 << 20
 # I/O is outstanding) for PIPELINE_TURNS turns since; one that never does (queue depth 1)
 # is not: the loop then blocks on the I/O alone, a system call less per request.
 PIPELINE_TURNS = 256
+C_LOOP_ENV = "SMTAP_NBD_C"  # 0: the transmission loop runs all in Python
 MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
@@ -75,6 +83,7 @@ FLAG_FUA = F.CMD_FLAG_FUA
 REQUEST_SIZE, REQUEST_MAGIC = F.REQUEST_SIZE, F.REQUEST_MAGIC
 _unpack_request = F.REQUEST.unpack_from
 Op = ioqueue.Op
+C_EOF, C_IDLE, C_GROW = native.NBD_EOF, native.NBD_IDLE, native.NBD_GROW
 
 
 
@@ -507,6 +516,10 @@ class Session(object):
         self.write_mask = 0
         self.inflight = self.inbytes = 0    # queued requests not answered, their bytes
         self.started = 0                    # requests the last turn started
+        self.cloop = None           # the C loop's state (native.NbdLoop) when it may run
+        self._cstate = None         # (kept across chain changes: its buffers)
+        self._cbuf = None           # the receive buffer cstate knows
+        self._serve_c = None
         try:
             self._loop()
         finally:
@@ -520,6 +533,8 @@ class Session(object):
             except Exception:       # noqa: BLE001 - the kernel may still write to them
                 log.exception("nbd client: I/O queue not drained; its buffers are kept")
                 _leaked.append((io, self.replies.pool))
+        if self._cstate is not None:
+            native.nbd_release(self._cstate)
         if self.chain is not None:
             self.chain.retire(self.acct)
         self.client.inflight = 0
@@ -543,10 +558,66 @@ class Session(object):
         self.chain = chain
         self.entered = True
         self.acct = chain.counters() if chain is not None else None
+        if self._serve_c is None:
+            self._serve_c = native.nbd_serve()
         if chain is not None and chain.queued and self.io is None:
             self.io = ioqueue.IoQueue(self.backend.io_backend)
             self.replies.pool = ioqueue.Pool()
         self.write_mask = chain.write_mask if chain is not None else 0
+        self._c_take(chain)
+
+    def _c_take(self, chain):
+        """Let the C loop serve this chain if it is direct (Driver.direct_map)."""
+        self.cloop = None
+        where = chain.direct_map() if chain is not None and self.io is not None else None
+        gate = getattr(self.backend, "gate", None)
+        if where is None or gate is None or os.environ.get(C_LOOP_ENV, "1") == "0":
+            return
+        c = self._cstate
+        if c is None:
+            c = self._cstate = native.NbdLoop()
+            c.gate, c.client = ctypes.addressof(gate), ctypes.addressof(self.client)
+            c.sockfd, c.structured = self.sock.fileno(), self.structured
+            c.grow, c.max_inflight = RECV_BUFFER, min(MAX_INFLIGHT, native.NBD_SLOTS)
+            c.max_bytes = MAX_INFLIGHT_BYTES
+        c.fd, c.direct, c.mask = where[0], bool(where[1]), where[2]
+        c.queue, c.acct = self.io.handle, ctypes.addressof(self.acct)
+        c.size, c.readonly = self.size, self.readonly
+        self.cloop = c
+
+    def _c_serve(self, buf, have, cap):
+        """Run the C loop (nothing in flight): (status, bytes left in buf). The
+        requests it handed back are answered here (their replies in self.replies).
+        The gate: busy is set (this thread set it when the requests came) and stays so
+        while C works, so a pause waits for it; C reads the gate before each request it
+        starts and returns, drained, once it is held. It clears busy only to wait for
+        the client with nothing in flight, as _loop does, with a barrier between each
+        store and the read of the gate that follows it (smtap_gate_set puts one on the
+        pause's side): VBD.park's "whichever comes second sees the other's write" holds
+        (smtap_nbd.c's top comment)."""
+        c = self.cloop
+        if buf is not self._cbuf:
+            c.buf, c.cap = native.address(buf), cap
+            self._cbuf = buf
+        c.have = have
+        r = self._serve_c(ctypes.addressof(c))
+        if c.nfailed:
+            self._c_failed(c)
+        if r < 0:
+            raise OSError(-r, "nbd: %s" % os.strerror(-r))
+        return r, c.have
+
+    def _c_failed(self, c):
+        """The requests whose I/O failed in C: redone and answered on the Python path
+        (_answer_slow: retries, the errno the client is told, the failure counters)."""
+        for f in c.failed[:c.nfailed]:
+            op = Op()
+            op.kind, op.handle, op.offset, op.length = f.kind, f.handle, f.offset, f.length
+            op.fua, op.error = f.flags & FLAG_FUA, f.error or -errno.EIO
+            if op.kind == CMD_WRITE:
+                op.view = native.at(f.addr, f.length)
+            self._answer_slow(op)
+        c.nfailed = 0           # (client.inflight counts them until their answers are sent)
 
     def _idle(self):
         """No request for IDLE_RELEASE seconds, nothing in flight: give memory back."""
@@ -554,6 +625,9 @@ class Session(object):
             self.io.close()
             self.io = None
             self.replies.pool = None
+        if self._cstate is not None:
+            native.nbd_release(self._cstate)
+        self.cloop = None
         self.entered = False        # a new queue comes with the next request
         self.backend.idle()
 
@@ -590,7 +664,26 @@ class Session(object):
                 if pipelined:
                     pipelined -= 1
             # 2. receive
-            if not inflight and not out and not backlog:
+            if not inflight and not out and not backlog and self.cloop is not None \
+                    and not backend.held:
+                # the C loop: it returns busy, with nothing in flight, buf holding what
+                # it did not take (or nothing)
+                r, have = self._c_serve(buf, have, cap)
+                if r == C_EOF:
+                    return
+                if r == C_IDLE:
+                    if cap > RECV_INITIAL and have <= RECV_INITIAL:
+                        buf, view, cap = self._regrow(buf, view, have, RECV_INITIAL)
+                    self._idle()
+                    io = None
+                    continue
+                if backend.held or backend.chain is not self.chain or not self.entered:
+                    self._enter()
+                    io = self.io
+                if r == C_GROW and cap < RECV_BUFFER and not F.pending_write(buf, 0, have):
+                    buf, view, cap = self._regrow(buf, view, have, min(2 * cap, RECV_BUFFER))
+                    continue
+            elif not inflight and not out and not backlog:
                 client.busy = False             # quiet: a pause need not wait for us
                 if backend.held:
                     backend.quiet(client)

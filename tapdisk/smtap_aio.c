@@ -28,19 +28,12 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 
+#include "smtap_aio.h"
+
 #define QUEUE_DEPTH 127         /* I/Os in the kernel per queue (io_uring: one entry more
                                    of its 128 for the socket's poll) */
 
 enum { BACKEND_AUTO = 0, BACKEND_LIBAIO = 1, BACKEND_URING = 2 };
-/* request ops; OP_INLINE: a buffered I/O, run in the call itself by the libaio back end
-   (libaio would do it synchronously inside io_submit anyway, plus an io_getevents) and,
-   for writes, by io_uring's (it would hand them to a worker thread: a page cache write
-   rarely blocks); io_uring tries buffered reads at once and waits for the rest */
-enum { OP_READ = 0, OP_WRITE = 1, OP_INLINE = 0x100 };
-/* wait modes of smtap_queue_run */
-enum { WAIT_NONE = 0, WAIT_IO = 1, WAIT_IO_OR_SOCKET = 2 };
-#define FLAG_READABLE 1         /* out[0]: the socket became readable */
-
 int smtap_aio_depth(void) { return QUEUE_DEPTH; }
 
 /* The file system type of fd (fstatfs f_type; struct statfs is the C library's to lay
@@ -92,9 +85,7 @@ struct uring_params { uint32_t sq_entries, cq_entries, flags, sq_thread_cpu,
 struct aio_ring { unsigned id, nr, head, tail, magic, compat_features, incompat_features,
                   header_length; struct io_event io_events[]; };
 
-struct sreq { long long op, fd, off, len, addr, tag; };    /* as Python passes them */
-
-typedef struct smtap_queue {
+struct smtap_queue {
     int backend;
     int inflight;               /* I/Os the kernel has */
     struct sreq *backlog;       /* given, not submitted yet (no free slot) */
@@ -119,7 +110,7 @@ typedef struct smtap_queue {
     const long long *sub;
     long long *done;
     int maxdone;
-} smtap_queue;
+};
 
 static int uring_open(smtap_queue *q)
 {
@@ -508,14 +499,21 @@ void smtap_queue_buffers(smtap_queue *q, const long long *sub, long long *done, 
    (the queue is then unusable). */
 int smtap_queue_run(smtap_queue *q, int n, int wait, int sockfd)
 {
+    return smtap_queue_submit(q, (const struct sreq *)q->sub, n, wait, sockfd, q->done,
+                              q->maxdone);
+}
+
+int smtap_queue_submit(smtap_queue *q, const struct sreq *sub, int n, int wait, int sockfd,
+                       long long *done, int maxdone)
+{
     int ndone = 0, flags = 0, r;
-    if (n > 0 && (r = backlog_add(q, (const struct sreq *)q->sub, n)) < 0)
+    if (n > 0 && (r = backlog_add(q, sub, n)) < 0)
         return r;
     if (q->backhead == q->nback && !q->inflight)
         wait = WAIT_NONE;       /* nothing to wait for */
     r = q->backend == BACKEND_URING
-        ? uring_run(q, wait, sockfd, q->done, &ndone, q->maxdone, &flags)
-        : aio_run(q, wait, sockfd, q->done, &ndone, q->maxdone, &flags);
+        ? uring_run(q, wait, sockfd, done, &ndone, maxdone, &flags)
+        : aio_run(q, wait, sockfd, done, &ndone, maxdone, &flags);
     if (r < 0)
         return r;
     return 2 * ndone + flags;

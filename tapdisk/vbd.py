@@ -7,7 +7,10 @@ from the request that woke it until it waits for its socket again with nothing i
 flight (quiet); a pause or close raises `held` and waits until every client is quiet
 or parked (a busy client seeing `held` stops taking requests, finishes those in flight
 and parks until resume). That costs a client two attribute writes and a read per loop
-turn, no lock.
+turn, no lock. A client's loop may run in C without the GIL (smtap_nbd.c): it reads
+the gate from `gate` (native.Gate, raised with `held`, a barrier after the store) and
+writes busy and inflight into the Client record, memory both sides share; its comment
+says why the ordering argument below holds for it too.
 
     python -m smtap.tapdisk.vbd [-R] [-D] [-m minor] [-e export] [--tcp host:port] type:/path
 
@@ -25,6 +28,7 @@ from smtap import names, settings
 from smtap.tapdisk import driver as drv
 from smtap.tapdisk import image
 from smtap.tapdisk import ioqueue
+from smtap.tapdisk import native
 from smtap.tapdisk import nbd
 
 STATE_DEAD = 0x1
@@ -41,16 +45,12 @@ DEFAULT_TIMEOUT = 120
 STALL_CHECK = 2.0       # seconds between looks at the clients while a pause or close waits
 
 
-class Client(object):
+class Client(native.ClientState):
     """An NBD client as the gate sees it. busy: it may be using the chain (its thread
     writes it, the pause reads it: under the GIL, a write then a read on each side is
-    enough, see VBD.park); inflight: its requests started and not answered."""
-
-    __slots__ = ("busy", "inflight")
-
-    def __init__(self):
-        self.busy = False
-        self.inflight = 0
+    enough, see VBD.park; C, outside it, puts barriers between them); inflight: its
+    requests started and not answered. Memory C shares (native.ClientState): 0 both
+    to begin with."""
 
 
 class VBD(object):
@@ -69,10 +69,12 @@ class VBD(object):
         self._size = None           # kept across a pause: resume may only grow it
         self._sector_size = None
         self._export_flags = 0
-        self._banked = {"secs": [0, 0], "images": [], "retries": 0}  # chains closed by pause
+        self._banked = {"secs": [0, 0], "images": [], "retries": 0,   # chains closed by pause
+                        "served_c": 0}
         self._gate = threading.Condition(threading.Lock())
         self._clients = set()
         self.held = False           # a pause or close waits for the clients to go quiet
+        self.gate = native.Gate()   # held, as the clients' C loops read it (_set_held)
         self.io_backend = None      # the NBD clients' I/O queues' (ioqueue), from open
         self._control = threading.RLock()
 
@@ -111,6 +113,12 @@ class VBD(object):
         if chain is not None:
             chain.idle()
 
+    def _set_held(self, held):
+        """Raise or lower the gate, for Python clients (held) and C ones (gate: a
+        barrier after the store, before the caller reads any client's busy)."""
+        self.held = held
+        native.gate_set(self.gate, held)
+
     def _busy(self):
         return [c for c in self._clients if c.busy]
 
@@ -121,18 +129,23 @@ class VBD(object):
         move for STALL_CHECK seconds), so no client can hold a pause or close. EBUSY
         after the request timeout (the gate opens again), unless force."""
         with self._gate:
-            self.held = True
+            self._set_held(True)
             deadline = time.monotonic() + self.timeout
             unread = {}
-            while self._busy():
+            # Once every client was seen quiet, the gate holds: one that turns busy
+            # after that (a request came) reads held next and parks without touching the
+            # chain (see park). So the decision is on that one look, never on another
+            # (a C loop, outside the GIL, can turn busy between any two).
+            busy = self._busy()
+            while busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 if not self._gate.wait(min(left, STALL_CHECK)) and self.server is not None:
                     unread = self.server.drop_stalled(unread)
-            busy = self._busy()
+                busy = self._busy()
             if busy and not force:
-                self.held = False
+                self._set_held(False)
                 self._gate.notify_all()
                 raise OSError(errno.EBUSY, "%d clients still busy after %ss (%d requests in "
                               "flight)" % (len(busy), self.timeout,
@@ -142,7 +155,7 @@ class VBD(object):
         """Open the gate on `chain` (None: waiting and new requests fail with EIO)."""
         with self._gate:
             self.chain = chain
-            self.held = False
+            self._set_held(False)
             self._gate.notify_all()
 
     # -- control --------------------------------------------------------------------------
@@ -164,7 +177,7 @@ class VBD(object):
                 self.flags, self.export_name = flags, export_name
                 self._size, self._sector_size = chain.size, chain.sector_size
                 self._export_flags = nbd.transmission_flags(chain)
-                self._banked = {"secs": [0, 0], "images": [], "retries": 0}
+                self._banked = {"secs": [0, 0], "images": [], "retries": 0, "served_c": 0}
                 self._release(chain)
                 self.server = nbd.Server(self, self.nbd_path, tcp)
             except Exception:
@@ -247,6 +260,7 @@ class VBD(object):
         b = self._banked
         b["secs"] = [x + y for x, y in zip(b["secs"], st["secs"])]
         b["retries"] += st["retries"]
+        b["served_c"] += st["served_c"]
         b["images"] = st["images"]
 
     # -- introspection -----------------------------------------------------------------
@@ -254,10 +268,12 @@ class VBD(object):
         chain = self.chain
         b = self._banked
         secs, retries, images = b["secs"], b["retries"], b["images"]
+        served_c = b["served_c"]
         if chain is not None:
             st = chain.stats()
             secs = [x + y for x, y in zip(secs, st["secs"])]
             retries += st["retries"]
+            served_c += st["served_c"]
             images = st["images"]
         server = self.server
         return {
@@ -272,7 +288,10 @@ class VBD(object):
             "nbd": {"path": self.nbd_path if server else None,
                     "clients": server.clients() if server else 0,
                     "tcp": list(server.tcp_address[:2]) if server and server.tcp_address
-                    else None},
+                    else None,
+                    # requests the transmission loop's C part answered (smtap_nbd.c);
+                    # the rest, Python's
+                    "served_c": served_c},
         }
 
     def info(self):

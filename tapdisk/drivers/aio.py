@@ -57,6 +57,11 @@ class AioDriver(driver.Driver):
     def queue_writes(self, io, requests):
         self.file.queue_writes(io, requests)
 
+    def direct_map(self):
+        """A raw image: the disk's bytes are the file's (Driver.direct_map)."""
+        f = self.file
+        return (f.fd, f.direct, f.mask) if f is not None else None
+
     def preadv(self, requests):
         return self.file.preadv(requests)
 

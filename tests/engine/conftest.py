@@ -2,7 +2,7 @@
 smtap_root's teardown kills every process of the root."""
 import pytest
 
-from lib.engine import IO_BACKENDS, Served, Tap, have_io_uring
+from lib.engine import IO_BACKENDS, NBD_LOOPS, Served, Tap, have_io_uring, nbd_loop_env
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,14 @@ def io_backend(request, monkeypatch):
     if request.param == "io_uring" and not have_io_uring():
         pytest.skip("this kernel has no io_uring for this process")
     monkeypatch.setenv("SMTAP_IO", request.param)
+    return request.param
+
+
+@pytest.fixture(params=NBD_LOOPS)
+def nbd_loop(request, monkeypatch):
+    """The test runs with the NBD loop's C part (tapdisk/smtap_nbd.c) on and off
+    (SMTAP_NBD_C=0) for the tapdisks it starts: Python's loop is the reference."""
+    monkeypatch.setenv(*nbd_loop_env(request.param))
     return request.param
 
 

@@ -8,9 +8,12 @@ import time
 
 import pytest
 
-from lib.engine import (IHAVEOPT, IO_BACKENDS, Raw, have_io_uring, image_file, nbd_map,
-                        nbd_uri, qemu_io)
-from lib.procs import run
+from smtap.tapdisk import control
+from smtap.tapdisk import driver as drv
+
+from lib.engine import (IHAVEOPT, IO_BACKENDS, NBD_LOOPS, Raw, have_io_uring, image_file,
+                        nbd_loop_env, nbd_map, nbd_uri, qemu_io)
+from lib.procs import run, wait_for
 from lib.sizes import MiB
 from lib.qcow2 import QCOW2_DISKS, check_images
 from lib.vhd import VHD_DISKS
@@ -143,6 +146,90 @@ def test_served_by_tap_ctl_create(make_tap, tmp_path):
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(img), tap.uri)
 
 
+# -- the loop's C part (tapdisk/smtap_nbd.c) and Python's ----------------------------------
+def _mixed_session(c, structured):
+    """Pipelined writes (FUA on one), a flush, pipelined reads, then what the C part
+    hands to Python (an unaligned write, a trim, a read past the end) and reads again:
+    every reply checked. Returns (reads, writes, sectors read, sectors written)."""
+    def done(handle, datalen=0):
+        if structured:
+            flags, rtype, h, payload = c.chunk()
+            assert (flags, h) == (1, handle) and rtype == (1 if datalen else 0), rtype
+            if datalen:
+                assert struct.unpack_from(">Q", payload)[0] == offsets[handle]
+            return payload[8:]
+        err, h, data = c.simple_reply(datalen)
+        assert (err, h) == (0, handle)
+        return data
+    offsets = {}
+    burst = b""
+    for i in range(8):
+        burst += struct.pack(">IHHQQI", 0x25609513, 1 if i == 7 else 0, 1, 10 + i,
+                             i * 4096, 4096) + bytes([i + 1]) * 4096
+    c.s.sendall(burst)
+    got = sorted(c.chunk()[2] if structured else c.simple_reply()[1] for _ in range(8))
+    assert got == list(range(10, 18))
+    c.request(3, 20, 0, 0)                              # flush
+    done(20)
+    burst = b""
+    for i in range(8):
+        offsets[30 + i] = i * 4096
+        burst += struct.pack(">IHHQQI", 0x25609513, 0, 0, 30 + i, i * 4096, 4096)
+    c.s.sendall(burst)
+    for i in range(8):                                  # in order: here, one by one
+        h = 30 + i
+        data = done(h, 4096)
+        assert data == bytes([i + 1]) * 4096
+    c.request(1, 40, 100, 17, payload=b"u" * 17)        # unaligned (O_DIRECT: Python's)
+    done(40)
+    c.request(4, 41, 65536, 4096)                       # trim: Python's
+    done(41)
+    c.request(0, 42, 4 * MiB - 512, 1024)               # past the end: EINVAL
+    if structured:
+        assert c.chunk()[:3] == (1, 2 ** 15 + 1, 42)
+    else:
+        assert c.simple_reply()[:2] == (22, 42)
+    for h, off in ((43, 0), (44, 4096), (45, 65536)):  # and back to the fast path
+        offsets[h] = off
+        c.request(0, h, off, 4096)
+        data = done(h, 4096)
+        expect = (b"\1" * 100 + b"u" * 17 + b"\1" * (4096 - 117) if off == 0 else
+                  bytes(4096) if off == 65536 else b"\2" * 4096)
+        assert data == expect
+    return 8 + 3, 8 + 1, (8 * 4096 + 3 * 4096) // 512, (8 * 4096) // 512
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["odirect", "buffered"])
+def test_reads_writes_and_flushes_on_both_loops_with_exact_counters(make_tap, smtap_root,
+                                                                   nbd_loop, direct):
+    """A raw disk, on a simple and a structured connection: every reply right, the
+    accounting exact, and `served_c` in tap-ctl stats shows which loop answered."""
+    img = image_file(smtap_root / "d.img", 4 * MiB)
+    tap = make_tap("aio:" + img, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
+    totals = [0, 0, 0, 0]
+    for structured in (False, True):
+        c = Raw(tap.nbd_path)
+        c.greet()
+        if structured:
+            c.structured()
+        c.go()
+        totals = [a + b for a, b in zip(totals, _mixed_session(c, structured))]
+        c.close()
+    client = control.Client(tap.pid)
+    assert wait_for(lambda: client.stats(tap.minor)["nbd"]["clients"] == 0)
+    stats = client.stats(tap.minor)
+    reads, writes, secs_read, secs_written = totals
+    assert stats["secs"] == [secs_read, secs_written]
+    assert stats["images"][0]["hits"] == [reads, writes]
+    assert stats["images"][0]["fail"] == [0, 0]
+    assert stats["reqs_outstanding"] == 0
+    served_c = stats["nbd"]["served_c"]
+    if nbd_loop == "c":
+        assert served_c >= 2 * 12, stats        # most of them (a connection's first is
+    else:                                       # Python's, and what C hands it)
+        assert served_c == 0, stats
+
+
 # -- a raw client: what well-behaved clients never send ---------------------------------
 def test_unknown_option_and_command_get_errors(serve, tmp_path):
     s = serve("ram:%s?size=%d" % (tmp_path / "x", MiB))
@@ -195,15 +282,18 @@ def test_garbage_handshake_does_not_hurt_the_server(serve, tmp_path, garbage, di
 
 
 # and a client vanishing with I/O queued, on each back end (ram answers in the turn)
-VANISHING = [("ram", "auto")] + [(d, b) for d in sorted(VHD_DISKS) + sorted(QCOW2_DISKS) + ["aio"]
-                                     for b in IO_BACKENDS]
+# (a raw disk: on the NBD loop's C part and on Python's alone)
+VANISHING = [("ram", "auto", "c")] + [(d, b, "c") for d in sorted(VHD_DISKS) + sorted(QCOW2_DISKS)
+                                      for b in IO_BACKENDS] + [
+    ("aio", b, n) for b in IO_BACKENDS for n in NBD_LOOPS]
 
 
-@pytest.mark.parametrize("disk,backend", VANISHING)
-def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk, backend):
+@pytest.mark.parametrize("disk,backend,loop", VANISHING)
+def test_garbage_request_and_vanishing_client(serve, tmp_path, monkeypatch, disk, backend, loop):
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
+    monkeypatch.setenv(*nbd_loop_env(loop))
     disks = dict(GARBAGE_DISKS, aio=lambda root, size: "aio:" + image_file(root / "d.img", size))
     s = serve(disks[disk](tmp_path, 64 * MiB))
     c = Raw(s.nbd_path)
@@ -256,14 +346,19 @@ def test_pipelined_requests_simple_replies(serve, tmp_path):
     c.close()
 
 
-@pytest.mark.parametrize("kind,backend", [("ram", "auto")] + [
-    (k, b) for k in ("aio", "vhd", "vhd-chain3", "qcow2", "qcow2-chain3") for b in IO_BACKENDS])
-def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend):
+@pytest.mark.parametrize("kind,backend,loop", [("ram", "auto", "c")] + [
+    (k, b, "c") for k in ("vhd", "vhd-chain3", "qcow2", "qcow2-chain3") for b in IO_BACKENDS]
+    + [(k, b, n) for k in ("aio", "aio-D") for b in IO_BACKENDS for n in NBD_LOOPS])
+def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend, loop):
     """fio keeps 32 mixed-size writes in flight, then reads every block back and checks it
-    (on each I/O back end: the queued path's)."""
+    (on each I/O back end: the queued path's; a raw disk, O_DIRECT or not, on the NBD
+    loop's C part and on Python's alone)."""
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
+    monkeypatch.setenv(*nbd_loop_env(loop))
+    flags = ("-D",) if kind == "aio-D" else ()
+    kind = kind.split("-D")[0]
     if kind.startswith(("vhd", "qcow2")):
         params = dict(VHD_DISKS, **QCOW2_DISKS)[kind](tmp_path, 16 * MiB)
     else:
@@ -271,7 +366,7 @@ def test_fio_pipelined_writes_verify(serve, tmp_path, monkeypatch, kind, backend
         img.write_bytes(b"")
         os.truncate(img, 16 * MiB)
         params = "%s:%s" % (kind, img)
-    s = serve(params)
+    s = serve(params, *flags)
     out = run("fio", "--name=v", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
               "--bsrange=512-128k", "--bs_unaligned", "--iodepth=32", "--size=16M",
               "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",

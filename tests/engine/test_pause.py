@@ -10,7 +10,7 @@ import pytest
 
 from smtap.tapdisk import control, drivers
 
-from lib.engine import disk_sha256, image_file, nbd_size, qemu_io, tap_ctl
+from lib.engine import disk_sha256, image_file, nbd_loop_env, nbd_size, qemu_io, tap_ctl
 from lib.fs import tmpfs
 from lib.procs import run
 from lib.qcow2 import QCOW2_DISKS, check_images
@@ -66,8 +66,11 @@ DISKS = dict(VHD_DISKS, aio=lambda root, size: "aio:" + image_file(root / "disk.
 DISKS.update(QCOW2_DISKS)
 
 
-@pytest.mark.parametrize("disk", sorted(DISKS))
-def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk, io_backend):
+@pytest.mark.parametrize("disk,loop", [(d, "c") for d in sorted(DISKS)] + [("aio", "python")])
+def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, monkeypatch, disk, loop,
+                                            io_backend):
+    """(a raw disk: on the NBD loop's C part, which pauses must stop, and on Python's)"""
+    monkeypatch.setenv(*nbd_loop_env(loop))
     size = 16 * MiB
     tap = make_tap(DISKS[disk](smtap_root, size))
     client = control.Client(tap.pid)
@@ -90,6 +93,8 @@ def test_fio_verify_during_100_pause_cycles(make_tap, smtap_root, disk, io_backe
     stats = client.stats(tap.minor)
     assert stats["reqs_outstanding"] == 0 and stats["images"]
     assert all(image["fail"] == [0, 0] for image in stats["images"]), stats
+    if disk == "aio":
+        assert (stats["nbd"]["served_c"] > 0) == (loop == "c"), stats
     tap.destroy()
     check_images(smtap_root)
 

@@ -16,6 +16,12 @@ from smtap import names
 
 
 IO_BACKENDS = ["io_uring", "libaio"]     # tapdisk/ioqueue.py's, forced with SMTAP_IO
+NBD_LOOPS = ["c", "python"]     # the NBD loop's C part on (the default) or off (SMTAP_NBD_C=0)
+
+
+def nbd_loop_env(loop):
+    """The environment variable and value a tapdisk's NBD loop runs as `loop` with."""
+    return "SMTAP_NBD_C", "1" if loop == "c" else "0"
 
 
 def have_io_uring():
@@ -207,6 +213,17 @@ class Raw(object):
         magic, err, handle = struct.unpack(">IIQ", self.recv(16))
         assert magic == 0x67446698
         return err, handle, (self.recv(datalen) if datalen and not err else b"")
+
+    def structured(self):
+        """Negotiate structured replies (before go())."""
+        self.option(8)
+        assert self.reply()[1] == 1
+
+    def chunk(self):
+        """A structured reply's chunk: (flags, type, handle, payload)."""
+        magic, flags, rtype, handle, length = struct.unpack(">IHHQI", self.recv(20))
+        assert magic == 0x668e33ef
+        return flags, rtype, handle, self.recv(length) if length else b""
 
     def close(self):
         self.s.close()

@@ -1,0 +1,629 @@
+/* smtap_nbd.c (libsmtap-aio): the NBD transmission loop's common case, in C.
+
+   tapdisk/nbd.py's Session calls smtap_nbd_serve() through ctypes (the GIL released for
+   the whole call, so connections run in parallel) when its connection has nothing in
+   flight and its chain is declared direct: the data of disk offset x is at offset x of
+   one file descriptor (a raw image opened by the aio driver, O_DIRECT or buffered).
+   Like nbdkit's server/protocol.c it then receives, checks, handles and replies itself:
+   READ, WRITE (FUA: fdatasync before the reply) and FLUSH; pipelined requests go on the
+   connection's I/O queue (smtap_aio.c), each answered as its own I/O completes, the
+   replies of a turn in one sendmsg.
+
+   Python stays the reference implementation: whatever is not that case (another
+   command, a request failing a check, a range or alignment it does not take, the VBD's
+   pause gate raised) C does not start. It drains what it has in flight, sends those
+   replies and returns; the receive buffer (Python's, shared) then starts with the bytes
+   it did not consume, and Python's loop takes them. A request whose I/O failed is
+   handed back unanswered (failed[]): Python redoes it on its path (retries, errno
+   mapping, accounting of failures) and answers it.
+
+   The pause gate (tapdisk/vbd.py): a pause sets gate->held (smtap_gate_set: a full
+   barrier after the store), then reads each client's busy. Python sets busy before
+   calling here; C leaves it set while it works, so a pause waits for it, and C sees
+   held before it starts another request (it drains and returns; Python parks). C
+   clears busy only to wait for the client with nothing in flight, in the order of
+   Python's own loop: busy = 0, a full barrier, read held (raised: return, Python tells
+   the pause); after the recv busy = 1, a full barrier, read held and the gate's
+   generation (a pause came, perhaps a resume too, while C waited: the descriptor may
+   be another file's now; return without touching it). Whichever of the pause and C
+   comes second sees the other's store. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "smtap_aio.h"
+
+/* the protocol (doc/proto.md), as tapdisk/nbdframe.py names it */
+#define REQUEST_MAGIC 0x25609513U
+#define SIMPLE_MAGIC 0x67446698U
+#define STRUCTURED_MAGIC 0x668e33efU
+#define REQUEST_SIZE 28
+#define CMD_READ 0
+#define CMD_WRITE 1
+#define CMD_FLUSH 3
+#define FLAG_FUA 1U
+#define FLAG_DF 4U
+#define READ_FLAGS (FLAG_FUA | FLAG_DF)
+#define WRITE_FLAGS FLAG_FUA
+#define REPLY_FLAG_DONE 1
+#define REPLY_TYPE_NONE 0
+#define REPLY_TYPE_OFFSET_DATA 1
+#define MAX_REQUEST (32LL << 20)
+
+#define SLOTS 256               /* requests started and not answered (nbd.MAX_INFLIGHT) */
+#define NCLASS 14               /* buffers of 4 KiB << 0..13 (up to MAX_REQUEST) */
+#define DONE_MAX 256            /* completions per queue call */
+#define PIPELINE_TURNS 256      /* as nbd.py: watch the socket that long after QD > 1 */
+
+#ifndef __NR_preadv2
+#define __NR_preadv2 327        /* x86_64; el7's headers may lack it */
+#endif
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+/* why smtap_nbd_serve returned (< 0: -errno of the socket, the session ends) */
+enum { RET_PYTHON = 1,          /* buf starts with a request C does not take (or failed[]) */
+       RET_HELD = 2,            /* the pause gate is raised, or was while C waited */
+       RET_IDLE = 3,            /* no request for the socket's receive timeout */
+       RET_EOF = 4,             /* the client went away */
+       RET_GROW = 5 };          /* the receive buffer is too small (a write) or was full */
+
+struct smtap_gate { int held, gen; };           /* the VBD's (vbd.VBD.gate) */
+struct smtap_client { int busy, inflight; };    /* what the gate sees (vbd.Client) */
+
+struct smtap_failed {           /* a request whose I/O failed, handed back unanswered */
+    long long kind;
+    unsigned long long handle;
+    long long offset, length, flags, addr, error;
+};
+
+/* One connection's loop, laid out as native.NbdLoop (ctypes). Python sets the first
+   part (at a chain change; have before each call), C the rest. */
+struct smtap_nbd {
+    char *buf;                  /* the receive buffer (Python's) */
+    long long cap, have;        /* its size; the bytes in it (in and out) */
+    long long grow;             /* a buffer filled up below this size: RET_GROW */
+    smtap_queue *queue;
+    struct smtap_gate *gate;
+    struct smtap_client *client;
+    long long *acct;            /* Chain.counters(): C adds to them */
+    long long size, mask;       /* the export's size; O_DIRECT's alignment - 1 */
+    long long max_inflight, max_bytes;
+    int sockfd, fd, direct, readonly, structured, nfailed;
+    struct smtap_failed failed[SLOTS];
+    void *priv;                 /* struct loop, C's; smtap_nbd_release frees it */
+};
+
+/* accounting, as image.Chain.counters() */
+enum { SECS_READ, SECS_WRITTEN, READS, WRITES, READ_FAILS, WRITE_FAILS, SERVED_C };
+
+struct slot {
+    int kind, cls;
+    unsigned flags;
+    unsigned char handle[8];    /* the client's, as it sent it */
+    long long offset, length;
+    char *data;                 /* a read's or write's buffer */
+    unsigned char head[28];     /* the reply's header */
+    int hlen;
+};
+
+struct loop {
+    struct slot slots[SLOTS];
+    int free[SLOTS], nfree;
+    int ready[SLOTS], nready;   /* answered, to send */
+    int failed[SLOTS], nfail;   /* handed back: freed at the next call */
+    int nio;                    /* slots with I/O given to the queue */
+    long long bytes;            /* their buffers' size */
+    struct sreq subs[SLOTS];
+    int nsubs;
+    long long done[2 * DONE_MAX];
+    char *pool[NCLASS];         /* free buffers per class, linked through their first bytes */
+    int pipelined, nowait_off, stop;
+    int waiting;                /* dispatch left a complete request for later */
+};
+
+int smtap_nbd_sizeof(void) { return (int)sizeof(struct smtap_nbd); }
+
+/* A pause raises the gate (held = 1: the generation moves on) or lowers it; the barrier
+   orders the store before the caller's reads of the clients' busy. */
+void smtap_gate_set(struct smtap_gate *g, int held)
+{
+    if (held)
+        __atomic_add_fetch(&g->gen, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&g->held, held, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t be64(const unsigned char *p)
+{
+    return (uint64_t)be32(p) << 32 | be32(p + 4);
+}
+
+static void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+    put32(p, v >> 32);
+    put32(p + 4, (uint32_t)v);
+}
+
+/* ---- buffers: page aligned (O_DIRECT), kept per size class until released ---- */
+static char *buf_get(struct loop *l, long long len, int *cls)
+{
+    int c = 0;
+    while ((4096LL << c) < len)
+        c++;
+    char *b = l->pool[c];
+    if (b) {
+        l->pool[c] = *(char **)b;
+    } else if (posix_memalign((void **)&b, 4096, (size_t)(4096LL << c))) {
+        return NULL;
+    }
+    *cls = c;
+    return b;
+}
+
+static void buf_put(struct loop *l, char *b, int cls)
+{
+    *(char **)b = l->pool[cls];
+    l->pool[cls] = b;
+}
+
+static void slot_free(struct loop *l, int i)
+{
+    struct slot *s = &l->slots[i];
+    if (s->data)
+        buf_put(l, s->data, s->cls);
+    s->data = NULL;
+    l->free[l->nfree++] = i;
+}
+
+/* Free what the last call handed back (Python answered it) and everything pooled. */
+void smtap_nbd_release(struct smtap_nbd *c)
+{
+    struct loop *l = c->priv;
+    if (!l)
+        return;
+    for (int i = 0; i < l->nfail; i++)
+        slot_free(l, l->failed[i]);
+    for (int k = 0; k < NCLASS; k++)
+        while (l->pool[k]) {
+            char *b = l->pool[k];
+            l->pool[k] = *(char **)b;
+            free(b);
+        }
+    free(l);
+    c->priv = NULL;
+    c->nfailed = 0;
+}
+
+static void inflight(struct smtap_nbd *c, struct loop *l)
+{
+    __atomic_store_n(&c->client->inflight, SLOTS - l->nfree, __ATOMIC_RELAXED);
+}
+
+/* ---- replies ---- */
+static void answer(struct smtap_nbd *c, struct loop *l, int i)
+{
+    struct slot *s = &l->slots[i];
+    unsigned char *h = s->head;
+    if (!c->structured) {
+        put32(h, SIMPLE_MAGIC);
+        put32(h + 4, 0);
+        memcpy(h + 8, s->handle, 8);
+        s->hlen = 16;
+    } else {
+        int data = s->kind == CMD_READ;
+        put32(h, STRUCTURED_MAGIC);
+        h[4] = 0; h[5] = REPLY_FLAG_DONE;
+        h[6] = 0; h[7] = data ? REPLY_TYPE_OFFSET_DATA : REPLY_TYPE_NONE;
+        memcpy(h + 8, s->handle, 8);
+        put32(h + 16, data ? (uint32_t)(s->length + 8) : 0);
+        if (data)
+            put64(h + 20, (uint64_t)s->offset);
+        s->hlen = data ? 28 : 20;
+    }
+    c->acct[SERVED_C]++;
+    l->ready[l->nready++] = i;
+}
+
+/* A request whose I/O failed (status: -errno): handed back to Python, unanswered; no
+   more requests start. */
+static void fail(struct smtap_nbd *c, struct loop *l, int i, long long status)
+{
+    struct slot *s = &l->slots[i];
+    struct smtap_failed *f = &c->failed[c->nfailed++];
+    f->kind = s->kind;
+    f->handle = be64(s->handle);
+    f->offset = s->offset;
+    f->length = s->length;
+    f->flags = s->flags;
+    f->addr = (long long)(intptr_t)s->data;
+    f->error = status;
+    l->failed[l->nfail++] = i;
+    l->stop = RET_PYTHON;
+}
+
+/* A write's data is on the file: FUA wants it on stable storage before the reply. */
+static void written(struct smtap_nbd *c, struct loop *l, int i)
+{
+    if (l->slots[i].flags & FLAG_FUA && fdatasync(c->fd))
+        fail(c, l, i, -errno);
+    else
+        answer(c, l, i);
+}
+
+/* Send the ready replies (one sendmsg, more if it sends part), then free their slots. */
+static int send_ready(struct smtap_nbd *c, struct loop *l)
+{
+    struct iovec iov[2 * SLOTS];
+    int n = 0;
+    for (int k = 0; k < l->nready; k++) {
+        struct slot *s = &l->slots[l->ready[k]];
+        iov[n].iov_base = s->head;
+        iov[n++].iov_len = s->hlen;
+        if (s->kind == CMD_READ) {
+            iov[n].iov_base = s->data;
+            iov[n++].iov_len = s->length;
+        }
+    }
+    struct iovec *v = iov;
+    int err = 0;
+    while (n) {
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = v;
+        m.msg_iovlen = n;
+        ssize_t k = sendmsg(c->sockfd, &m, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            err = -errno;
+            break;
+        }
+        while (n && (size_t)k >= v->iov_len) {
+            k -= v->iov_len;
+            v++;
+            n--;
+        }
+        if (n) {
+            v->iov_base = (char *)v->iov_base + k;
+            v->iov_len -= k;
+        }
+    }
+    for (int k = 0; k < l->nready; k++)
+        slot_free(l, l->ready[k]);
+    l->nready = 0;
+    inflight(c, l);
+    return err;
+}
+
+/* ---- I/O ---- */
+static void completions(struct smtap_nbd *c, struct loop *l, int r)
+{
+    for (int k = 0; k < r >> 1; k++) {
+        int i = (int)l->done[2 * k];
+        long long status = l->done[2 * k + 1];
+        struct slot *s = &l->slots[i];
+        l->nio--;
+        l->bytes -= s->length;
+        if (status)
+            fail(c, l, i, status);
+        else if (s->kind == CMD_WRITE)
+            written(c, l, i);
+        else
+            answer(c, l, i);
+    }
+}
+
+/* Submit what dispatch() queued and collect completions, waiting as asked. */
+static int run(struct smtap_nbd *c, struct loop *l, int wait)
+{
+    int r = smtap_queue_submit(c->queue, l->subs, l->nsubs, wait, c->sockfd, l->done,
+                               DONE_MAX);
+    l->nsubs = 0;
+    if (r < 0)
+        return r;
+    completions(c, l, r);
+    return r & FLAG_READABLE;
+}
+
+/* Wait for every I/O given (an error ends the call: the buffers must not go first). */
+static int drain(struct smtap_nbd *c, struct loop *l)
+{
+    while (l->nio || l->nsubs) {
+        int r = run(c, l, WAIT_IO);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+static void queue_io(struct loop *l, int i, long long op, int fd)
+{
+    struct slot *s = &l->slots[i];
+    struct sreq *q = &l->subs[l->nsubs++];
+    q->op = op;
+    q->fd = fd;
+    q->off = s->offset;
+    q->len = s->length;
+    q->addr = (long long)(intptr_t)s->data;
+    q->tag = i;
+    l->nio++;
+    l->bytes += s->length;
+}
+
+/* A buffered read at once if the page cache has it all (preadv2 RWF_NOWAIT, a system
+   call: glibc 2.17 has no wrapper), else queued. */
+static void read_buffered(struct smtap_nbd *c, struct loop *l, int i)
+{
+    struct slot *s = &l->slots[i];
+    if (!l->nowait_off) {
+        struct iovec v = {s->data, (size_t)s->length};
+        long r = syscall(__NR_preadv2, c->fd, &v, 1, (long)s->offset, 0L, RWF_NOWAIT);
+        if (r == s->length) {
+            answer(c, l, i);
+            return;
+        }
+        if (r < 0 && errno != EAGAIN)
+            l->nowait_off = 1;          /* not here: queue them all */
+    }
+    queue_io(l, i, OP_READ | OP_INLINE, c->fd);
+}
+
+static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
+{
+    struct slot *s = &l->slots[i];
+    long long done = 0;
+    while (done < s->length) {
+        ssize_t k = pwrite(c->fd, s->data + done, s->length - done, s->offset + done);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            fail(c, l, i, k < 0 ? -errno : -EIO);
+            return;
+        }
+        done += k;
+    }
+    written(c, l, i);
+}
+
+/* ---- requests ---- */
+/* Start the complete requests at buf[*pos, have) until one C does not take (l->stop),
+   one that must wait (I/O limits, a flush behind I/O in flight) or an incomplete one. */
+static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
+{
+    const unsigned char *b = (const unsigned char *)c->buf;
+    l->waiting = 0;
+    while (!l->stop) {
+        if (__atomic_load_n(&c->gate->held, __ATOMIC_ACQUIRE)) {
+            l->stop = RET_HELD;
+            return;
+        }
+        long long at = *pos, left = c->have - at;
+        if (left < REQUEST_SIZE)
+            return;
+        const unsigned char *h = b + at;
+        unsigned flags = (unsigned)h[4] << 8 | h[5];
+        unsigned kind = (unsigned)h[6] << 8 | h[7];
+        long long offset = (long long)be64(h + 16), length = be32(h + 24);
+        int rw = kind == CMD_READ || kind == CMD_WRITE;
+        long long need = REQUEST_SIZE + (kind == CMD_WRITE ? length : 0);
+        if (be32(h) != REQUEST_MAGIC || length > MAX_REQUEST) {
+            l->stop = RET_PYTHON;       /* Python hangs up, or refuses it */
+            return;
+        }
+        if (left < need) {              /* a write's payload is still coming */
+            if (need > c->cap)
+                l->stop = RET_GROW;     /* Python grows the buffer for it */
+            return;
+        }
+        /* complete: what Python answers (an error to report, a command) or takes */
+        if (!(rw || kind == CMD_FLUSH)
+                || (kind == CMD_READ && flags & ~READ_FLAGS)
+                || (kind == CMD_WRITE && (flags & ~WRITE_FLAGS || c->readonly))
+                || (kind == CMD_FLUSH && (flags || c->readonly))
+                || (rw && (!length || offset < 0 || offset > c->size
+                           || length > c->size - offset
+                           || (c->direct && (offset | length) & c->mask)))) {
+            l->stop = RET_PYTHON;
+            return;
+        }
+        if (!l->nfree || (l->nio && (SLOTS - l->nfree >= c->max_inflight
+                                     || l->bytes + length > c->max_bytes))) {
+            l->waiting = 1;             /* until some complete */
+            return;
+        }
+        if (kind == CMD_FLUSH) {
+            if (l->nio) {
+                l->waiting = 1;         /* after the I/O before it */
+                return;
+            }
+            if (fdatasync(c->fd)) {
+                l->stop = RET_PYTHON;   /* Python flushes again and says why */
+                return;
+            }
+        }
+        int i = l->free[l->nfree - 1];
+        struct slot *s = &l->slots[i];
+        s->kind = (int)kind;
+        s->flags = flags;
+        memcpy(s->handle, h + 8, 8);
+        s->offset = offset;
+        s->length = kind == CMD_FLUSH ? 0 : length;
+        s->data = NULL;
+        if (rw && !(s->data = buf_get(l, length, &s->cls))) {
+            l->stop = RET_PYTHON;       /* no memory: Python's path */
+            return;
+        }
+        l->nfree--;
+        *pos = at + need;
+        if (kind == CMD_READ) {
+            c->acct[SECS_READ] += length >> 9;
+            c->acct[READS]++;
+            if (c->direct)
+                queue_io(l, i, OP_READ, c->fd);
+            else
+                read_buffered(c, l, i);
+        } else if (kind == CMD_WRITE) {
+            c->acct[SECS_WRITTEN] += length >> 9;
+            c->acct[WRITES]++;
+            memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
+            if (c->direct)
+                queue_io(l, i, OP_WRITE, c->fd);
+            else
+                write_buffered(c, l, i);
+        } else {
+            answer(c, l, i);
+        }
+        if (SLOTS - l->nfree > 1)
+            l->pipelined = PIPELINE_TURNS;  /* requests in flight together */
+    }
+}
+
+/* Drop the consumed bytes: the receive buffer starts with what is left. */
+static void consume(struct smtap_nbd *c, long long *pos)
+{
+    if (*pos) {
+        memmove(c->buf, c->buf + *pos, (size_t)(c->have - *pos));
+        c->have -= *pos;
+        *pos = 0;
+    }
+}
+
+/* Wait for the client with nothing in flight, quiet for the gate (see the top): 0 when
+   data came, else why the call ends (RET_*, -errno). */
+static int quiet_recv(struct smtap_nbd *c, int gen)
+{
+    struct smtap_gate *g = c->gate;
+    struct smtap_client *cl = c->client;
+    __atomic_store_n(&cl->busy, 0, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&g->held, __ATOMIC_SEQ_CST)) {
+        __atomic_store_n(&cl->busy, 1, __ATOMIC_SEQ_CST);
+        return RET_HELD;            /* Python tells the pause */
+    }
+    ssize_t n;
+    do
+        n = recv(c->sockfd, c->buf + c->have, (size_t)(c->cap - c->have), 0);
+    while (n < 0 && errno == EINTR);
+    int err = errno;
+    __atomic_store_n(&cl->busy, 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (n > 0)
+        c->have += n;
+    if (__atomic_load_n(&g->held, __ATOMIC_SEQ_CST)
+            || __atomic_load_n(&g->gen, __ATOMIC_SEQ_CST) != gen)
+        return RET_HELD;            /* the data stays for Python, which parks first */
+    if (n == 0)
+        return RET_EOF;
+    if (n < 0)
+        return err == EAGAIN || err == EWOULDBLOCK ? RET_IDLE : -err;
+    return 0;
+}
+
+/* Serve requests until one that is not the common case; see the top. Called with
+   nothing in flight, busy set; returns with busy set, nothing in flight in C, buf[0,
+   have) what it did not consume, failed[0, nfailed) the requests Python must answer. */
+int smtap_nbd_serve(struct smtap_nbd *c)
+{
+    struct loop *l = c->priv;
+    if (!l) {
+        if (!(l = c->priv = calloc(1, sizeof(*l))))
+            return RET_PYTHON;          /* no memory: Python's loop goes on */
+        for (int i = 0; i < SLOTS; i++)
+            l->free[i] = SLOTS - 1 - i;
+        l->nfree = SLOTS;
+    }
+    for (int i = 0; i < l->nfail; i++)
+        slot_free(l, l->failed[i]);
+    l->nfail = 0;
+    c->nfailed = 0;
+    l->stop = 0;
+    int gen = __atomic_load_n(&c->gate->gen, __ATOMIC_SEQ_CST);
+    long long pos = 0;
+    int readable = 0, full = 0, err = 0;
+    for (;;) {
+        dispatch(c, l, &pos);
+        consume(c, &pos);
+        if (full && !l->stop && c->cap < c->grow)
+            l->stop = RET_GROW;         /* after these: a bigger buffer batches more */
+        full = 0;
+        if (l->nsubs || l->nio) {
+            int wait = WAIT_NONE;
+            if (!l->nready)             /* nothing else to do: wait (the socket too if
+                                           the client pipelines and more can start) */
+                wait = l->pipelined && !l->stop && !l->waiting && c->have < c->cap
+                       ? WAIT_IO_OR_SOCKET : WAIT_IO;
+            int r = run(c, l, wait);
+            if (r < 0) {
+                err = r;
+                break;
+            }
+            readable = r;
+            if (l->pipelined)
+                l->pipelined--;
+        }
+        inflight(c, l);
+        if (l->nready && (err = send_ready(c, l)) < 0)
+            break;
+        if (!l->nio) {                  /* nothing in flight */
+            if (l->stop)
+                break;
+            if (l->waiting)
+                continue;               /* what waited for the I/O may start now */
+            if (c->have == c->cap) {
+                l->stop = RET_GROW;     /* full with nothing to start: a big write */
+                break;
+            }
+            int r = quiet_recv(c, gen);
+            if (r) {
+                l->stop = r;
+                break;
+            }
+            full = c->have == c->cap;
+            continue;
+        }
+        if (readable && !l->stop && c->have < c->cap) {
+            ssize_t n = recv(c->sockfd, c->buf + c->have, (size_t)(c->cap - c->have),
+                             MSG_DONTWAIT);
+            if (n == 0) {
+                l->stop = RET_EOF;
+            } else if (n > 0) {
+                c->have += n;
+                full = c->have == c->cap;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                err = -errno;
+                break;
+            }
+            readable = 0;
+        }
+    }
+    if (err < 0) {
+        int r = drain(c, l);
+        for (int k = 0; k < l->nready; k++)
+            slot_free(l, l->ready[k]);
+        l->nready = 0;
+        inflight(c, l);
+        return r < 0 ? r : err;
+    }
+    inflight(c, l);
+    return l->stop;
+}
