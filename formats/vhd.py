@@ -1423,7 +1423,7 @@ def coalesce(path, progress=None):
                 group = todo[first:first + COALESCE_BATCH]
                 runs, sectors = _coalesce_runs(child, group)
                 if target is not None:
-                    target.pwritev([(data, off) for data, off in runs])
+                    target.pwritev(runs)
                 else:
                     parent.write_runs(runs)
                 total += sectors

@@ -25,14 +25,19 @@ def value_text(value):
     return "" if value is None else str(value)
 
 
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def one_line(text):
     """text for a one-line message: control characters (a newline in a file name read
     from a corrupt image) escaped as \\n, \\xNN."""
     text = str(text)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else
-                   {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, "\\x%02x" % ord(c)
-                                                              if ord(c) < 256 else
-                                                              "\\u%04x" % ord(c))
-                   for c in text)
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c):
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    return "\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)

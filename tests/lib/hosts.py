@@ -24,9 +24,17 @@ def host_root(monkeypatch, prefix="/tmp/s"):
     try:
         yield root
     finally:
-        hostroot.cleanup(root)      # mounts, loop devices, then processes of the root
-        if not hostroot.mounts_under(root):
-            shutil.rmtree(root, ignore_errors=True)
+        remove_root(root)
+
+
+def remove_root(root):
+    """Everything of the root (mounts, loop devices, then its processes), then the root
+    itself unless something is still mounted in it. True if the directory went."""
+    hostroot.cleanup(root)
+    if hostroot.mounts_under(root):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 PREFIXES = ("/tmp/s", "/tmp/e")      # host_root's: the tests' and the e2e tests'
@@ -38,11 +46,7 @@ def sweep_stale_roots(prefixes=PREFIXES):
     of live runs (other worktrees' suites) are left alone. Returns the roots removed."""
     removed = []
     for prefix in prefixes:
-        for root in hostroot.stale_roots(prefix):
-            hostroot.cleanup(root)
-            if not hostroot.mounts_under(root):
-                shutil.rmtree(root, ignore_errors=True)
-                removed.append(root)
+        removed += [root for root in hostroot.stale_roots(prefix) if remove_root(root)]
     return removed
 
 
