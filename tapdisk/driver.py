@@ -160,14 +160,14 @@ class Driver(object):
     def queue_writes(self, io, requests):
         raise NotImplementedError
 
-    def direct_map(self):
-        """Where the disk's data is, for the NBD loop's C part (tapdisk/smtap_nbd.c),
-        which then serves reads, writes and flushes itself: (fd, o_direct, mask) if
-        every byte of the disk is at the same offset of descriptor fd (o_direct: it is
-        opened O_DIRECT, requests must be aligned to mask + 1; flush: fdatasync(fd)),
-        else None (the default: every request through the driver). Called when an NBD
-        connection takes the chain; the descriptor must stay open until a pause or
-        close, which wait for the connections first."""
+    def c_image(self):
+        """Where the image's data is, for the NBD loop's C part (tapdisk/smtap_nbd.c),
+        which then serves the reads, writes and flushes it can place itself: a
+        native.CImage (a raw file, a block map, a RAM mapping), or None (the default:
+        every request of the chain through the drivers). Called when an NBD connection
+        takes the chain; what it points at must stay until a pause or close, which wait
+        for the connections first. C writes only where the image says a write changes
+        nothing but the data (flush: fdatasync of the leaf's descriptor)."""
         return None
 
     # -- pause ----------------------------------------------------------------------

@@ -103,10 +103,13 @@ class Chain(object):
         if self.queued and not self.has_parent:     # the hot path: straight to the leaf
             self.queue_reads, self.queue_writes = leaf.queue_reads, leaf.queue_writes
 
-    def direct_map(self):
-        """The leaf's Driver.direct_map() if it is alone (no parent: its data is all of the
-        disk's), else None."""
-        return None if self.has_parent else self.leaf.direct_map()
+    def c_images(self):
+        """The chain for the NBD loop's C part: an array of native.CImage, the leaf
+        first, if every image has one (Driver.c_image), else None."""
+        images = [i.driver.c_image() for i in self.images]
+        if any(i is None for i in images):
+            return None
+        return (native.CImage * len(images))(*images)
 
     def _open(self, params, flags, kept, resumed):
         parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED

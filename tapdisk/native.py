@@ -43,11 +43,13 @@ def _load():
         # smtap_queue_run: no argtypes (ctypes' conversions cost more than the call): it
         # takes the queue as a c_void_p and three Python ints (C ints)
         lib.smtap_queue_run.restype = ctypes.c_int
-        lib.smtap_nbd_sizeof.restype = ctypes.c_int
-        lib.smtap_nbd_sizeof.argtypes = []
-        if lib.smtap_nbd_sizeof() != ctypes.sizeof(NbdLoop):
-            raise OSError("%s: struct smtap_nbd is %d bytes, NbdLoop %d: rebuild it"
-                          % (LIBRARY, lib.smtap_nbd_sizeof(), ctypes.sizeof(NbdLoop)))
+        for name, struct in (("nbd", NbdLoop), ("image", CImage)):
+            sizeof = getattr(lib, "smtap_%s_sizeof" % name)
+            sizeof.restype, sizeof.argtypes = ctypes.c_int, []
+            if sizeof() != ctypes.sizeof(struct):
+                raise OSError("%s: struct smtap_%s is %d bytes, %s %d: rebuild it"
+                              % (LIBRARY, name, sizeof(), struct.__name__,
+                                 ctypes.sizeof(struct)))
         lib.smtap_nbd_serve.restype = ctypes.c_int
         lib.smtap_nbd_serve.argtypes = [ctypes.c_void_p]
         lib.smtap_nbd_release.restype = None
@@ -135,15 +137,58 @@ class NbdFailed(ctypes.Structure):
                 ("error", ctypes.c_longlong)]
 
 
+# Where an image's data is, for the C loop (struct smtap_image): Driver.c_image()
+IMG_FILE, IMG_BLOCKS, IMG_MEM = 1, 2, 3
+# a block map's entries (IMG_BLOCKS): 0 unknown (the driver's path), E_ABSENT (the
+# parent's), E_ZERO, or E_DATA | the file offset of the block (512-aligned) [| E_WRITABLE:
+# written in place, nothing else to change]
+E_ABSENT, E_ZERO, E_DATA, E_WRITABLE = 1, 2, 4, 8
+MAP_PAGE_BITS = 12      # entries per page of a map: 1 << MAP_PAGE_BITS
+
+
+class CImage(ctypes.Structure):
+    """One image of a chain as the C loop reads it (struct smtap_image)."""
+    _fields_ = [("kind", ctypes.c_longlong), ("size", ctypes.c_longlong),
+                ("mask", ctypes.c_longlong), ("pages", ctypes.c_void_p),
+                ("npages", ctypes.c_longlong), ("base", ctypes.c_void_p),
+                ("alloc", ctypes.c_void_p), ("dirty", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("direct", ctypes.c_int),
+                ("shift", ctypes.c_int), ("shared", ctypes.c_int)]
+
+
+def file_image(afile, size):
+    """A raw image's CImage: disk offset x at offset x of the file (aiofile.AioFile)."""
+    return CImage(kind=IMG_FILE, size=size, mask=afile.mask, fd=afile.fd,
+                  direct=int(afile.direct), shift=9)
+
+
+class BlockMap(object):
+    """A block map for the C loop (IMG_BLOCKS): `entries` (array of "q", one per block,
+    never resized: C reads it in place, in pages) is the driver's to set; a store of one
+    entry is atomic, and C may see either side of it for a request in flight."""
+
+    def __init__(self, entries, afile, size, shift):
+        self.entries = entries
+        npages = (len(entries) + (1 << MAP_PAGE_BITS) - 1) >> MAP_PAGE_BITS
+        self.pages = (ctypes.c_void_p * max(1, npages))()
+        base = entries.buffer_info()[0]
+        for p in range(npages):
+            self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
+        self.image = CImage(kind=IMG_BLOCKS, size=size, mask=afile.mask,
+                            pages=ctypes.addressof(self.pages), npages=npages,
+                            fd=afile.fd, direct=int(afile.direct), shift=shift)
+
+
 class NbdLoop(ctypes.Structure):
     """One connection's C loop (struct smtap_nbd)."""
     _fields_ = [("buf", ctypes.c_void_p), ("cap", ctypes.c_longlong),
                 ("have", ctypes.c_longlong), ("grow", ctypes.c_longlong),
                 ("queue", ctypes.c_void_p), ("gate", ctypes.c_void_p),
                 ("client", ctypes.c_void_p), ("acct", ctypes.c_void_p),
-                ("size", ctypes.c_longlong), ("mask", ctypes.c_longlong),
+                ("size", ctypes.c_longlong),
                 ("max_inflight", ctypes.c_longlong), ("max_bytes", ctypes.c_longlong),
-                ("sockfd", ctypes.c_int), ("fd", ctypes.c_int), ("direct", ctypes.c_int),
+                ("images", ctypes.c_void_p), ("nimages", ctypes.c_longlong),
+                ("sockfd", ctypes.c_int), ("fd", ctypes.c_int),
                 ("readonly", ctypes.c_int), ("structured", ctypes.c_int),
                 ("nfailed", ctypes.c_int), ("failed", NbdFailed * NBD_SLOTS),
                 ("priv", ctypes.c_void_p)]

@@ -7,10 +7,11 @@ thread per listening socket, one per client.
 The transmission loop is the hot path, one turn at a time: answer the requests whose
 I/O completed (each as soon as its own did), receive what the client sent (into one
 buffer), split it into requests and start them, then send every answer of the turn
-with one sendmsg. On a chain whose data is all in one file at the disk's offsets (a
-raw image on aio: Driver.direct_map) the common case runs in C (tapdisk/smtap_nbd.c,
-through ctypes, without the GIL): reads, writes and flushes, received, checked,
-started and answered there, until a request that is not that case (which C leaves in
+with one sendmsg. On a chain whose images say where their data is (Driver.c_image: a
+raw file, a VHD's block map, a RAM disk's mapping) the common case runs in C
+(tapdisk/smtap_nbd.c, through ctypes, without the GIL): reads, writes and flushes
+whose data is in one place (a write: in the leaf, changing no metadata), received,
+checked, started and answered there, until a request that is not that case (which C leaves in
 the receive buffer, for this loop), an I/O error (the request handed back unanswered),
 a pause or the client's idling; SMTAP_NBD_C=0 turns it off. On a chain whose drivers
 queue their I/O (aio, vhd) a turn's reads
@@ -518,6 +519,7 @@ class Session(object):
         self.started = 0                    # requests the last turn started
         self.cloop = None           # the C loop's state (native.NbdLoop) when it may run
         self._cstate = None         # (kept across chain changes: its buffers)
+        self._cimages = None        # the chain's native.CImage array C reads
         self._cbuf = None           # the receive buffer cstate knows
         self._serve_c = None
         try:
@@ -567,11 +569,14 @@ class Session(object):
         self._c_take(chain)
 
     def _c_take(self, chain):
-        """Let the C loop serve this chain if it is direct (Driver.direct_map)."""
-        self.cloop = None
-        where = chain.direct_map() if chain is not None and self.io is not None else None
+        """Let the C loop serve this chain if its images say where their data is
+        (Driver.c_image): files need the connection's I/O queue, a RAM disk none."""
+        self.cloop = self._cimages = None
+        images = chain.c_images() if chain is not None else None
         gate = getattr(self.backend, "gate", None)
-        if where is None or gate is None or os.environ.get(C_LOOP_ENV, "1") == "0":
+        if images is None or gate is None or os.environ.get(C_LOOP_ENV, "1") == "0":
+            return
+        if self.io is None and any(i.kind != native.IMG_MEM for i in images):
             return
         c = self._cstate
         if c is None:
@@ -580,8 +585,11 @@ class Session(object):
             c.sockfd, c.structured = self.sock.fileno(), self.structured
             c.grow, c.max_inflight = RECV_BUFFER, min(MAX_INFLIGHT, native.NBD_SLOTS)
             c.max_bytes = MAX_INFLIGHT_BYTES
-        c.fd, c.direct, c.mask = where[0], bool(where[1]), where[2]
-        c.queue, c.acct = self.io.handle, ctypes.addressof(self.acct)
+        self._cimages = images          # (C reads them in place)
+        c.images, c.nimages = ctypes.addressof(images), len(images)
+        c.fd = images[0].fd if images[0].kind != native.IMG_MEM else -1
+        c.queue = self.io.handle if self.io is not None else None
+        c.acct = ctypes.addressof(self.acct)
         c.size, c.readonly = self.size, self.readonly
         self.cloop = c
 
@@ -627,7 +635,7 @@ class Session(object):
             self.replies.pool = None
         if self._cstate is not None:
             native.nbd_release(self._cstate)
-        self.cloop = None
+        self.cloop = self._cbuf = None      # (the receive buffer may shrink: let it go)
         self.entered = False        # a new queue comes with the next request
         self.backend.idle()
 

@@ -2,16 +2,21 @@
 
    tapdisk/nbd.py's Session calls smtap_nbd_serve() through ctypes (the GIL released for
    the whole call, so connections run in parallel) when its connection has nothing in
-   flight and its chain is declared direct: the data of disk offset x is at offset x of
-   one file descriptor (a raw image opened by the aio driver, O_DIRECT or buffered).
-   Like nbdkit's server/protocol.c it then receives, checks, handles and replies itself:
-   READ, WRITE (FUA: fdatasync before the reply) and FLUSH; pipelined requests go on the
-   connection's I/O queue (smtap_aio.c), each answered as its own I/O completes, the
-   replies of a turn in one sendmsg.
+   flight and every image of its chain tells where its data is (Driver.c_image, one
+   struct smtap_image each, the leaf first): a raw file (the data of disk offset x at
+   offset x of a descriptor), a block map (a VHD's BAT and full bitmaps: per block its
+   file offset, "absent: ask the parent", "zeros" or "unknown: ask the driver") or a
+   RAM disk's mapping. Like nbdkit's server/protocol.c it then receives, checks,
+   handles and replies itself: READ, WRITE (FUA: fdatasync before the reply) and FLUSH
+   where locate() finds the data in one place (a write: in the leaf, where nothing of
+   the format's metadata changes); pipelined requests go on the connection's I/O queue
+   (smtap_aio.c), each answered as its own I/O completes, the replies of a turn in one
+   sendmsg.
 
    Python stays the reference implementation: whatever is not that case (another
-   command, a request failing a check, a range or alignment it does not take, the VBD's
-   pause gate raised) C does not start. It drains what it has in flight, sends those
+   command, a request failing a check, a range or alignment it does not take, a block
+   the map does not know or that needs metadata changed, the VBD's pause gate raised)
+   C does not start. It drains what it has in flight, sends those
    replies and returns; the receive buffer (Python's, shared) then starts with the bytes
    it did not consume, and Python's loop takes them. A request whose I/O failed is
    handed back unanswered (failed[]): Python redoes it on its path (retries, errno
@@ -80,6 +85,32 @@ enum { RET_PYTHON = 1,          /* buf starts with a request C does not take (or
 struct smtap_gate { int held, gen; };           /* the VBD's (vbd.VBD.gate) */
 struct smtap_client { int busy, inflight; };    /* what the gate sees (vbd.Client) */
 
+/* Where an image's data is (native.CImage; the driver keeps what the pointers point
+   at and changes entries only in ways a request in flight may see either side of). */
+enum { IMG_FILE = 1, IMG_BLOCKS = 2, IMG_MEM = 3 };
+/* IMG_BLOCKS entries, PAGE_ENTRIES per page; a NULL page: all unknown */
+#define E_UNKNOWN 0LL           /* the driver's path: a partial block, metadata to read */
+#define E_ABSENT 1LL            /* not in this image: the parent's (zeros past the last) */
+#define E_ZERO 2LL              /* reads zeros */
+#define E_DATA 4LL              /* | file offset (512-aligned) of the block's first byte */
+#define E_WRITABLE 8LL          /* ... written in place with nothing else to change */
+#define E_FLAGS 15LL
+#define PAGE_BITS 12
+#define PAGE_ENTRIES (1LL << PAGE_BITS)
+
+struct smtap_image {
+    long long kind;
+    long long size;             /* its virtual size: past it a (shorter) parent holds nothing */
+    long long mask;             /* O_DIRECT's alignment - 1 of fd */
+    long long *const *pages;    /* IMG_BLOCKS: npages pointers */
+    long long npages;
+    char *base;                 /* IMG_MEM: the disk's mapping */
+    const unsigned char *alloc; /* IMG_MEM: per block, 1: holds memory (writes need it) */
+    unsigned char *dirty;       /* IMG_MEM: per block, set after a write (NULL: volatile) */
+    int fd, direct;             /* the data's descriptor; O_DIRECT */
+    int shift, shared;          /* log2 of a block's size; IMG_MEM: reads need alloc too */
+};
+
 struct smtap_failed {           /* a request whose I/O failed, handed back unanswered */
     long long kind;
     unsigned long long handle;
@@ -96,9 +127,11 @@ struct smtap_nbd {
     struct smtap_gate *gate;
     struct smtap_client *client;
     long long *acct;            /* Chain.counters(): C adds to them */
-    long long size, mask;       /* the export's size; O_DIRECT's alignment - 1 */
+    long long size;             /* the export's */
     long long max_inflight, max_bytes;
-    int sockfd, fd, direct, readonly, structured, nfailed;
+    struct smtap_image *images; /* the chain, the leaf first */
+    long long nimages;
+    int sockfd, fd, readonly, structured, nfailed;  /* fd: the leaf's file (flush), or -1 */
     struct smtap_failed failed[SLOTS];
     void *priv;                 /* struct loop, C's; smtap_nbd_release frees it */
 };
@@ -111,6 +144,8 @@ struct slot {
     unsigned flags;
     unsigned char handle[8];    /* the client's, as it sent it */
     long long offset, length;
+    long long phys;             /* where its data is: offset phys of fd */
+    int fd, direct;
     char *data;                 /* a read's or write's buffer */
     unsigned char head[28];     /* the reply's header */
     int hlen;
@@ -132,6 +167,7 @@ struct loop {
 };
 
 int smtap_nbd_sizeof(void) { return (int)sizeof(struct smtap_nbd); }
+int smtap_image_sizeof(void) { return (int)sizeof(struct smtap_image); }
 
 /* A pause raises the gate (held = 1: the generation moves on) or lowers it; the barrier
    orders the store before the caller's reads of the clients' busy. */
@@ -264,7 +300,7 @@ static void fail(struct smtap_nbd *c, struct loop *l, int i, long long status)
 /* A write's data is on the file: FUA wants it on stable storage before the reply. */
 static void written(struct smtap_nbd *c, struct loop *l, int i)
 {
-    if (l->slots[i].flags & FLAG_FUA && fdatasync(c->fd))
+    if (l->slots[i].flags & FLAG_FUA && c->fd >= 0 && fdatasync(c->fd))
         fail(c, l, i, -errno);
     else
         answer(c, l, i);
@@ -356,13 +392,13 @@ static int drain(struct smtap_nbd *c, struct loop *l)
     return 0;
 }
 
-static void queue_io(struct loop *l, int i, long long op, int fd)
+static void queue_io(struct loop *l, int i, long long op)
 {
     struct slot *s = &l->slots[i];
     struct sreq *q = &l->subs[l->nsubs++];
     q->op = op;
-    q->fd = fd;
-    q->off = s->offset;
+    q->fd = s->fd;
+    q->off = s->phys;
     q->len = s->length;
     q->addr = (long long)(intptr_t)s->data;
     q->tag = i;
@@ -377,7 +413,7 @@ static void read_buffered(struct smtap_nbd *c, struct loop *l, int i)
     struct slot *s = &l->slots[i];
     if (!l->nowait_off) {
         struct iovec v = {s->data, (size_t)s->length};
-        long r = syscall(__NR_preadv2, c->fd, &v, 1, (long)s->offset, 0L, RWF_NOWAIT);
+        long r = syscall(__NR_preadv2, s->fd, &v, 1, (long)s->phys, 0L, RWF_NOWAIT);
         if (r == s->length) {
             answer(c, l, i);
             return;
@@ -385,7 +421,7 @@ static void read_buffered(struct smtap_nbd *c, struct loop *l, int i)
         if (r < 0 && errno != EAGAIN)
             l->nowait_off = 1;          /* not here: queue them all */
     }
-    queue_io(l, i, OP_READ | OP_INLINE, c->fd);
+    queue_io(l, i, OP_READ | OP_INLINE);
 }
 
 static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
@@ -393,7 +429,7 @@ static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
     struct slot *s = &l->slots[i];
     long long done = 0;
     while (done < s->length) {
-        ssize_t k = pwrite(c->fd, s->data + done, s->length - done, s->offset + done);
+        ssize_t k = pwrite(s->fd, s->data + done, s->length - done, s->phys + done);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
@@ -403,6 +439,84 @@ static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
         done += k;
     }
     written(c, l, i);
+}
+
+/* ---- where the data is ---- */
+enum { AT_PYTHON, AT_FILE, AT_MEM, AT_ZERO };
+
+static long long entry(const struct smtap_image *m, long long k)
+{
+    long long p = k >> PAGE_BITS;
+    if (p >= m->npages)
+        return E_UNKNOWN;
+    long long *page = __atomic_load_n(&m->pages[p], __ATOMIC_ACQUIRE);
+    return page ? __atomic_load_n(&page[k & (PAGE_ENTRIES - 1)], __ATOMIC_ACQUIRE)
+                : E_UNKNOWN;
+}
+
+/* Where [off, off + len) of the disk is, walking the chain from the leaf: one run of one
+   file (s->fd, s->phys), the leaf's mapping (s->phys), zeros, or AT_PYTHON (the driver's
+   path: a block not known, spread over places, in a parent for a write, unaligned for
+   O_DIRECT, a write the format must record). */
+static int locate(struct smtap_nbd *c, struct slot *s, int write)
+{
+    long long off = s->offset, end = off + s->length;
+    for (long long i = 0; i < c->nimages; i++) {
+        struct smtap_image *m = &c->images[i];
+        if (off >= m->size)
+            continue;                   /* a shorter parent: nothing of it there */
+        if (end > m->size || (write && i))
+            return AT_PYTHON;
+        long long k0 = off >> m->shift, k1 = (end - 1) >> m->shift;
+        if (m->kind == IMG_FILE) {
+            s->phys = off;
+        } else if (m->kind == IMG_MEM) {
+            if (write && m->dirty && s->flags & FLAG_FUA)
+                return AT_PYTHON;       /* FUA: the writeback's, Python's */
+            if (write || m->shared)
+                for (long long k = k0; k <= k1; k++)
+                    if (!m->alloc[k])
+                        return AT_PYTHON;   /* memory to account for, a hole to keep */
+            s->phys = off;
+            return AT_MEM;
+        } else if (m->kind == IMG_BLOCKS) {
+            long long e = entry(m, k0);
+            if (e == E_ABSENT || e == E_ZERO) {
+                for (long long k = k0 + 1; k <= k1; k++)
+                    if (entry(m, k) != e)
+                        return AT_PYTHON;
+                if (write)
+                    return AT_PYTHON;   /* a block to allocate */
+                if (e == E_ZERO)
+                    return AT_ZERO;
+                continue;               /* the parent's */
+            }
+            if (!(e & E_DATA) || (write && !(e & E_WRITABLE)))
+                return AT_PYTHON;
+            for (long long k = k0 + 1; k <= k1; k++)
+                if (entry(m, k) != e + ((k - k0) << m->shift))
+                    return AT_PYTHON;   /* not one run of the file */
+            s->phys = (e & ~E_FLAGS) + (off & ((1LL << m->shift) - 1));
+        } else {
+            return AT_PYTHON;
+        }
+        if (m->direct && (s->phys | s->length) & m->mask)
+            return AT_PYTHON;           /* the driver reads it through the page cache */
+        s->fd = m->fd;
+        s->direct = m->direct;
+        return AT_FILE;
+    }
+    return write ? AT_PYTHON : AT_ZERO; /* in no image: zeros */
+}
+
+/* A write into the leaf's mapping (a RAM disk): the chunks it changed marked after. */
+static void write_mem(struct smtap_nbd *c, struct slot *s, const unsigned char *data)
+{
+    struct smtap_image *m = &c->images[0];
+    memcpy(m->base + s->offset, data, (size_t)s->length);
+    if (m->dirty)
+        for (long long k = s->offset >> m->shift; k <= (s->offset + s->length - 1) >> m->shift; k++)
+            __atomic_store_n(&m->dirty[k], 1, __ATOMIC_RELEASE);
 }
 
 /* ---- requests ---- */
@@ -441,8 +555,7 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
                 || (kind == CMD_WRITE && (flags & ~WRITE_FLAGS || c->readonly))
                 || (kind == CMD_FLUSH && (flags || c->readonly))
                 || (rw && (!length || offset < 0 || offset > c->size
-                           || length > c->size - offset
-                           || (c->direct && (offset | length) & c->mask)))) {
+                           || length > c->size - offset))) {
             l->stop = RET_PYTHON;
             return;
         }
@@ -451,12 +564,17 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->waiting = 1;             /* until some complete */
             return;
         }
+        const struct smtap_image *leaf = c->images;
         if (kind == CMD_FLUSH) {
+            if (leaf->kind == IMG_MEM && leaf->dirty) {
+                l->stop = RET_PYTHON;   /* the writeback: Python's */
+                return;
+            }
             if (l->nio) {
                 l->waiting = 1;         /* after the I/O before it */
                 return;
             }
-            if (fdatasync(c->fd)) {
+            if (c->fd >= 0 && fdatasync(c->fd)) {
                 l->stop = RET_PYTHON;   /* Python flushes again and says why */
                 return;
             }
@@ -469,7 +587,13 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->offset = offset;
         s->length = kind == CMD_FLUSH ? 0 : length;
         s->data = NULL;
-        if (rw && !(s->data = buf_get(l, length, &s->cls))) {
+        int where = rw ? locate(c, s, kind == CMD_WRITE) : AT_PYTHON;
+        if (rw && where == AT_PYTHON) {
+            l->stop = RET_PYTHON;       /* the driver's path */
+            return;
+        }
+        if (rw && !(kind == CMD_WRITE && where == AT_MEM)
+                && !(s->data = buf_get(l, length, &s->cls))) {
             l->stop = RET_PYTHON;       /* no memory: Python's path */
             return;
         }
@@ -478,18 +602,30 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         if (kind == CMD_READ) {
             c->acct[SECS_READ] += length >> 9;
             c->acct[READS]++;
-            if (c->direct)
-                queue_io(l, i, OP_READ, c->fd);
-            else
+            if (where == AT_ZERO) {
+                memset(s->data, 0, (size_t)length);
+                answer(c, l, i);
+            } else if (where == AT_MEM) {
+                memcpy(s->data, leaf->base + offset, (size_t)length);
+                answer(c, l, i);
+            } else if (s->direct) {
+                queue_io(l, i, OP_READ);
+            } else {
                 read_buffered(c, l, i);
+            }
         } else if (kind == CMD_WRITE) {
             c->acct[SECS_WRITTEN] += length >> 9;
             c->acct[WRITES]++;
-            memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
-            if (c->direct)
-                queue_io(l, i, OP_WRITE, c->fd);
-            else
-                write_buffered(c, l, i);
+            if (where == AT_MEM) {
+                write_mem(c, s, h + REQUEST_SIZE);
+                answer(c, l, i);
+            } else {
+                memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
+                if (s->direct)
+                    queue_io(l, i, OP_WRITE);
+                else
+                    write_buffered(c, l, i);
+            }
         } else {
             answer(c, l, i);
         }

@@ -9,7 +9,7 @@ shares. Requests O_DIRECT cannot take (not sector aligned) go through a second,
 buffered descriptor.
 """
 from smtap.tapdisk import aiofile
-from smtap.tapdisk import driver
+from smtap.tapdisk import driver, native
 from smtap.tapdisk.drivers import register
 
 
@@ -57,10 +57,9 @@ class AioDriver(driver.Driver):
     def queue_writes(self, io, requests):
         self.file.queue_writes(io, requests)
 
-    def direct_map(self):
-        """A raw image: the disk's bytes are the file's (Driver.direct_map)."""
-        f = self.file
-        return (f.fd, f.direct, f.mask) if f is not None else None
+    def c_image(self):
+        """A raw image: the disk's bytes are the file's (Driver.c_image)."""
+        return native.file_image(self.file, self.size) if self.file is not None else None
 
     def preadv(self, requests):
         return self.file.preadv(requests)

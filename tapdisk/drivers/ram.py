@@ -386,6 +386,19 @@ class RamDriver(driver.Driver):
                 kinds[c - a] = 1
         return [(a + x, a + y, v) for x, y, v in _runs(kinds, 0, b - a)]
 
+    def c_image(self):
+        """The disk's mapping, for the NBD loop's C part (Driver.c_image): it reads it
+        (shared: only chunks wholly allocated in the file), writes only allocated chunks
+        (new ones are accounted here) and marks them for the writeback, whose flushes
+        stay here. A read-only shared mapping stays with the driver."""
+        if self._map is None or (self._fd is not None and self.flags & driver.OPEN_RDONLY):
+            return None
+        return native.CImage(
+            kind=native.IMG_MEM, size=self.size, base=native.address(self._map),
+            alloc=native.address(self._alloc), shift=CHUNK_SHIFT, fd=-1,
+            dirty=native.address(self._dirty) if self.writeback else None,
+            shared=int(self._fd is not None))
+
     def debug(self):
         return {"allocated": self.used, "budget": self.budget, "writeback": self.writeback,
                 "shared": self._fd is not None}

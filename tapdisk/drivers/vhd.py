@@ -29,10 +29,11 @@ import errno
 import functools
 import os
 import threading
+from array import array
 
 from smtap.formats import vhd as V
 from smtap.tapdisk import aiofile
-from smtap.tapdisk import driver
+from smtap.tapdisk import driver, native
 from smtap.tapdisk.drivers import register
 
 UNUSED = V.DD_BLK_UNUSED
@@ -161,7 +162,24 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
             self.full = bytearray(flags[:nblk].ljust(nblk, b"\0"))
         else:
             self.full = bytearray(nblk)
+        # the block map the NBD loop's C part reads (c_image): a full block's data (in
+        # place, in a leaf), an unallocated one the parent's, the others this driver's
+        self._data = native.E_DATA | (0 if self.readonly else native.E_WRITABLE)
+        data, bmb, absent = self._data, self.bm_bytes, native.E_ABSENT
+        entries = array("q", [absent if sec == UNUSED else ((sec << 9) + bmb) | data if f
+                              else 0 for sec, f in zip(self.bat, self.full)])
+        self.cmap = native.BlockMap(entries, self.file, img.size, self.shift)
 
+    def _mapped(self, blk):
+        """Block blk is full: C may read (and in a leaf write) its data in place."""
+        self.full[blk] = 1
+        self.cmap.entries[blk] = ((self.bat[blk] << 9) + self.bm_bytes) | self._data
+
+    def c_image(self):
+        """Driver.c_image: a dynamic image's block map, a fixed one's file."""
+        if self.file is None:
+            return None
+        return self.cmap.image if self.dynamic else native.file_image(self.file, self.size)
 
     # -- bitmaps ------------------------------------------------------------------------
     def _is_full(self, bm):
@@ -199,7 +217,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         except V.VHDError as e:
             raise _error(e, self.path)
         if self._is_full(bm):
-            self.full[blk] = 1
+            self._mapped(blk)
             return None
         return bm
 
@@ -244,7 +262,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
             except V.VHDError as e:
                 raise _error(e, self.path)
             for blk in newly_full:
-                full[blk] = 1
+                self._mapped(blk)
                 self.bitmaps.pop(blk, None)
             if newly_full and self.img.batmap_map is not None:
                 self._set_batmap(newly_full)
@@ -454,6 +472,9 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         with self._lock:
             new = dict((blk, zero) for blk, zero in blocks.items() if bat[blk] == UNUSED)
             if new:
+                entries = self.cmap.entries
+                for blk in new:
+                    entries[blk] = 0    # the driver's now, not the parent's
                 try:
                     self.img.allocate_blocks(new)   # one footer write for all of them
                 except V.VHDError as e:

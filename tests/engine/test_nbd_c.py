@@ -1,0 +1,139 @@
+"""The NBD loop's C part (tapdisk/smtap_nbd.c) on every kind of image it places
+(Driver.c_image): a VHD's full blocks and its parents' through the block map, a RAM
+disk's mapping; what it must leave to the drivers (allocation, partial blocks, the RAM
+budget, a writeback's flush) still answered right. `served_c` in tap-ctl stats tells
+which side answered."""
+import pytest
+
+from smtap.tapdisk import control
+from smtap.tapdisk import driver as drv
+
+from lib.engine import Raw, image_file, qemu_io
+from lib.procs import run, wait_for
+from lib.sizes import KiB, MiB
+from lib.vhd import vhd_check, vhd_util
+
+
+def _served_c(tap):
+    client = control.Client(tap.pid)
+    assert wait_for(lambda: client.stats(tap.minor)["nbd"]["clients"] == 0)
+    return client.stats(tap.minor)["nbd"]["served_c"]
+
+
+def _io(tap, *cmds):
+    """qemu-io cmds on one connection; returns how many requests C answered. A
+    connection's first request is Python's (it takes the chain: C's from the next on),
+    and qemu-io flushes as it closes (C's where the image's flush is fdatasync)."""
+    before = _served_c(tap)
+    qemu_io(tap.uri, *cmds)
+    return _served_c(tap) - before
+
+
+def _vhd(path, size_mib, writes=(), parent=None):
+    from smtap.formats import vhd as V
+    if parent:
+        vhd_util("snapshot", "-n", path, "-p", parent, check=0)
+    else:
+        vhd_util("create", "-n", path, "-s", size_mib, check=0)
+    with V.VHD(str(path), writable=True) as img:
+        for data, offset in writes:
+            img.write(data, offset)
+    return str(path)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["odirect", "buffered"])
+def test_vhd_full_blocks_are_served_in_c_the_rest_by_the_driver(make_tap, smtap_root,
+                                                               direct):
+    """Full blocks (written whole, or filled up by the driver) read and write in C; an
+    unallocated block of a base image reads zeros in C; a partial block and a write
+    that allocates go to the driver. Every byte reads back right, qemu-img agrees."""
+    path = _vhd(smtap_root / "d.vhd", 8, [(b"\1" * (2 * MiB), 0),       # block 0: full
+                                          (b"\2" * 4096, 5 * MiB)])     # block 2: partial
+    tap = make_tap("vhd:" + path, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
+    assert _io(tap, "read -P 1 0 4k", "read -P 1 64k 64k", "read -P 1 1M 1M",
+               "read -P 0 7M 4k",                                       # block 3: absent
+               "write -P 3 4k 4k", "read -P 3 4k 4k") == 6
+    # the driver's: a partial block (read and written), allocation (a new block)
+    assert _io(tap, "read -P 1 0 4k", "read -P 2 5M 4k", "read -P 0 4M 4k",
+               "write -P 4 4M 4k", "write -P 5 2M 2M") == 1
+    # block 1 was written whole by the driver: C's now; block 2 stays partial
+    assert _io(tap, "read -P 1 0 4k", "read -P 5 2M 4k", "read -P 5 3M 1M",
+               "write -P 6 3M 4k", "read -P 6 3M 4k", "read -P 4 4M 4k") == 5
+    # a request spanning blocks 0 and 1 (both full, not adjacent in the file): the driver
+    assert _io(tap, "read -P 1 0 4k", "read -P 1 2044k 4k", "read 2044k 8k") == 2
+    tap.destroy()
+    vhd_check(path)
+    ref = bytearray(8 * MiB)
+    for data, offset in ((b"\1" * (2 * MiB), 0), (b"\2" * 4096, 5 * MiB),
+                         (b"\3" * 4096, 4096), (b"\4" * 4096, 4 * MiB),
+                         (b"\5" * (2 * MiB), 2 * MiB), (b"\6" * 4096, 3 * MiB)):
+        ref[offset:offset + len(data)] = data
+    (smtap_root / "ref.img").write_bytes(bytes(ref))
+    run("qemu-img", "compare", "-f", "vpc", "-F", "raw", path, smtap_root / "ref.img")
+
+
+@pytest.mark.parametrize("base", ["vhd", "raw"])
+def test_vhd_chain_reads_each_image_in_c_and_writes_the_leaf(make_tap, smtap_root, base):
+    """Through a chain (a VHD or raw base, a VHD between, the leaf): a block in the base
+    reads from the base, one in the middle from the middle image, one only the leaf
+    holds from the leaf, all in C; a write to a block the leaf does not hold is the
+    driver's (it allocates), and then that block is the leaf's."""
+    mid = str(smtap_root / "mid.vhd")
+    if base == "raw":
+        root = image_file(smtap_root / "base.img", 8 * MiB)
+        with open(root, "r+b") as f:
+            f.write(b"\1" * (2 * MiB))
+        vhd_util("snapshot", "-n", mid, "-p", root, "-m", check=0)
+    else:
+        root = _vhd(smtap_root / "base.vhd", 8, [(b"\1" * (2 * MiB), 0)])
+        vhd_util("snapshot", "-n", mid, "-p", root, check=0)
+    from smtap.formats import vhd as V
+    with V.VHD(mid, writable=True) as img:
+        img.write(b"\2" * (2 * MiB), 2 * MiB)
+    leaf = _vhd(smtap_root / "leaf.vhd", 8, [(b"\3" * (2 * MiB), 4 * MiB)], parent=mid)
+    tap = make_tap("vhd:" + leaf)
+    assert _io(tap, "read -P 1 0 4k", "read -P 1 1M 1M", "read -P 2 2M 64k",
+               "read -P 3 5M 4k", "read -P 0 6M 1M") == 5
+    assert _io(tap, "read -P 1 0 4k", "write -P 7 8k 4k") == 1     # allocates in the leaf
+    # block 0 is the leaf's now, partial (its bitmap): the driver's, parent data around
+    assert _io(tap, "read -P 1 0 4k", "read -P 7 8k 4k", "read -P 1 12k 4k",
+               "read -P 2 3M 4k") == 2
+    tap.destroy()
+    vhd_check(leaf)
+
+
+def test_ram_mapping_in_c_the_budget_and_new_chunks_by_the_driver(make_tap, smtap_root):
+    """A RAM disk: reads anywhere and writes into chunks holding memory in C; a write
+    needing a new chunk is the driver's, so the budget holds (ENOSPC past it)."""
+    tap = make_tap("ram:%s?size=%d&budget=%d" % (smtap_root / "r", MiB, 128 * KiB))
+    assert _io(tap, "read -P 0 0 4k", "read -P 0 512k 64k", "write -P 1 0 4k") == 2
+    assert _io(tap, "read -P 1 0 4k", "write -P 2 8k 4k", "read -P 2 8k 4k",
+               "read -P 1 0 4k", "write -P 3 64k 64k", "read -P 3 64k 64k") == 5
+    out = qemu_io(tap.uri, "write -P 4 128k 4k", check=False).output
+    assert "No space left on device" in out, out
+    assert _io(tap, "read -P 1 0 4k", "read -P 3 64k 4k", "read -P 0 128k 4k",
+               "write -P 5 60k 8k", "read -P 5 60k 8k") == 5
+    assert control.Client(tap.pid).stats(tap.minor)["images"][0]["fail"] == [0, 1]
+
+
+def test_ram_writeback_flushes_stay_with_the_driver(make_tap, smtap_root):
+    """writeback=1: C's writes (without FUA: qemu-io's carry it) mark their chunks, and
+    the flush (Python's) writes back everything written before it, C's included."""
+    seed = image_file(smtap_root / "seed.img", MiB)
+    tap = make_tap("ram:%s?writeback=1" % seed)
+    qemu_io(tap.uri, "write -P 1 0 64k")                # the driver's: new chunk
+    before = _served_c(tap)
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.go()
+    for handle, (offset, byte) in enumerate(((4096, 2), (32768, 3), (8192, 4))):
+        c.request(1, handle, offset, 4096, payload=bytes([byte]) * 4096)
+        assert c.simple_reply()[:2] == (0, handle)
+    c.request(3, 9, 0, 0)                               # flush: the writeback
+    assert c.simple_reply()[:2] == (0, 9)
+    with open(seed, "rb") as f:
+        data = f.read(64 * KiB)
+    c.close()
+    assert _served_c(tap) - before == 2                 # (the first is Python's)
+    assert data[:4096] == b"\1" * 4096 and data[4096:8192] == b"\2" * 4096
+    assert data[8192:12288] == b"\4" * 4096 and data[32768:36864] == b"\3" * 4096
