@@ -433,6 +433,9 @@ class Image(object):
         self.started = False            # the first write's header updates were done
         self.meta = frozenset()         # metadata clusters, once track_metadata() ran
         self.backing_readv = None       # [(length, offset)] -> [bytes] of the backing chain
+        self.on_l2 = None               # (l1i, table, indices or None: all) after an L2
+                                        # table is cached or entries of one change: a
+                                        # driver mirroring them
         self.on_free = None             # frees(list) instead of free_clusters: a driver
                                         # runs them once no I/O in flight can use them
         try:
@@ -1285,6 +1288,8 @@ class Image(object):
             if frees is not None:
                 self._replaced(table[i], e, frees)
             table[i] = e
+        if self.on_l2 is not None:
+            self.on_l2(l1i, table, [i for i, _ in changes])
         for sector in sorted(set(i >> 6 for i, _ in changes)):
             first = sector << 6
             writes.append((_pack_u64(table[first:first + 64]), base + first * 8))
@@ -1341,6 +1346,8 @@ class Image(object):
             self._l2[l1i] = table
             while len(self._l2) > self._l2_max:
                 self._l2.popitem(last=False)
+            if self.on_l2 is not None:
+                self.on_l2(l1i, table, None)
 
     def write(self, data, offset):
         """Write data at guest offset (any alignment): allocation, copy-on-write from the

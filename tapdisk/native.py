@@ -8,6 +8,7 @@
   Python 3.6's os and mmap lack.
 ctypes releases the GIL during each call. Loaded on first use.
 """
+import array
 import ctypes
 import mmap
 import os
@@ -54,6 +55,8 @@ def _load():
         lib.smtap_nbd_serve.argtypes = [ctypes.c_void_p]
         lib.smtap_nbd_release.restype = None
         lib.smtap_nbd_release.argtypes = [ctypes.c_void_p]
+        lib.smtap_guard_wait.restype = None
+        lib.smtap_guard_wait.argtypes = [ctypes.c_void_p]
         lib.smtap_gate_set.restype = None
         lib.smtap_gate_set.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.smtap_fs_type.restype = ctypes.c_longlong
@@ -152,7 +155,7 @@ class CImage(ctypes.Structure):
                 ("mask", ctypes.c_longlong), ("pages", ctypes.c_void_p),
                 ("npages", ctypes.c_longlong), ("base", ctypes.c_void_p),
                 ("alloc", ctypes.c_void_p), ("dirty", ctypes.c_void_p),
-                ("fd", ctypes.c_int), ("direct", ctypes.c_int),
+                ("guard", ctypes.c_void_p), ("fd", ctypes.c_int), ("direct", ctypes.c_int),
                 ("shift", ctypes.c_int), ("shared", ctypes.c_int)]
 
 
@@ -163,20 +166,85 @@ def file_image(afile, size):
 
 
 class BlockMap(object):
-    """A block map for the C loop (IMG_BLOCKS): `entries` (array of "q", one per block,
-    never resized: C reads it in place, in pages) is the driver's to set; a store of one
-    entry is atomic, and C may see either side of it for a request in flight."""
+    """A block map for the C loop (IMG_BLOCKS), the driver's to set; a store of one
+    entry is atomic, and C may see either side of it for a request in flight.
 
-    def __init__(self, entries, afile, size, shift):
+    entries given (an array of "q", one per block, never resized): C reads it in
+    place. Else the map is sparse, in pages made as fill() needs them, at most
+    max_pages (past that, what is not mapped stays unknown): a page may be the one
+    shared page of E_ABSENT entries until fill() writes into it."""
+
+    PAGE = 1 << MAP_PAGE_BITS
+
+    def __init__(self, afile, size, shift, entries=None, max_pages=0, guard=False):
+        nblocks = (size + (1 << shift) - 1) >> shift
+        npages = (nblocks + self.PAGE - 1) >> MAP_PAGE_BITS
         self.entries = entries
-        npages = (len(entries) + (1 << MAP_PAGE_BITS) - 1) >> MAP_PAGE_BITS
         self.pages = (ctypes.c_void_p * max(1, npages))()
-        base = entries.buffer_info()[0]
-        for p in range(npages):
-            self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
+        self._own = {}                  # page -> its array (a sparse map)
+        self._absent = None
+        self.max_pages = max_pages
+        if entries is not None:
+            base = entries.buffer_info()[0]
+            for p in range(npages):
+                self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
+        # the guard (smtap_guard_wait): epoch, requests counted under each parity
+        self.guard = (ctypes.c_longlong * 3)() if guard else None
         self.image = CImage(kind=IMG_BLOCKS, size=size, mask=afile.mask,
                             pages=ctypes.addressof(self.pages), npages=npages,
+                            guard=ctypes.addressof(self.guard) if guard else None,
                             fd=afile.fd, direct=int(afile.direct), shift=shift)
+
+    def absent(self, first, count):
+        """Blocks [first, first + count) hold nothing (whole pages of them: the shared
+        page; the others through fill)."""
+        if self._absent is None:
+            self._absent = array.array("q", [E_ABSENT]) * self.PAGE
+        p0 = (first + self.PAGE - 1) >> MAP_PAGE_BITS
+        p1 = (first + count) >> MAP_PAGE_BITS
+        base = self._absent.buffer_info()[0]
+        for p in range(p0, p1):
+            if p not in self._own:
+                self.pages[p] = base
+        head = min(count, (p0 << MAP_PAGE_BITS) - first)
+        if head > 0:
+            self.fill(first, [E_ABSENT] * head)
+        if p1 >= p0 and first + count > p1 << MAP_PAGE_BITS:
+            tail = first + count - (p1 << MAP_PAGE_BITS)
+            self.fill(p1 << MAP_PAGE_BITS, [E_ABSENT] * tail)
+
+    def fill(self, first, values):
+        """Entries of blocks first, first + 1, ... (a sequence of map entries)."""
+        pos, n = 0, len(values)
+        while pos < n:
+            block = first + pos
+            p, at = block >> MAP_PAGE_BITS, block & (self.PAGE - 1)
+            k = min(n - pos, self.PAGE - at)
+            page = self._page(p, k == self.PAGE)
+            if page is not None:
+                page[at:at + k] = array.array("q", values[pos:pos + k])
+            pos += k
+
+    def _page(self, p, whole):
+        """Page p's own array, made if it has none (from what it read: unknown, or the
+        shared absent page); None past max_pages: the page becomes unknown."""
+        page = self._own.get(p)
+        if page is not None:
+            return page
+        if len(self._own) >= self.max_pages:
+            self.pages[p] = None            # not kept: C asks the driver
+            return None
+        shared = self._absent is not None and self.pages[p] == self._absent.buffer_info()[0]
+        page = array.array("q", [E_ABSENT if shared and not whole else 0]) * self.PAGE
+        self._own[p] = page
+        self.pages[p] = page.buffer_info()[0]
+        return page
+
+
+def guard_wait(guard):
+    """The driver changed the map: wait for the C requests that may have looked it up
+    before (smtap_guard_wait, without the GIL)."""
+    _load().smtap_guard_wait(ctypes.addressof(guard))
 
 
 class NbdLoop(ctypes.Structure):

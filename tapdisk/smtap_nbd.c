@@ -41,7 +41,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "smtap_aio.h"
@@ -107,6 +109,8 @@ struct smtap_image {
     char *base;                 /* IMG_MEM: the disk's mapping */
     const unsigned char *alloc; /* IMG_MEM: per block, 1: holds memory (writes need it) */
     unsigned char *dirty;       /* IMG_MEM: per block, set after a write (NULL: volatile) */
+    long long *guard;           /* a leaf whose driver frees and reuses blocks (qcow2): see
+                                   smtap_guard_wait; NULL: blocks never move while open */
     int fd, direct;             /* the data's descriptor; O_DIRECT */
     int shift, shared;          /* log2 of a block's size; IMG_MEM: reads need alloc too */
 };
@@ -146,6 +150,7 @@ struct slot {
     long long offset, length;
     long long phys;             /* where its data is: offset phys of fd */
     int fd, direct;
+    int pin, queued;            /* the guard's count it holds (1, 2; 0: none); I/O given */
     char *data;                 /* a read's or write's buffer */
     unsigned char head[28];     /* the reply's header */
     int hlen;
@@ -168,6 +173,54 @@ struct loop {
 
 int smtap_nbd_sizeof(void) { return (int)sizeof(struct smtap_nbd); }
 int smtap_image_sizeof(void) { return (int)sizeof(struct smtap_image); }
+
+/* The guard of a leaf whose driver frees blocks that a later allocation reuses: a C
+   request holds guard[1 + epoch parity] from before it looks its block up until its
+   I/O completed. The driver, having changed the map (under its lock, one caller at a
+   time), moves the epoch on and waits until the requests of the old parity are done:
+   those that looked the block up before the change. Whichever of the epoch's move
+   and a request's count comes first, the other sees it (full barriers on both sides):
+   a request counted in the old parity is waited for, one that sees the new epoch looks
+   the block up after the change. Called without the GIL (ctypes); C's I/O completes
+   without Python, so the wait is short and cannot deadlock. */
+void smtap_guard_wait(long long *g)
+{
+    long long e = __atomic_fetch_add(&g[0], 1, __ATOMIC_SEQ_CST);
+    long long *old = &g[1 + (e & 1)];
+    for (int spin = 0; __atomic_load_n(old, __ATOMIC_SEQ_CST); spin++) {
+        if (spin < 64) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+static void pin(struct smtap_image *m, struct slot *s)
+{
+    long long *g = m->guard;
+    s->pin = 0;
+    if (!g)
+        return;
+    for (;;) {
+        long long e = __atomic_load_n(&g[0], __ATOMIC_SEQ_CST);
+        int k = 1 + (int)(e & 1);
+        __atomic_add_fetch(&g[k], 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g[0], __ATOMIC_SEQ_CST) == e) {
+            s->pin = k;
+            return;
+        }
+        __atomic_sub_fetch(&g[k], 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void unpin(struct smtap_image *m, struct slot *s)
+{
+    if (s->pin)
+        __atomic_sub_fetch(&m->guard[s->pin], 1, __ATOMIC_SEQ_CST);
+    s->pin = 0;
+}
 
 /* A pause raises the gate (held = 1: the generation moves on) or lowers it; the barrier
    orders the store before the caller's reads of the clients' busy. */
@@ -360,6 +413,8 @@ static void completions(struct smtap_nbd *c, struct loop *l, int r)
         struct slot *s = &l->slots[i];
         l->nio--;
         l->bytes -= s->length;
+        s->queued = 0;
+        unpin(c->images, s);
         if (status)
             fail(c, l, i, status);
         else if (s->kind == CMD_WRITE)
@@ -402,6 +457,7 @@ static void queue_io(struct loop *l, int i, long long op)
     q->len = s->length;
     q->addr = (long long)(intptr_t)s->data;
     q->tag = i;
+    s->queued = 1;
     l->nio++;
     l->bytes += s->length;
 }
@@ -564,7 +620,7 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->waiting = 1;             /* until some complete */
             return;
         }
-        const struct smtap_image *leaf = c->images;
+        struct smtap_image *leaf = c->images;
         if (kind == CMD_FLUSH) {
             if (leaf->kind == IMG_MEM && leaf->dirty) {
                 l->stop = RET_PYTHON;   /* the writeback: Python's */
@@ -587,13 +643,20 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->offset = offset;
         s->length = kind == CMD_FLUSH ? 0 : length;
         s->data = NULL;
-        int where = rw ? locate(c, s, kind == CMD_WRITE) : AT_PYTHON;
+        s->queued = 0;
+        int where = AT_PYTHON;
+        if (rw) {
+            pin(leaf, s);
+            where = locate(c, s, kind == CMD_WRITE);
+        }
         if (rw && where == AT_PYTHON) {
+            unpin(leaf, s);
             l->stop = RET_PYTHON;       /* the driver's path */
             return;
         }
         if (rw && !(kind == CMD_WRITE && where == AT_MEM)
                 && !(s->data = buf_get(l, length, &s->cls))) {
+            unpin(leaf, s);
             l->stop = RET_PYTHON;       /* no memory: Python's path */
             return;
         }
@@ -629,6 +692,8 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         } else {
             answer(c, l, i);
         }
+        if (!s->queued)
+            unpin(leaf, s);             /* done with its block (or never looked one up) */
         if (SLOTS - l->nfree > 1)
             l->pipelined = PIPELINE_TURNS;  /* requests in flight together */
     }

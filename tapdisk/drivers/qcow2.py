@@ -45,7 +45,7 @@ import threading
 
 from smtap.formats import qcow2 as Q
 from smtap.tapdisk import aiofile
-from smtap.tapdisk import driver, ioqueue
+from smtap.tapdisk import driver, ioqueue, native
 from smtap.tapdisk.drivers import register
 
 HOLE = driver.EXTENT_HOLE | driver.EXTENT_ZERO
@@ -53,6 +53,7 @@ ZERO = driver.EXTENT_ZERO
 MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 16          # clusters one extents() call looks at
 L2_CACHE = 64 << 20         # bytes of L2 tables kept in memory
+C_MAP = 64 << 20            # bytes of the C loop's block map at most (8 per cluster)
 PRUNE = 4096                # queued requests remembered before the completed ones go
 
 
@@ -200,6 +201,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self._pending = {}      # guest cluster -> _Pending: allocations in flight
         self._seq = 0           # the last _Gen / whole-cluster change number
         self._pool = None       # aligned cluster buffers of the gens (under img.lock)
+        self.cmap = None        # the C loop's mirror of the L2 entries (c_image)
 
     # -- open / close ------------------------------------------------------------------
     def open(self, path, flags, options):
@@ -235,6 +237,70 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self.wmask = full & ~aligned                         # ... of refcount 1: COPIED
         self.zmask = Q.OFLAG_COMPRESSED | Q.OFLAG_ZERO      # a zero cluster: ZERO
         self._pool = ioqueue.Pool()
+        self._setup_map(img)
+
+    # -- the C loop's block map: the L2 entries mirrored as tables are cached or change -----
+    def _setup_map(self, img):
+        """Clusters of L1 entries with no table are absent; the others unknown until
+        their table is read (the format calls _mirror). A writable image's map has a
+        guard: a free waits for C's requests that looked the map up before (_free)."""
+        self.cmap = native.BlockMap(self.file, img.size, self.bits,
+                                    max_pages=C_MAP >> (native.MAP_PAGE_BITS + 3),
+                                    guard=img.writable)
+        self._nclusters = (img.size + self.cmask) >> self.bits
+        per = img.l2_entries
+        for l1i in range(len(img.l1)):
+            first = l1i * per
+            if first >= self._nclusters:
+                break
+            if not img.l1[l1i] & Q.OFFSET_MASK:
+                self.cmap.absent(first, min(per, self._nclusters - first))
+        for l1i, table in list(img._l2.items()):
+            self._mirror(l1i, table, None)
+        img.on_l2 = self._mirror
+
+    def _mirror(self, l1i, table, indices):
+        """L2 table l1i cached (indices None) or these of its entries changed (under the
+        image's lock, before what changed them is answered or freed): into the map. A
+        cluster is written in place by C only as _in_place would: refcount 1, no
+        allocation in flight; a data cluster past the end of the file or over
+        metadata, a compressed one: the driver's."""
+        cmap = self.cmap
+        if cmap is None:
+            return
+        img = self.img
+        first = l1i << self.l2bits
+        n = min(len(table), self._nclusters - first)
+        if n <= 0:
+            return
+        rmask, zmask, cs = self.rmask, self.zmask, self.cmask + 1
+        eof, meta, pending, bits = img.file_size, img.meta, self._pending, self.bits
+        data = native.E_DATA
+        writable = 0 if self.readonly else native.E_WRITABLE
+        absent, zero = native.E_ABSENT, native.E_ZERO
+
+        def value(i):
+            e = table[i]
+            if not e:
+                return absent
+            if not e & rmask:
+                off = e & Q.OFFSET_MASK
+                if off + cs > eof or off >> bits in meta:
+                    return 0
+                if e & Q.OFLAG_COPIED and writable and first + i not in pending:
+                    return off | data | writable
+                return off | data
+            return zero if e & zmask == Q.OFLAG_ZERO else 0
+        if indices is None:
+            cmap.fill(first, [value(i) for i in range(n)])
+        else:
+            for i in indices:
+                if i < n:
+                    cmap.fill(first + i, [value(i)])
+
+    def c_image(self):
+        """Driver.c_image: the mirror of the L2 entries."""
+        return self.cmap.image if self.cmap is not None and self.file is not None else None
 
     def close(self):
         """The deferred frees first, and the clusters of allocations that never got
@@ -422,7 +488,10 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     def _free(self, frees):
         """The format's frees (under its lock): at once if no batch is busy, else once
-        those that are completed (_reap)."""
+        those that are completed (_reap). The map no longer points at them (_mirror):
+        first the C requests that may have looked it up before are waited for."""
+        if self.cmap is not None and self.cmap.guard is not None:
+            native.guard_wait(self.cmap.guard)
         with self._qlock:
             busy = self._batches = [b for b in self._batches if b.busy()]
         if busy:

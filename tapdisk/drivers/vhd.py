@@ -168,7 +168,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         data, bmb, absent = self._data, self.bm_bytes, native.E_ABSENT
         entries = array("q", [absent if sec == UNUSED else ((sec << 9) + bmb) | data if f
                               else 0 for sec, f in zip(self.bat, self.full)])
-        self.cmap = native.BlockMap(entries, self.file, img.size, self.shift)
+        self.cmap = native.BlockMap(self.file, img.size, self.shift, entries=entries)
 
     def _mapped(self, blk):
         """Block blk is full: C may read (and in a leaf write) its data in place."""

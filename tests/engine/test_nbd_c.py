@@ -3,6 +3,8 @@
 disk's mapping; what it must leave to the drivers (allocation, partial blocks, the RAM
 budget, a writeback's flush) still answered right. `served_c` in tap-ctl stats tells
 which side answered."""
+import subprocess
+
 import pytest
 
 from smtap.tapdisk import control
@@ -137,3 +139,79 @@ def test_ram_writeback_flushes_stay_with_the_driver(make_tap, smtap_root):
     assert _served_c(tap) - before == 2                 # (the first is Python's)
     assert data[:4096] == b"\1" * 4096 and data[4096:8192] == b"\2" * 4096
     assert data[8192:12288] == b"\4" * 4096 and data[32768:36864] == b"\3" * 4096
+
+
+# -- qcow2: the L2 entries mirrored ------------------------------------------------------
+def _qcow2(path, size, backing=None, fmt="qcow2"):
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        args += ["-b", backing, "-F", fmt]
+    run(*(args + [path, str(size)]))
+    return str(path)
+
+
+def test_qcow2_clusters_in_c_allocation_and_zeros_by_the_driver(make_tap, smtap_root):
+    """Allocated clusters of refcount 1 read and write in C, a hole reads the backing
+    file's data in C, a zero cluster reads zeros in C; writes that allocate, and those
+    into a zero cluster, are the driver's; after a trim the cluster reads zeros."""
+    base = image_file(smtap_root / "base.img", 8 * MiB)
+    with open(base, "r+b") as f:
+        f.write(b"\1" * (8 * MiB))
+    leaf = _qcow2(smtap_root / "leaf.qcow2", 8 * MiB, base, "raw")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", "-c", "write -z 2M 64k", leaf)
+    tap = make_tap("qcow2:" + leaf)
+    assert _io(tap, "read -P 1 0 4k", "read -P 1 64k 64k", "read -P 2 1M 4k",
+               "read -P 0 2M 4k", "write -P 3 1M 4k", "read -P 3 1M 4k") == 6
+    assert _io(tap, "read -P 1 0 4k", "write -P 4 3M 4k", "write -P 5 2M 4k") == 1
+    assert _io(tap, "read -P 1 0 4k", "read -P 4 3M 4k", "read -P 1 3149824 4k",
+               "read -P 5 2M 4k", "write -P 6 3153920 4k") == 5
+    assert _io(tap, "read -P 1 0 4k", "discard 1M 64k", "read -P 0 1M 4k") == 2
+    tap.destroy()
+    run("qemu-img", "check", "-q", leaf)
+    ref = bytearray(b"\1" * (8 * MiB))
+    ref[MiB:MiB + 65536] = bytes(65536)
+    ref[2 * MiB:2 * MiB + 65536] = bytes(65536)
+    ref[2 * MiB:2 * MiB + 4096] = b"\5" * 4096
+    ref[3 * MiB:3 * MiB + 4096] = b"\4" * 4096
+    ref[3 * MiB + 8192:3 * MiB + 12288] = b"\6" * 4096
+    (smtap_root / "ref.img").write_bytes(bytes(ref))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", leaf, smtap_root / "ref.img")
+
+
+def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap,
+                                                                         smtap_root):
+    """The flow the guard protects (its wait is tests/unit/test_block_map.py's): while
+    fio writes a region in C (clusters of refcount 1, in place), another client
+    discards that region again and again and writes a second one, whose new clusters
+    reuse the freed ones. No write of the first client lands in the second region's
+    clusters: it reads back exactly, and qemu-img check is clean. (The race is narrow:
+    this does not fail reliably without the guard.)"""
+    leaf = _qcow2(smtap_root / "d.qcow2", 64 * MiB)
+    tap = make_tap("qcow2:" + leaf)
+    qemu_io(tap.uri, "write -P 7 0 16M")                # region A, allocated
+    fio = run_background_fio(tap.uri, 16 * MiB)
+    try:
+        rounds = 0
+        while fio.poll() is None and rounds < 40:
+            byte = 0x10 + rounds % 32
+            qemu_io(tap.uri, "discard 0 16M", "write -P %d 32M 4M" % byte,
+                    "read -P %d 32M 4M" % byte, "discard 32M 4M")
+            rounds += 1
+    finally:
+        fio.wait(120)
+    assert fio.returncode == 0, fio.stderr.read() if fio.stderr else ""
+    assert rounds >= 5
+    qemu_io(tap.uri, "write -P 9 32M 4M")
+    qemu_io(tap.uri, "read -P 9 32M 4M")
+    stats = control.Client(tap.pid).stats(tap.minor)
+    assert stats["nbd"]["served_c"] > 1000, stats
+    tap.destroy()
+    run("qemu-img", "check", "-q", leaf)
+
+
+def run_background_fio(uri, size):
+    """fio writing 4k blocks at random over [0, size) of uri for 4 s, QD16."""
+    return subprocess.Popen(
+        ["fio", "--name=w", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+         "--bs=4k", "--iodepth=16", "--size=%d" % size, "--time_based", "--runtime=4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, universal_newlines=True)

@@ -14,7 +14,8 @@ from smtap.tapdisk import driver as drv
 from smtap.tapdisk import drivers, ioqueue, vbd as vbdmod
 from smtap.tapdisk.drivers import qcow2 as qcow2drv
 
-from lib.engine import IO_BACKENDS, Raw, have_io_uring, image_file, qemu_io, tap_ctl
+from lib.engine import (IO_BACKENDS, Raw, have_io_uring, image_file, nbd_loop_env, qemu_io,
+                        tap_ctl)
 from lib.fs import tmpfs
 from lib.procs import run, wait_for
 from lib.qcow2 import QCOW2_DISKS, check_images, qcow2_check, qcow2_chain
@@ -165,6 +166,7 @@ def test_qcow2_reads_and_in_place_writes_take_the_queue(smtap_root, monkeypatch,
     if backend == "io_uring" and not have_io_uring():
         pytest.skip("no io_uring here")
     monkeypatch.setenv("SMTAP_IO", backend)
+    monkeypatch.setenv(*nbd_loop_env("python"))     # the driver's path, not the C loop's
     qcls = qcow2drv.Qcow2Driver
     seen = {"read": 0, "write": 0, "sync_reads": 0}
 
