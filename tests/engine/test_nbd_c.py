@@ -4,11 +4,14 @@ disk's mapping; what it must leave to the drivers (allocation, partial blocks, t
 budget, a writeback's flush) still answered right. `served_c` in tap-ctl stats tells
 which side answered."""
 import subprocess
+import threading
+import time
 
 import pytest
 
 from smtap.tapdisk import control
 from smtap.tapdisk import driver as drv
+from smtap.tapdisk import native
 
 from lib.engine import Raw, image_file, qemu_io
 from lib.procs import run, wait_for
@@ -141,6 +144,28 @@ def test_ram_writeback_flushes_stay_with_the_driver(make_tap, smtap_root):
     assert data[8192:12288] == b"\4" * 4096 and data[32768:36864] == b"\3" * 4096
 
 
+class _NoFile(object):
+    mask, fd, direct = 511, -1, False
+
+
+def test_guard_wait_moves_the_epoch_and_waits_for_the_old_parity_only():
+    m = native.BlockMap(_NoFile(), 1 << 28, 16, max_pages=1, guard=True)
+    g = m.guard
+    g[1] = 1                    # a C request counted under epoch 0, in flight
+    g[2] = 5                    # ... and requests of the other parity: not waited for
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (native.guard_wait(g), done.set()))
+    t.start()
+    time.sleep(0.2)
+    assert not done.is_set() and g[0] == 1              # waiting, the epoch moved on
+    g[1] = 0                                            # its I/O completed
+    t.join(5)
+    assert done.is_set()
+    g[2] = 0
+    native.guard_wait(g)                                # nothing of parity 1: at once
+    assert g[0] == 2
+
+
 # -- qcow2: the L2 entries mirrored ------------------------------------------------------
 def _qcow2(path, size, backing=None, fmt="qcow2"):
     args = ["qemu-img", "create", "-q", "-f", "qcow2"]
@@ -180,7 +205,7 @@ def test_qcow2_clusters_in_c_allocation_and_zeros_by_the_driver(make_tap, smtap_
 
 def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap,
                                                                          smtap_root):
-    """The flow the guard protects (its wait is tests/unit/test_block_map.py's): while
+    """The flow the guard protects (the wait itself: the test above): while
     fio writes a region in C (clusters of refcount 1, in place), another client
     discards that region again and again and writes a second one, whose new clusters
     reuse the freed ones. No write of the first client lands in the second region's

@@ -1,8 +1,5 @@
-"""The C loop's block map as drivers fill it (native.BlockMap) and the guard a freeing
-driver waits on (smtap_guard_wait): the library itself, no daemon."""
-import threading
-import time
-
+"""The C loop's block map as drivers fill it (native.BlockMap): ctypes only, no build
+(the guard's wait, in the library, is tests/engine/test_nbd_c.py's)."""
 from smtap.tapdisk import native
 
 PAGE = 1 << native.MAP_PAGE_BITS
@@ -37,21 +34,3 @@ def test_sparse_map_pages_absent_shared_then_filled_and_capped():
     m.fill(2 * PAGE, [native.E_ZERO])                   # past max_pages (pages 0, 3
     assert _entry(m, 2 * PAGE) == 0                     # and 1 have theirs): unknown,
     assert _entry(m, 2 * PAGE + 1) == 0                 # never a stale absent
-
-
-def test_guard_wait_moves_the_epoch_and_waits_for_the_old_parity_only():
-    m = native.BlockMap(_File(), PAGE << 16, 16, max_pages=1, guard=True)
-    g = m.guard
-    g[1] = 1                    # a C request counted under epoch 0, in flight
-    g[2] = 5                    # ... and requests of the other parity: not waited for
-    done = threading.Event()
-    t = threading.Thread(target=lambda: (native.guard_wait(g), done.set()))
-    t.start()
-    time.sleep(0.2)
-    assert not done.is_set() and g[0] == 1              # waiting, the epoch moved on
-    g[1] = 0                                            # its I/O completed
-    t.join(5)
-    assert done.is_set()
-    g[2] = 0
-    native.guard_wait(g)                                # nothing of parity 1: at once
-    assert g[0] == 2
