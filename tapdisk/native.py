@@ -188,8 +188,7 @@ class BlockMap(object):
             base = entries.buffer_info()[0]
             for p in range(npages):
                 self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
-        # the guard (smtap_guard_wait): epoch, requests counted under each parity
-        self.guard = (ctypes.c_longlong * 3)() if guard else None
+        self.guard = new_guard() if guard else None
         self.image = CImage(kind=IMG_BLOCKS, size=size, mask=afile.mask,
                             pages=ctypes.addressof(self.pages), npages=npages,
                             guard=ctypes.addressof(self.guard) if guard else None,
@@ -239,6 +238,12 @@ class BlockMap(object):
         self._own[p] = page
         self.pages[p] = page.buffer_info()[0]
         return page
+
+
+def new_guard():
+    """A guard for CImage.guard (smtap_guard_wait): the epoch, the C requests counted
+    under each parity."""
+    return (ctypes.c_longlong * 3)()
 
 
 def guard_wait(guard):

@@ -519,14 +519,16 @@ static int locate(struct smtap_nbd *c, struct slot *s, int write)
     long long off = s->offset, end = off + s->length;
     for (long long i = 0; i < c->nimages; i++) {
         struct smtap_image *m = &c->images[i];
-        if (off >= m->size)
-            continue;                   /* a shorter parent: nothing of it there */
+        if (off >= m->size)             /* past a shorter image: zeros, as image.py */
+            return write ? AT_PYTHON : AT_ZERO;
         if (end > m->size || (write && i))
             return AT_PYTHON;
         long long k0 = off >> m->shift, k1 = (end - 1) >> m->shift;
         if (m->kind == IMG_FILE) {
             s->phys = off;
         } else if (m->kind == IMG_MEM) {
+            if (i)
+                return AT_PYTHON;       /* (C copies from the leaf's mapping only) */
             if (write && m->dirty && s->flags & FLAG_FUA)
                 return AT_PYTHON;       /* FUA: the writeback's, Python's */
             if (write || m->shared)
@@ -622,8 +624,9 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         }
         struct smtap_image *leaf = c->images;
         if (kind == CMD_FLUSH) {
-            if (leaf->kind == IMG_MEM && leaf->dirty) {
-                l->stop = RET_PYTHON;   /* the writeback: Python's */
+            if ((leaf->kind == IMG_MEM && leaf->dirty) || (leaf->kind == IMG_BLOCKS
+                                                            && leaf->guard)) {
+                l->stop = RET_PYTHON;   /* a writeback; the driver's refcounts, frees */
                 return;
             }
             if (l->nio) {

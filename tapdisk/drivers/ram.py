@@ -78,6 +78,9 @@ class RamDriver(driver.Driver):
         self._fd = None             # shared: the file whose pages are the disk
         self.writeback = False
         self._lock = threading.Lock()
+        # the C loop copies into allocated chunks without a lock: a chunk given back
+        # (zero, trim) is first marked free, then C's copies begun before are waited for
+        self._guard = native.new_guard()
 
     # -- open / close ---------------------------------------------------------------
     def open(self, path, flags, options):
@@ -298,12 +301,15 @@ class RamDriver(driver.Driver):
         self._clear(c1 << CHUNK_SHIFT, end)
         with self._lock:
             alloc = self._alloc
-            for first, last, value in _runs(alloc, c0, c1):
-                if value:
-                    native.madvise(self._addr + (first << CHUNK_SHIFT),
-                                   (last - first) << CHUNK_SHIFT, native.MADV_DONTNEED)
-                    alloc[first:last] = bytes(last - first)
-                    self.used -= (last - first) << CHUNK_SHIFT
+            freed = [(first, last) for first, last, value in _runs(alloc, c0, c1) if value]
+            for first, last in freed:
+                alloc[first:last] = bytes(last - first)
+                self.used -= (last - first) << CHUNK_SHIFT
+            if freed:
+                native.guard_wait(self._guard)
+            for first, last in freed:
+                native.madvise(self._addr + (first << CHUNK_SHIFT),
+                               (last - first) << CHUNK_SHIFT, native.MADV_DONTNEED)
             if self.writeback:
                 self._dirty[c0:c1] = b"\1" * (c1 - c0)
 
@@ -311,12 +317,6 @@ class RamDriver(driver.Driver):
         """Shared: the range becomes a hole of the file (the kernel zeroes partial pages);
         every chunk it touches may now hold holes, so is no longer known allocated."""
         with self._lock:
-            try:
-                native.fallocate(self._fd, native.FALLOC_FL_PUNCH_HOLE
-                                 | native.FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as e:
-                raise OSError(e.errno, "ram: punching a hole in %s: %s"
-                              % (self.path, os.strerror(e.errno)))
             c0 = offset >> CHUNK_SHIFT
             c1 = ((offset + length - 1) >> CHUNK_SHIFT) + 1
             alloc = self._alloc
@@ -324,6 +324,13 @@ class RamDriver(driver.Driver):
                 if value:                   # (untouched bookkeeping stays untouched)
                     alloc[first:last] = bytes(last - first)
                     self.used -= (last - first) << CHUNK_SHIFT
+            native.guard_wait(self._guard)  # C's copies through the mapping, before
+            try:
+                native.fallocate(self._fd, native.FALLOC_FL_PUNCH_HOLE
+                                 | native.FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                raise OSError(e.errno, "ram: punching a hole in %s: %s"
+                              % (self.path, os.strerror(e.errno)))
 
     def _clear(self, start, end):
         """Zero bytes [start, end) inside chunks that hold memory."""
@@ -397,7 +404,7 @@ class RamDriver(driver.Driver):
             kind=native.IMG_MEM, size=self.size, base=native.address(self._map),
             alloc=native.address(self._alloc), shift=CHUNK_SHIFT, fd=-1,
             dirty=native.address(self._dirty) if self.writeback else None,
-            shared=int(self._fd is not None))
+            guard=native.address(self._guard), shared=int(self._fd is not None))
 
     def debug(self):
         return {"allocated": self.used, "budget": self.budget, "writeback": self.writeback,
