@@ -261,8 +261,7 @@ class NbdLoop(ctypes.Structure):
                 ("size", ctypes.c_longlong),
                 ("max_inflight", ctypes.c_longlong), ("max_bytes", ctypes.c_longlong),
                 ("images", ctypes.c_void_p), ("nimages", ctypes.c_longlong),
-                ("sockfd", ctypes.c_int), ("fd", ctypes.c_int),
-                ("readonly", ctypes.c_int), ("structured", ctypes.c_int),
+                ("sockfd", ctypes.c_int), ("readonly", ctypes.c_int), ("structured", ctypes.c_int),
                 ("nfailed", ctypes.c_int), ("failed", NbdFailed * NBD_SLOTS),
                 ("priv", ctypes.c_void_p)]
 

@@ -587,7 +587,6 @@ class Session(object):
             c.max_bytes = MAX_INFLIGHT_BYTES
         self._cimages = images          # (C reads them in place)
         c.images, c.nimages = ctypes.addressof(images), len(images)
-        c.fd = images[0].fd if images[0].kind != native.IMG_MEM else -1
         c.queue = self.io.handle if self.io is not None else None
         c.acct = ctypes.addressof(self.acct)
         c.size, c.readonly = self.size, self.readonly

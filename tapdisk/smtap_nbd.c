@@ -109,9 +109,9 @@ struct smtap_image {
     char *base;                 /* IMG_MEM: the disk's mapping */
     const unsigned char *alloc; /* IMG_MEM: per block, 1: holds memory (writes need it) */
     unsigned char *dirty;       /* IMG_MEM: per block, set after a write (NULL: volatile) */
-    long long *guard;           /* a leaf whose driver frees and reuses blocks (qcow2): see
-                                   smtap_guard_wait; NULL: blocks never move while open */
-    int fd, direct;             /* the data's descriptor; O_DIRECT */
+    long long *guard;           /* a leaf whose driver gives blocks back (qcow2 clusters,
+                                   RAM chunks): smtap_guard_wait; NULL: they never move */
+    int fd, direct;             /* the data's descriptor (-1: none); O_DIRECT */
     int shift, shared;          /* log2 of a block's size; IMG_MEM: reads need alloc too */
 };
 
@@ -135,7 +135,7 @@ struct smtap_nbd {
     long long max_inflight, max_bytes;
     struct smtap_image *images; /* the chain, the leaf first */
     long long nimages;
-    int sockfd, fd, readonly, structured, nfailed;  /* fd: the leaf's file (flush), or -1 */
+    int sockfd, readonly, structured, nfailed;
     struct smtap_failed failed[SLOTS];
     void *priv;                 /* struct loop, C's; smtap_nbd_release frees it */
 };
@@ -350,10 +350,16 @@ static void fail(struct smtap_nbd *c, struct loop *l, int i, long long status)
     l->stop = RET_PYTHON;
 }
 
+/* The leaf's data is on its file (if it has one): stable storage, as flush and FUA want. */
+static int sync_leaf(struct smtap_nbd *c)
+{
+    return c->images->fd >= 0 ? fdatasync(c->images->fd) : 0;
+}
+
 /* A write's data is on the file: FUA wants it on stable storage before the reply. */
 static void written(struct smtap_nbd *c, struct loop *l, int i)
 {
-    if (l->slots[i].flags & FLAG_FUA && c->fd >= 0 && fdatasync(c->fd))
+    if (l->slots[i].flags & FLAG_FUA && sync_leaf(c))
         fail(c, l, i, -errno);
     else
         answer(c, l, i);
@@ -633,7 +639,7 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
                 l->waiting = 1;         /* after the I/O before it */
                 return;
             }
-            if (c->fd >= 0 && fdatasync(c->fd)) {
+            if (sync_leaf(c)) {
                 l->stop = RET_PYTHON;   /* Python flushes again and says why */
                 return;
             }
