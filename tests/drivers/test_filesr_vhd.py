@@ -181,6 +181,9 @@ def test_chain_depth_30_refused(dhost, file_sr):
     """Failed before GC could run: depth 30 is the limit (SnapshotChainTooLong, 109)."""
     x = dhost.x
     directory = sr_location(x, file_sr)
+    # Off before the chain exists: the GC kicked by attach lingers and would merge it.
+    x.SR.add_to_other_config(file_sr, "gc", "false")
+    wait_gc(x, file_sr)
     top = os.path.join(directory, "c00.vhd")
     V.create(top, 4 * MiB)
     for i in range(1, 30):                       # a chain of 30 made by hand, data in each
@@ -189,7 +192,6 @@ def test_chain_depth_30_refused(dhost, file_sr):
         child = os.path.join(directory, "c%02d.vhd" % i)
         V.snapshot(child, top)
         top = child
-    x.SR.add_to_other_config(file_sr, "gc", "false")      # or it merges the chain
     x.SR.scan(file_sr)
     (leaf,) = [v for v in x.SR.get_VDIs(file_sr) if x.VDI.get_location(v) == "c29"]
     assert x.VDI.get_sm_config(leaf)["vhd-parent"] == "c28"
