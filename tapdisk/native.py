@@ -144,8 +144,9 @@ class NbdFailed(ctypes.Structure):
 IMG_FILE, IMG_BLOCKS, IMG_MEM = 1, 2, 3
 # a block map's entries (IMG_BLOCKS): 0 unknown (the driver's path), E_ABSENT (the
 # parent's), E_ZERO, or E_DATA | the file offset of the block (512-aligned) [| E_WRITABLE:
-# written in place, nothing else to change]
-E_ABSENT, E_ZERO, E_DATA, E_WRITABLE = 1, 2, 4, 8
+# written in place, nothing else to change] [| E_BITMAP: a partial block, each sector
+# here or the parent's as the bitmap BlockMap.set_bitmap gave says]
+E_ABSENT, E_ZERO, E_DATA, E_WRITABLE, E_BITMAP = 1, 2, 4, 8, 16
 MAP_PAGE_BITS = 12      # entries per page of a map: 1 << MAP_PAGE_BITS
 
 
@@ -153,7 +154,8 @@ class CImage(ctypes.Structure):
     """One image of a chain as the C loop reads it (struct smtap_image)."""
     _fields_ = [("kind", ctypes.c_longlong), ("size", ctypes.c_longlong),
                 ("mask", ctypes.c_longlong), ("pages", ctypes.c_void_p),
-                ("npages", ctypes.c_longlong), ("base", ctypes.c_void_p),
+                ("npages", ctypes.c_longlong), ("bitmaps", ctypes.c_void_p),
+                ("base", ctypes.c_void_p),
                 ("alloc", ctypes.c_void_p), ("dirty", ctypes.c_void_p),
                 ("guard", ctypes.c_void_p), ("fd", ctypes.c_int), ("direct", ctypes.c_int),
                 ("shift", ctypes.c_int), ("shared", ctypes.c_int)]
@@ -189,8 +191,12 @@ class BlockMap(object):
             for p in range(npages):
                 self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
         self.guard = new_guard() if guard else None
+        self.bitmaps = (ctypes.c_void_p * max(1, npages))()
+        self._bitmap_pages = {}         # page -> its array of bitmap addresses
+        self._bitmap_views = []         # what keeps them: never freed, never resized
         self.image = CImage(kind=IMG_BLOCKS, size=size, mask=afile.mask,
                             pages=ctypes.addressof(self.pages), npages=npages,
+                            bitmaps=ctypes.addressof(self.bitmaps),
                             guard=ctypes.addressof(self.guard) if guard else None,
                             fd=afile.fd, direct=int(afile.direct), shift=shift)
 
@@ -223,6 +229,19 @@ class BlockMap(object):
             if page is not None:
                 page[at:at + k] = array.array("q", values[pos:pos + k])
             pos += k
+
+    def set_bitmap(self, block, bitmap):
+        """Block block's sector bitmap (a bytearray whose bits are only ever set, in
+        place) for an E_BITMAP entry: C reads it in place until the map is gone, so it
+        stays (held here, pinned against resizing). Before the entry says E_BITMAP."""
+        view = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
+        self._bitmap_views.append(view)
+        p = block >> MAP_PAGE_BITS
+        page = self._bitmap_pages.get(p)
+        if page is None:
+            page = self._bitmap_pages[p] = array.array("q", [0]) * self.PAGE
+            self.bitmaps[p] = page.buffer_info()[0]
+        page[block & (self.PAGE - 1)] = ctypes.addressof(view)
 
     def _page(self, p, whole):
         """Page p's own array, made if it has none (from what it read: unknown, or the

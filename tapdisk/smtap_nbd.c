@@ -4,9 +4,9 @@
    the whole call, so connections run in parallel) when its connection has nothing in
    flight and every image of its chain tells where its data is (Driver.c_image, one
    struct smtap_image each, the leaf first): a raw file (the data of disk offset x at
-   offset x of a descriptor), a block map (a VHD's BAT and full bitmaps: per block its
-   file offset, "absent: ask the parent", "zeros" or "unknown: ask the driver") or a
-   RAM disk's mapping. Like nbdkit's server/protocol.c it then receives, checks,
+   offset x of a descriptor), a block map (a VHD's BAT and bitmaps, qcow2's L2
+   entries: per block its file offset, with a partial block's sector bitmap, "absent:
+   ask the parent", "zeros" or "unknown: ask the driver") or a RAM disk's mapping. Like nbdkit's server/protocol.c it then receives, checks,
    handles and replies itself: READ, WRITE (FUA: fdatasync before the reply) and FLUSH
    where locate() finds the data in one place (a write: in the leaf, where nothing of
    the format's metadata changes); pipelined requests go on the connection's I/O queue
@@ -96,7 +96,9 @@ enum { IMG_FILE = 1, IMG_BLOCKS = 2, IMG_MEM = 3 };
 #define E_ZERO 2LL              /* reads zeros */
 #define E_DATA 4LL              /* | file offset (512-aligned) of the block's first byte */
 #define E_WRITABLE 8LL          /* ... written in place with nothing else to change */
-#define E_FLAGS 15LL
+#define E_BITMAP 16LL           /* ... a partial block: per sector, here or the parent's,
+                                   as its bitmap (bitmaps[], the same pages) says */
+#define E_FLAGS 31LL
 #define PAGE_BITS 12
 #define PAGE_ENTRIES (1LL << PAGE_BITS)
 
@@ -106,6 +108,9 @@ struct smtap_image {
     long long mask;             /* O_DIRECT's alignment - 1 of fd */
     long long *const *pages;    /* IMG_BLOCKS: npages pointers */
     long long npages;
+    long long *const *bitmaps;  /* IMG_BLOCKS: pages as pages', the address of each
+                                   E_BITMAP block's sector bitmap (bits set only, the
+                                   driver's memory for the image's life; NULL: none) */
     char *base;                 /* IMG_MEM: the disk's mapping */
     const unsigned char *alloc; /* IMG_MEM: per block, 1: holds memory (writes need it) */
     unsigned char *dirty;       /* IMG_MEM: per block, set after a write (NULL: volatile) */
@@ -516,6 +521,36 @@ static long long entry(const struct smtap_image *m, long long k)
                 : E_UNKNOWN;
 }
 
+/* An E_BITMAP block's sector bitmap (a VHD's: bit 7 of byte 0 is sector 0). */
+static const unsigned char *bitmap_of(const struct smtap_image *m, long long k)
+{
+    long long p = k >> PAGE_BITS;
+    if (!m->bitmaps || p >= m->npages)
+        return NULL;
+    long long *page = __atomic_load_n(&m->bitmaps[p], __ATOMIC_ACQUIRE);
+    return page ? (const unsigned char *)(intptr_t)
+                  __atomic_load_n(&page[k & (PAGE_ENTRIES - 1)], __ATOMIC_ACQUIRE) : NULL;
+}
+
+/* Sectors [s0, s1] of bitmap bm: 1 all set, 0 all clear, -1 mixed. The driver sets bits
+   (after the data they describe is written) as C reads: a byte is either side. */
+static int sectors_set(const unsigned char *bm, long long s0, long long s1)
+{
+    int want = -1;
+    while (s0 <= s1) {
+        unsigned b = __atomic_load_n(&bm[s0 >> 3], __ATOMIC_ACQUIRE);
+        int lo = (int)(s0 & 7), hi = s1 - s0 < 7 - lo ? lo + (int)(s1 - s0) : 7;
+        unsigned mask = (0xffU >> lo) & (0xffU << (7 - hi)) & 0xffU;
+        unsigned bits = b & mask;
+        int v = bits == mask ? 1 : bits ? -1 : 0;
+        if (v < 0 || (want >= 0 && v != want))
+            return -1;
+        want = v;
+        s0 += hi - lo + 1;
+    }
+    return want;
+}
+
 /* Where [off, off + len) of the disk is, walking the chain from the leaf: one run of one
    file (s->fd, s->phys), the leaf's mapping (s->phys), zeros, or AT_PYTHON (the driver's
    path: a block not known, spread over places, in a parent for a write, unaligned for
@@ -545,7 +580,17 @@ static int locate(struct smtap_nbd *c, struct slot *s, int write)
             return AT_MEM;
         } else if (m->kind == IMG_BLOCKS) {
             long long e = entry(m, k0);
-            if (e == E_ABSENT || e == E_ZERO) {
+            if (e & E_BITMAP) {         /* the sectors' bits say where */
+                long long bmask = (1LL << m->shift) - 1;
+                const unsigned char *bm = k1 == k0 ? bitmap_of(m, k0) : NULL;
+                int here = bm ? sectors_set(bm, (off & bmask) >> 9, ((end - 1) & bmask) >> 9)
+                              : -1;
+                if (here < 0 || (write && !(here && e & E_WRITABLE)))
+                    return AT_PYTHON;   /* across places, or bits to set */
+                if (!here)
+                    continue;           /* the parent's */
+                s->phys = (e & ~E_FLAGS) + (off & bmask);
+            } else if (e == E_ABSENT || e == E_ZERO) {
                 for (long long k = k0 + 1; k <= k1; k++)
                     if (entry(m, k) != e)
                         return AT_PYTHON;
@@ -554,13 +599,14 @@ static int locate(struct smtap_nbd *c, struct slot *s, int write)
                 if (e == E_ZERO)
                     return AT_ZERO;
                 continue;               /* the parent's */
+            } else {
+                if (!(e & E_DATA) || (write && !(e & E_WRITABLE)))
+                    return AT_PYTHON;
+                for (long long k = k0 + 1; k <= k1; k++)
+                    if (entry(m, k) != e + ((k - k0) << m->shift))
+                        return AT_PYTHON;   /* not one run of the file */
+                s->phys = (e & ~E_FLAGS) + (off & ((1LL << m->shift) - 1));
             }
-            if (!(e & E_DATA) || (write && !(e & E_WRITABLE)))
-                return AT_PYTHON;
-            for (long long k = k0 + 1; k <= k1; k++)
-                if (entry(m, k) != e + ((k - k0) << m->shift))
-                    return AT_PYTHON;   /* not one run of the file */
-            s->phys = (e & ~E_FLAGS) + (off & ((1LL << m->shift) - 1));
         } else {
             return AT_PYTHON;
         }

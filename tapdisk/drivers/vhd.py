@@ -14,6 +14,10 @@ through the buffered descriptor.
   a block the batmap says full (or whose bitmap was seen full) needs no bitmap; other
   bitmaps are cached. Holes read as zeros; in a chain the engine reads them from the
   parent (extents() says which, exactly, from the BAT and the bitmaps).
+- The NBD loop's C part (c_image) reads the block map: full blocks in place, absent ones
+  from the parent, and a partial block's sectors here or in the parent as its bitmap
+  says, once this driver has read that bitmap (the first C_BITMAPS bytes of them are
+  given to C and kept till close: C reads them in place, _set_bits changes them).
 - Writes (sector aligned: the engine widens others, write_align): new blocks first
   (zeroed bitmap, footer moved past, BAT entry), then the data, then the bitmaps, then
   the batmap bit of a block that became full: a kill -9 at any point leaves a valid
@@ -41,6 +45,7 @@ HOLE = driver.EXTENT_HOLE | driver.EXTENT_ZERO
 MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 15          # blocks one extents() call looks at
 BITMAP_CACHE = 32 << 20     # bytes of partial bitmaps kept in memory
+C_BITMAPS = 32 << 20        # more, kept for the C loop (it reads them in place)
 # bit i of a byte, MSB first, as one byte each: the batmap expanded to a flag per block
 _EXPAND = [bytes((b >> (7 - i)) & 1 for i in range(8)) for b in range(256)]
 
@@ -144,6 +149,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         self.dynamic = img.dynamic
         self.readonly = not img.writable
         self.bitmaps = {}       # blk -> bytearray: bitmaps seen partial
+        self.c_bitmaps = {}     # the same, given to the C loop: kept till close
         self._gen = 0           # bitmap writes so far: a read racing one must not cache
         if not self.dynamic:
             return
@@ -155,6 +161,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         spb = img.spb
         self._ones = (b"\xff" * (spb >> 3), (0xff00 >> (spb & 7)) & 0xff)
         self._cache_max = max(64, BITMAP_CACHE // self.bm_bytes)
+        self._c_bitmaps_max = C_BITMAPS // self.bm_bytes
         # full[blk]: every sector present, no bitmap needed (the batmap, or a full bitmap)
         if img.batmap_map is not None:
             expand = _EXPAND
@@ -196,10 +203,14 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         bits = word & mask
         return 1 if bits == mask else (0 if not bits else None)
 
+    def _cached(self, blk):
+        bm = self.c_bitmaps.get(blk)
+        return self.bitmaps.get(blk) if bm is None else bm
+
     def _bitmap(self, blk):
         """Block blk's bitmap, or None if it is full (then marked so). Without the lock:
         cached only if no bitmap was written meanwhile."""
-        bm = self.bitmaps.get(blk)
+        bm = self._cached(blk)
         if bm is not None:
             return bm
         gen = self._gen
@@ -207,7 +218,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         if bm is None:
             return None
         with self._lock:
-            if gen == self._gen and blk not in self.bitmaps:
+            if gen == self._gen and self._cached(blk) is None:
                 self._cache(blk, bm)
         return bm
 
@@ -222,6 +233,14 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         return bm
 
     def _cache(self, blk, bm):
+        """Under the lock. The C loop's while it has room: then its entry says so (C
+        reads the bits in place; this one copy is the one _set_bits changes)."""
+        if len(self.c_bitmaps) < self._c_bitmaps_max and not self.full[blk]:
+            self.c_bitmaps[blk] = bm
+            self.cmap.set_bitmap(blk, bm)
+            self.cmap.entries[blk] = ((self.bat[blk] << 9) + self.bm_bytes) | self._data \
+                | native.E_BITMAP
+            return
         cache = self.bitmaps
         if len(cache) >= self._cache_max:
             del cache[next(iter(cache))]
@@ -241,7 +260,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
                     continue
                 bm = touched.get(blk)
                 if bm is None:
-                    bm = self.bitmaps.get(blk)
+                    bm = self._cached(blk)
                     if bm is None:
                         bm = self._read_bitmap(blk)
                         if bm is None:
@@ -263,7 +282,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
                 raise _error(e, self.path)
             for blk in newly_full:
                 self._mapped(blk)
-                self.bitmaps.pop(blk, None)
+                self.bitmaps.pop(blk, None)     # (a C loop's stays: C may be reading it)
             if newly_full and self.img.batmap_map is not None:
                 self._set_batmap(newly_full)
 
@@ -631,4 +650,5 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         if img is None:
             return {}
         return {"type": V.TYPE_NAMES.get(img.type), "direct": self.file.direct,
-                "block_size": img.block_size, "bitmaps_cached": len(self.bitmaps)}
+                "block_size": img.block_size, "bitmaps_cached": len(self.bitmaps),
+                "bitmaps_c": len(self.c_bitmaps)}
