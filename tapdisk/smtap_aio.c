@@ -210,12 +210,27 @@ int smtap_queue_open(int backend, smtap_queue **out)
     return q->backend;
 }
 
-/* Close a queue. The caller waited for every I/O first (their buffers are its). */
+static int uring_reap(smtap_queue *q, long long *done, int *ndone, int maxdone, int *flags);
+
+/* Close a queue. The caller waited for every I/O first (their buffers are its), unless
+   a call failed: then what is still in flight is waited for here (libaio's io_destroy
+   does so itself; closing an io_uring would not), so that the C loop may drop the guard
+   counts of its requests after this (smtap_nbd_release). A ring that fails here too
+   is closed as it is. */
 void smtap_queue_close(smtap_queue *q)
 {
     if (!q)
         return;
     if (q->backend == BACKEND_URING) {
+        long long done[2 * 64];
+        while (q->inflight > 0) {
+            int ndone = 0, flags = 0;
+            uring_reap(q, done, &ndone, 64, &flags);
+            if (q->inflight > 0 && syscall(__NR_io_uring_enter, q->rfd, 0, 1,
+                                           IORING_ENTER_GETEVENTS, NULL, 0) < 0
+                    && errno != EINTR)
+                break;
+        }
         munmap(q->sqes, (*q->sq_mask + 1) * sizeof(struct uring_sqe));
         if (q->cq_map != q->sq_map)
             munmap(q->cq_map, q->cq_size);

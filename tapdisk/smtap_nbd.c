@@ -227,6 +227,18 @@ static void unpin(struct smtap_image *m, struct slot *s)
     s->pin = 0;
 }
 
+/* Slots whose I/O the queue will never report (see drain) or whose queue is gone (see
+   smtap_nbd_release): their guard counts go, or the driver's next smtap_guard_wait (a
+   qcow2 free, a RAM chunk given back) would wait for them forever. */
+static void unpin_queued(struct smtap_nbd *c, struct loop *l)
+{
+    for (int i = 0; i < SLOTS; i++)
+        if (l->slots[i].queued) {
+            unpin(c->images, &l->slots[i]);
+            l->slots[i].queued = 0;
+        }
+}
+
 /* A pause raises the gate (held = 1: the generation moves on) or lowers it; the barrier
    orders the store before the caller's reads of the clients' busy. */
 void smtap_gate_set(struct smtap_gate *g, int held)
@@ -295,6 +307,12 @@ void smtap_nbd_release(struct smtap_nbd *c)
     struct loop *l = c->priv;
     if (!l)
         return;
+    /* An error return can leave I/O given to a failed queue (drain gave up on it),
+       pinned. Python releases only after closing the queue, which waits for its I/O
+       (libaio's io_destroy; smtap_queue_close reaps io_uring's first): done now, its
+       pins go (c->images is still the chain they were taken on: the session ended at
+       that return). Nothing is queued after a normal return. */
+    unpin_queued(c, l);
     for (int i = 0; i < l->nfail; i++)
         slot_free(l, l->failed[i]);
     for (int k = 0; k < NCLASS; k++)
@@ -447,13 +465,28 @@ static int run(struct smtap_nbd *c, struct loop *l, int wait)
     return r & FLAG_READABLE;
 }
 
-/* Wait for every I/O given (an error ends the call: the buffers must not go first). */
+/* Wait for every I/O given (an error ends the call: the buffers must not go first).
+   A queue asked to wait returns a completion whenever it holds I/O; twice none in a row
+   (once can be a socket poll firing late, io_uring) means it holds none of what is
+   left: requests a failed submit never took (ENOMEM) or completions a failing call
+   reaped and dropped. That I/O can no longer complete: unpinned, the call ends (EIO).
+   Without this the loop spun here for ever, the pins held. */
 static int drain(struct smtap_nbd *c, struct loop *l)
 {
+    int idle = 0;
     while (l->nio || l->nsubs) {
+        int before = l->nio;
         int r = run(c, l, WAIT_IO);
         if (r < 0)
             return r;
+        if (l->nio < before) {
+            idle = 0;
+        } else if (++idle == 2) {
+            unpin_queued(c, l);         /* (their buffers stay: freed with the loop) */
+            l->nio = 0;
+            l->bytes = 0;
+            return -EIO;
+        }
     }
     return 0;
 }
