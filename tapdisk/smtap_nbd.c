@@ -69,6 +69,8 @@
 #define NCLASS 14               /* buffers of 4 KiB << 0..13 (up to MAX_REQUEST) */
 #define DONE_MAX 256            /* completions per queue call */
 #define PIPELINE_TURNS 256      /* as nbd.py: watch the socket that long after QD > 1 */
+#define MAX_SEGS 64             /* places one read is put together from, at most */
+#define SUBS (4 * SLOTS)        /* I/Os given to the queue per turn */
 
 #ifndef __NR_preadv2
 #define __NR_preadv2 327        /* x86_64; el7's headers may lack it */
@@ -148,14 +150,26 @@ struct smtap_nbd {
 /* accounting, as image.Chain.counters() */
 enum { SECS_READ, SECS_WRITTEN, READS, WRITES, READ_FAILS, WRITE_FAILS, SERVED_C };
 
+/* where a request's data is */
+enum { AT_PYTHON, AT_FILE, AT_MEM, AT_ZERO };
+
+/* A run of a read in one place: its bytes [pos, pos + len) of the request, at phys
+   of fd (AT_FILE), of the leaf's mapping (AT_MEM), or zeros (AT_ZERO). */
+struct seg {
+    long long pos, len, phys, mask;
+    int kind, fd, direct;
+};
+
 struct slot {
     int kind, cls;
     unsigned flags;
     unsigned char handle[8];    /* the client's, as it sent it */
     long long offset, length;
-    long long phys;             /* where its data is: offset phys of fd */
+    long long phys;             /* a write's place: offset phys of fd */
     int fd, direct;
-    int pin, queued;            /* the guard's count it holds (1, 2; 0: none); I/O given */
+    int pin;                    /* the guard's count it holds (1, 2; 0: none) */
+    int parts;                  /* its I/Os given to the queue and not completed */
+    long long status;           /* the first of them that failed (-errno), else 0 */
     char *data;                 /* a read's or write's buffer */
     unsigned char head[28];     /* the reply's header */
     int hlen;
@@ -166,11 +180,12 @@ struct loop {
     int free[SLOTS], nfree;
     int ready[SLOTS], nready;   /* answered, to send */
     int failed[SLOTS], nfail;   /* handed back: freed at the next call */
-    int nio;                    /* slots with I/O given to the queue */
-    long long bytes;            /* their buffers' size */
-    struct sreq subs[SLOTS];
+    int nio;                    /* I/Os given to the queue */
+    long long bytes;            /* the buffers' size of the slots they are for */
+    struct sreq subs[SUBS];
     int nsubs;
     long long done[2 * DONE_MAX];
+    struct seg segs[MAX_SEGS];  /* the read dispatch() maps */
     char *pool[NCLASS];         /* free buffers per class, linked through their first bytes */
     int pipelined, nowait_off, stop;
     int waiting;                /* dispatch left a complete request for later */
@@ -233,9 +248,9 @@ static void unpin(struct smtap_image *m, struct slot *s)
 static void unpin_queued(struct smtap_nbd *c, struct loop *l)
 {
     for (int i = 0; i < SLOTS; i++)
-        if (l->slots[i].queued) {
+        if (l->slots[i].parts) {
             unpin(c->images, &l->slots[i]);
-            l->slots[i].queued = 0;
+            l->slots[i].parts = 0;
         }
 }
 
@@ -441,11 +456,14 @@ static void completions(struct smtap_nbd *c, struct loop *l, int r)
         long long status = l->done[2 * k + 1];
         struct slot *s = &l->slots[i];
         l->nio--;
+        if (status && !s->status)
+            s->status = status;
+        if (--s->parts)
+            continue;                   /* a read from several places: the others */
         l->bytes -= s->length;
-        s->queued = 0;
         unpin(c->images, s);
-        if (status)
-            fail(c, l, i, status);
+        if (s->status)
+            fail(c, l, i, s->status);
         else if (s->kind == CMD_WRITE)
             written(c, l, i);
         else
@@ -491,37 +509,37 @@ static int drain(struct smtap_nbd *c, struct loop *l)
     return 0;
 }
 
-static void queue_io(struct loop *l, int i, long long op)
+/* Give slot i's I/O of len bytes at offset phys of fd, into its buffer at pos. */
+static void queue_io(struct loop *l, int i, long long op, int fd, long long phys,
+                     long long pos, long long len)
 {
     struct slot *s = &l->slots[i];
     struct sreq *q = &l->subs[l->nsubs++];
     q->op = op;
-    q->fd = s->fd;
-    q->off = s->phys;
-    q->len = s->length;
-    q->addr = (long long)(intptr_t)s->data;
+    q->fd = fd;
+    q->off = phys;
+    q->len = len;
+    q->addr = (long long)(intptr_t)(s->data + pos);
     q->tag = i;
-    s->queued = 1;
+    if (!s->parts++)
+        l->bytes += s->length;
     l->nio++;
-    l->bytes += s->length;
 }
 
-/* A buffered read at once if the page cache has it all (preadv2 RWF_NOWAIT, a system
+/* A buffered run at once if the page cache has it all (preadv2 RWF_NOWAIT, a system
    call: glibc 2.17 has no wrapper), else queued. */
-static void read_buffered(struct smtap_nbd *c, struct loop *l, int i)
+static void read_buffered(struct loop *l, int i, const struct seg *g)
 {
     struct slot *s = &l->slots[i];
     if (!l->nowait_off) {
-        struct iovec v = {s->data, (size_t)s->length};
-        long r = syscall(__NR_preadv2, s->fd, &v, 1, (long)s->phys, 0L, RWF_NOWAIT);
-        if (r == s->length) {
-            answer(c, l, i);
+        struct iovec v = {s->data + g->pos, (size_t)g->len};
+        long r = syscall(__NR_preadv2, g->fd, &v, 1, (long)g->phys, 0L, RWF_NOWAIT);
+        if (r == g->len)
             return;
-        }
         if (r < 0 && errno != EAGAIN)
             l->nowait_off = 1;          /* not here: queue them all */
     }
-    queue_io(l, i, OP_READ | OP_INLINE);
+    queue_io(l, i, OP_READ | OP_INLINE, g->fd, g->phys, g->pos, g->len);
 }
 
 static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
@@ -542,8 +560,6 @@ static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
 }
 
 /* ---- where the data is ---- */
-enum { AT_PYTHON, AT_FILE, AT_MEM, AT_ZERO };
-
 static long long entry(const struct smtap_image *m, long long k)
 {
     long long p = k >> PAGE_BITS;
@@ -584,72 +600,162 @@ static int sectors_set(const unsigned char *bm, long long s0, long long s1)
     return want;
 }
 
-/* Where [off, off + len) of the disk is, walking the chain from the leaf: one run of one
-   file (s->fd, s->phys), the leaf's mapping (s->phys), zeros, or AT_PYTHON (the driver's
-   path: a block not known, spread over places, in a parent for a write, unaligned for
-   O_DIRECT, a write the format must record). */
-static int locate(struct smtap_nbd *c, struct slot *s, int write)
+/* How many sectors from s0 (to s1 at most) have the bit of s0 in bitmap bm; *set: it. */
+static long long sector_run(const unsigned char *bm, long long s0, long long s1, int *set)
 {
-    long long off = s->offset, end = off + s->length;
+    int bit = __atomic_load_n(&bm[s0 >> 3], __ATOMIC_ACQUIRE) >> (7 - (s0 & 7)) & 1;
+    unsigned whole = bit ? 0xffU : 0;
+    long long s = s0;
+    *set = bit;
+    while (s <= s1) {
+        unsigned b = __atomic_load_n(&bm[s >> 3], __ATOMIC_ACQUIRE);
+        if (!(s & 7) && s + 7 <= s1 && b == whole) {
+            s += 8;
+            continue;
+        }
+        if ((int)(b >> (7 - (s & 7)) & 1) != bit)
+            break;
+        s++;
+    }
+    return s - s0;
+}
+
+/* The place of the first run of [off, end) of the disk (> 0: its length; 0: the
+   driver's path: a block not known, a parent's RAM): walking the chain from the leaf,
+   each image's block (its sectors' bits) bounds the run, and where it holds nothing
+   the parent's says. */
+static long long place(struct smtap_nbd *c, long long off, long long end, struct seg *g)
+{
+    long long lim = end;
     for (long long i = 0; i < c->nimages; i++) {
         struct smtap_image *m = &c->images[i];
-        if (off >= m->size)             /* past a shorter image: zeros, as image.py */
-            return write ? AT_PYTHON : AT_ZERO;
-        if (end > m->size || (write && i))
-            return AT_PYTHON;
-        long long k0 = off >> m->shift, k1 = (end - 1) >> m->shift;
+        if (off >= m->size)
+            break;                      /* past a shorter image: zeros, as image.py */
+        if (lim > m->size)
+            lim = m->size;
+        long long bmask = (1LL << m->shift) - 1;
         if (m->kind == IMG_FILE) {
-            s->phys = off;
+            g->phys = off;
         } else if (m->kind == IMG_MEM) {
             if (i)
-                return AT_PYTHON;       /* (C copies from the leaf's mapping only) */
-            if (write && m->dirty && s->flags & FLAG_FUA)
-                return AT_PYTHON;       /* FUA: the writeback's, Python's */
-            if (write || m->shared)
-                for (long long k = k0; k <= k1; k++)
+                return 0;               /* (C copies from the leaf's mapping only) */
+            if (m->shared)
+                for (long long k = off >> m->shift; k <= (lim - 1) >> m->shift; k++)
                     if (!m->alloc[k])
-                        return AT_PYTHON;   /* memory to account for, a hole to keep */
-            s->phys = off;
-            return AT_MEM;
+                        return 0;       /* a hole to keep */
+            g->kind = AT_MEM;
+            g->phys = off;
+            return lim - off;
         } else if (m->kind == IMG_BLOCKS) {
-            long long e = entry(m, k0);
+            long long k = off >> m->shift, e = entry(m, k);
+            if (lim > (k + 1) << m->shift)
+                lim = (k + 1) << m->shift;
             if (e & E_BITMAP) {         /* the sectors' bits say where */
-                long long bmask = (1LL << m->shift) - 1;
-                const unsigned char *bm = k1 == k0 ? bitmap_of(m, k0) : NULL;
-                int here = bm ? sectors_set(bm, (off & bmask) >> 9, ((end - 1) & bmask) >> 9)
-                              : -1;
-                if (here < 0 || (write && !(here && e & E_WRITABLE)))
-                    return AT_PYTHON;   /* across places, or bits to set */
+                const unsigned char *bm = bitmap_of(m, k);
+                int here;
+                if (!bm)
+                    return 0;
+                long long s0 = (off & bmask) >> 9;
+                long long n = sector_run(bm, s0, ((lim - 1) & bmask) >> 9, &here);
+                if (lim > (off & ~bmask) + ((s0 + n) << 9))
+                    lim = (off & ~bmask) + ((s0 + n) << 9);
                 if (!here)
                     continue;           /* the parent's */
-                s->phys = (e & ~E_FLAGS) + (off & bmask);
-            } else if (e == E_ABSENT || e == E_ZERO) {
-                for (long long k = k0 + 1; k <= k1; k++)
-                    if (entry(m, k) != e)
-                        return AT_PYTHON;
-                if (write)
-                    return AT_PYTHON;   /* a block to allocate */
-                if (e == E_ZERO)
-                    return AT_ZERO;
-                continue;               /* the parent's */
-            } else {
-                if (!(e & E_DATA) || (write && !(e & E_WRITABLE)))
-                    return AT_PYTHON;
-                for (long long k = k0 + 1; k <= k1; k++)
-                    if (entry(m, k) != e + ((k - k0) << m->shift))
-                        return AT_PYTHON;   /* not one run of the file */
-                s->phys = (e & ~E_FLAGS) + (off & ((1LL << m->shift) - 1));
+            } else if (e == E_ABSENT) {
+                continue;
+            } else if (e == E_ZERO) {
+                g->kind = AT_ZERO;
+                return lim - off;
+            } else if (!(e & E_DATA)) {
+                return 0;
             }
+            g->phys = (e & ~E_FLAGS) + (off & bmask);
         } else {
-            return AT_PYTHON;
+            return 0;
         }
-        if (m->direct && (s->phys | s->length) & m->mask)
-            return AT_PYTHON;           /* the driver reads it through the page cache */
-        s->fd = m->fd;
-        s->direct = m->direct;
-        return AT_FILE;
+        g->kind = AT_FILE;
+        g->fd = m->fd;
+        g->direct = m->direct;
+        g->mask = m->mask;
+        return lim - off;
     }
-    return write ? AT_PYTHON : AT_ZERO; /* in no image: zeros */
+    g->kind = AT_ZERO;                  /* in no image: zeros */
+    return lim - off;
+}
+
+/* A read's runs (segs, runs of one file end to end merged): how many, or -1 for the
+   driver's path (place() says so, too many, unaligned for O_DIRECT: the driver reads
+   that through the page cache). */
+static int map_read(struct smtap_nbd *c, const struct slot *s, struct seg *segs)
+{
+    int n = 0;
+    long long off = s->offset, end = off + s->length;
+    while (off < end) {
+        struct seg g;
+        long long len = place(c, off, end, &g);
+        if (len <= 0)
+            return -1;
+        g.pos = off - s->offset;
+        g.len = len;
+        struct seg *p = n ? &segs[n - 1] : NULL;
+        if (p && p->kind == g.kind && (g.kind != AT_FILE || (p->fd == g.fd
+                                                             && p->phys + p->len == g.phys)))
+            p->len += len;
+        else if (n == MAX_SEGS)
+            return -1;
+        else
+            segs[n++] = g;
+        off += len;
+    }
+    for (int k = 0; k < n; k++)
+        if (segs[k].kind == AT_FILE && segs[k].direct
+                && (segs[k].phys | segs[k].len | segs[k].pos) & segs[k].mask)
+            return -1;
+    return n;
+}
+
+/* Where a write of [off, off + len) goes: the leaf's file in one run, or its mapping,
+   where nothing of the format's metadata changes; else AT_PYTHON (a block to allocate
+   or not known, bits to set, unaligned for O_DIRECT, a RAM chunk to account for). */
+static int locate_write(struct smtap_nbd *c, struct slot *s)
+{
+    struct smtap_image *m = c->images;
+    long long off = s->offset, end = off + s->length;
+    if (end > m->size)
+        return AT_PYTHON;
+    long long k0 = off >> m->shift, k1 = (end - 1) >> m->shift, bmask = (1LL << m->shift) - 1;
+    if (m->kind == IMG_FILE) {
+        s->phys = off;
+    } else if (m->kind == IMG_MEM) {
+        if (m->dirty && s->flags & FLAG_FUA)
+            return AT_PYTHON;           /* FUA: the writeback's, Python's */
+        for (long long k = k0; k <= k1; k++)
+            if (!m->alloc[k])
+                return AT_PYTHON;       /* memory to account for */
+        s->phys = off;
+        return AT_MEM;
+    } else if (m->kind == IMG_BLOCKS) {
+        long long e = entry(m, k0);
+        if (!(e & E_DATA) || !(e & E_WRITABLE))
+            return AT_PYTHON;
+        if (e & E_BITMAP) {
+            const unsigned char *bm = k1 == k0 ? bitmap_of(m, k0) : NULL;
+            if (!bm || sectors_set(bm, (off & bmask) >> 9, ((end - 1) & bmask) >> 9) != 1)
+                return AT_PYTHON;       /* bits to set */
+        } else {
+            for (long long k = k0 + 1; k <= k1; k++)
+                if (entry(m, k) != e + ((k - k0) << m->shift))
+                    return AT_PYTHON;   /* not one run of the file */
+        }
+        s->phys = (e & ~E_FLAGS) + (off & bmask);
+    } else {
+        return AT_PYTHON;
+    }
+    if (m->direct && (s->phys | s->length) & m->mask)
+        return AT_PYTHON;
+    s->fd = m->fd;
+    s->direct = m->direct;
+    return AT_FILE;
 }
 
 /* A write into the leaf's mapping (a RAM disk): the chunks it changed marked after. */
@@ -731,15 +837,25 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->offset = offset;
         s->length = kind == CMD_FLUSH ? 0 : length;
         s->data = NULL;
-        s->queued = 0;
-        int where = AT_PYTHON;
+        s->parts = 0;
+        s->status = 0;
+        int where = AT_PYTHON, nseg = 0;
+        struct seg *segs = l->segs;
         if (rw) {
             pin(leaf, s);
-            where = locate(c, s, kind == CMD_WRITE);
+            if (kind == CMD_READ)
+                where = (nseg = map_read(c, s, segs)) < 0 ? AT_PYTHON : AT_FILE;
+            else
+                where = locate_write(c, s);
         }
         if (rw && where == AT_PYTHON) {
             unpin(leaf, s);
             l->stop = RET_PYTHON;       /* the driver's path */
+            return;
+        }
+        if (l->nsubs + nseg > SUBS) {
+            unpin(leaf, s);
+            l->waiting = 1;             /* once these are given */
             return;
         }
         if (rw && !(kind == CMD_WRITE && where == AT_MEM)
@@ -753,17 +869,19 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         if (kind == CMD_READ) {
             c->acct[SECS_READ] += length >> 9;
             c->acct[READS]++;
-            if (where == AT_ZERO) {
-                memset(s->data, 0, (size_t)length);
-                answer(c, l, i);
-            } else if (where == AT_MEM) {
-                memcpy(s->data, leaf->base + offset, (size_t)length);
-                answer(c, l, i);
-            } else if (s->direct) {
-                queue_io(l, i, OP_READ);
-            } else {
-                read_buffered(c, l, i);
+            for (int k = 0; k < nseg; k++) {
+                const struct seg *g = &segs[k];
+                if (g->kind == AT_ZERO)
+                    memset(s->data + g->pos, 0, (size_t)g->len);
+                else if (g->kind == AT_MEM)
+                    memcpy(s->data + g->pos, leaf->base + g->phys, (size_t)g->len);
+                else if (g->direct)
+                    queue_io(l, i, OP_READ, g->fd, g->phys, g->pos, g->len);
+                else
+                    read_buffered(l, i, g);
             }
+            if (!s->parts)
+                answer(c, l, i);        /* all of it here already */
         } else if (kind == CMD_WRITE) {
             c->acct[SECS_WRITTEN] += length >> 9;
             c->acct[WRITES]++;
@@ -773,14 +891,14 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             } else {
                 memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
                 if (s->direct)
-                    queue_io(l, i, OP_WRITE);
+                    queue_io(l, i, OP_WRITE, s->fd, s->phys, 0, length);
                 else
                     write_buffered(c, l, i);
             }
         } else {
             answer(c, l, i);
         }
-        if (!s->queued)
+        if (!s->parts)
             unpin(leaf, s);             /* done with its block (or never looked one up) */
         if (SLOTS - l->nfree > 1)
             l->pipelined = PIPELINE_TURNS;  /* requests in flight together */

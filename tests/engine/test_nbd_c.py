@@ -4,6 +4,7 @@ disk's mapping; what it must leave to the drivers (allocation, partial blocks, t
 budget, a writeback's flush) still answered right. `served_c` in tap-ctl stats tells
 which side answered."""
 import contextlib
+import errno
 import os
 import struct
 import subprocess
@@ -54,10 +55,9 @@ def test_vhd_full_blocks_are_served_in_c_the_rest_by_the_driver(make_tap, smtap_
                                                                direct):
     """Full blocks (written whole, or filled up by the driver) read and write in C; an
     unallocated block of a base image reads zeros in C; a partial block once the driver
-    has its bitmap reads in C (its sectors here, or zeros) and writes in C where its
-    sectors are all present; a write that sets bits or allocates, and a request across
-    present and absent sectors, go to the driver. Every byte reads back right, qemu-img
-    agrees."""
+    has its bitmap reads in C (its sectors here, or zeros: a read across both in pieces)
+    and writes in C where its sectors are all present; a write that sets bits or
+    allocates goes to the driver. Every byte reads back right, qemu-img agrees."""
     path = _vhd(smtap_root / "d.vhd", 8, [(b"\1" * (2 * MiB), 0),       # block 0: full
                                           (b"\2" * 4096, 5 * MiB)])     # block 2: partial
     tap = make_tap("vhd:" + path, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
@@ -69,21 +69,22 @@ def test_vhd_full_blocks_are_served_in_c_the_rest_by_the_driver(make_tap, smtap_
     assert _io(tap, "read -P 1 0 4k", "read -P 2 5M 4k", "read -P 0 4M 4k",
                "write -P 4 4M 4k", "write -P 5 2M 2M") == 2
     # block 1 was written whole by the driver: C's now; block 2 stays partial, its
-    # present sectors read and rewritten in C, a read across present and absent the
-    # driver's
+    # present sectors read and rewritten in C, a read across present and absent too
     assert _io(tap, "read -P 1 0 4k", "read -P 5 2M 4k", "read -P 5 3M 1M",
                "write -P 6 3M 4k", "read -P 6 3M 4k", "read -P 4 4M 4k",
                "write -P 8 5M 4k", "read -P 8 5M 4k", "read -P 0 5124k 4k") == 9
-    assert _io(tap, "read -P 1 0 4k", "read -P 4 4M 4k", "read 4M 8k") == 2
-    # a request spanning blocks 0 and 1 (both full, not adjacent in the file): the driver
-    assert _io(tap, "read -P 1 0 4k", "read -P 1 2044k 4k", "read 2044k 8k") == 2
+    assert _io(tap, "read -P 1 0 4k", "read -P 4 4M 4k", "read 4M 8k") == 3
+    # a read spanning blocks 0 and 1 (both full, not adjacent in the file): two I/Os in
+    # C; a write there is the driver's
+    assert _io(tap, "read -P 1 0 4k", "read -P 1 2044k 4k", "read 2044k 8k",
+               "write -P 9 2044k 8k", "read -P 9 2044k 8k") == 4
     tap.destroy()
     vhd_check(path)
     ref = bytearray(8 * MiB)
     for data, offset in ((b"\1" * (2 * MiB), 0), (b"\2" * 4096, 5 * MiB),
                          (b"\3" * 4096, 4096), (b"\4" * 4096, 4 * MiB),
                          (b"\5" * (2 * MiB), 2 * MiB), (b"\6" * 4096, 3 * MiB),
-                         (b"\10" * 4096, 5 * MiB)):
+                         (b"\10" * 4096, 5 * MiB), (b"\11" * 8192, 2044 * KiB)):
         ref[offset:offset + len(data)] = data
     (smtap_root / "ref.img").write_bytes(bytes(ref))
     run("qemu-img", "compare", "-f", "vpc", "-F", "raw", path, smtap_root / "ref.img")
@@ -113,12 +114,19 @@ def test_vhd_chain_reads_each_image_in_c_and_writes_the_leaf(make_tap, smtap_roo
                "read -P 3 5M 4k", "read -P 0 6M 1M") == 5
     assert _io(tap, "read -P 1 0 4k", "write -P 7 8k 4k") == 1     # allocates in the leaf
     # block 0 is the leaf's now, partial (its bitmap, known since the write): the new
-    # sectors read from the leaf, those around from the base, in C; across both, the
-    # driver's
+    # sectors read from the leaf, those around from the base, and across both, in C
     assert _io(tap, "read -P 1 0 4k", "read -P 7 8k 4k", "read -P 1 12k 4k",
-               "read -P 2 3M 4k", "read 4k 8k") == 4
+               "read -P 2 3M 4k", "read 4k 12k") == 5
     tap.destroy()
     vhd_check(leaf)
+
+
+def _place(present, sector):
+    """Which layer holds a sector (present: the sectors of each above the base)."""
+    for layer in range(len(present) - 1, -1, -1):
+        if sector in present[layer]:
+            return layer
+    return -1
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["odirect", "buffered"])
@@ -126,9 +134,8 @@ def test_vhd_sector_bitmaps_read_in_c_at_any_sector(make_tap, smtap_root, direct
     """Partial blocks whose bitmaps have runs of every length at every sector alignment
     (a leaf over a middle image over a full base): random reads of 512-byte multiples,
     within a block and across blocks, pipelined and one at a time, equal the reference
-    byte for byte; one at a time, C answered each read whose sectors are in one place
-    in every image down to where they are (and aligned as O_DIRECT wants), bar the first
-    reads of each block (the driver's: its bitmap), and no other."""
+    byte for byte; once the driver has read the bitmaps (the pipelined reads), C
+    answers every read aligned as O_DIRECT wants, however many places it spans."""
     import random
     rng = random.Random(7)
     size = 8 * MiB
@@ -149,14 +156,7 @@ def test_vhd_sector_bitmaps_read_in_c_at_any_sector(make_tap, smtap_root, direct
         present.append(sectors)
 
     def in_c(offset, length):
-        if (offset | length) & tap_mask or offset >> 21 != (offset + length - 1) >> 21:
-            return False
-        wanted = set(range(offset // 512, (offset + length) // 512))
-        for sectors in reversed(present):
-            here = wanted & sectors
-            if here:
-                return here == wanted
-        return True                                     # the base's, full
+        return not (offset | length) & tap_mask
 
     def reads(n):
         out = []
@@ -197,6 +197,42 @@ def test_vhd_sector_bitmaps_read_in_c_at_any_sector(make_tap, smtap_root, direct
     want = sum(1 for offset, length in one_by_one if in_c(offset, length))
     assert want > len(one_by_one) // 4
     assert served == want, (served, want)
+    spread = sum(1 for offset, length in one_by_one       # reads of several places
+                 if len(set(_place(present, n) for n in range(offset // 512,
+                                                              (offset + length) // 512))) > 1)
+    assert spread > len(one_by_one) // 20, spread
+
+
+def test_a_read_in_pieces_whose_piece_fails_is_redone_by_the_driver(make_tap, smtap_root):
+    """A read C puts together from the leaf and a raw base that was cut short under the
+    tapdisk: the piece past the base's new end comes back short, the whole request is
+    handed back once every piece completed, and the engine's own path answers it, as it
+    does a short read of a chain's image (EIO, the request counted failed); C serves
+    on."""
+    root = image_file(smtap_root / "base.img", 8 * MiB)
+    with open(root, "r+b") as f:
+        f.write(b"\1" * (8 * MiB))
+    leaf = str(smtap_root / "leaf.vhd")
+    vhd_util("snapshot", "-n", leaf, "-p", root, "-m", check=0)
+    from smtap.formats import vhd as V
+    with V.VHD(leaf, writable=True) as img:
+        img.write(b"\7" * 4096, 8192)
+    tap = make_tap("vhd:" + leaf)
+    assert _io(tap, "read -P 1 0 4k", "read -P 7 8k 4k", "read 0 64k") == 3   # (+ flush)
+    os.truncate(root, 16 * KiB)
+    before = _served_c(tap)
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.go()
+    c.request(0, 1, 0, 4096)                            # (Python's: the first)
+    assert c.simple_reply(4096) == (0, 1, b"\1" * 4096)
+    c.request(0, 2, 0, 64 * KiB)
+    assert c.simple_reply(64 * KiB) == (errno.EIO, 2, b"")
+    c.request(0, 3, 8192, 4096)
+    assert c.simple_reply(4096) == (0, 3, b"\7" * 4096)
+    c.close()
+    assert _served_c(tap) - before == 1                 # the last one; the cut one: not C's
+    assert control.Client(tap.pid).stats(tap.minor)["images"][0]["fail"] == [1, 0]
 
 
 def test_ram_mapping_in_c_the_budget_and_new_chunks_by_the_driver(make_tap, smtap_root):
@@ -283,6 +319,20 @@ def test_qcow2_clusters_in_c_allocation_and_zeros_by_the_driver(make_tap, smtap_
     assert _io(tap, "read -P 1 0 4k", "write -P 4 3M 4k", "write -P 5 2M 4k") == 0
     assert _io(tap, "read -P 1 0 4k", "read -P 4 3M 4k", "read -P 1 3149824 4k",
                "read -P 5 2M 4k", "write -P 6 3153920 4k") == 4
+    # reads across the backing file's data, allocated and zero clusters: in C, in pieces
+    assert _io(tap, "read -P 1 0 4k", "read 1020k 8k", "read 1984k 192k",
+               "read 3M 16k") == 3
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.go()
+    for handle, (offset, length, want) in enumerate((
+            (1020 * KiB, 8 * KiB, b"\1" * 4096 + b"\3" * 4096),
+            (1984 * KiB, 192 * KiB, b"\1" * 65536 + b"\5" * 4096 + bytes(61440)
+             + b"\1" * 65536),
+            (3 * MiB, 16 * KiB, b"\4" * 4096 + b"\1" * 4096 + b"\6" * 4096 + b"\1" * 4096))):
+        c.request(0, handle, offset, length)
+        assert c.simple_reply(length) == (0, handle, want)
+    c.close()
     assert _io(tap, "read -P 1 0 4k", "discard 1M 64k", "read -P 0 1M 4k") == 1
     tap.destroy()
     run("qemu-img", "check", "-q", leaf)
