@@ -71,6 +71,7 @@
 #define PIPELINE_TURNS 256      /* as nbd.py: watch the socket that long after QD > 1 */
 #define MAX_SEGS 64             /* places one read is put together from, at most */
 #define SUBS (4 * SLOTS)        /* I/Os given to the queue per turn */
+#define WAIT_SUBS 2             /* loop.waiting: subs[] is full */
 
 #ifndef __NR_preadv2
 #define __NR_preadv2 327        /* x86_64; el7's headers may lack it */
@@ -188,7 +189,8 @@ struct loop {
     struct seg segs[MAX_SEGS];  /* the read dispatch() maps */
     char *pool[NCLASS];         /* free buffers per class, linked through their first bytes */
     int pipelined, nowait_off, stop;
-    int waiting;                /* dispatch left a complete request for later */
+    int waiting;                /* dispatch left a complete request for later (1: for
+                                   I/O to complete; WAIT_SUBS: for subs[] to be given) */
 };
 
 int smtap_nbd_sizeof(void) { return (int)sizeof(struct smtap_nbd); }
@@ -853,9 +855,9 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->stop = RET_PYTHON;       /* the driver's path */
             return;
         }
-        if (l->nsubs + nseg > SUBS) {
+        if (l->nsubs + (kind == CMD_READ ? nseg : 1) > SUBS) {
             unpin(leaf, s);
-            l->waiting = 1;             /* once these are given */
+            l->waiting = WAIT_SUBS;     /* once these are given: no I/O to wait for */
             return;
         }
         if (rw && !(kind == CMD_WRITE && where == AT_MEM)
@@ -975,8 +977,9 @@ int smtap_nbd_serve(struct smtap_nbd *c)
         full = 0;
         if (l->nsubs || l->nio) {
             int wait = WAIT_NONE;
-            if (!l->nready)             /* nothing else to do: wait (the socket too if
-                                           the client pipelines and more can start) */
+            if (!l->nready && l->waiting != WAIT_SUBS)  /* nothing else to do: wait
+                                           (the socket too if the client pipelines and
+                                           more can start) */
                 wait = l->pipelined && !l->stop && !l->waiting && c->have < c->cap
                        ? WAIT_IO_OR_SOCKET : WAIT_IO;
             int r = run(c, l, wait);

@@ -17,7 +17,8 @@ through the buffered descriptor.
 - The NBD loop's C part (c_image) reads the block map: full blocks in place, absent ones
   from the parent, and a partial block's sectors here or in the parent as its bitmap
   says, once this driver has read that bitmap (the first C_BITMAPS bytes of them are
-  given to C and kept till close: C reads them in place, _set_bits changes them).
+  given to C and kept till close: C reads them in place, _set_bits changes them; then
+  BITMAP_CACHE bytes more, evicted as needed, are Python's).
 - Writes (sector aligned: the engine widens others, write_align): new blocks first
   (zeroed bitmap, footer moved past, BAT entry), then the data, then the bitmaps, then
   the batmap bit of a block that became full: a kill -9 at any point leaves a valid
@@ -44,8 +45,8 @@ UNUSED = V.DD_BLK_UNUSED
 HOLE = driver.EXTENT_HOLE | driver.EXTENT_ZERO
 MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 15          # blocks one extents() call looks at
-BITMAP_CACHE = 32 << 20     # bytes of partial bitmaps kept in memory
-C_BITMAPS = 32 << 20        # more, kept for the C loop (it reads them in place)
+BITMAP_CACHE = 32 << 20     # bytes of partial bitmaps kept in memory, once C's are in
+C_BITMAPS = 16 << 20        # the first ones, the C loop's (it reads them in place)
 # bit i of a byte, MSB first, as one byte each: the batmap expanded to a flag per block
 _EXPAND = [bytes((b >> (7 - i)) & 1 for i in range(8)) for b in range(256)]
 

@@ -235,6 +235,44 @@ def test_a_read_in_pieces_whose_piece_fails_is_redone_by_the_driver(make_tap, sm
     assert control.Client(tap.pid).stats(tap.minor)["images"][0]["fail"] == [1, 0]
 
 
+def test_reads_of_many_pieces_fill_the_turn_and_a_write_behind_them_waits(make_tap,
+                                                                          smtap_root):
+    """16 reads of 64 pieces each (a leaf's every other 4 KiB over a raw base) fill C's
+    I/Os of a turn to the last one; a write sent behind them in the same packet waits
+    for the next turn instead of overrunning it: all 17 answered, in C, data right."""
+    root = image_file(smtap_root / "base.img", 8 * MiB)
+    with open(root, "r+b") as f:
+        f.write(b"\1" * (8 * MiB))
+    leaf = str(smtap_root / "leaf.vhd")
+    vhd_util("snapshot", "-n", leaf, "-p", root, "-m", check=0)
+    from smtap.formats import vhd as V
+    with V.VHD(leaf, writable=True) as img:
+        for off in range(0, 2 * MiB, 8 * KiB):
+            img.write(b"\7" * 4096, off)
+    tap = make_tap("vhd:" + leaf)
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.go()
+    c.request(0, 99, 0, 4096)                           # Python's: the bitmap is known
+    assert c.simple_reply(4096) == (0, 99, b"\7" * 4096)
+    before = control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"]
+    c.s.sendall(b"".join(_req(0, h, 0, 256 * KiB) for h in range(16))
+                + _req(1, 16, 0, 4096, b"\11" * 4096))
+    old = (b"\7" * 4096 + b"\1" * 4096) * 32
+    new = b"\11" * 4096 + old[4096:]
+    got = {}
+    for _ in range(17):
+        err, handle, _ = c.simple_reply()
+        assert err == 0
+        got[handle] = c.recv(256 * KiB) if handle < 16 else b""
+    assert sorted(got) == list(range(17))
+    assert all(got[h] in (old, new) for h in range(16))
+    c.request(0, 17, 0, 8192)
+    assert c.simple_reply(8192) == (0, 17, b"\11" * 4096 + b"\1" * 4096)
+    c.close()
+    assert control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"] - before == 18
+
+
 def test_ram_mapping_in_c_the_budget_and_new_chunks_by_the_driver(make_tap, smtap_root):
     """A RAM disk: reads anywhere and writes into chunks holding memory in C; a write
     needing a new chunk is the driver's, so the budget holds (ENOSPC past it)."""
