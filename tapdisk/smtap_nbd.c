@@ -63,6 +63,7 @@
 #define REPLY_FLAG_DONE 1
 #define REPLY_TYPE_NONE 0
 #define REPLY_TYPE_OFFSET_DATA 1
+#define REPLY_TYPE_OFFSET_HOLE 2
 #define MAX_REQUEST (32LL << 20)
 
 #define SLOTS 256               /* requests started and not answered (nbd.MAX_INFLIGHT) */
@@ -172,8 +173,9 @@ struct slot {
     int parts;                  /* its I/Os given to the queue and not completed */
     long long status;           /* the first of them that failed (-errno), else 0 */
     char *data;                 /* a read's or write's buffer */
-    unsigned char head[28];     /* the reply's header */
+    unsigned char head[32];     /* the reply's header */
     int hlen;
+    int hole;                   /* a read of zeros, answered by an OFFSET_HOLE chunk */
 };
 
 struct loop {
@@ -358,6 +360,15 @@ static void answer(struct smtap_nbd *c, struct loop *l, int i)
         put32(h + 4, 0);
         memcpy(h + 8, s->handle, 8);
         s->hlen = 16;
+    } else if (s->hole) {           /* no payload: the client zero-fills */
+        put32(h, STRUCTURED_MAGIC);
+        h[4] = 0; h[5] = REPLY_FLAG_DONE;
+        h[6] = 0; h[7] = REPLY_TYPE_OFFSET_HOLE;
+        memcpy(h + 8, s->handle, 8);
+        put32(h + 16, 12);
+        put64(h + 20, (uint64_t)s->offset);
+        put32(h + 28, (uint32_t)s->length);
+        s->hlen = 32;
     } else {
         int data = s->kind == CMD_READ;
         put32(h, STRUCTURED_MAGIC);
@@ -414,7 +425,7 @@ static int send_ready(struct smtap_nbd *c, struct loop *l)
         struct slot *s = &l->slots[l->ready[k]];
         iov[n].iov_base = s->head;
         iov[n++].iov_len = s->hlen;
-        if (s->kind == CMD_READ) {
+        if (s->kind == CMD_READ && !s->hole) {
             iov[n].iov_base = s->data;
             iov[n++].iov_len = s->length;
         }
@@ -841,6 +852,7 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->data = NULL;
         s->parts = 0;
         s->status = 0;
+        s->hole = 0;
         int where = AT_PYTHON, nseg = 0;
         struct seg *segs = l->segs;
         if (rw) {
@@ -860,7 +872,10 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->waiting = WAIT_SUBS;     /* once these are given: no I/O to wait for */
             return;
         }
-        if (rw && !(kind == CMD_WRITE && where == AT_MEM)
+        /* all zeros, the client takes chunks (not DF): a hole chunk, no buffer */
+        s->hole = kind == CMD_READ && c->structured && !(flags & FLAG_DF) && nseg == 1
+                  && segs[0].kind == AT_ZERO;
+        if (rw && !(kind == CMD_WRITE && where == AT_MEM) && !s->hole
                 && !(s->data = buf_get(l, length, &s->cls))) {
             unpin(leaf, s);
             l->stop = RET_PYTHON;       /* no memory: Python's path */
@@ -873,8 +888,10 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             c->acct[READS]++;
             for (int k = 0; k < nseg; k++) {
                 const struct seg *g = &segs[k];
-                if (g->kind == AT_ZERO)
-                    memset(s->data + g->pos, 0, (size_t)g->len);
+                if (g->kind == AT_ZERO) {
+                    if (!s->hole)
+                        memset(s->data + g->pos, 0, (size_t)g->len);
+                }
                 else if (g->kind == AT_MEM)
                     memcpy(s->data + g->pos, leaf->base + g->phys, (size_t)g->len);
                 else if (g->direct)

@@ -273,6 +273,32 @@ def test_reads_of_many_pieces_fill_the_turn_and_a_write_behind_them_waits(make_t
     assert control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"] - before == 18
 
 
+def test_structured_reads_of_zeros_are_hole_chunks(make_tap, smtap_root):
+    """With structured replies, C answers a read of zeros only (an absent block of a
+    base VHD, a zero run) with one OFFSET_HOLE chunk, no payload; DF asks for one data
+    chunk of zeros, which it gets; a read of data, or of data and zeros, is one data
+    chunk."""
+    path = _vhd(smtap_root / "d.vhd", 8, [(b"\1" * (2 * MiB), 0)])
+    tap = make_tap("vhd:" + path)
+    before = _served_c(tap)
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.structured()
+    c.go()
+    c.request(0, 1, 0, 4096)                            # (Python's: the first)
+    assert c.chunk() == (1, 1, 1, struct.pack(">Q", 0) + b"\1" * 4096)
+    c.request(0, 2, 4 * MiB, MiB)
+    assert c.chunk() == (1, 2, 2, struct.pack(">QI", 4 * MiB, MiB))
+    c.request(0, 3, 4 * MiB, 64 * KiB, flags=4)        # DF
+    assert c.chunk() == (1, 1, 3, struct.pack(">Q", 4 * MiB) + bytes(64 * KiB))
+    c.request(0, 4, 2 * MiB - 4096, 8192)               # data, then zeros
+    assert c.chunk() == (1, 1, 4, struct.pack(">Q", 2 * MiB - 4096) + b"\1" * 4096
+                         + bytes(4096))
+    c.close()
+    assert _served_c(tap) - before == 3
+    assert qemu_io(tap.uri, "read -P 0 4M 1M", "read -P 1 1M 1M")
+
+
 def test_ram_mapping_in_c_the_budget_and_new_chunks_by_the_driver(make_tap, smtap_root):
     """A RAM disk: reads anywhere and writes into chunks holding memory in C; a write
     needing a new chunk is the driver's, so the budget holds (ENOSPC past it)."""
