@@ -14,8 +14,9 @@ alternating servers within each job (order reversed every other round), like wit
   * vhd page cache: engine vhd -D  vs  qemu-nbd -f vpc --cache=writeback,
                    qemu-storage-daemon (vpc, cache.direct=off)
     (each its own copy of one fully allocated 1 GiB dynamic VHD)
-Jobs: 4k randread and randwrite at queue depth 1 (IOPS, p50/p99 completion latency)
-and 32 (IOPS), 1M read and write at 8 (MB/s); for each run the server process's CPU
+Jobs: 4k randread and randwrite at queue depth 1 (IOPS, p50/p99 completion latency;
+fio and every server thread on one CPU, --qd1-cpu, so that no side pays a wakeup across
+CPUs that the other is spared) and 32 (IOPS), 1M read and write at 8 (MB/s); for each run the server process's CPU
 seconds per GB moved. Medians of --rounds runs. The ratio is the engine's over the best
 peer of its kind. Then the scaling of several VBDs: N tapdisks (N = 1, 2, 4, one VBD
 each, as upstream) serving N fio jobs (4k randread QD8, page cache) against as many
@@ -23,6 +24,7 @@ nbdkit file and qemu-nbd writeback instances: aggregate IOPS.
 
     .venv/bin/python3 bench/engine.py [--quick] [--runtime 2] [--rounds 3] [--size-mib 1024]
         [--groups aio,aio-D,ram,vhd,vhd-D,scaling] [--jobs '4k randread QD1,...']
+        [--qd1-cpu 0 (-1: anywhere)]
 
 The engine side runs through `tap-ctl create` under a private SMTAP_ROOT; SMTAP_IO
 (io_uring, libaio) forces its I/O back end. bench/vhd.py uses the same machinery on
@@ -201,13 +203,13 @@ class Servers(object):
             warm=None if direct else path)
 
 
-def fio_side(uri, rw, bs, qd, runtime, size, warm=None, time_based=True):
+def fio_side(uri, rw, bs, qd, runtime, size, warm=None, time_based=True, cpu=None):
     """One fio run; its JSON for the direction it measured (iops, bw_bytes, clat_ns...).
     runtime None: the whole size once."""
-    return fio_jobs([uri], rw, bs, qd, runtime, size, warm, time_based)[0]
+    return fio_jobs([uri], rw, bs, qd, runtime, size, warm, time_based, cpu)[0]
 
 
-def fio_jobs(uris, rw, bs, qd, runtime, size, warm=None, time_based=True):
+def fio_jobs(uris, rw, bs, qd, runtime, size, warm=None, time_based=True, cpu=None):
     """One fio run with a job per URI, at once: each job's side."""
     # Each run starts with no dirty pages (else the page-cache writers' writeback lands on
     # whichever server runs next) and, for servers on a shared file, with the whole file
@@ -215,7 +217,8 @@ def fio_jobs(uris, rw, bs, qd, runtime, size, warm=None, time_based=True):
     os.sync()
     for path in ([warm] if isinstance(warm, str) else warm or []):
         subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
-    cmd = ["fio", "--ioengine=nbd", "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd,
+    cmd = [] if cpu is None else ["taskset", "-c", str(cpu)]
+    cmd += ["fio", "--ioengine=nbd", "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd,
            "--size=%d" % size, "--randrepeat=0", "--output-format=json"]
     if time_based:
         cmd += ["--runtime=%d" % runtime, "--time_based"]
@@ -228,10 +231,32 @@ def fio_jobs(uris, rw, bs, qd, runtime, size, warm=None, time_based=True):
     return [job["write" if "write" in rw else "read"] for job in jobs]
 
 
+def set_affinity(pid, cpus):
+    """Every thread of process pid onto cpus (the threads it makes later inherit it)."""
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:
+            pass                        # (a thread that just ended)
+
+
+QD1_CPU = 0     # --qd1-cpu: QD1 runs with fio and the server on this CPU (None: anywhere)
+
+
 def measure(server, rw, bs, qd, runtime, size):
-    """(IOPS, MB/s, p50 us, p99 us, CPU s/GB) of one fio run on server."""
+    """(IOPS, MB/s, p50 us, p99 us, CPU s/GB) of one fio run on server. A QD1 run puts
+    the client and every server thread on one CPU (QD1_CPU): on a VM a wakeup across
+    vCPUs can cost more than the request (60 us here), and where the scheduler happens
+    to put each side would decide the row."""
+    pin = QD1_CPU if qd == 1 else None
+    if pin is not None:
+        set_affinity(server.pid, {pin})
     cpu = cpu_seconds(server.pid)
-    side = fio_side(server.uri, rw, bs, qd, runtime, size, server.warm)
+    try:
+        side = fio_side(server.uri, rw, bs, qd, runtime, size, server.warm, cpu=pin)
+    finally:
+        if pin is not None:
+            set_affinity(server.pid, os.sched_getaffinity(0))
     cpu = cpu_seconds(server.pid) - cpu
     pct = side.get("clat_ns", {}).get("percentile", {})
     gb = side["io_bytes"] / 1e9
@@ -316,12 +341,16 @@ def common_arguments(parser):
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--quick", action="store_true",
                         help="one round of 1 s per server and job (a check, not figures)")
+    parser.add_argument("--qd1-cpu", type=int, default=0,
+                        help="QD1 runs: fio and the server on this CPU (-1: anywhere)")
 
 
 def parse(parser):
+    global QD1_CPU
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.runtime = 1, 1
+    QD1_CPU = None if args.qd1_cpu < 0 else args.qd1_cpu
     return args
 
 
@@ -397,8 +426,10 @@ def main():
     elapsed = time.time() - started
 
     print("\n%s, %s; %d s in all (%d rounds of %d s per server and job, medians; QD1: "
-          "p50/p99 completion latency)" % (time.strftime("%Y-%m-%d"), versions(servers), elapsed,
-                                           args.rounds, args.runtime))
+          "p50/p99 completion latency, %s)" % (
+              time.strftime("%Y-%m-%d"), versions(servers), elapsed, args.rounds, args.runtime,
+              "client and server on CPU %d" % QD1_CPU if QD1_CPU is not None
+              else "client and server anywhere"))
     for title, names_, rows in tables:
         print_group(title, names_, rows)
     if scaling:

@@ -165,8 +165,10 @@ def main(images_class=Images, doc=__doc__):
         servers.close()
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n%s, %s; %d s in all (%d rounds of %d s, medians; QD1: p50/p99 completion "
-          "latency)" % (time.strftime("%Y-%m-%d"), base.versions(servers), time.time() - started,
-                        args.rounds, args.runtime))
+          "latency, %s)" % (time.strftime("%Y-%m-%d"), base.versions(servers),
+                            time.time() - started, args.rounds, args.runtime,
+                            "client and server on CPU %d" % base.QD1_CPU
+                            if base.QD1_CPU is not None else "client and server anywhere"))
     for title, names, rows in tables:
         base.print_group(title, names, rows)
     return 0
