@@ -594,26 +594,9 @@ static const unsigned char *bitmap_of(const struct smtap_image *m, long long k)
                   __atomic_load_n(&page[k & (PAGE_ENTRIES - 1)], __ATOMIC_ACQUIRE) : NULL;
 }
 
-/* Sectors [s0, s1] of bitmap bm: 1 all set, 0 all clear, -1 mixed. The driver sets bits
-   (after the data they describe is written) as C reads: a byte is either side. */
-static int sectors_set(const unsigned char *bm, long long s0, long long s1)
-{
-    int want = -1;
-    while (s0 <= s1) {
-        unsigned b = __atomic_load_n(&bm[s0 >> 3], __ATOMIC_ACQUIRE);
-        int lo = (int)(s0 & 7), hi = s1 - s0 < 7 - lo ? lo + (int)(s1 - s0) : 7;
-        unsigned mask = (0xffU >> lo) & (0xffU << (7 - hi)) & 0xffU;
-        unsigned bits = b & mask;
-        int v = bits == mask ? 1 : bits ? -1 : 0;
-        if (v < 0 || (want >= 0 && v != want))
-            return -1;
-        want = v;
-        s0 += hi - lo + 1;
-    }
-    return want;
-}
-
-/* How many sectors from s0 (to s1 at most) have the bit of s0 in bitmap bm; *set: it. */
+/* How many sectors from s0 (to s1 at most) have the bit of s0 in bitmap bm; *set: it.
+   The driver sets bits (after the data they describe is written) as C reads: a byte is
+   either side. */
 static long long sector_run(const unsigned char *bm, long long s0, long long s1, int *set)
 {
     int bit = __atomic_load_n(&bm[s0 >> 3], __ATOMIC_ACQUIRE) >> (7 - (s0 & 7)) & 1;
@@ -753,7 +736,9 @@ static int locate_write(struct smtap_nbd *c, struct slot *s)
             return AT_PYTHON;
         if (e & E_BITMAP) {
             const unsigned char *bm = k1 == k0 ? bitmap_of(m, k0) : NULL;
-            if (!bm || sectors_set(bm, (off & bmask) >> 9, ((end - 1) & bmask) >> 9) != 1)
+            long long s0 = (off & bmask) >> 9, s1 = ((end - 1) & bmask) >> 9;
+            int set;
+            if (!bm || sector_run(bm, s0, s1, &set) != s1 - s0 + 1 || !set)
                 return AT_PYTHON;       /* bits to set */
         } else {
             for (long long k = k0 + 1; k <= k1; k++)

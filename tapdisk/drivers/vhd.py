@@ -178,10 +178,14 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
                               else 0 for sec, f in zip(self.bat, self.full)])
         self.cmap = native.BlockMap(self.file, img.size, self.shift, entries=entries)
 
+    def _data_entry(self, blk):
+        """The map entry of allocated block blk's data (E_DATA, E_WRITABLE in a leaf)."""
+        return ((self.bat[blk] << 9) + self.bm_bytes) | self._data
+
     def _mapped(self, blk):
         """Block blk is full: C may read (and in a leaf write) its data in place."""
         self.full[blk] = 1
-        self.cmap.entries[blk] = ((self.bat[blk] << 9) + self.bm_bytes) | self._data
+        self.cmap.entries[blk] = self._data_entry(blk)
 
     def c_image(self):
         """Driver.c_image: a dynamic image's block map, a fixed one's file."""
@@ -239,8 +243,7 @@ class VhdDriver(aiofile.ImageFileDriver, driver.Driver):
         if len(self.c_bitmaps) < self._c_bitmaps_max and not self.full[blk]:
             self.c_bitmaps[blk] = bm
             self.cmap.set_bitmap(blk, bm)
-            self.cmap.entries[blk] = ((self.bat[blk] << 9) + self.bm_bytes) | self._data \
-                | native.E_BITMAP
+            self.cmap.entries[blk] = self._data_entry(blk) | native.E_BITMAP
             return
         cache = self.bitmaps
         if len(cache) >= self._cache_max:

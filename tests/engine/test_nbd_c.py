@@ -38,10 +38,11 @@ def _io(tap, *cmds):
     return _served_c(tap) - before
 
 
-def _vhd(path, size_mib, writes=(), parent=None):
+def _vhd(path, size_mib, writes=(), parent=None, raw_parent=False):
     from smtap.formats import vhd as V
     if parent:
-        vhd_util("snapshot", "-n", path, "-p", parent, check=0)
+        vhd_util("snapshot", "-n", path, "-p", parent, *(["-m"] if raw_parent else []),
+                 check=0)
     else:
         vhd_util("create", "-n", path, "-s", size_mib, check=0)
     with V.VHD(str(path), writable=True) as img:
@@ -119,6 +120,14 @@ def test_vhd_chain_reads_each_image_in_c_and_writes_the_leaf(make_tap, smtap_roo
                "read -P 2 3M 4k", "read 4k 12k") == 5
     tap.destroy()
     vhd_check(leaf)
+
+
+def _raw_base(root):
+    """An 8 MiB raw file of 0x01 bytes, a chain's base."""
+    path = image_file(root / "base.img", 8 * MiB)
+    with open(path, "r+b") as f:
+        f.write(b"\1" * (8 * MiB))
+    return path
 
 
 def _place(present, sector):
@@ -209,14 +218,9 @@ def test_a_read_in_pieces_whose_piece_fails_is_redone_by_the_driver(make_tap, sm
     handed back once every piece completed, and the engine's own path answers it, as it
     does a short read of a chain's image (EIO, the request counted failed); C serves
     on."""
-    root = image_file(smtap_root / "base.img", 8 * MiB)
-    with open(root, "r+b") as f:
-        f.write(b"\1" * (8 * MiB))
-    leaf = str(smtap_root / "leaf.vhd")
-    vhd_util("snapshot", "-n", leaf, "-p", root, "-m", check=0)
-    from smtap.formats import vhd as V
-    with V.VHD(leaf, writable=True) as img:
-        img.write(b"\7" * 4096, 8192)
+    root = _raw_base(smtap_root)
+    leaf = _vhd(smtap_root / "leaf.vhd", 8, [(b"\7" * 4096, 8192)], parent=root,
+                raw_parent=True)
     tap = make_tap("vhd:" + leaf)
     assert _io(tap, "read -P 1 0 4k", "read -P 7 8k 4k", "read 0 64k") == 3   # (+ flush)
     os.truncate(root, 16 * KiB)
@@ -240,15 +244,9 @@ def test_reads_of_many_pieces_fill_the_turn_and_a_write_behind_them_waits(make_t
     """16 reads of 64 pieces each (a leaf's every other 4 KiB over a raw base) fill C's
     I/Os of a turn to the last one; a write sent behind them in the same packet waits
     for the next turn instead of overrunning it: all 17 answered, in C, data right."""
-    root = image_file(smtap_root / "base.img", 8 * MiB)
-    with open(root, "r+b") as f:
-        f.write(b"\1" * (8 * MiB))
-    leaf = str(smtap_root / "leaf.vhd")
-    vhd_util("snapshot", "-n", leaf, "-p", root, "-m", check=0)
-    from smtap.formats import vhd as V
-    with V.VHD(leaf, writable=True) as img:
-        for off in range(0, 2 * MiB, 8 * KiB):
-            img.write(b"\7" * 4096, off)
+    leaf = _vhd(smtap_root / "leaf.vhd", 8,
+                [(b"\7" * 4096, off) for off in range(0, 2 * MiB, 8 * KiB)],
+                parent=_raw_base(smtap_root), raw_parent=True)
     tap = make_tap("vhd:" + leaf)
     c = Raw(tap.nbd_path)
     c.greet()
@@ -372,9 +370,7 @@ def test_qcow2_clusters_in_c_allocation_and_zeros_by_the_driver(make_tap, smtap_
     file's data in C, a zero cluster reads zeros in C; writes that allocate, and those
     into a zero cluster, are the driver's, as are flushes (its refcounts, its deferred
     frees: qemu-io's at close); after a trim the cluster reads zeros."""
-    base = image_file(smtap_root / "base.img", 8 * MiB)
-    with open(base, "r+b") as f:
-        f.write(b"\1" * (8 * MiB))
+    base = _raw_base(smtap_root)
     leaf = _qcow2(smtap_root / "leaf.qcow2", 8 * MiB, base, "raw")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", "-c", "write -z 2M 64k", leaf)
     tap = make_tap("qcow2:" + leaf)
