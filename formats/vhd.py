@@ -835,12 +835,12 @@ class VHD(object):
 
     def allocate_block(self, blk, zero=True):
         """Allocate block blk at the end of the file, in upstream's crash-safe order: the
-        zeroed bitmap (and data when `zero`), the footer moved past it, then the BAT entry."""
+        footer moved past it, its zeroed bitmap (and data when `zero`), then the BAT entry."""
         self.allocate_blocks({blk: zero})
 
     def allocate_blocks(self, blocks):
         """allocate_block for each of {blk: zero}, one after the other at the end of the
-        file: every block's bitmap (and zeroed data), the footer past the last, one
+        file: the footer past the last, every block's bitmap (and zeroed data), one
         barrier (when ordered), then the BAT entries."""
         placed = []
         try:
@@ -856,28 +856,32 @@ class VHD(object):
         self.dirty = True
 
     def _place_blocks(self, blocks, placed):
+        """Lay the blocks out past the end of data, the trailing footer first: a kill -9
+        after any write leaves a file whose last sector is the poison (or the footer),
+        never a zeroed bitmap where the poison was."""
+        layout, eod = [], self.end_of_data()
         for blk in sorted(blocks):
-            eod = self.end_of_data()
             sec = eod // SECTOR
-            gap = -(sec + self.bm_secs) % (PAGE // SECTOR)
-            bm_sec = sec + gap
+            bm_sec = sec + (-(sec + self.bm_secs) % (PAGE // SECTOR))
             if bm_sec + self.bm_secs + self.spb > DD_BLK_UNUSED:
                 raise VHDError(errno.EIO, "%s: file too large for 32-bit block offsets"
                                % self.path)
-            new_end = (bm_sec + self.bm_secs + self.spb) * SECTOR
+            layout.append((blk, eod, bm_sec))
+            eod = (bm_sec + self.bm_secs + self.spb) * SECTOR
+        # Past the old end of the file, extending it gives zeros: only what lies before
+        # it needs zeroing (measured before the trailer extends the file).
+        old_size = None if self.io.is_block else self.io.size()
+        self._write_trailer(eod)
+        for blk, start, bm_sec in layout:
             data_start = (bm_sec + self.bm_secs) * SECTOR
-            self.io.pwrite(bytes((gap + self.bm_secs) * SECTOR), eod)
+            self.io.pwrite(bytes(data_start - start), start)   # gap and zeroed bitmap
             if blocks[blk]:
-                # Past the end of a file, extending it gives zeros; write what is in the way.
-                stale_end = new_end if self.io.is_block else min(new_end, self.io.size())
-                pos = data_start
-                while pos < stale_end:
-                    n = min(stale_end - pos, 1 << 20)
-                    self.io.pwrite(_zeros(n), pos)
-                    pos += n
-            self._eod = new_end
+                end = data_start + self.block_size
+                stale_end = end if old_size is None else min(end, old_size)
+                for pos in range(data_start, stale_end, 1 << 20):
+                    self.io.pwrite(_zeros(min(stale_end - pos, 1 << 20)), pos)
             placed.append((blk, bm_sec))
-        self._write_trailer(self._eod)
+        self._eod = eod
         if self.ordered:
             self.io.flush()
 

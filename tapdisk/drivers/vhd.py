@@ -20,7 +20,7 @@ through the buffered descriptor.
   given to C and kept till close: C reads them in place, _set_bits changes them; then
   BITMAP_CACHE bytes more, evicted as needed, are Python's).
 - Writes (sector aligned: the engine widens others, write_align): new blocks first
-  (zeroed bitmap, footer moved past, BAT entry), then the data, then the bitmaps, then
+  (footer moved past, zeroed bitmap, BAT entry), then the data, then the bitmaps, then
   the batmap bit of a block that became full: a kill -9 at any point leaves a valid
   image that holds every acknowledged write. flush = fdatasync of the file.
 - write-zeroes zeroes or punches allocated data and sets its bitmap bits, so it never

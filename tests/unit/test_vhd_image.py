@@ -117,15 +117,15 @@ def test_allocation_order(work):
             kinds.append("bitmap")
         else:
             kinds.append(entry)
-    assert kinds == ["zeroed bitmap", "footer past the block", "flush", "BAT", "data", "bitmap"]
+    assert kinds == ["footer past the block", "zeroed bitmap", "flush", "BAT", "data", "bitmap"]
     img.close()
     rec.close()
     vhd_util_here("check", "-n", "d.vhd", check=0)
 
 
 def test_several_blocks_allocated_at_once_share_one_barrier(work):
-    """write_runs (coalesce's batches): every new block's zeroed bitmap, the footer past
-    the last, one flush, the BAT, then the data and each bitmap once."""
+    """write_runs (coalesce's batches): the footer past the last new block, every new
+    block's zeroed bitmap, one flush, the BAT, then the data and each bitmap once."""
     vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
     rec = Recorder("d.vhd")
     img = V.VHD("d.vhd", writable=True, io=rec)
@@ -146,8 +146,8 @@ def test_several_blocks_allocated_at_once_share_one_barrier(work):
             kinds.append("footer past the blocks")
         else:
             kinds.append("data" if entry[1] > eod else "batmap")
-    assert kinds[:5] == [("zeroed bitmap", 0), ("zeroed bitmap", 1), ("zeroed bitmap", 3),
-                         "footer past the blocks", "flush"]
+    assert kinds[:5] == ["footer past the blocks", ("zeroed bitmap", 0), ("zeroed bitmap", 1),
+                         ("zeroed bitmap", 3), "flush"]
     assert kinds[5:] == ["BAT", "data", "data", "data", "data", ("bitmap", 0), ("bitmap", 1),
                          ("bitmap", 3), "batmap", "batmap"]      # block 3 full: its batmap bit
     assert img.extents(0, 10 * MiB) == [
@@ -160,6 +160,39 @@ def test_several_blocks_allocated_at_once_share_one_barrier(work):
     vhd_util_here("check", "-n", "d.vhd", check=0)
     with V.VHD("d.vhd") as img:
         assert img.read(2 * MiB + 65536, 4096) == b"\x06" * 4096 and img.block_full(3)
+
+
+class CrashPoints(MemFile):
+    """MemFile that keeps the file as a kill -9 would leave it after each write."""
+
+    def __init__(self, data):
+        super(CrashPoints, self).__init__(data)
+        self.states = []
+
+    def pwrite(self, buf, offset):
+        super(CrashPoints, self).pwrite(buf, offset)
+        self.states.append(bytes(self.data))
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["zeroed", "bitmap-only"])
+def test_an_allocation_killed_after_any_write_leaves_the_poison_last(work, zero):
+    """Strict mode: whatever write an allocation dies after, the file's last sector is the
+    poison, so repair restores the footer from the backup and the image checks clean."""
+    vhd_util_here("create", "-n", "d.vhd", "-s", 10, check=0)
+    with V.VHD("d.vhd", writable=True) as img:
+        img.write(b"\x01" * 512, 0)            # an old block, so the end is past the BAT
+    mem = CrashPoints((work / "d.vhd").read_bytes())
+    img = V.VHD("d.vhd", writable=True, strict=True, io=mem)
+    mem.states = []
+    img.allocate_blocks({1: zero, 3: zero})
+    assert len(mem.states) >= 3
+    for i, state in enumerate(mem.states):
+        assert state[-512:] == V.FOOTER_POISON, "write %d of %d" % (i + 1, len(mem.states))
+        (work / "c.vhd").write_bytes(state)
+        vhd_util_here("repair", "-n", "c.vhd", check=0)
+        vhd_util_here("check", "-n", "c.vhd", check=0)
+        with V.VHD("c.vhd") as again:
+            assert again.read(0, 512) == b"\x01" * 512
 
 
 def test_strict_open_poisons_the_primary_footer(work):
