@@ -555,21 +555,21 @@ static void read_buffered(struct loop *l, int i, const struct seg *g)
     queue_io(l, i, OP_READ | OP_INLINE, g->fd, g->phys, g->pos, g->len);
 }
 
-static void write_buffered(struct smtap_nbd *c, struct loop *l, int i)
+/* A buffered write, done before the receive buffer moves on: from the request's payload
+   itself, no copy. 0, or -errno: then nothing is answered and the request, still in the
+   receive buffer, is Python's to redo and answer. */
+static int write_buffered(struct smtap_nbd *c, struct slot *s, const unsigned char *data)
 {
-    struct slot *s = &l->slots[i];
     long long done = 0;
     while (done < s->length) {
-        ssize_t k = pwrite(s->fd, s->data + done, s->length - done, s->phys + done);
+        ssize_t k = pwrite(s->fd, data + done, s->length - done, s->phys + done);
         if (k < 0 && errno == EINTR)
             continue;
-        if (k <= 0) {
-            fail(c, l, i, k < 0 ? -errno : -EIO);
-            return;
-        }
+        if (k <= 0)
+            return k < 0 ? -errno : -EIO;
         done += k;
     }
-    written(c, l, i);
+    return s->flags & FLAG_FUA && sync_leaf(c) ? -errno : 0;
 }
 
 /* ---- where the data is ---- */
@@ -860,7 +860,9 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         /* all zeros, the client takes chunks (not DF): a hole chunk, no buffer */
         s->hole = kind == CMD_READ && c->structured && !(flags & FLAG_DF) && nseg == 1
                   && segs[0].kind == AT_ZERO;
-        if (rw && !(kind == CMD_WRITE && where == AT_MEM) && !s->hole
+        /* a buffer: for a read's data, an O_DIRECT write's payload (queued: the receive
+           buffer moves on before it is done) */
+        if (rw && !(kind == CMD_WRITE && (where == AT_MEM || !s->direct)) && !s->hole
                 && !(s->data = buf_get(l, length, &s->cls))) {
             unpin(leaf, s);
             l->stop = RET_PYTHON;       /* no memory: Python's path */
@@ -892,12 +894,19 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             if (where == AT_MEM) {
                 write_mem(c, s, h + REQUEST_SIZE);
                 answer(c, l, i);
-            } else {
+            } else if (s->direct) {
                 memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
-                if (s->direct)
-                    queue_io(l, i, OP_WRITE, s->fd, s->phys, 0, length);
-                else
-                    write_buffered(c, l, i);
+                queue_io(l, i, OP_WRITE, s->fd, s->phys, 0, length);
+            } else if (write_buffered(c, s, h + REQUEST_SIZE) == 0) {
+                answer(c, l, i);
+            } else {                    /* given back unconsumed: Python's path */
+                c->acct[SECS_WRITTEN] -= length >> 9;
+                c->acct[WRITES]--;
+                unpin(leaf, s);
+                slot_free(l, i);
+                *pos = at;
+                l->stop = RET_PYTHON;
+                return;
             }
         } else {
             answer(c, l, i);
