@@ -76,6 +76,24 @@ C_LOOP_ENV = "SMTAP_NBD_C"  # 0: the transmission loop runs all in Python
 MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
 IOV_MAX = 1024
+# The socket's send buffer: a few 1 MiB replies fit, so the loop hands one to the kernel
+# and goes on to start I/O instead of blocking in sendmsg until the client has read it
+# (1M reads at QD8: +10-15% over the 208 KiB default). SO_SNDBUFFORCE (root) passes
+# net.core.wmem_max; else the kernel caps it there.
+SEND_BUFFER = 2 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+def tune(sock):
+    """A client's socket for the transmission loop: blocking, SEND_BUFFER, no Nagle."""
+    sock.setblocking(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+    except OSError:             # not root: up to net.core.wmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
 
 _leaked = []    # I/O queues that could not be drained, and their buffers: never freed
 # the hot loop's names, one lookup each
@@ -239,9 +257,7 @@ class Server(object):
                 _refusals.warning("%s: a client refused: fewer than %d file descriptors "
                                   "left", self.unix_path, fds.RESERVE)
                 continue
-            sock.setblocking(True)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune(sock)
             thread = threading.Thread(target=self._serve, args=(sock,),
                                       name="nbd-client", daemon=True)
             with self._lock:

@@ -1,6 +1,8 @@
 """NBD framing on bytes (tapdisk/nbdframe.py) and the transmission loop's batch of answers
 (nbd.Replies): no server, no disk."""
 import errno
+import os
+import socket
 import struct
 
 import pytest
@@ -183,3 +185,22 @@ def test_sendall_vectors_resumes_after_partial_sends_and_beyond_iov_max():
     bufs = [bytes([i % 256]) * 3 for i in range(nbd.IOV_MAX + 10)]
     nbd.sendall_vectors(sock, bufs)
     assert sock.got == b"".join(bufs)
+
+
+def test_a_client_socket_holds_several_1m_replies():
+    """tune(): blocking, and a send buffer of SEND_BUFFER (root: past net.core.wmem_max;
+    the kernel reports twice what it was given), so a 1 MiB reply does not block."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        nbd.tune(a)
+        assert a.getblocking()
+        got = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        with open("/proc/sys/net/core/wmem_max") as f:
+            cap = nbd.SEND_BUFFER if os.geteuid() == 0 else min(nbd.SEND_BUFFER, int(f.read()))
+        assert got >= 2 * cap
+        a.setblocking(False)
+        assert a.send(bytes(1 << 20)) == 1 << 20       # nobody reads: it fits anyway
+    finally:
+        a.close()
+        b.close()
