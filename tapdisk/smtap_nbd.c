@@ -556,8 +556,8 @@ static void read_buffered(struct loop *l, int i, const struct seg *g)
 }
 
 /* A buffered write, done before the receive buffer moves on: from the request's payload
-   itself, no copy. 0, or -errno: then nothing is answered and the request, still in the
-   receive buffer, is Python's to redo and answer. */
+   itself, no copy. 0, or -errno: the request is then left unstarted in the receive
+   buffer, Python's to redo and answer. */
 static int write_buffered(struct smtap_nbd *c, struct slot *s, const unsigned char *data)
 {
     long long done = 0;
@@ -868,6 +868,12 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->stop = RET_PYTHON;       /* no memory: Python's path */
             return;
         }
+        if (kind == CMD_WRITE && where == AT_FILE && !s->direct
+                && write_buffered(c, s, h + REQUEST_SIZE)) {
+            unpin(leaf, s);
+            l->stop = RET_PYTHON;       /* failed: Python's path redoes and answers it */
+            return;
+        }
         l->nfree--;
         *pos = at + need;
         if (kind == CMD_READ) {
@@ -897,16 +903,8 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             } else if (s->direct) {
                 memcpy(s->data, h + REQUEST_SIZE, (size_t)length);  /* the buffer moves on */
                 queue_io(l, i, OP_WRITE, s->fd, s->phys, 0, length);
-            } else if (write_buffered(c, s, h + REQUEST_SIZE) == 0) {
-                answer(c, l, i);
-            } else {                    /* given back unconsumed: Python's path */
-                c->acct[SECS_WRITTEN] -= length >> 9;
-                c->acct[WRITES]--;
-                unpin(leaf, s);
-                slot_free(l, i);
-                *pos = at;
-                l->stop = RET_PYTHON;
-                return;
+            } else {
+                answer(c, l, i);        /* written above */
             }
         } else {
             answer(c, l, i);
