@@ -432,7 +432,7 @@ def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap
     qemu_io(tap.uri, "write -P 9 32M 4M")
     qemu_io(tap.uri, "read -P 9 32M 4M")
     stats = control.Client(tap.pid).stats(tap.minor)
-    assert stats["nbd"]["served_c"] > 100, stats        # C took part (692 once under a loaded -n 2 run)
+    assert stats["nbd"]["served_c"] > 1000, stats
     tap.destroy()
     run("qemu-img", "check", "-q", leaf)
 
