@@ -903,7 +903,7 @@ class Image(object):
 
     def _find_run(self, n):
         """The first run of n clusters with refcount 0 from the free hint on."""
-        start = self._next_free(self.free_hint)
+        start = self.free_hint = self._next_free(self.free_hint)   # none free below it
         while n > 1:
             used = self._used_in(start, n)
             if used is None:
