@@ -177,6 +177,51 @@ def _chain_readv(d, requests, into=None):
     return [bytes(b) for b in out] if into is None else None
 
 
+def _chain_read_into(d, reads, queue):
+    """[(length, offset, view, address)] as driver d and the parents below it show them,
+    read straight into those buffers (a copy-on-write's cluster: no buffer between):
+    each image queues what it holds (extents) on `queue`, its holes go down, the last
+    answers for the rest; zeros past an image's end. One wait for all."""
+    token = ioqueue.Op()
+    zero = driver.zeros
+    pending = reads
+    while pending and d is not None:
+        parent = getattr(d, "parent", None)
+        here, below = [], []
+        for n, off, view, address in pending:
+            m = max(0, min(n, d.size - off))
+            if m < n:
+                view[m:n] = zero(n - m)
+            if not m:
+                continue
+            if parent is None or not d.can_extents:
+                here.append((m, off, view[:m], address))
+                continue
+            done = 0
+            while done < m:
+                for elen, flags in d.extents(m - done, off + done) or [(m - done, 0)]:
+                    elen = min(elen, m - done)
+                    if elen <= 0:
+                        break
+                    piece = (elen, off + done, view[done:done + elen], address + done)
+                    (below if flags & driver.EXTENT_HOLE else here).append(piece)
+                    done += elen
+        if here:
+            if d.can_queue:
+                d.queue_reads(queue, [(n, off, v, a, token) for n, off, v, a in here])
+            else:
+                for (_, _, v, _), buf in zip(here, d.preadv([(n, off) for n, off, _, _ in here])):
+                    v[:] = buf
+        pending, d = below, parent
+    for _, _, view, _ in pending:       # below the last image: zeros
+        view[:] = zero(len(view))
+    if token.pending:
+        err = queue.wait(token)
+        if err:
+            raise OSError(err, "qcow2: the backing chain's read for a copy-on-write "
+                          "failed: %s" % os.strerror(err))
+
+
 @register
 class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     format_error_type = Q.QCow2Error
@@ -870,10 +915,9 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 continue
             g.buf = self._pool.get(cs)
             if g.base is self._BACKING:
-                backing.append((cs, g.gc << self.bits, g.buf[0][:cs]))
+                backing.append((cs, g.gc << self.bits, g.buf[0][:cs], g.buf[1]))
         if backing:
-            _chain_readv(self.parent, [(n, off) for n, off, _ in backing],
-                         [v for _, _, v in backing])
+            _chain_read_into(self.parent, backing, self.file.arena().queue)
         for g in new:                   # in order: a gen's base may be the one before
             v = g.buf[0][:cs] if g.buf is not None else None
             if v is not None:
