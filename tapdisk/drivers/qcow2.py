@@ -138,50 +138,20 @@ def _error(e, path):
     return aiofile.format_error(e, path, "qcow2")
 
 
-def _chain_readv(d, requests, into=None):
-    """[(length, offset)] as driver d and the parents below it show them: [bytes], or
-    into the writable buffers `into` (of zeros, or to be zeroed: it returns None). One
-    batch per image: each reads what it holds (its extents) and hands its holes down,
-    the last answers for the rest (zeros past an image's end)."""
-    out = [bytearray(n) for n, _ in requests] if into is None else into
-    if into is not None:
-        for v in into:
-            v[:] = driver.zeros(len(v))
-    pending = [(n, off, i, 0) for i, (n, off) in enumerate(requests)]
-    while pending and d is not None:
-        parent = getattr(d, "parent", None)
-        reads, where, below = [], [], []
-        for n, off, i, rpos in pending:
-            m = max(0, min(n, d.size - off))
-            if parent is None or not d.can_extents:
-                if m:
-                    reads.append((m, off))
-                    where.append((i, rpos))
-                continue
-            done = 0
-            while done < m:
-                for elen, flags in d.extents(m - done, off + done) or [(m - done, 0)]:
-                    elen = min(elen, m - done)
-                    if elen <= 0:
-                        break
-                    if flags & driver.EXTENT_HOLE:
-                        below.append((elen, off + done, i, rpos + done))
-                    else:
-                        reads.append((elen, off + done))
-                        where.append((i, rpos + done))
-                    done += elen
-        if reads:
-            for (i, rpos), buf in zip(where, d.preadv(reads)):
-                out[i][rpos:rpos + len(buf)] = buf
-        pending, d = below, parent
-    return [bytes(b) for b in out] if into is None else None
+def _chain_readv(d, requests):
+    """[(length, offset)] as driver d and the parents below it show them: [bytes]
+    (_chain_read_into's walk, on each image's synchronous path)."""
+    out = [bytearray(n) for n, _ in requests]
+    _chain_read_into(d, [(n, off, memoryview(b), 0) for b, (n, off) in zip(out, requests)])
+    return [bytes(b) for b in out]
 
 
-def _chain_read_into(d, reads, queue):
+def _chain_read_into(d, reads, queue=None):
     """[(length, offset, view, address)] as driver d and the parents below it show them,
     read straight into those buffers (a copy-on-write's cluster: no buffer between):
-    each image queues what it holds (extents) on `queue`, its holes go down, the last
-    answers for the rest; zeros past an image's end. One wait for all."""
+    each image reads what it holds (extents), queued on `queue` (one wait for all) or
+    without one on its synchronous path; its holes go down, the last answers for the
+    rest; zeros past an image's end."""
     token = ioqueue.Op()
     zero = driver.zeros
     pending = reads
@@ -207,7 +177,7 @@ def _chain_read_into(d, reads, queue):
                     (below if flags & driver.EXTENT_HOLE else here).append(piece)
                     done += elen
         if here:
-            if d.can_queue:
+            if queue is not None and d.can_queue:
                 d.queue_reads(queue, [(n, off, v, a, token) for n, off, v, a in here])
             else:
                 for (_, _, v, _), buf in zip(here, d.preadv([(n, off) for n, off, _, _ in here])):

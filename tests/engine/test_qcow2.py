@@ -150,33 +150,16 @@ def test_a_chain_of_30_snapshots_reads_right_through_the_engine(make_tap, smtap_
 
 @pytest.mark.parametrize("flags", [0, drv.OPEN_NO_O_DIRECT], ids=["direct", "page-cache"])
 def test_copy_on_write_reads_every_level_of_the_chain(make_tap, smtap_root, flags):
-    """Partial-cluster writes into a leaf over qcow2 <- qcow2 <- sparse raw, the leaf
-    grown past its parents: each new cluster's content around the write comes from
-    whichever level holds it (holes handed down, zeros past a parent's end), read
-    straight into the cluster; nbdcopy, qemu-img and the model agree."""
+    """Partial-cluster writes into a leaf over qcow2 <- qcow2 <- raw (each level's data
+    in stripes, holes between), the leaf grown past its parents: each new cluster's
+    content around the write comes from whichever level holds it (holes handed down,
+    zeros past a parent's end), read straight into the cluster; nbdcopy, qemu-img and
+    the model agree."""
     size, grown = 8 * MiB, 9 * MiB
     rng = random.Random(13)
-    model = bytearray(grown)
-    base = smtap_root / "base.raw"
-    with open(str(base), "wb") as f:
-        f.truncate(size)
-        f.seek(MiB)
-        f.write(b"\x11" * (2 * MiB))
-    model[MiB:3 * MiB] = b"\x11" * (2 * MiB)
-    prev = str(base)
-    for level in (1, 2):
-        path = str(smtap_root / ("l%d.qcow2" % level))
-        q2("snapshot", "-n", path, "-p", prev, *(["-m"] if level == 1 else []))
-        with Q.Image(path, writable=True) as img:
-            for _ in range(12):
-                n = rng.randint(1, 128) * 512
-                off = rng.randrange(0, (size - n) // 512) * 512
-                data = rng.randbytes(n)
-                img.write(data, off)
-                model[off:off + n] = data
-        prev = path
-    leaf = str(smtap_root / "leaf.qcow2")
-    q2("snapshot", "-n", leaf, "-p", prev)
+    leaf = qcow2_chain(smtap_root, size, 4, raw_base=True)
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", leaf, smtap_root / "before.raw")
+    model = bytearray((smtap_root / "before.raw").read_bytes()) + bytearray(grown - size)
     with Q.Image(leaf, writable=True) as img:
         img.grow(grown)
     tap = make_tap("qcow2:" + leaf, flags=flags)
