@@ -13,7 +13,8 @@ raw file, a VHD's block map, a RAM disk's mapping) the common case runs in C
 whose data is in one place (a write: in the leaf, changing no metadata), received,
 checked, started and answered there, until a request that is not that case (which C leaves in
 the receive buffer, for this loop), an I/O error (the request handed back unanswered),
-a pause or the client's idling; SMTAP_NBD_C=0 turns it off. On a chain whose drivers
+a pause or the client's idling; this loop then starts a few requests (HANDBACK) and
+gives the connection back once they completed; SMTAP_NBD_C=0 turns it off. On a chain whose drivers
 queue their I/O (aio, vhd) a turn's reads
 and writes go on the connection's I/O queue (tapdisk/ioqueue.py: io_uring or libaio,
 one submit per turn) and the loop keeps receiving while they are in flight; a command
@@ -72,6 +73,15 @@ MAX_INFLIGHT_BYTES = 64 << 20
 # I/O is outstanding) for PIPELINE_TURNS turns since; one that never does (queue depth 1)
 # is not: the loop then blocks on the I/O alone, a system call less per request.
 PIPELINE_TURNS = 256
+# After the C loop handed the connection back (a request it does not take), this loop
+# starts at most HANDBACK requests, then stops receiving until what it started has
+# completed, and C takes the connection again: a client that always keeps requests
+# outstanding would otherwise keep it here for as long as it pipelines. Each time C
+# then hands back at once (this chain's requests are all Python's: allocating writes,
+# say), the stint doubles, up to HANDBACK_MAX, so that handing over costs the pipeline
+# a drain only that rarely.
+HANDBACK = 64
+HANDBACK_MAX = 4096
 C_LOOP_ENV = "SMTAP_NBD_C"  # 0: the transmission loop runs all in Python
 MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
@@ -667,6 +677,7 @@ class Session(object):
         have = 0
         backlog = False         # complete requests wait in buf (a barrier, the limits)
         pipelined = 0           # turns left watching the socket while I/O is outstanding
+        stint, stint_max = 0, HANDBACK  # requests started since C handed back; the bound
         io = None
         while True:
             if out:
@@ -675,9 +686,11 @@ class Session(object):
             # 1. answers: each request whose I/O completed
             readable = False
             inflight = self.inflight if io is not None else 0
+            # C's turn next: start nothing more, let what is in flight complete
+            handing = stint >= stint_max and self.cloop is not None
             if inflight:
                 admit = (inflight < MAX_INFLIGHT and self.inbytes < MAX_INFLIGHT_BYTES
-                         and not backend.held)
+                         and not backend.held and not handing)
                 done = io.run(WAIT_IO_OR_SOCKET if pipelined and admit and not backlog
                               else WAIT_IO, fileno)
                 if done:
@@ -691,7 +704,13 @@ class Session(object):
                     and not backend.held:
                 # the C loop: it returns busy, with nothing in flight, buf holding what
                 # it did not take (or nothing)
+                served = self.acct[native.SERVED_C]
                 r, have = self._c_serve(buf, have, cap)
+                if self.acct[native.SERVED_C] != served:
+                    stint_max = HANDBACK
+                elif stint:
+                    stint_max = min(2 * stint_max, HANDBACK_MAX)
+                stint = 0
                 if r == C_EOF:
                     return
                 if r == C_IDLE:
@@ -725,6 +744,8 @@ class Session(object):
                 if backend.held or backend.chain is not self.chain or not self.entered:
                     self._enter()
                     io = self.io
+            elif handing and inflight:
+                continue                        # (a drain: C's turn comes after it)
             elif readable and have < cap:
                 try:
                     n = recv_into(view[have:], 0, DONTWAIT)
@@ -748,6 +769,7 @@ class Session(object):
             full = have == cap      # the client had more to send: batch more next time
             before = self.inflight
             pos, backlog, disconnect = self._dispatch(buf, view, have)
+            stint += self.started
             if before + self.started > 1:       # requests in flight together
                 pipelined = PIPELINE_TURNS
             if disconnect:

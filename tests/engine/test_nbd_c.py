@@ -597,6 +597,58 @@ def test_c_answers_each_request_when_its_own_io_completes(slow_disk, make_tap, i
     tap.destroy()
 
 
+def test_c_takes_the_connection_back_while_python_io_is_in_flight(slow_disk, make_tap,
+                                                                  monkeypatch):
+    """A client that always keeps requests outstanding: now and then a read C hands back
+    (unaligned for O_DIRECT: the driver reads it through the page cache) in the slow
+    region, so Python has I/O in flight for DELAY seconds, between them a stream of
+    aligned reads of the fast region, 16 outstanding. Python serves at most
+    nbd.HANDBACK requests after each hand-back, lets what it started complete, and C
+    takes the connection again: it answered all the others. (Python kept the
+    connection as long as it had I/O in flight: with a pipelining client and a slow
+    disk, for ever.) Every reply is right."""
+    from smtap.tapdisk import nbd
+    monkeypatch.setenv("SMTAP_IO", "io_uring")  # (libaio: FUSE's reads run in io_submit)
+    tap = make_tap("aio:" + slow_disk)
+    qemu_io(tap.uri, "write -P 1 0 64k", "write -P 2 4M 1M")
+    assert control.Client(tap.pid).stats(tap.minor)["io"] == "io_uring"
+    before = _served_c(tap)
+    c = Raw(tap.nbd_path, timeout=30)
+    c.greet()
+    c.go()
+    fast, slow_every, window = 1000, 250, 16
+    sent = answered = 0
+    pending = {}                        # handle -> expected data
+    slow = 0
+
+    def send_next():
+        nonlocal sent, slow
+        if sent % slow_every == 0:
+            handle, data = 1 << 32 | sent, b"\1" * 4096
+            c.s.sendall(_req(0, handle, 100, 4096))
+            slow += 1
+            pending[handle] = data
+        handle = sent
+        c.s.sendall(_req(0, handle, 4 * MiB + (sent % 256) * 4096, 4096))
+        pending[handle] = b"\2" * 4096
+        sent += 1
+
+    while sent < window:
+        send_next()
+    while pending:
+        err, handle, data = c.simple_reply(4096)
+        assert (err, data) == (0, pending.pop(handle)), handle
+        answered += 1
+        if sent < fast:
+            send_next()
+    c.close()
+    assert answered == fast + slow
+    python = fast + slow - (_served_c(tap) - before)
+    # each hand-back: at most HANDBACK started by Python, the window's requests with them
+    assert python <= slow * (nbd.HANDBACK + window), (python, slow)
+    tap.destroy()
+
+
 # -- a RAM disk giving chunks back while C copies from them ------------------------------
 @pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
 def test_ram_zero_and_trim_racing_c_reads(make_tap, smtap_root, shared):
