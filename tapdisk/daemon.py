@@ -49,7 +49,6 @@ class Daemon(object):
         self.opened = set()     # minors with an image open
         self.excl = threading.Lock()
         self.stopping = threading.Event()
-        self.exit_requested = None      # why, set by a request; acted on once answered
         self._wake_r, self._wake_w = os.pipe()
         self.spare = fds.Spare()    # early: a low number, under any limit set later
 
@@ -143,6 +142,7 @@ class Daemon(object):
 
     def _handle(self, conn):
         cookie = control.ALL
+        msg = {}
         try:
             conn.settimeout(RECV_TIMEOUT)
             data = control.recv_exactly(conn, control.SIZE, partial_on_timeout=True)
@@ -186,8 +186,11 @@ class Daemon(object):
             LOG.warning("reply lost: %s", exc)
         finally:
             conn.close()
-        if self.exit_requested:
-            self.stop(self.exit_requested)
+        # The request that asked for the exit stops the daemon, after its own reply: it
+        # is the daemon's last word (another request's thread ending meanwhile must not
+        # stop it first, or that reply is lost).
+        if msg.get("exit"):
+            self.stop(msg["exit"])
 
     def _read_trailers(self, conn, msg):
         """Upstream's 256-byte log path after OPEN/RESUME with ADD_LOG, and smtap's
@@ -315,7 +318,7 @@ class Daemon(object):
         self._drop(minor, force=False)
         LOG.info("detached minor %d", minor)
         if not self.vbds:
-            self.exit_requested = "last VBD detached"
+            msg["exit"] = "last VBD detached"
         return [control.pack(control.DETACH_RSP, minor)]
 
     def on_open(self, msg):
@@ -363,7 +366,7 @@ class Daemon(object):
         if force and msg["cookie"] == control.ALL:
             for minor in sorted(self.vbds):
                 self._drop(minor, force=True)
-            self.exit_requested = "forced shutdown"
+            msg["exit"] = "forced shutdown"
             return [control.pack(control.CLOSE_RSP, msg["cookie"])]
         vbd = self._vbd(msg)
         if msg["cookie"] in self.opened:
@@ -390,7 +393,7 @@ class Daemon(object):
     def on_exit(self, msg):
         for minor in sorted(self.vbds):
             self._drop(minor, force=True)
-        self.exit_requested = "exit requested"
+        msg["exit"] = "exit requested"
         return [control.pack(control.EXIT, msg["cookie"])]
 
     HANDLERS = {

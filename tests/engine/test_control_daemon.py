@@ -169,6 +169,40 @@ def test_force_shutdown_of_all_minors_exits(make_tap, smtap_root):
     tap_ctl("free", "-m", tap.minor)
 
 
+def test_detach_of_the_last_minor_is_answered_while_other_requests_finish(make_tap):
+    """The last minor detached, the daemon exits once its reply went out, whatever
+    other connections finish meanwhile: a thread asks the tapdisk for its pid again and
+    again while the minor closes and detaches, 30 times. (Each handler thread acted on
+    the daemon's "exit requested" after its own reply: one of another request ending
+    between the detach's handler and its reply stopped the daemon first, and tap-ctl
+    destroy failed with "closed the connection during detach (0 of 544 bytes)".)"""
+    import threading
+    for _ in range(30):
+        tap = make_tap("null:/dev/null?size=1048576")
+        stop = threading.Event()
+
+        def hammer():
+            client = control.Client(tap.pid, io_timeout=10)
+            while not stop.is_set():
+                try:
+                    client.get_pid()
+                except control.ControlError:
+                    return              # gone: it exited
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            client = control.Client(tap.pid, io_timeout=10)
+            client.close(tap.minor)
+            client.detach(tap.minor)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert wait_for(lambda: not os.path.exists(control.ctl_path(tap.pid)))
+        tap_ctl("free", "-m", tap.minor)
+
+
 def test_attach_twice_and_minor_held_elsewhere(make_tap, smtap_root):
     tap = make_tap("null:/dev/null?size=1048576")
     client = control.Client(tap.pid)
