@@ -51,6 +51,11 @@ MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
 MAX_BACKING_NAME = 1023
 MAX_CHAIN = 1024
+# Lazy mode: an allocation that extends the file takes SPARE clusters more, for the
+# allocations that follow (one refcount write and one extension for them all, not one
+# each). They are never written until handed out; close gives back the ones left (a
+# crash leaves them to the dirty bit's repair, as any refcount of lazy mode).
+SPARE = 64
 
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
@@ -430,6 +435,7 @@ class Image(object):
         self._rc_dirty = {}             # table index -> [first byte, last byte + 1]
         self.reftable = None
         self.free_hint = 0
+        self._spare = None              # (first cluster, count): see SPARE
         self.started = False            # the first write's header updates were done
         self.meta = frozenset()         # metadata clusters, once track_metadata() ran
         self.backing_readv = None       # [(length, offset)] -> [bytes] of the backing chain
@@ -935,24 +941,65 @@ class Image(object):
 
     def _alloc(self, n):
         """n contiguous new clusters (refcount 1, in memory: _rc_flush writes them);
-        returns the first one's host offset. The file is extended over them."""
+        returns the first one's host offset. The file is extended over them. In lazy
+        mode they come from the spare clusters while no cluster below them is free."""
+        spare = self._spare
+        if spare is not None:
+            first, count = spare
+            if count >= n and self.free_hint >= first + count:
+                self._spare = (first + n, count - n) if count > n else None
+                return first << self.cluster_bits
+            self._drop_spare()
         self._load_reftable()
         for _ in range(1 << 16):
             start = self._find_run(n)
-            missing = [ri for ri in range(start >> self.rb_bits, ((start + n - 1) >> self.rb_bits) + 1)
+            total = n
+            if (self.lazy and (start + n) << self.cluster_bits > self.file_size
+                    and self._used_in(start + n, SPARE) is None):
+                total += SPARE
+            missing = [ri for ri in range(start >> self.rb_bits,
+                                          ((start + total - 1) >> self.rb_bits) + 1)
                        if ri >= len(self.reftable) or not self.reftable[ri] & REFT_OFFSET_MASK]
             if not missing:
                 break
             self._add_refblock(missing[0])
         else:
             raise QCow2Error(errno.EIO, "%s: cannot allocate %d clusters" % (self.path, n))
-        self._rc_set_range(start, n, 1)
+        self._rc_set_range(start, total, 1)
         if start == self.free_hint:
-            self.free_hint = start + n
-        end = (start + n) << self.cluster_bits
+            self.free_hint = start + total
+        end = (start + total) << self.cluster_bits
         if end > self.file_size:
             self._extend(end)
+        if total > n:
+            self._spare = (start + n, total - n)
         return start << self.cluster_bits
+
+    def _drop_spare(self):
+        """The spare clusters free again (in memory)."""
+        first, count = self._spare
+        self._spare = None
+        self._rc_set_range(first, count, 0)
+        self.free_hint = min(self.free_hint, first)
+
+    def _zeros_from(self):
+        """Where the file reads zeros from: its end, or the spare clusters' start when
+        they end it (never written)."""
+        spare = self._spare
+        if spare is not None and (spare[0] + spare[1]) << self.cluster_bits == self.file_size:
+            return spare[0] << self.cluster_bits
+        return self.file_size
+
+    def _release_spare(self):
+        """Close: the spare clusters left are freed, and cut off the file if they end it."""
+        if self._spare is None:
+            return
+        end = self._zeros_from()
+        self._drop_spare()
+        self._rc_flush()
+        if end < self.file_size and not getattr(self.io, "is_block", False):
+            self.io.truncate(end)
+            self.file_size = end
 
     def _extend(self, end):
         if getattr(self.io, "is_block", False):
@@ -1176,7 +1223,7 @@ class Image(object):
 
     def _alloc_data(self, count):
         """Host offsets of `count` new data clusters, contiguous when free space allows."""
-        self._old_size = self.file_size
+        self._old_size = self._zeros_from()
         try:
             base = self._alloc(count)
             return [base + (k << self.cluster_bits) for k in range(count)]
@@ -1649,6 +1696,7 @@ class Image(object):
                 self._backing_chain.close()
                 self._backing_chain = None
             if self.writable and self.started:
+                self._release_spare()
                 self._rc_flush()
                 self.io.flush()
                 if self.header.incompatible_features & INCOMPAT_DIRTY and self.lazy:
