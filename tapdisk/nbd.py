@@ -76,12 +76,10 @@ PIPELINE_TURNS = 256
 # After the C loop handed the connection back (a request it does not take), this loop
 # starts at most HANDBACK requests, then stops receiving until what it started has
 # completed, and C takes the connection again: a client that always keeps requests
-# outstanding would otherwise keep it here for as long as it pipelines. Each time C
-# then hands back at once (this chain's requests are all Python's: allocating writes,
-# say), the stint doubles, up to HANDBACK_MAX, so that handing over costs the pipeline
-# a drain only that rarely.
+# outstanding would otherwise keep it here for as long as it pipelines. (Backing off
+# while C hands back at once, doubling up to 4096, was slower on qcow2's allocating
+# 4k writes at QD32: 7.6k against 16.8k IOPS; their in-place neighbours are C's.)
 HANDBACK = 64
-HANDBACK_MAX = 4096
 C_LOOP_ENV = "SMTAP_NBD_C"  # 0: the transmission loop runs all in Python
 MAX_CLIENTS = 128           # per VBD, handshaking or connected: more are refused
 HANDSHAKE_TIMEOUT = 60
@@ -677,7 +675,7 @@ class Session(object):
         have = 0
         backlog = False         # complete requests wait in buf (a barrier, the limits)
         pipelined = 0           # turns left watching the socket while I/O is outstanding
-        stint, stint_max = 0, HANDBACK  # requests started since C handed back; the bound
+        stint = 0               # requests started since C handed the connection back
         io = None
         while True:
             if out:
@@ -687,7 +685,7 @@ class Session(object):
             readable = False
             inflight = self.inflight if io is not None else 0
             # C's turn next: start nothing more, let what is in flight complete
-            handing = stint >= stint_max and self.cloop is not None
+            handing = stint >= HANDBACK and self.cloop is not None
             if inflight:
                 admit = (inflight < MAX_INFLIGHT and self.inbytes < MAX_INFLIGHT_BYTES
                          and not backend.held and not handing)
@@ -704,12 +702,7 @@ class Session(object):
                     and not backend.held:
                 # the C loop: it returns busy, with nothing in flight, buf holding what
                 # it did not take (or nothing)
-                served = self.acct[native.SERVED_C]
                 r, have = self._c_serve(buf, have, cap)
-                if self.acct[native.SERVED_C] != served:
-                    stint_max = HANDBACK
-                elif stint:
-                    stint_max = min(2 * stint_max, HANDBACK_MAX)
                 stint = 0
                 if r == C_EOF:
                     return
