@@ -413,14 +413,25 @@ def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap
     discards that region again and again and writes a second one, whose new clusters
     reuse the freed ones. No write of the first client lands in the second region's
     clusters: it reads back exactly, and qemu-img check is clean. (The race is narrow:
-    this does not fail reliably without the guard.)"""
+    this does not fail reliably without the guard.) Each round waits until C has
+    written again since the last (fio's writes re-allocate the region in Python
+    first): on a slow machine the rounds came faster than that."""
     leaf = _qcow2(smtap_root / "d.qcow2", 64 * MiB)
     tap = make_tap("qcow2:" + leaf)
     qemu_io(tap.uri, "write -P 7 0 16M")                # region A, allocated
+    client = control.Client(tap.pid)
+
+    def served():
+        return client.stats(tap.minor)["nbd"]["served_c"]
     fio = run_background_fio(tap.uri, 16 * MiB)
     try:
         rounds = 0
         while fio.poll() is None and rounds < 40:
+            mark = served()
+            assert wait_for(lambda: served() >= mark + 100 or fio.poll() is not None,
+                            10, 0.005), "C wrote nothing for 10 s"
+            if fio.poll() is not None:
+                break
             byte = 0x10 + rounds % 32
             qemu_io(tap.uri, "discard 0 16M", "write -P %d 32M 4M" % byte,
                     "read -P %d 32M 4M" % byte, "discard 32M 4M")
@@ -431,7 +442,7 @@ def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap
     assert rounds >= 5
     qemu_io(tap.uri, "write -P 9 32M 4M")
     qemu_io(tap.uri, "read -P 9 32M 4M")
-    stats = control.Client(tap.pid).stats(tap.minor)
+    stats = client.stats(tap.minor)
     assert stats["nbd"]["served_c"] > 1000, stats
     tap.destroy()
     run("qemu-img", "check", "-q", leaf)
