@@ -737,7 +737,7 @@ class Session(object):
                 if backend.held or backend.chain is not self.chain or not self.entered:
                     self._enter()
                     io = self.io
-            elif handing and inflight:
+            elif handing and (inflight or out):
                 continue                        # (a drain: C's turn comes after it)
             elif readable and have < cap:
                 try:
