@@ -995,8 +995,7 @@ class Image(object):
         if self._spare is None:
             return
         end = self._zeros_from()
-        self._drop_spare()
-        self._rc_flush()
+        self._drop_spare()              # (close writes the refcounts next)
         if end < self.file_size and not getattr(self.io, "is_block", False):
             self.io.truncate(end)
             self.file_size = end

@@ -21,8 +21,8 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   writes.
 - A write that allocates is queued too, in qemu's crash-safe order: under the image's
   lock the batch's new clusters are allocated (refcounts written and the file extended
-  once per formats.qcow2.SPARE clusters) and each one's content made (the data; around it the parents' data, read in one
-  batch, or zeros), its writes queued, and its L2 entry set once they completed
+  once per formats.qcow2.SPARE clusters) and each one's content made (the data; around
+  it the parents' data, read in one batch, or zeros), its writes queued, and its L2 entry set once they completed
   (op.after). Reads see the old entry until then: the old data or the new, never a
   half-written cluster. A new cluster past the old end of the file, where the guest
   cluster read zeros, is linked at once (it reads zeros too). Writes to a cluster

@@ -69,7 +69,7 @@ def test_lazy_allocations_at_the_end_share_one_refcount_write_and_extension(tmp_
         img = Q.Image(path, writable=True, lazy=lazy, io=io)
         holder.append(img)
         try:
-            hosts, zeros = img.alloc_data(1)
+            hosts, _ = img.alloc_data(1)
             truncates, rc_writes = io.truncates, io.rc_writes
             for _ in range(Q.SPARE + 1):
                 got, zeros_from = img.alloc_data(1)
