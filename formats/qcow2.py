@@ -1372,6 +1372,15 @@ class Image(object):
         self._rc_flush()
         return hosts, self._old_size
 
+    def give_back(self, hosts):
+        """Clusters alloc_data gave that no table points at (a caller's reserve left at
+        close): freed, and the free clusters that end the file cut off it."""
+        self.free_clusters([(h, self.cluster_size) for h in hosts])
+        end = self.end_offset()
+        if end < self.file_size and not getattr(self.io, "is_block", False):
+            self.io.truncate(end)
+            self.file_size = end
+
     def set_entries(self, entries):
         """After the data they point at (a barrier first, unless lazy): {guest cluster:
         entry} into tables prepare_l2 made. Returns the frees of what they replace (the

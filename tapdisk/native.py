@@ -57,6 +57,9 @@ def _load():
         lib.smtap_nbd_release.argtypes = [ctypes.c_void_p]
         lib.smtap_guard_wait.restype = None
         lib.smtap_guard_wait.argtypes = [ctypes.c_void_p]
+        for name in ("smtap_alloc_join", "smtap_alloc_part"):
+            getattr(lib, name).restype = None
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
         lib.smtap_gate_set.restype = None
         lib.smtap_gate_set.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.smtap_fs_type.restype = ctypes.c_longlong
@@ -145,8 +148,9 @@ IMG_FILE, IMG_BLOCKS, IMG_MEM = 1, 2, 3
 # a block map's entries (IMG_BLOCKS): 0 unknown (the driver's path), E_ABSENT (the
 # parent's), E_ZERO, or E_DATA | the file offset of the block (512-aligned) [| E_WRITABLE:
 # written in place, nothing else to change] [| E_BITMAP: a partial block, each sector
-# here or the parent's as the bitmap BlockMap.set_bitmap gave says]
-E_ABSENT, E_ZERO, E_DATA, E_WRITABLE, E_BITMAP = 1, 2, 4, 8, 16
+# here or the parent's as the bitmap BlockMap.set_bitmap gave says]; E_BUSY | E_ABSENT or
+# E_ZERO: C allocates the block (CAlloc)
+E_ABSENT, E_ZERO, E_DATA, E_WRITABLE, E_BITMAP, E_BUSY = 1, 2, 4, 8, 16, 32
 MAP_PAGE_BITS = 12      # entries per page of a map: 1 << MAP_PAGE_BITS
 
 
@@ -157,7 +161,8 @@ class CImage(ctypes.Structure):
                 ("npages", ctypes.c_longlong), ("bitmaps", ctypes.c_void_p),
                 ("base", ctypes.c_void_p),
                 ("alloc", ctypes.c_void_p), ("dirty", ctypes.c_void_p),
-                ("guard", ctypes.c_void_p), ("fd", ctypes.c_int), ("direct", ctypes.c_int),
+                ("guard", ctypes.c_void_p), ("allocator", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("direct", ctypes.c_int),
                 ("shift", ctypes.c_int), ("shared", ctypes.c_int)]
 
 
@@ -184,13 +189,14 @@ class BlockMap(object):
         self.entries = entries
         self.pages = (ctypes.c_void_p * max(1, npages))()
         self._own = {}                  # page -> its array (a sparse map)
-        self._absent = None
         self.max_pages = max_pages
         if entries is not None:
             base = entries.buffer_info()[0]
             for p in range(npages):
                 self.pages[p] = base + (p << MAP_PAGE_BITS) * entries.itemsize
         self.guard = new_guard() if guard else None
+        self._absent = array.array("q", [E_ABSENT]) * self.PAGE    # (shared: see absent)
+        self.absent_page = self._absent.buffer_info()[0]
         self.bitmaps = (ctypes.c_void_p * max(1, npages))()
         self._bitmap_pages = {}         # page -> its array of bitmap addresses
         self._bitmap_views = []         # what keeps them: never freed, never resized
@@ -203,14 +209,11 @@ class BlockMap(object):
     def absent(self, first, count):
         """Blocks [first, first + count) hold nothing (whole pages of them: the shared
         page; the others through fill)."""
-        if self._absent is None:
-            self._absent = array.array("q", [E_ABSENT]) * self.PAGE
         p0 = (first + self.PAGE - 1) >> MAP_PAGE_BITS
         p1 = (first + count) >> MAP_PAGE_BITS
-        base = self._absent.buffer_info()[0]
         for p in range(p0, p1):
             if p not in self._own:
-                self.pages[p] = base
+                self.pages[p] = self.absent_page
         head = min(count, (p0 << MAP_PAGE_BITS) - first)
         if head > 0:
             self.fill(first, [E_ABSENT] * head)
@@ -252,11 +255,32 @@ class BlockMap(object):
         if len(self._own) >= self.max_pages:
             self.pages[p] = None            # not kept: C asks the driver
             return None
-        shared = self._absent is not None and self.pages[p] == self._absent.buffer_info()[0]
+        shared = self.pages[p] == self.absent_page
         page = array.array("q", [E_ABSENT if shared and not whole else 0]) * self.PAGE
         self._own[p] = page
         self.pages[p] = page.buffer_info()[0]
         return page
+
+
+class CAlloc(ctypes.Structure):
+    """A leaf's blocks the C loop may allocate (struct smtap_alloc, smtap_nbd.c): the
+    driver's reserve of refcounted blocks linked nowhere, and the log of those C wrote
+    and mapped, (block, host offset) pairs, for the driver to link in its tables."""
+    _fields_ = [("users", ctypes.c_longlong), ("inflight", ctypes.c_longlong),
+                ("reserve", ctypes.c_void_p), ("nreserve", ctypes.c_longlong),
+                ("log", ctypes.c_void_p), ("nlog", ctypes.c_longlong),
+                ("logcap", ctypes.c_longlong), ("absent_page", ctypes.c_void_p)]
+
+
+def alloc_join(address):
+    """A connection about to serve the image (its C loop and its Python) counts itself
+    on the CAlloc at address: C allocates only while one has joined; this waits for
+    C's allocations in flight."""
+    _load().smtap_alloc_join(address)
+
+
+def alloc_part(address):
+    _load().smtap_alloc_part(address)
 
 
 def new_guard():

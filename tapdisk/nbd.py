@@ -546,6 +546,7 @@ class Session(object):
         self._cimages = None        # the chain's native.CImage array C reads
         self._cbuf = None           # the receive buffer cstate knows
         self._serve_c = None
+        self._joined = []           # the chain's native.CAlloc this connection counts in
         try:
             self._loop()
         finally:
@@ -561,6 +562,7 @@ class Session(object):
                 _leaked.append((io, self.replies.pool))
         if self._cstate is not None:
             native.nbd_release(self._cstate)
+        self._part()
         if self.chain is not None:
             self.chain.retire(self.acct)
         self.client.inflight = 0
@@ -579,6 +581,7 @@ class Session(object):
 
     def _switch(self, chain):
         """The gate's chain changed (open, resume onto another, close)."""
+        self._part()
         if self.chain is not None:
             self.chain.retire(self.acct)
         self.chain = chain
@@ -597,6 +600,13 @@ class Session(object):
         (Driver.c_image): files need the connection's I/O queue, a RAM disk none."""
         self.cloop = self._cimages = None
         images = chain.c_images() if chain is not None else None
+        if images is not None:
+            # a leaf whose blocks C allocates: while one connection alone serves it (C
+            # or Python: before any request)
+            for i in images:
+                if i.allocator:
+                    native.alloc_join(i.allocator)
+                    self._joined.append(i.allocator)
         gate = getattr(self.backend, "gate", None)
         if images is None or gate is None or os.environ.get(C_LOOP_ENV, "1") == "0":
             return
@@ -615,6 +625,13 @@ class Session(object):
         c.acct = ctypes.addressof(self.acct)
         c.size, c.readonly = self.size, self.readonly
         self.cloop = c
+
+    def _part(self):
+        """No longer counted on the chain's CAlloc (the chain, kept until then, holds
+        them)."""
+        for address in self._joined:
+            native.alloc_part(address)
+        self._joined = []
 
     def _c_serve(self, buf, have, cap):
         """Run the C loop (nothing in flight): (status, bytes left in buf). The

@@ -9,7 +9,8 @@
    ask the parent", "zeros" or "unknown: ask the driver") or a RAM disk's mapping. Like nbdkit's server/protocol.c it then receives, checks,
    handles and replies itself: READ, WRITE (FUA: fdatasync before the reply) and FLUSH
    where locate() finds the data in one place (a write: in the leaf, where nothing of
-   the format's metadata changes); pipelined requests go on the connection's I/O queue
+   the format's metadata changes, or in a block C allocates from the driver's reserve:
+   struct smtap_alloc); pipelined requests go on the connection's I/O queue
    (smtap_aio.c), each answered as its own I/O completes, the replies of a turn in one
    sendmsg.
 
@@ -102,9 +103,30 @@ enum { IMG_FILE = 1, IMG_BLOCKS = 2, IMG_MEM = 3 };
 #define E_WRITABLE 8LL          /* ... written in place with nothing else to change */
 #define E_BITMAP 16LL           /* ... a partial block: per sector, here or the parent's,
                                    as its bitmap (bitmaps[], the same pages) says */
-#define E_FLAGS 31LL
+#define E_BUSY 32LL             /* | E_ABSENT or E_ZERO: C allocates the block (reads: as
+                                   before; writes: after it) */
+#define E_FLAGS 63LL
 #define PAGE_BITS 12
 #define PAGE_ENTRIES (1LL << PAGE_BITS)
+
+/* A leaf whose driver lets C allocate blocks (qcow2 clusters; native.CAlloc): a write
+   into one block the map says the leaf lacks (E_ABSENT, E_ZERO) takes a block of the
+   reserve (refcounted by the driver, linked nowhere), writes it whole (the chain's
+   data around the request's), maps it E_DATA | E_WRITABLE and logs (block, host) for
+   the driver, which links it in its tables before it looks at them again, flushes or
+   closes; then the reply goes. The map, the reserve and the log have one writer at a
+   time: C allocates only while one connection has joined the image (users == 1, its
+   own thread, whose Python runs only once C drained); a second one's join waits until
+   no C allocation is in flight (smtap_alloc_join). */
+struct smtap_alloc {
+    long long users;            /* connections joined */
+    long long inflight;         /* C's allocations started and not logged */
+    long long *reserve;         /* host offsets, taken from the top */
+    long long nreserve;
+    long long *log;             /* (block, host) pairs; block -1: a host lost (drain) */
+    long long nlog, logcap;     /* pairs logged; room for */
+    long long *absent_page;     /* the map's shared page of E_ABSENT entries: read only */
+};
 
 struct smtap_image {
     long long kind;
@@ -120,6 +142,7 @@ struct smtap_image {
     unsigned char *dirty;       /* IMG_MEM: per block, set after a write (NULL: volatile) */
     long long *guard;           /* a leaf whose driver gives blocks back (qcow2 clusters,
                                    RAM chunks): smtap_guard_wait; NULL: they never move */
+    struct smtap_alloc *allocator;  /* a leaf C may allocate blocks of; NULL: none */
     int fd, direct;             /* the data's descriptor (-1: none); O_DIRECT */
     int shift, shared;          /* log2 of a block's size; IMG_MEM: reads need alloc too */
 };
@@ -153,7 +176,9 @@ struct smtap_nbd {
 enum { SECS_READ, SECS_WRITTEN, READS, WRITES, READ_FAILS, WRITE_FAILS, SERVED_C };
 
 /* where a request's data is */
-enum { AT_PYTHON, AT_FILE, AT_MEM, AT_ZERO };
+enum { AT_PYTHON, AT_FILE, AT_MEM, AT_ZERO, AT_ALLOC, AT_WAIT };
+/* a write allocating its block (slot.alloc) */
+enum { ALLOC_NONE, ALLOC_COPYING, ALLOC_WRITING };
 
 /* A run of a read in one place: its bytes [pos, pos + len) of the request, at phys
    of fd (AT_FILE), of the leaf's mapping (AT_MEM), or zeros (AT_ZERO). */
@@ -176,6 +201,10 @@ struct slot {
     unsigned char head[32];     /* the reply's header */
     int hlen;
     int hole;                   /* a read of zeros, answered by an OFFSET_HOLE chunk */
+    int alloc;                  /* ALLOC_*: data is the new block's content, the
+                                   request's bytes at inner */
+    long long inner, block, old;    /* ... the block, its entry before */
+    long long *ep;              /* ... where the map keeps that entry */
 };
 
 struct loop {
@@ -221,6 +250,53 @@ void smtap_guard_wait(long long *g)
     }
 }
 
+/* A connection that will serve an image C may allocate in (its Python included). The
+   second one waits for C's allocations in flight (their I/O completes without Python):
+   then no other thread's C allocates (it counts itself in flight before it reads
+   users, as the join counts itself before it reads inflight: full barriers, one sees
+   the other), and what they logged the driver links before it reads its tables. */
+void smtap_alloc_join(struct smtap_alloc *a)
+{
+    if (__atomic_add_fetch(&a->users, 1, __ATOMIC_SEQ_CST) == 1)
+        return;
+    for (int spin = 0; __atomic_load_n(&a->inflight, __ATOMIC_SEQ_CST); spin++) {
+        if (spin < 64) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+void smtap_alloc_part(struct smtap_alloc *a)
+{
+    __atomic_sub_fetch(&a->users, 1, __ATOMIC_SEQ_CST);
+}
+
+/* An allocation's end: its block mapped and logged for the driver (done), or the map
+   as it was and the block back to the reserve (its I/O failed and is over), or lost
+   (its I/O may still land: the driver frees it at close). */
+enum { ALLOC_DONE, ALLOC_UNDONE, ALLOC_LOST };
+
+static void alloc_end(struct smtap_image *m, struct slot *s, int how)
+{
+    struct smtap_alloc *a = m->allocator;
+    long long host = s->phys;
+    if (how == ALLOC_DONE || how == ALLOC_LOST) {
+        long long *e = &a->log[2 * a->nlog];
+        e[0] = how == ALLOC_DONE ? s->block : -1;
+        e[1] = host;
+        __atomic_store_n(&a->nlog, a->nlog + 1, __ATOMIC_RELEASE);
+    } else {
+        a->reserve[a->nreserve++] = host;
+    }
+    __atomic_store_n(s->ep, how == ALLOC_DONE ? host | E_DATA | E_WRITABLE : s->old,
+                     __ATOMIC_RELEASE);
+    s->alloc = ALLOC_NONE;
+    __atomic_sub_fetch(&a->inflight, 1, __ATOMIC_SEQ_CST);
+}
+
 static void pin(struct smtap_image *m, struct slot *s)
 {
     long long *g = m->guard;
@@ -254,6 +330,8 @@ static void unpin_queued(struct smtap_nbd *c, struct loop *l)
     for (int i = 0; i < SLOTS; i++)
         if (l->slots[i].parts) {
             unpin(c->images, &l->slots[i]);
+            if (l->slots[i].alloc)
+                alloc_end(c->images, &l->slots[i], ALLOC_LOST);
             l->slots[i].parts = 0;
         }
 }
@@ -395,7 +473,7 @@ static void fail(struct smtap_nbd *c, struct loop *l, int i, long long status)
     f->offset = s->offset;
     f->length = s->length;
     f->flags = s->flags;
-    f->addr = (long long)(intptr_t)s->data;
+    f->addr = (long long)(intptr_t)(s->data + s->inner);
     f->error = status;
     l->failed[l->nfail++] = i;
     l->stop = RET_PYTHON;
@@ -462,6 +540,8 @@ static int send_ready(struct smtap_nbd *c, struct loop *l)
 }
 
 /* ---- I/O ---- */
+static void write_block(struct smtap_nbd *c, struct loop *l, int i);
+
 static void completions(struct smtap_nbd *c, struct loop *l, int r)
 {
     for (int k = 0; k < r >> 1; k++) {
@@ -474,7 +554,13 @@ static void completions(struct smtap_nbd *c, struct loop *l, int r)
         if (--s->parts)
             continue;                   /* a read from several places: the others */
         l->bytes -= s->length;
+        if (s->alloc == ALLOC_COPYING && !s->status) {
+            write_block(c, l, i);       /* the block's content is whole: write it */
+            continue;
+        }
         unpin(c->images, s);
+        if (s->alloc)
+            alloc_end(c->images, s, s->status ? ALLOC_UNDONE : ALLOC_DONE);
         if (s->status)
             fail(c, l, i, s->status);
         else if (s->kind == CMD_WRITE)
@@ -537,6 +623,16 @@ static void queue_io(struct loop *l, int i, long long op, int fd, long long phys
     if (!s->parts++)
         l->bytes += s->length;
     l->nio++;
+}
+
+/* An allocating write's new block, whole (ALLOC_WRITING). */
+static void write_block(struct smtap_nbd *c, struct loop *l, int i)
+{
+    struct smtap_image *m = c->images;
+    struct slot *s = &l->slots[i];
+    s->alloc = ALLOC_WRITING;
+    queue_io(l, i, m->direct ? OP_WRITE : OP_WRITE | OP_INLINE, m->fd, s->phys, 0,
+             1LL << m->shift);
 }
 
 /* A buffered run at once if the page cache has it all (preadv2 RWF_NOWAIT, a system
@@ -643,7 +739,7 @@ static long long place(struct smtap_nbd *c, long long off, long long end, struct
             g->phys = off;
             return lim - off;
         } else if (m->kind == IMG_BLOCKS) {
-            long long k = off >> m->shift, e = entry(m, k);
+            long long k = off >> m->shift, e = entry(m, k) & ~E_BUSY;    /* (as before) */
             if (lim > (k + 1) << m->shift)
                 lim = (k + 1) << m->shift;
             if (e & E_BITMAP) {         /* the sectors' bits say where */
@@ -679,21 +775,21 @@ static long long place(struct smtap_nbd *c, long long off, long long end, struct
     return lim - off;
 }
 
-/* A read's runs (segs, runs of one file end to end merged): how many, or -1 for the
-   driver's path (place() says so, too many, unaligned for O_DIRECT: the driver reads
-   that through the page cache). */
-static int map_read(struct smtap_nbd *c, const struct slot *s, struct seg *segs)
+/* The runs of [off, end) of the disk, at pos of a buffer, after segs[0, n) (runs of one
+file end to end merged): how many then, or -1 for the driver's path (place() says so,
+too many, unaligned for O_DIRECT: the driver reads that through the page cache). */
+static int map_span(struct smtap_nbd *c, long long off, long long end, long long pos,
+                    struct seg *segs, int n)
 {
-    int n = 0;
-    long long off = s->offset, end = off + s->length;
-    while (off < end) {
+    int first = n;
+    for (long long start = off; off < end; ) {
         struct seg g;
         long long len = place(c, off, end, &g);
         if (len <= 0)
             return -1;
-        g.pos = off - s->offset;
+        g.pos = pos + off - start;
         g.len = len;
-        struct seg *p = n ? &segs[n - 1] : NULL;
+        struct seg *p = n > first ? &segs[n - 1] : NULL;
         if (p && p->kind == g.kind && (g.kind != AT_FILE || (p->fd == g.fd
                                                              && p->phys + p->len == g.phys)))
             p->len += len;
@@ -703,11 +799,16 @@ static int map_read(struct smtap_nbd *c, const struct slot *s, struct seg *segs)
             segs[n++] = g;
         off += len;
     }
-    for (int k = 0; k < n; k++)
+    for (int k = first; k < n; k++)
         if (segs[k].kind == AT_FILE && segs[k].direct
                 && (segs[k].phys | segs[k].len | segs[k].pos) & segs[k].mask)
             return -1;
     return n;
+}
+
+static int map_read(struct smtap_nbd *c, const struct slot *s, struct seg *segs)
+{
+    return map_span(c, s->offset, s->offset + s->length, 0, segs, 0);
 }
 
 /* Where a write of [off, off + len) goes: the leaf's file in one run, or its mapping,
@@ -756,6 +857,60 @@ static int locate_write(struct smtap_nbd *c, struct slot *s)
     return AT_FILE;
 }
 
+/* A write into one block the leaf lacks, C's to allocate (struct smtap_alloc): AT_ALLOC
+   (segs[0, *nseg): the rest of the block as the chain reads it, at its place in the
+   block's buffer), AT_WAIT (C allocates the block already: after that write), or
+   AT_PYTHON. Nothing changes until alloc_start. */
+static int plan_alloc(struct smtap_nbd *c, struct loop *l, struct slot *s,
+                      struct seg *segs, int *nseg)
+{
+    struct smtap_image *m = c->images;
+    struct smtap_alloc *a = m->allocator;
+    if (!a || m->kind != IMG_BLOCKS || s->flags & FLAG_FUA)
+        return AT_PYTHON;               /* FUA: the tables too, the driver's */
+    long long bs = 1LL << m->shift, k = s->offset >> m->shift;
+    long long start = k << m->shift, end = s->offset + s->length;
+    if ((end - 1) >> m->shift != k || k >> PAGE_BITS >= m->npages)
+        return AT_PYTHON;
+    long long *page = __atomic_load_n(&m->pages[k >> PAGE_BITS], __ATOMIC_ACQUIRE);
+    if (!page || page == a->absent_page)
+        return AT_PYTHON;               /* no entry of its own to change */
+    long long e = __atomic_load_n(&page[k & (PAGE_ENTRIES - 1)], __ATOMIC_ACQUIRE);
+    if (e & E_BUSY)
+        return l->nio ? AT_WAIT : AT_PYTHON;
+    if ((e != E_ABSENT && e != E_ZERO) || !a->nreserve || a->nlog + a->inflight >= a->logcap)
+        return AT_PYTHON;
+    if (m->direct && (a->reserve[a->nreserve - 1] | bs) & m->mask)
+        return AT_PYTHON;
+    long long tail = start + bs < m->size ? start + bs : m->size;
+    int n = 0;
+    if (start < s->offset && (n = map_span(c, start, s->offset, 0, segs, 0)) < 0)
+        return AT_PYTHON;
+    if (end < tail && (n = map_span(c, end, tail, end - start, segs, n)) < 0)
+        return AT_PYTHON;
+    s->inner = s->offset - start;
+    s->block = k;
+    s->old = e;
+    s->ep = &page[k & (PAGE_ENTRIES - 1)];
+    *nseg = n;
+    return AT_ALLOC;
+}
+
+/* The allocation plan_alloc made begins (0), unless another connection joined (-1). */
+static int alloc_start(struct smtap_image *m, struct slot *s)
+{
+    struct smtap_alloc *a = m->allocator;
+    __atomic_add_fetch(&a->inflight, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&a->users, __ATOMIC_SEQ_CST) != 1) {
+        __atomic_sub_fetch(&a->inflight, 1, __ATOMIC_SEQ_CST);
+        return -1;
+    }
+    s->phys = a->reserve[--a->nreserve];
+    __atomic_store_n(s->ep, s->old | E_BUSY, __ATOMIC_RELEASE);
+    s->alloc = ALLOC_COPYING;
+    return 0;
+}
+
 /* A write into the leaf's mapping (a RAM disk): the chunks it changed marked after. */
 static void write_mem(struct smtap_nbd *c, struct slot *s, const unsigned char *data)
 {
@@ -767,6 +922,27 @@ static void write_mem(struct smtap_nbd *c, struct slot *s, const unsigned char *
 }
 
 /* ---- requests ---- */
+/* Slot i's reads of segs (a read's data; the rest of a block to allocate), into its
+   buffer: queued, or done here (zeros, a RAM disk, the page cache). */
+static void read_segs(struct smtap_nbd *c, struct loop *l, int i, const struct seg *segs,
+                      int nseg)
+{
+    struct slot *s = &l->slots[i];
+    for (int k = 0; k < nseg; k++) {
+        const struct seg *g = &segs[k];
+        if (g->kind == AT_ZERO) {
+            if (!s->hole)
+                memset(s->data + g->pos, 0, (size_t)g->len);
+        }
+        else if (g->kind == AT_MEM)
+            memcpy(s->data + g->pos, c->images->base + g->phys, (size_t)g->len);
+        else if (g->direct)
+            queue_io(l, i, OP_READ, g->fd, g->phys, g->pos, g->len);
+        else
+            read_buffered(l, i, g);
+    }
+}
+
 /* Start the complete requests at buf[*pos, have) until one C does not take (l->stop),
    one that must wait (I/O limits, a flush behind I/O in flight) or an incomplete one. */
 static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
@@ -838,21 +1014,28 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->parts = 0;
         s->status = 0;
         s->hole = 0;
+        s->alloc = ALLOC_NONE;
+        s->inner = 0;
         int where = AT_PYTHON, nseg = 0;
         struct seg *segs = l->segs;
         if (rw) {
             pin(leaf, s);
             if (kind == CMD_READ)
                 where = (nseg = map_read(c, s, segs)) < 0 ? AT_PYTHON : AT_FILE;
-            else
-                where = locate_write(c, s);
+            else if ((where = locate_write(c, s)) == AT_PYTHON)
+                where = plan_alloc(c, l, s, segs, &nseg);
         }
         if (rw && where == AT_PYTHON) {
             unpin(leaf, s);
             l->stop = RET_PYTHON;       /* the driver's path */
             return;
         }
-        if (l->nsubs + (kind == CMD_READ ? nseg : 1) > SUBS) {
+        if (where == AT_WAIT) {
+            unpin(leaf, s);
+            l->waiting = 1;             /* until the write allocating its block is done */
+            return;
+        }
+        if (l->nsubs + (kind == CMD_READ ? nseg : where == AT_ALLOC ? nseg + 1 : 1) > SUBS) {
             unpin(leaf, s);
             l->waiting = WAIT_SUBS;     /* once these are given: no I/O to wait for */
             return;
@@ -861,11 +1044,20 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->hole = kind == CMD_READ && c->structured && !(flags & FLAG_DF) && nseg == 1
                   && segs[0].kind == AT_ZERO;
         /* a buffer: for a read's data, an O_DIRECT write's payload (queued: the receive
-           buffer moves on before it is done) */
-        if (rw && !(kind == CMD_WRITE && (where == AT_MEM || !s->direct)) && !s->hole
-                && !(s->data = buf_get(l, length, &s->cls))) {
+           buffer moves on before it is done), a new block's content */
+        if (rw && !s->hole && (where == AT_ALLOC || !(kind == CMD_WRITE
+                                                     && (where == AT_MEM || !s->direct)))
+                && !(s->data = buf_get(l, where == AT_ALLOC ? 1LL << leaf->shift : length,
+                                       &s->cls))) {
             unpin(leaf, s);
             l->stop = RET_PYTHON;       /* no memory: Python's path */
+            return;
+        }
+        if (where == AT_ALLOC && alloc_start(leaf, s)) {
+            buf_put(l, s->data, s->cls);
+            s->data = NULL;
+            unpin(leaf, s);
+            l->stop = RET_PYTHON;       /* another connection came: the driver's */
             return;
         }
         if (kind == CMD_WRITE && where == AT_FILE && !s->direct
@@ -879,25 +1071,22 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         if (kind == CMD_READ) {
             c->acct[SECS_READ] += length >> 9;
             c->acct[READS]++;
-            for (int k = 0; k < nseg; k++) {
-                const struct seg *g = &segs[k];
-                if (g->kind == AT_ZERO) {
-                    if (!s->hole)
-                        memset(s->data + g->pos, 0, (size_t)g->len);
-                }
-                else if (g->kind == AT_MEM)
-                    memcpy(s->data + g->pos, leaf->base + g->phys, (size_t)g->len);
-                else if (g->direct)
-                    queue_io(l, i, OP_READ, g->fd, g->phys, g->pos, g->len);
-                else
-                    read_buffered(l, i, g);
-            }
+            read_segs(c, l, i, segs, nseg);
             if (!s->parts)
                 answer(c, l, i);        /* all of it here already */
         } else if (kind == CMD_WRITE) {
             c->acct[SECS_WRITTEN] += length >> 9;
             c->acct[WRITES]++;
-            if (where == AT_MEM) {
+            if (where == AT_ALLOC) {    /* the block: the chain's data around the request's */
+                long long bs = 1LL << leaf->shift, start = offset - s->inner;
+                long long tail = (start + bs < leaf->size ? start + bs : leaf->size) - start;
+                memcpy(s->data + s->inner, h + REQUEST_SIZE, (size_t)length);
+                if (tail < bs)
+                    memset(s->data + tail, 0, (size_t)(bs - tail));
+                read_segs(c, l, i, segs, nseg);
+                if (!s->parts)
+                    write_block(c, l, i);
+            } else if (where == AT_MEM) {
                 write_mem(c, s, h + REQUEST_SIZE);
                 answer(c, l, i);
             } else if (s->direct) {

@@ -30,6 +30,10 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   shared and preallocated zero clusters take the format's plan_write, synchronously.
   Writes never land on metadata or far past the end of the file (a corrupt table):
   EIO, nothing written.
+- The C loop (smtap_nbd.c) allocates too, while one connection serves the image: a
+  write (no FUA) into one cluster the leaf lacks takes a cluster this driver reserved,
+  is written whole there (the chain's data around it) and mapped; the driver links it
+  in its L2 entry before it next looks at its tables (see "the C loop's allocations").
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
   Freed clusters are reused only once no read or write in flight can still use them:
@@ -38,6 +42,7 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
 - Backing files: qcow2 (this type) or raw (aio), named relative to the image's
   directory; a missing one is refused at open.
 """
+import ctypes
 import errno
 import functools
 import os
@@ -54,6 +59,9 @@ MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 16          # clusters one extents() call looks at
 L2_CACHE = 64 << 20         # bytes of L2 tables kept in memory
 C_MAP = 64 << 20            # bytes of the C loop's block map at most (8 per cluster)
+C_RESERVE = 128             # clusters the C loop may allocate before it asks again ...
+C_LOW = 32                  # ... refilled below this many
+C_LOG = 1024                # its allocations logged before the driver links them
 PRUNE = 4096                # queued requests remembered before the completed ones go
 
 
@@ -217,6 +225,9 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self._seq = 0           # the last _Gen / whole-cluster change number
         self._pool = None       # aligned cluster buffers of the gens (under img.lock)
         self.cmap = None        # the C loop's mirror of the L2 entries (c_image)
+        self.calloc = None      # ... and the clusters it may allocate (native.CAlloc)
+        self._clinks = None     # C's allocations being linked: {gc: host} (_mirror)
+        self._calloc_kept = []  # those of earlier opens (a connection parts from them)
 
     # -- open / close ------------------------------------------------------------------
     def open(self, path, flags, options):
@@ -293,8 +304,11 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         data = native.E_DATA
         writable = 0 if self.readonly else native.E_WRITABLE
         absent, zero = native.E_ABSENT, native.E_ZERO
+        linking = self._clinks
 
         def value(i):
+            if linking and first + i in linking:    # C wrote it, mapped it already
+                return linking[first + i] | data | writable
             e = table[i]
             if not e:
                 return absent
@@ -314,14 +328,104 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                     cmap.fill(first + i, [value(i)])
 
     def c_image(self):
-        """Driver.c_image: the mirror of the L2 entries."""
-        return self.cmap.image if self.cmap is not None and self.file is not None else None
+        """Driver.c_image: the mirror of the L2 entries; a writable leaf in lazy mode
+        (the dirty bit: its reserve leaks at most in a crash) with its chain lets C
+        allocate clusters too (_c_setup)."""
+        if self.cmap is None or self.file is None:
+            return None
+        if self.calloc is None and self._c_may_allocate():
+            self._c_setup()
+        return self.cmap.image
+
+    # -- the C loop's allocations (native.CAlloc, smtap_nbd.c) -------------------------------
+    # C writes a cluster whole (the chain's data around the request's) into one of the
+    # reserve's clusters (refcounted here, linked nowhere), maps it and logs it; here it
+    # is linked in its L2 entry (_c_links) before any lookup of the tables, at flush and
+    # at close, as qemu orders it: data, then the table. C allocates only while one
+    # connection serves the image, whose Python runs once C drained: nothing of the
+    # driver's changes under it (no allocation of ours in flight, no table read).
+    def _c_may_allocate(self):
+        img = self.img
+        return (not self.readonly and img.lazy and img.dirty and
+                (img.backing_file is None or self.parent is not None))
+
+    def _c_setup(self):
+        ca = self.calloc = native.CAlloc()
+        self._creserve = (ctypes.c_longlong * C_RESERVE)()
+        self._clog = (ctypes.c_longlong * (2 * C_LOG))()
+        self._clost = set()
+        ca.reserve, ca.log = ctypes.addressof(self._creserve), ctypes.addressof(self._clog)
+        ca.logcap, ca.absent_page = C_LOG, self.cmap.absent_page
+        self.cmap.image.allocator = ctypes.addressof(ca)     # (the reserve: at a write)
+
+    def _c_refill(self):
+        """The reserve topped up (under the image's lock), the lowest clusters on top
+        (C takes them first)."""
+        ca = self.calloc
+        n = ca.nreserve
+        if n >= C_LOW:
+            return
+        try:
+            hosts, _ = self.img.alloc_data(C_RESERVE - n)
+        except Q.QCow2Error:
+            return                      # (full: C leaves allocations to this driver)
+        for k, host in enumerate(reversed(hosts)):
+            self._creserve[n + k] = host
+        ca.nreserve = n + len(hosts)
+
+    def _c_links(self):
+        """C's allocations (its log) linked in their L2 entries: before any lookup of
+        the tables, so that they show what C acknowledged."""
+        ca = self.calloc
+        if ca is None or not ca.nlog:
+            return
+        with self.img.lock:
+            n = ca.nlog
+            log = self._clog[:2 * n]
+            hosts = {}
+            for j in range(0, 2 * n, 2):
+                if log[j] < 0:
+                    self._clost.add(log[j + 1])     # its I/O never completed
+                else:
+                    hosts[log[j]] = log[j + 1]
+            entries = dict((gc, host | Q.OFLAG_COPIED) for gc, host in hosts.items())
+            img = self.img
+            self._clinks = hosts        # (_mirror: a table made or read meanwhile)
+            try:
+                for l1i in sorted(set(gc >> self.l2bits for gc in entries)):
+                    img.prepare_l2(l1i)
+                frees = img.set_entries(entries)
+            except Q.QCow2Error as e:
+                raise _error(e, self.path)
+            finally:
+                self._clinks = None
+            ca.nlog = 0
+            if frees:                   # (a preallocated zero cluster replaced)
+                self._free(frees)
+
+    def _c_close(self):
+        """Close: C's allocations linked, the reserve and the lost clusters given back."""
+        ca = self.calloc
+        if ca is None or self.img is None:
+            return
+        self.cmap.image.allocator = None
+        self._c_links()
+        with self.img.lock:
+            left = list(self._creserve[:ca.nreserve]) + sorted(self._clost)
+            ca.nreserve = 0
+            self._clost = set()
+            if left:
+                try:
+                    self.img.give_back(left)
+                except Q.QCow2Error as e:
+                    raise _error(e, self.path)
 
     def close(self):
         """The deferred frees first, and the clusters of allocations that never got
         linked (their requests failed): the engine closes (and pauses) with no I/O in
         flight."""
         try:
+            self._c_close()
             if (self._deferred or self._pending) and self.img is not None:
                 with self.img.lock:
                     self._drop_failed(force=True)
@@ -329,6 +433,9 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         finally:
             self._deferred = []
             self._pending = {}
+            if self.calloc is not None:     # a connection may count itself on it still
+                self._calloc_kept.append(self.calloc)
+                self.calloc = None
             super(Qcow2Driver, self).close()
 
     # -- lookups ------------------------------------------------------------------------
@@ -347,6 +454,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
 
     # -- reads ----------------------------------------------------------------------------
     def preadv(self, requests):
+        self._c_links()
         batch = self._enter()
         try:
             return self._preadv(requests)
@@ -442,6 +550,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         bits, cmask, rmask, zmask = self.bits, self.cmask, self.rmask, self.zmask
         l2bits, l2mask, l2get = self.l2bits, self.l2mask, img._l2.get
         read, zero = io.read, driver.zeros
+        self._c_links()
         batch = self._enter()
         try:
             eof = img.file_size
@@ -534,6 +643,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def extents(self, length, offset):
         """From the L2 entries: data 0, zero clusters ZERO, unallocated HOLE|ZERO (in a
         chain, what the parent answers for)."""
+        self._c_links()
         length = min(length, self.size - offset)
         if length <= 0:
             return [(max(length, 0), HOLE)]
@@ -578,12 +688,16 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
     def pwritev(self, requests):
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
+        self._c_links()
         batch = self._enter()
         try:
             if not self._pwritev_fast(requests):
                 self._pwritev_slow(requests)
         finally:
             batch.open = False
+        if self.calloc is not None and self.calloc.nreserve < C_LOW:
+            with self.img.lock:
+                self._c_refill()
 
     def _pwritev_fast(self, requests):
         """Every request in allocated clusters of refcount 1: one batch, True. Else
@@ -648,6 +762,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         fd, bfd, mask, direct = afile.fd, afile.bfd, afile.mask, afile.direct
         write = io.write
         slow = []
+        self._c_links()
         batch = self._enter()
         try:
             for r in requests:
@@ -665,6 +780,9 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 self._queue_allocating(io, slow)
         finally:
             self._leave(batch, requests)    # even one that failed midway: its I/O runs on
+        if self.calloc is not None and self.calloc.nreserve < C_LOW:
+            with self.img.lock:
+                self._c_refill()
 
     def _queue_allocating(self, io, requests):
         afile = self.file
@@ -1059,6 +1177,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         partial clusters written."""
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: %s is open read-only" % self.path)
+        self._c_links()
         with self.img.lock:
             if self._deferred:
                 self._reap()
@@ -1073,6 +1192,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         stay as they are."""
         if self.readonly:
             return
+        self._c_links()
         with self.img.lock:
             if self._deferred:
                 self._reap()
@@ -1083,6 +1203,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 raise _error(e, self.path)
 
     def flush(self):
+        self._c_links()
         if self._deferred or self._pending:
             with self.img.lock:
                 self._drop_failed()

@@ -5,6 +5,7 @@ budget, a writeback's flush) still answered right. `served_c` in tap-ctl stats t
 which side answered."""
 import contextlib
 import errno
+import json
 import os
 import struct
 import subprocess
@@ -444,6 +445,142 @@ def test_qcow2_freed_clusters_are_reused_only_after_c_is_done_with_them(make_tap
     qemu_io(tap.uri, "read -P 9 32M 4M")
     stats = client.stats(tap.minor)
     assert stats["nbd"]["served_c"] > 1000, stats
+    tap.destroy()
+    run("qemu-img", "check", "-q", leaf)
+
+
+def _c_count(tap):
+    return control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"]
+
+
+def _connect(tap):
+    c = Raw(tap.nbd_path)
+    c.greet()
+    c.go()
+    return c
+
+
+def _write(c, handle, offset, data, flags=0):
+    c.request(1, handle, offset, len(data), flags, data)
+    assert c.simple_reply() == (0, handle, b"")
+
+
+def _read(c, handle, offset, length):
+    c.request(0, handle, offset, length)
+    err, got_handle, data = c.simple_reply(length)
+    assert (err, got_handle) == (0, handle)
+    return data
+
+
+def _end_offset_is_file_size(path):
+    info = json.loads(run("qemu-img", "check", "--output=json", path).stdout)
+    assert info.get("leaks", 0) == 0 and info.get("corruptions", 0) == 0, info
+    assert info["image-end-offset"] == os.path.getsize(path), info
+
+
+def test_qcow2_clusters_allocated_in_c_from_the_drivers_reserve(make_tap, smtap_root):
+    """A write (no FUA) into a cluster the leaf lacks is C's once the driver reserved
+    clusters for it (at its first allocating write): the cluster written whole, the
+    backing file's data around the request's (or zeros, in a zero cluster), then
+    mapped, so reads and writes into it are C's at once; the driver links it in its
+    L2 entry at the flush. A FUA write that allocates stays the driver's (the tables
+    must be durable before the reply). After close: qemu-img check clean (no leak: the
+    reserve left is given back, cut off the file) and the disk as written."""
+    base = _raw_base(smtap_root)
+    leaf = _qcow2(smtap_root / "leaf.qcow2", 8 * MiB, base, "raw")
+    run("qemu-io", "-f", "qcow2", "-c", "write -z 2M 64k", leaf)     # a zero cluster
+    model = bytearray(b"\1" * (8 * MiB))
+    model[2 * MiB:2 * MiB + 65536] = bytes(65536)
+    tap = make_tap("qcow2:" + leaf)
+    c = _connect(tap)
+    writes = [(3 * MiB, b"\3" * 4096),                 # the driver's: it reserves
+              (4 * MiB, b"\4" * 4096),                 # C's from here on
+              (5 * MiB + 8192, b"\5" * 4096),          # inside a cluster
+              (6 * MiB, b"\6" * 65536),                # a whole cluster: nothing to read
+              (2 * MiB + 4096, b"\7" * 4096),          # a zero cluster: zeros around
+              (4 * MiB + 4096, b"\x08" * 4096)]        # in place, into C's new cluster
+    before = _c_count(tap)
+    for handle, (offset, data) in enumerate(writes):
+        _write(c, handle, offset, data)
+        model[offset:offset + len(data)] = data
+    assert _c_count(tap) - before == len(writes) - 1
+    for handle, offset in enumerate((4 * MiB, 5 * MiB, 2 * MiB, 6 * MiB)):
+        assert _read(c, 10 + handle, offset, 65536) == model[offset:offset + 65536]
+    assert _c_count(tap) - before == len(writes) + 3
+    mark = _c_count(tap)
+    _write(c, 20, 7 * MiB, b"\x09" * 4096, flags=1)    # FUA: the driver's
+    model[7 * MiB:7 * MiB + 4096] = b"\x09" * 4096
+    c.request(3, 21, 0, 0)                              # flush: the driver's (links)
+    assert c.simple_reply() == (0, 21, b"")
+    assert _c_count(tap) == mark
+    c.close()
+    tap.destroy()
+    _end_offset_is_file_size(leaf)
+    (smtap_root / "ref.img").write_bytes(bytes(model))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", leaf, smtap_root / "ref.img")
+
+
+def test_qcow2_c_allocates_only_while_one_connection_serves_the_image(make_tap,
+                                                                       smtap_root):
+    """A second connection stops C's allocations (the driver's tables are then read by
+    two threads): its join waits for those in flight, the first connection's
+    allocating writes are the driver's while both are open, C's again once the second
+    went; every write reads back on both."""
+    leaf = _qcow2(smtap_root / "d.qcow2", 16 * MiB)
+    tap = make_tap("qcow2:" + leaf)
+    a = _connect(tap)
+    _write(a, 0, 0, b"\1" * 4096)                      # the driver's: it reserves
+    mark = _c_count(tap)
+    _write(a, 1, MiB, b"\2" * 4096)
+    assert _c_count(tap) == mark + 1
+    b = _connect(tap)
+    assert _read(b, 2, MiB, 4096) == b"\2" * 4096      # (the driver's: b's first)
+    mark = _c_count(tap)
+    for k in range(4):
+        _write(a, 3 + k, (2 + k) * MiB, bytes([0x10 + k]) * 4096)
+    assert _c_count(tap) == mark                        # two connections: the driver's
+    for k in range(4):
+        assert _read(b, 7 + k, (2 + k) * MiB, 4096) == bytes([0x10 + k]) * 4096
+    b.close()
+    assert wait_for(lambda: control.Client(tap.pid).stats(tap.minor)["nbd"]["clients"] == 1)
+    mark = _c_count(tap)
+    _write(a, 11, 8 * MiB, b"\3" * 4096)
+    assert _c_count(tap) == mark + 1                    # alone again: C's
+    a.close()
+    tap.destroy()
+    _end_offset_is_file_size(leaf)
+    run("qemu-io", "-f", "qcow2", "-c", "read -P 1 0 4k", "-c", "read -P 2 1M 4k",
+        "-c", "read -P 0x13 5M 4k", "-c", "read -P 3 8M 4k", "-c", "read -P 0 8200k 4k",
+        leaf)
+
+
+def test_qcow2_c_allocation_on_a_full_file_system_answers_enospc(make_tap, smtap_root):
+    """C's allocating writes into reserved clusters (sparse: room is taken as they are
+    written) on a full file system: the write that finds no room is redone by the
+    driver and answered ENOSPC; the tapdisk serves on, every acknowledged write reads
+    back, a discard makes room again, and the image is clean after close (the failed
+    cluster went back to the reserve, the reserve back to the image)."""
+    shm = tmpfs(smtap_root / "shm", 3 * MiB)
+    leaf = _qcow2(shm / "d.qcow2", 16 * MiB)
+    tap = make_tap("qcow2:" + leaf)
+    c = _connect(tap)
+    done, err = [], 0
+    mark = _c_count(tap)
+    for k in range(64):
+        c.request(1, k, k * 65536, 65536, 0, bytes([k + 1]) * 65536)
+        err = c.simple_reply()[0]
+        if err:
+            break
+        done.append(k)
+    assert err == errno.ENOSPC and len(done) > 8, (err, len(done))
+    assert _c_count(tap) - mark >= len(done) - 1        # C's, but the first
+    for k in done:
+        assert _read(c, 100 + k, k * 65536, 65536) == bytes([k + 1]) * 65536
+    c.request(4, 200, 0, 8 * 65536)                     # trim: room again
+    assert c.simple_reply() == (0, 200, b"")
+    _write(c, 201, len(done) * 65536, b"\xee" * 65536)
+    assert _read(c, 202, len(done) * 65536, 65536) == b"\xee" * 65536
+    c.close()
     tap.destroy()
     run("qemu-img", "check", "-q", leaf)
 
