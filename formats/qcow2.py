@@ -1373,19 +1373,24 @@ class Image(object):
         return hosts, self._old_size
 
     def give_back(self, hosts):
-        """Clusters alloc_data gave that no table points at (a caller's reserve left at
-        close): freed, and the free clusters that end the file cut off it."""
+        """Before close: clusters alloc_data gave that no table points at (a caller's
+        reserve) freed, the spare ones too, and the free clusters that end the file cut
+        off it."""
         self.free_clusters([(h, self.cluster_size) for h in hosts])
+        if self._spare is not None:
+            self._drop_spare()
         end = self.end_offset()
         if end < self.file_size and not getattr(self.io, "is_block", False):
             self.io.truncate(end)
             self.file_size = end
 
-    def set_entries(self, entries):
+    def set_entries(self, entries, written=False):
         """After the data they point at (a barrier first, unless lazy): {guest cluster:
-        entry} into tables prepare_l2 made. Returns the frees of what they replace (the
-        caller runs them once no request in flight can still use those clusters)."""
-        self._barrier()
+        entry} into tables prepare_l2 made (written: the caller wrote them into the
+        file already, the cached tables only). Returns the frees of what they replace
+        (the caller runs them once no request in flight can still use those clusters)."""
+        if not written:
+            self._barrier()
         mask = self.l2_entries - 1
         by_table = {}
         for gc, e in entries.items():
@@ -1393,7 +1398,8 @@ class Image(object):
         writes, frees = [], []
         for l1i, changes in sorted(by_table.items()):
             self._change_entries(l1i, changes, writes, frees)
-        self.io.pwritev(writes)
+        if not written:
+            self.io.pwritev(writes)
         return frees
 
     def _l2_replace(self, l1i, table):

@@ -44,7 +44,7 @@ def _load():
         # smtap_queue_run: no argtypes (ctypes' conversions cost more than the call): it
         # takes the queue as a c_void_p and three Python ints (C ints)
         lib.smtap_queue_run.restype = ctypes.c_int
-        for name, struct in (("nbd", NbdLoop), ("image", CImage)):
+        for name, struct in (("nbd", NbdLoop), ("image", CImage), ("alloc", CAlloc)):
             sizeof = getattr(lib, "smtap_%s_sizeof" % name)
             sizeof.restype, sizeof.argtypes = ctypes.c_int, []
             if sizeof() != ctypes.sizeof(struct):
@@ -264,12 +264,15 @@ class BlockMap(object):
 
 class CAlloc(ctypes.Structure):
     """A leaf's blocks the C loop may allocate (struct smtap_alloc, smtap_nbd.c): the
-    driver's reserve of refcounted blocks linked nowhere, and the log of those C wrote
-    and mapped, (block, host offset) pairs, for the driver to link in its tables."""
+    driver's reserve of refcounted blocks linked nowhere, the tables C may link them in
+    (l2off: per L1 entry, its own L2 table's offset or 0), and the log of those C
+    wrote, linked and mapped, (block, host offset) pairs, for the driver's cache."""
     _fields_ = [("users", ctypes.c_longlong), ("inflight", ctypes.c_longlong),
                 ("reserve", ctypes.c_void_p), ("nreserve", ctypes.c_longlong),
                 ("log", ctypes.c_void_p), ("nlog", ctypes.c_longlong),
-                ("logcap", ctypes.c_longlong), ("absent_page", ctypes.c_void_p)]
+                ("logcap", ctypes.c_longlong), ("absent_page", ctypes.c_void_p),
+                ("l2off", ctypes.c_void_p), ("nl1", ctypes.c_longlong),
+                ("l2bits", ctypes.c_longlong), ("meta_fd", ctypes.c_longlong)]
 
 
 def alloc_join(address):

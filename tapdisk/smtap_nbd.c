@@ -110,14 +110,16 @@ enum { IMG_FILE = 1, IMG_BLOCKS = 2, IMG_MEM = 3 };
 #define PAGE_ENTRIES (1LL << PAGE_BITS)
 
 /* A leaf whose driver lets C allocate blocks (qcow2 clusters; native.CAlloc): a write
-   into one block the map says the leaf lacks (E_ABSENT, E_ZERO) takes a block of the
-   reserve (refcounted by the driver, linked nowhere), writes it whole (the chain's
-   data around the request's), maps it E_DATA | E_WRITABLE and logs (block, host) for
-   the driver, which links it in its tables before it looks at them again, flushes or
-   closes; then the reply goes. The map, the reserve and the log have one writer at a
-   time: C allocates only while one connection has joined the image (users == 1, its
-   own thread, whose Python runs only once C drained); a second one's join waits until
-   no C allocation is in flight (smtap_alloc_join). */
+   into one block the map says the leaf lacks (E_ABSENT, E_ZERO), in an L2 table of its
+   own (l2off), takes a block of the reserve (refcounted by the driver, linked
+   nowhere), writes it whole (the chain's data around the request's), then its L2 entry
+   (through the page cache, as the driver writes its tables: a kill -9 keeps it), maps
+   it E_DATA | E_WRITABLE and logs (block, host) for the driver, which puts it in its
+   cached tables before it looks at them again; then the reply goes. The map, the
+   reserve and the log have one writer at a time: C allocates only while one
+   connection has joined the image (users == 1, its own thread, whose Python runs only
+   once C drained); a second one's join waits until no C allocation is in flight
+   (smtap_alloc_join). */
 struct smtap_alloc {
     long long users;            /* connections joined */
     long long inflight;         /* C's allocations started and not logged */
@@ -126,6 +128,9 @@ struct smtap_alloc {
     long long *log;             /* (block, host) pairs; block -1: a host lost (drain) */
     long long nlog, logcap;     /* pairs logged; room for */
     long long *absent_page;     /* the map's shared page of E_ABSENT entries: read only */
+    long long *l2off;           /* per L1 entry: its L2 table's offset, 0: none of its own */
+    long long nl1, l2bits;      /* L1 entries; log2 of the entries per table */
+    long long meta_fd;          /* the descriptor the driver writes its tables through */
 };
 
 struct smtap_image {
@@ -201,6 +206,7 @@ struct slot {
     unsigned char head[32];     /* the reply's header */
     int hlen;
     int hole;                   /* a read of zeros, answered by an OFFSET_HOLE chunk */
+    long long cost;             /* its buffer's bytes, as l->bytes counts them */
     int alloc;                  /* ALLOC_*: data is the new block's content, the
                                    request's bytes at inner */
     long long inner, block, old;    /* ... the block, its entry before */
@@ -213,6 +219,7 @@ struct loop {
     int ready[SLOTS], nready;   /* answered, to send */
     int failed[SLOTS], nfail;   /* handed back: freed at the next call */
     int nio;                    /* I/Os given to the queue */
+    long long completed;        /* ... and completed, ever (drain) */
     long long bytes;            /* the buffers' size of the slots they are for */
     struct sreq subs[SUBS];
     int nsubs;
@@ -226,6 +233,7 @@ struct loop {
 
 int smtap_nbd_sizeof(void) { return (int)sizeof(struct smtap_nbd); }
 int smtap_image_sizeof(void) { return (int)sizeof(struct smtap_image); }
+int smtap_alloc_sizeof(void) { return (int)sizeof(struct smtap_alloc); }
 
 /* The guard of a leaf whose driver frees blocks that a later allocation reuses: a C
    request holds guard[1 + epoch parity] from before it looks its block up until its
@@ -541,6 +549,7 @@ static int send_ready(struct smtap_nbd *c, struct loop *l)
 
 /* ---- I/O ---- */
 static void write_block(struct smtap_nbd *c, struct loop *l, int i);
+static long long link_block(struct smtap_image *m, struct slot *s);
 
 static void completions(struct smtap_nbd *c, struct loop *l, int r)
 {
@@ -549,15 +558,18 @@ static void completions(struct smtap_nbd *c, struct loop *l, int r)
         long long status = l->done[2 * k + 1];
         struct slot *s = &l->slots[i];
         l->nio--;
+        l->completed++;
         if (status && !s->status)
             s->status = status;
         if (--s->parts)
             continue;                   /* a read from several places: the others */
-        l->bytes -= s->length;
+        l->bytes -= s->cost;
         if (s->alloc == ALLOC_COPYING && !s->status) {
             write_block(c, l, i);       /* the block's content is whole: write it */
             continue;
         }
+        if (s->alloc == ALLOC_WRITING && !s->status)
+            s->status = link_block(c->images, s);
         unpin(c->images, s);
         if (s->alloc)
             alloc_end(c->images, s, s->status ? ALLOC_UNDONE : ALLOC_DONE);
@@ -592,15 +604,16 @@ static int drain(struct smtap_nbd *c, struct loop *l)
 {
     int idle = 0;
     while (l->nio || l->nsubs) {
-        int before = l->nio;
+        long long before = l->completed;    /* (a completion may queue a block's write) */
         int r = run(c, l, WAIT_IO);
         if (r < 0)
             return r;
-        if (l->nio < before) {
+        if (l->completed > before) {
             idle = 0;
         } else if (++idle == 2) {
             unpin_queued(c, l);         /* (their buffers stay: freed with the loop) */
             l->nio = 0;
+            l->nsubs = 0;
             l->bytes = 0;
             return -EIO;
         }
@@ -621,7 +634,7 @@ static void queue_io(struct loop *l, int i, long long op, int fd, long long phys
     q->addr = (long long)(intptr_t)(s->data + pos);
     q->tag = i;
     if (!s->parts++)
-        l->bytes += s->length;
+        l->bytes += s->cost;
     l->nio++;
 }
 
@@ -633,6 +646,23 @@ static void write_block(struct smtap_nbd *c, struct loop *l, int i)
     s->alloc = ALLOC_WRITING;
     queue_io(l, i, m->direct ? OP_WRITE : OP_WRITE | OP_INLINE, m->fd, s->phys, 0,
              1LL << m->shift);
+}
+
+/* An allocating write's block is written: its L2 entry (big-endian, the COPIED flag:
+   refcount 1) into its table, through the page cache. 0 or -errno. */
+static long long link_block(struct smtap_image *m, struct slot *s)
+{
+    struct smtap_alloc *a = m->allocator;
+    long long l1i = s->block >> a->l2bits, i = s->block & ((1LL << a->l2bits) - 1);
+    unsigned char e[8];
+    put64(e, (uint64_t)s->phys | 1ULL << 63);
+    for (;;) {
+        ssize_t k = pwrite((int)a->meta_fd, e, 8, a->l2off[l1i] + 8 * i);
+        if (k == 8)
+            return 0;
+        if (k >= 0 || errno != EINTR)
+            return k < 0 ? -errno : -EIO;
+    }
 }
 
 /* A buffered run at once if the page cache has it all (preadv2 RWF_NOWAIT, a system
@@ -866,8 +896,8 @@ static int plan_alloc(struct smtap_nbd *c, struct loop *l, struct slot *s,
 {
     struct smtap_image *m = c->images;
     struct smtap_alloc *a = m->allocator;
-    if (!a || m->kind != IMG_BLOCKS || s->flags & FLAG_FUA)
-        return AT_PYTHON;               /* FUA: the tables too, the driver's */
+    if (!a || m->kind != IMG_BLOCKS)
+        return AT_PYTHON;
     long long bs = 1LL << m->shift, k = s->offset >> m->shift;
     long long start = k << m->shift, end = s->offset + s->length;
     if ((end - 1) >> m->shift != k || k >> PAGE_BITS >= m->npages)
@@ -878,8 +908,10 @@ static int plan_alloc(struct smtap_nbd *c, struct loop *l, struct slot *s,
     long long e = __atomic_load_n(&page[k & (PAGE_ENTRIES - 1)], __ATOMIC_ACQUIRE);
     if (e & E_BUSY)
         return l->nio ? AT_WAIT : AT_PYTHON;
-    if ((e != E_ABSENT && e != E_ZERO) || !a->nreserve || a->nlog + a->inflight >= a->logcap)
-        return AT_PYTHON;
+    long long l1i = k >> a->l2bits;
+    if ((e != E_ABSENT && e != E_ZERO) || l1i >= a->nl1 || !a->l2off[l1i]
+            || !a->nreserve || a->nlog + a->inflight >= a->logcap)
+        return AT_PYTHON;               /* (a table to make, or to copy: the driver's) */
     if (m->direct && (a->reserve[a->nreserve - 1] | bs) & m->mask)
         return AT_PYTHON;
     long long tail = start + bs < m->size ? start + bs : m->size;
@@ -1009,7 +1041,7 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
         s->flags = flags;
         memcpy(s->handle, h + 8, 8);
         s->offset = offset;
-        s->length = kind == CMD_FLUSH ? 0 : length;
+        s->length = s->cost = kind == CMD_FLUSH ? 0 : length;
         s->data = NULL;
         s->parts = 0;
         s->status = 0;
@@ -1030,9 +1062,13 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
             l->stop = RET_PYTHON;       /* the driver's path */
             return;
         }
-        if (where == AT_WAIT) {
+        if (where == AT_ALLOC)
+            s->cost = 1LL << leaf->shift;   /* its buffer: the whole block */
+        if (where == AT_WAIT || (where == AT_ALLOC && l->nio
+                                 && l->bytes + s->cost > c->max_bytes)) {
             unpin(leaf, s);
-            l->waiting = 1;             /* until the write allocating its block is done */
+            l->waiting = 1;             /* until the write allocating its block is done,
+                                           or until buffers are given back */
             return;
         }
         if (l->nsubs + (kind == CMD_READ ? nseg : where == AT_ALLOC ? nseg + 1 : 1) > SUBS) {

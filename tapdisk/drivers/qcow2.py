@@ -47,6 +47,7 @@ import errno
 import functools
 import os
 import threading
+import time
 
 from smtap.formats import qcow2 as Q
 from smtap.tapdisk import aiofile
@@ -227,7 +228,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self.cmap = None        # the C loop's mirror of the L2 entries (c_image)
         self.calloc = None      # ... and the clusters it may allocate (native.CAlloc)
         self._clinks = None     # C's allocations being linked: {gc: host} (_mirror)
-        self._calloc_kept = []  # those of earlier opens (a connection parts from them)
+        self._ca = None         # calloc's struct, kept across reopens (see _c_setup)
 
     # -- open / close ------------------------------------------------------------------
     def open(self, path, flags, options):
@@ -274,8 +275,12 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                                     max_pages=C_MAP >> (native.MAP_PAGE_BITS + 3),
                                     guard=img.writable)
         self._nclusters = (img.size + self.cmask) >> self.bits
+        # per L1 entry, its L2 table's offset while the table is its own (COPIED), else
+        # 0: the tables C may link its allocations in (CAlloc.l2off)
+        self._l2off = (ctypes.c_longlong * max(1, len(img.l1)))()
         per = img.l2_entries
         for l1i in range(len(img.l1)):
+            self._note_l1(l1i)
             first = l1i * per
             if first >= self._nclusters:
                 break
@@ -284,6 +289,11 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         for l1i, table in list(img._l2.items()):
             self._mirror(l1i, table, None)
         img.on_l2 = self._mirror
+
+    def _note_l1(self, l1i):
+        """L1 entry l1i's table as C may link in it (after it was made or changed)."""
+        e = self.img.l1[l1i]
+        self._l2off[l1i] = e & Q.OFFSET_MASK if e & Q.OFLAG_COPIED and self.img.writable else 0
 
     def _mirror(self, l1i, table, indices):
         """L2 table l1i cached (indices None) or these of its entries changed (under the
@@ -321,6 +331,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 return off | data
             return zero if e & zmask == Q.OFLAG_ZERO else 0
         if indices is None:
+            self._note_l1(l1i)
             cmap.fill(first, [value(i) for i in range(n)])
         else:
             for i in indices:
@@ -333,29 +344,40 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         allocate clusters too (_c_setup)."""
         if self.cmap is None or self.file is None:
             return None
-        if self.calloc is None and self._c_may_allocate():
-            self._c_setup()
+        if self.calloc is None:
+            with self._qlock:           # (connections take the chain in parallel)
+                if self.calloc is None and self._c_may_allocate():
+                    self._c_setup()
         return self.cmap.image
 
     # -- the C loop's allocations (native.CAlloc, smtap_nbd.c) -------------------------------
     # C writes a cluster whole (the chain's data around the request's) into one of the
-    # reserve's clusters (refcounted here, linked nowhere), maps it and logs it; here it
-    # is linked in its L2 entry (_c_links) before any lookup of the tables, at flush and
-    # at close, as qemu orders it: data, then the table. C allocates only while one
-    # connection serves the image, whose Python runs once C drained: nothing of the
-    # driver's changes under it (no allocation of ours in flight, no table read).
+    # reserve's clusters (refcounted here, linked nowhere), then its L2 entry into a
+    # table of the image's own (as qemu orders it: data, then the table; through the
+    # page cache, as this driver writes its tables), maps it and logs it; here the log
+    # goes into the cached tables (_c_links) before any lookup of them. C allocates
+    # only while one connection serves the image, whose Python runs once C drained:
+    # nothing of the driver's changes under it (no allocation of ours in flight, no
+    # table read or written).
     def _c_may_allocate(self):
         img = self.img
         return (not self.readonly and img.lazy and img.dirty and
                 (img.backing_file is None or self.parent is not None))
 
     def _c_setup(self):
-        ca = self.calloc = native.CAlloc()
+        # one CAlloc for the driver's life: connections count themselves on it across
+        # a pause (they part from it when they take the resumed chain)
+        ca = self.calloc = self._ca or native.CAlloc()
+        self._ca = ca
         self._creserve = (ctypes.c_longlong * C_RESERVE)()
         self._clog = (ctypes.c_longlong * (2 * C_LOG))()
         self._clost = set()
+        self._crefill_at = 0.0
         ca.reserve, ca.log = ctypes.addressof(self._creserve), ctypes.addressof(self._clog)
+        ca.nreserve = ca.nlog = 0
         ca.logcap, ca.absent_page = C_LOG, self.cmap.absent_page
+        ca.l2off, ca.nl1, ca.l2bits = ctypes.addressof(self._l2off), len(self.img.l1), self.l2bits
+        ca.meta_fd = self.file.bfd
         self.cmap.image.allocator = ctypes.addressof(ca)     # (the reserve: at a write)
 
     def _c_refill(self):
@@ -363,12 +385,13 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         (C takes them first)."""
         ca = self.calloc
         n = ca.nreserve
-        if n >= C_LOW:
+        if n >= C_LOW or time.time() < self._crefill_at:
             return
         try:
             hosts, _ = self.img.alloc_data(C_RESERVE - n)
-        except Q.QCow2Error:
-            return                      # (full: C leaves allocations to this driver)
+        except (Q.QCow2Error, OSError):
+            self._crefill_at = time.time() + 1  # (full: allocations are this driver's)
+            return
         for k, host in enumerate(reversed(hosts)):
             self._creserve[n + k] = host
         ca.nreserve = n + len(hosts)
@@ -384,17 +407,23 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
             log = self._clog[:2 * n]
             hosts = {}
             for j in range(0, 2 * n, 2):
-                if log[j] < 0:
-                    self._clost.add(log[j + 1])     # its I/O never completed
-                else:
-                    hosts[log[j]] = log[j + 1]
+                gc, host = log[j], log[j + 1]
+                if gc < 0:
+                    self._clost.add(host)           # its I/O never completed
+                    continue
+                if gc in hosts:                     # (C allocates a cluster once)
+                    self._clost.add(hosts[gc])
+                hosts[gc] = host
+            pending = self._pending
+            for gc in hosts:
+                rec = pending.get(gc)
+                if rec is not None:     # a gen a failed session left: older, it loses
+                    self._seq += 1
+                    rec.top = self._seq
             entries = dict((gc, host | Q.OFLAG_COPIED) for gc, host in hosts.items())
-            img = self.img
-            self._clinks = hosts        # (_mirror: a table made or read meanwhile)
+            self._clinks = hosts        # (_mirror: a table read meanwhile)
             try:
-                for l1i in sorted(set(gc >> self.l2bits for gc in entries)):
-                    img.prepare_l2(l1i)
-                frees = img.set_entries(entries)
+                frees = self.img.set_entries(entries, written=True)
             except Q.QCow2Error as e:
                 raise _error(e, self.path)
             finally:
@@ -433,9 +462,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         finally:
             self._deferred = []
             self._pending = {}
-            if self.calloc is not None:     # a connection may count itself on it still
-                self._calloc_kept.append(self.calloc)
-                self.calloc = None
+            self.calloc = None
             super(Qcow2Driver, self).close()
 
     # -- lookups ------------------------------------------------------------------------
@@ -976,6 +1003,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         cs = cmask + 1
         for l1i in sorted(set(g.gc >> self.l2bits for g in new)):
             img.prepare_l2(l1i)
+            self._note_l1(l1i)
         own = set(new)
         first = [g for g in new if g.base not in own]
         hosts, old_end = img.alloc_data(len(first))
