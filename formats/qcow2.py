@@ -442,6 +442,7 @@ class Image(object):
         self.on_l2 = None               # (l1i, table, indices or None: all) after an L2
                                         # table is cached or entries of one change: a
                                         # driver mirroring them
+        self.on_l1 = None               # (l1i) after L1 entry l1i got a table of its own
         self.on_free = None             # frees(list) instead of free_clusters: a driver
                                         # runs them once no I/O in flight can use them
         try:
@@ -1321,6 +1322,9 @@ class Image(object):
                 self.l1[l1i] = off | OFLAG_COPIED
                 l1w.append((struct.pack(">Q", self.l1[l1i]), self.header.l1_table_offset + l1i * 8))
             self.io.pwritev(l1w)
+            if self.on_l1 is not None:
+                for l1i in sorted(plan.new_l2):
+                    self.on_l1(l1i)
         if plan.frees:
             self._barrier()
             (self.on_free or self.free_clusters)(plan.frees)

@@ -170,6 +170,12 @@ class Driver(object):
         nothing but the data (flush: fdatasync of the leaf's descriptor)."""
         return None
 
+    def c_alloc(self):
+        """The native.CAlloc of a leaf whose blocks the C loop allocates (after
+        c_image), which each connection serving the chain counts itself on
+        (native.alloc_join); None: none."""
+        return None
+
     # -- pause ----------------------------------------------------------------------
     def suspend(self):
         """tap-ctl pause: let go of what the storage layer may change while paused (the

@@ -111,6 +111,10 @@ class Chain(object):
             return None
         return (native.CImage * len(images))(*images)
 
+    def c_allocs(self):
+        """The CAllocs of the chain's images (Driver.c_alloc), after c_images."""
+        return [a for a in (i.driver.c_alloc() for i in self.images) if a is not None]
+
     def _open(self, params, flags, kept, resumed):
         parent_flags = (flags & drv.OPEN_NO_O_DIRECT) | drv.OPEN_RDONLY | drv.OPEN_SHARED
         while params:

@@ -275,15 +275,15 @@ class CAlloc(ctypes.Structure):
                 ("l2bits", ctypes.c_longlong), ("meta_fd", ctypes.c_longlong)]
 
 
-def alloc_join(address):
+def alloc_join(calloc):
     """A connection about to serve the image (its C loop and its Python) counts itself
-    on the CAlloc at address: C allocates only while one has joined; this waits for
-    C's allocations in flight."""
-    _load().smtap_alloc_join(address)
+    on its CAlloc: C allocates only while one has joined; this waits for C's
+    allocations in flight."""
+    _load().smtap_alloc_join(ctypes.addressof(calloc))
 
 
-def alloc_part(address):
-    _load().smtap_alloc_part(address)
+def alloc_part(calloc):
+    _load().smtap_alloc_part(ctypes.addressof(calloc))
 
 
 def new_guard():

@@ -546,7 +546,7 @@ class Session(object):
         self._cimages = None        # the chain's native.CImage array C reads
         self._cbuf = None           # the receive buffer cstate knows
         self._serve_c = None
-        self._joined = []           # the chain's native.CAlloc this connection counts in
+        self._joined = []           # the chain's native.CAllocs this connection counts in
         try:
             self._loop()
         finally:
@@ -602,11 +602,10 @@ class Session(object):
         images = chain.c_images() if chain is not None else None
         if images is not None:
             # a leaf whose blocks C allocates: while one connection alone serves it (C
-            # or Python: before any request)
-            for i in images:
-                if i.allocator:
-                    native.alloc_join(i.allocator)
-                    self._joined.append(i.allocator)
+            # or Python: before any request); kept until parted (the driver may go first)
+            for a in chain.c_allocs():
+                native.alloc_join(a)
+                self._joined.append(a)
         gate = getattr(self.backend, "gate", None)
         if images is None or gate is None or os.environ.get(C_LOOP_ENV, "1") == "0":
             return
@@ -627,10 +626,9 @@ class Session(object):
         self.cloop = c
 
     def _part(self):
-        """No longer counted on the chain's CAlloc (the chain, kept until then, holds
-        them)."""
-        for address in self._joined:
-            native.alloc_part(address)
+        """No longer counted on the chain's CAllocs."""
+        for a in self._joined:
+            native.alloc_part(a)
         self._joined = []
 
     def _c_serve(self, buf, have, cap):

@@ -933,12 +933,14 @@ static int alloc_start(struct smtap_image *m, struct slot *s)
 {
     struct smtap_alloc *a = m->allocator;
     __atomic_add_fetch(&a->inflight, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&a->users, __ATOMIC_SEQ_CST) != 1) {
+    long long old = s->old;     /* (and not changed since plan_alloc by another's turn) */
+    if (__atomic_load_n(&a->users, __ATOMIC_SEQ_CST) != 1
+            || !__atomic_compare_exchange_n(s->ep, &old, old | E_BUSY, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
         __atomic_sub_fetch(&a->inflight, 1, __ATOMIC_SEQ_CST);
         return -1;
     }
     s->phys = a->reserve[--a->nreserve];
-    __atomic_store_n(s->ep, s->old | E_BUSY, __ATOMIC_RELEASE);
     s->alloc = ALLOC_COPYING;
     return 0;
 }

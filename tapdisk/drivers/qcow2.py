@@ -289,6 +289,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         for l1i, table in list(img._l2.items()):
             self._mirror(l1i, table, None)
         img.on_l2 = self._mirror
+        img.on_l1 = self._note_l1
 
     def _note_l1(self, l1i):
         """L1 entry l1i's table as C may link in it (after it was made or changed)."""
@@ -364,11 +365,14 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         return (not self.readonly and img.lazy and img.dirty and
                 (img.backing_file is None or self.parent is not None))
 
+    def c_alloc(self):
+        """Driver.c_alloc: the CAlloc connections count themselves on (c_image first)."""
+        return self._ca if self.calloc is not None else None
+
     def _c_setup(self):
         # one CAlloc for the driver's life: connections count themselves on it across
-        # a pause (they part from it when they take the resumed chain)
-        ca = self.calloc = self._ca or native.CAlloc()
-        self._ca = ca
+        # a pause (they part from it when they take the resumed chain, and keep it)
+        ca = self._ca = self._ca or native.CAlloc()
         self._creserve = (ctypes.c_longlong * C_RESERVE)()
         self._clog = (ctypes.c_longlong * (2 * C_LOG))()
         self._clost = set()
@@ -379,6 +383,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         ca.l2off, ca.nl1, ca.l2bits = ctypes.addressof(self._l2off), len(self.img.l1), self.l2bits
         ca.meta_fd = self.file.bfd
         self.cmap.image.allocator = ctypes.addressof(ca)     # (the reserve: at a write)
+        self.calloc = ca                # last: c_image reads it without the lock
 
     def _c_refill(self):
         """The reserve topped up (under the image's lock), the lowest clusters on top
@@ -433,12 +438,11 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 self._free(frees)
 
     def _c_close(self):
-        """Close: C's allocations linked, the reserve and the lost clusters given back."""
+        """Close, C's allocations linked: the reserve and the lost clusters given back."""
         ca = self.calloc
         if ca is None or self.img is None:
             return
         self.cmap.image.allocator = None
-        self._c_links()
         with self.img.lock:
             left = list(self._creserve[:ca.nreserve]) + sorted(self._clost)
             ca.nreserve = 0
@@ -454,11 +458,14 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         linked (their requests failed): the engine closes (and pauses) with no I/O in
         flight."""
         try:
-            self._c_close()
-            if (self._deferred or self._pending) and self.img is not None:
-                with self.img.lock:
-                    self._drop_failed(force=True)
-                    self._reap(force=True)
+            try:
+                self._c_links()
+            finally:
+                if (self._deferred or self._pending) and self.img is not None:
+                    with self.img.lock:
+                        self._drop_failed(force=True)
+                        self._reap(force=True)
+                self._c_close()         # (last: it cuts the free clusters off the end)
         finally:
             self._deferred = []
             self._pending = {}
@@ -1003,7 +1010,6 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         cs = cmask + 1
         for l1i in sorted(set(g.gc >> self.l2bits for g in new)):
             img.prepare_l2(l1i)
-            self._note_l1(l1i)
         own = set(new)
         first = [g for g in new if g.base not in own]
         hosts, old_end = img.alloc_data(len(first))

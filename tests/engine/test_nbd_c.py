@@ -523,6 +523,27 @@ def test_qcow2_clusters_allocated_in_c_from_the_drivers_reserve(make_tap, smtap_
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", leaf, smtap_root / "ref.img")
 
 
+def test_qcow2_c_allocates_in_a_table_a_write_zeroes_made(make_tap, smtap_root):
+    """An L2 table the format makes outside the driver's allocations (write-zeroes
+    over a fresh leaf: zero clusters) is one C links its allocations in too."""
+    base = _raw_base(smtap_root)
+    leaf = _qcow2(smtap_root / "leaf.qcow2", 8 * MiB, base, "raw")
+    tap = make_tap("qcow2:" + leaf)
+    c = _connect(tap)
+    c.request(6, 0, MiB, 65536)                         # write zeroes: the table
+    assert c.simple_reply() == (0, 0, b"")
+    _write(c, 1, 3 * MiB, b"\3" * 4096)                # the driver's: it reserves
+    mark = _c_count(tap)
+    _write(c, 2, 5 * MiB, b"\5" * 4096)
+    assert _c_count(tap) == mark + 1
+    assert _read(c, 3, MiB, 4096) == bytes(4096)
+    c.close()
+    tap.destroy()
+    _end_offset_is_file_size(leaf)
+    run("qemu-io", "-f", "qcow2", "-c", "read -P 0 1M 64k", "-c", "read -P 3 3M 4k",
+        "-c", "read -P 5 5M 4k", "-c", "read -P 1 5636096 60k", leaf)
+
+
 def test_qcow2_clusters_c_allocated_survive_a_kill_9_without_a_flush(make_tap, smtap_root):
     """What C acknowledged is in the file (the cluster, then its L2 entry, through the
     page cache) before the reply: a kill -9 right after, with no flush, loses none of
