@@ -150,9 +150,10 @@ def main(images_class=Images, doc=__doc__):
                 tables.append(("%s, %s" % (sname, title), [s.name for s in members], rows))
                 for s in members:
                     s.stop()
-            if sname == "full":         # the disk type against raw on the same path
+            if sname == "full":         # the disk type against raw on the same path, each
+                # on a fresh copy (as every server here: the same history of the file)
                 members = [servers.engine("engine " + t, "%s:%s" % (t, images.copy(src, "v"))),
-                           servers.engine("engine aio", "aio:" + images.raw)]
+                           servers.engine("engine aio", "aio:" + images.copy(images.raw, "a"))]
                 rows = base.run_group(sname, members, JOBS, args, size)
                 tables.append(("full: %s / aio, O_DIRECT" % t, [s.name for s in members], rows))
                 for s in members:
