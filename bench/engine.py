@@ -191,13 +191,16 @@ class Servers(object):
                          warm=None if direct else path)
 
     def qsd(self, name, path, fmt, direct):
-        """qemu-storage-daemon's NBD export of path (raw or vpc)."""
+        """qemu-storage-daemon's NBD export of path (raw, vpc or qcow2). The format
+        node's cache mode is what its backing files (opened by qemu, not here) inherit:
+        without it a qcow2 chain's backing files were read through the page cache."""
         sock = self.sock(name)
         cache = "cache.direct=on,aio=native" if direct else "cache.direct=off"
         return self.peer(name, [
             "qemu-storage-daemon",
             "--blockdev", "driver=file,node-name=file0,filename=%s,%s" % (path, cache),
-            "--blockdev", "driver=%s,node-name=disk0,file=file0" % fmt,
+            "--blockdev", "driver=%s,node-name=disk0,file=file0,cache.direct=%s"
+            % (fmt, "on" if direct else "off"),
             "--nbd-server", "addr.type=unix,addr.path=" + sock,
             "--export", "type=nbd,id=export0,node-name=disk0,name=,writable=on"], sock,
             warm=None if direct else path)
