@@ -60,9 +60,9 @@ MAX_EXTENTS = 256           # per extents() call
 MAX_SCAN = 1 << 16          # clusters one extents() call looks at
 L2_CACHE = 64 << 20         # bytes of L2 tables kept in memory
 C_MAP = 64 << 20            # bytes of the C loop's block map at most (8 per cluster)
-C_RESERVE = 128             # clusters the C loop may allocate before it asks again ...
-C_LOW = 32                  # ... refilled below this many
-C_LOG = 1024                # its allocations logged before the driver links them
+C_RESERVE = 512             # clusters the C loop may allocate before it asks again ...
+C_LOW = 64                  # ... refilled below this many
+C_LOG = 4096                # its allocations logged before the driver links them
 PRUNE = 4096                # queued requests remembered before the completed ones go
 
 
