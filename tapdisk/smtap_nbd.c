@@ -244,11 +244,9 @@ int smtap_alloc_sizeof(void) { return (int)sizeof(struct smtap_alloc); }
    a request counted in the old parity is waited for, one that sees the new epoch looks
    the block up after the change. Called without the GIL (ctypes); C's I/O completes
    without Python, so the wait is short and cannot deadlock. */
-void smtap_guard_wait(long long *g)
+static void wait_zero(long long *count)
 {
-    long long e = __atomic_fetch_add(&g[0], 1, __ATOMIC_SEQ_CST);
-    long long *old = &g[1 + (e & 1)];
-    for (int spin = 0; __atomic_load_n(old, __ATOMIC_SEQ_CST); spin++) {
+    for (int spin = 0; __atomic_load_n(count, __ATOMIC_SEQ_CST); spin++) {
         if (spin < 64) {
             sched_yield();
         } else {
@@ -258,6 +256,12 @@ void smtap_guard_wait(long long *g)
     }
 }
 
+void smtap_guard_wait(long long *g)
+{
+    long long e = __atomic_fetch_add(&g[0], 1, __ATOMIC_SEQ_CST);
+    wait_zero(&g[1 + (e & 1)]);
+}
+
 /* A connection that will serve an image C may allocate in (its Python included). The
    second one waits for C's allocations in flight (their I/O completes without Python):
    then no other thread's C allocates (it counts itself in flight before it reads
@@ -265,16 +269,8 @@ void smtap_guard_wait(long long *g)
    the other), and what they logged the driver links before it reads its tables. */
 void smtap_alloc_join(struct smtap_alloc *a)
 {
-    if (__atomic_add_fetch(&a->users, 1, __ATOMIC_SEQ_CST) == 1)
-        return;
-    for (int spin = 0; __atomic_load_n(&a->inflight, __ATOMIC_SEQ_CST); spin++) {
-        if (spin < 64) {
-            sched_yield();
-        } else {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
-    }
+    if (__atomic_add_fetch(&a->users, 1, __ATOMIC_SEQ_CST) > 1)
+        wait_zero(&a->inflight);
 }
 
 void smtap_alloc_part(struct smtap_alloc *a)

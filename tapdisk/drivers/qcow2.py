@@ -31,9 +31,10 @@ system takes it, metadata (small, unaligned) through the buffered descriptor.
   Writes never land on metadata or far past the end of the file (a corrupt table):
   EIO, nothing written.
 - The C loop (smtap_nbd.c) allocates too, while one connection serves the image: a
-  write (no FUA) into one cluster the leaf lacks takes a cluster this driver reserved,
-  is written whole there (the chain's data around it) and mapped; the driver links it
-  in its L2 entry before it next looks at its tables (see "the C loop's allocations").
+  write into one cluster the leaf lacks takes a cluster this driver reserved, is
+  written whole there (the chain's data around it), then its L2 entry, and mapped; the
+  driver puts C's entries in its cached tables before it next looks at them (see "the
+  C loop's allocations").
 - write-zeroes sets zero clusters (freeing space with may_trim), trim frees whole
   clusters and marks them zero when there is a parent: neither shows a parent's data.
   Freed clusters are reused only once no read or write in flight can still use them:
@@ -332,7 +333,6 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 return off | data
             return zero if e & zmask == Q.OFLAG_ZERO else 0
         if indices is None:
-            self._note_l1(l1i)
             cmap.fill(first, [value(i) for i in range(n)])
         else:
             for i in indices:
@@ -386,20 +386,23 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
         self.calloc = ca                # last: c_image reads it without the lock
 
     def _c_refill(self):
-        """The reserve topped up (under the image's lock), the lowest clusters on top
-        (C takes them first)."""
+        """After a write of ours: the reserve topped up once low, the lowest clusters
+        on top (C takes them first)."""
         ca = self.calloc
-        n = ca.nreserve
-        if n >= C_LOW or time.time() < self._crefill_at:
+        if ca is None or ca.nreserve >= C_LOW or time.time() < self._crefill_at:
             return
-        try:
-            hosts, _ = self.img.alloc_data(C_RESERVE - n)
-        except (Q.QCow2Error, OSError):
-            self._crefill_at = time.time() + 1  # (full: allocations are this driver's)
-            return
-        for k, host in enumerate(reversed(hosts)):
-            self._creserve[n + k] = host
-        ca.nreserve = n + len(hosts)
+        with self.img.lock:
+            n = ca.nreserve
+            if n >= C_LOW:
+                return                  # (another connection's write topped it up)
+            try:
+                hosts, _ = self.img.alloc_data(C_RESERVE - n)
+            except (Q.QCow2Error, OSError):
+                self._crefill_at = time.time() + 1  # (full: allocations are the driver's)
+                return
+            for k, host in enumerate(reversed(hosts)):
+                self._creserve[n + k] = host
+            ca.nreserve = n + len(hosts)
 
     def _c_links(self):
         """C's allocations (its log) linked in their L2 entries: before any lookup of
@@ -729,9 +732,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 self._pwritev_slow(requests)
         finally:
             batch.open = False
-        if self.calloc is not None and self.calloc.nreserve < C_LOW:
-            with self.img.lock:
-                self._c_refill()
+        self._c_refill()
 
     def _pwritev_fast(self, requests):
         """Every request in allocated clusters of refcount 1: one batch, True. Else
@@ -814,9 +815,7 @@ class Qcow2Driver(aiofile.ImageFileDriver, driver.Driver):
                 self._queue_allocating(io, slow)
         finally:
             self._leave(batch, requests)    # even one that failed midway: its I/O runs on
-        if self.calloc is not None and self.calloc.nreserve < C_LOW:
-            with self.img.lock:
-                self._c_refill()
+        self._c_refill()
 
     def _queue_allocating(self, io, requests):
         afile = self.file
