@@ -1013,8 +1013,7 @@ class Session(object):
                            else F.SIMPLE.pack(F.SIMPLE_MAGIC, 0, op.handle))
                 out.append(op.view)
             else:
-                out.append(F.chunk_done(op.handle) if structured
-                           else F.SIMPLE.pack(F.SIMPLE_MAGIC, 0, op.handle))
+                out.append(F.SIMPLE.pack(F.SIMPLE_MAGIC, 0, op.handle))    # (done_reply)
             release.append(op.buf)
         self.inflight -= len(done)
         self.inbytes -= nbytes
@@ -1048,7 +1047,7 @@ class Session(object):
 
     def _write_answer(self, handle, err):
         if err is None:
-            self.replies.out.append(F.done_reply(self.structured, handle))
+            self.replies.out.append(F.done_reply(handle))
         else:
             self.acct[5] += 1
             self._refuse(handle, (F.nbd_error(err), str(err)))
@@ -1099,13 +1098,9 @@ class Session(object):
             if err is not None:
                 errors = [err] * len(run)
         if errors is None:
-            if self.structured:
-                for _, _, handle, _ in run:
-                    out.append(F.chunk_done(handle))
-            else:
-                pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC
-                for _, _, handle, _ in run:
-                    out.append(pack(magic, 0, handle))
+            pack, magic = F.SIMPLE.pack, F.SIMPLE_MAGIC     # (done_reply)
+            for _, _, handle, _ in run:
+                out.append(pack(magic, 0, handle))
             return
         for (_, _, handle, _), err in zip(run, errors):
             self._write_answer(handle, err)
@@ -1139,7 +1134,7 @@ class Session(object):
                 chain.flush()
         except OSError as e:
             return self._refuse(handle, (F.nbd_error(e), str(e)))
-        self.replies.out.append(F.done_reply(self.structured, handle))
+        self.replies.out.append(F.done_reply(handle))
 
     def _block_status(self, chain, handle, offset, length, one):
         descs = []

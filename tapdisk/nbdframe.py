@@ -215,11 +215,6 @@ def simple_reply(handle, error=0):
     return SIMPLE.pack(SIMPLE_MAGIC, error, handle)
 
 
-def chunk_done(handle):
-    """A structured reply's final chunk with nothing in it (a write's, a command's)."""
-    return CHUNK.pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
-
-
 def chunk_error(handle, error, message=""):
     msg = message.encode("utf-8", "replace")[:4096]
     return CHUNK.pack(STRUCTURED_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle,
@@ -251,8 +246,12 @@ def error_reply(structured, handle, error, message=""):
     return chunk_error(handle, error, message) if structured else simple_reply(handle, error)
 
 
-def done_reply(structured, handle):
-    return chunk_done(handle) if structured else simple_reply(handle)
+def done_reply(handle):
+    """What succeeded with no data to return (a write, a flush, a trim): a simple reply,
+    on a structured connection too. The protocol allows it for anything but a read, as
+    nbdkit and qemu-nbd do; a client reads its 16 bytes at once (libnbd takes a chunk's
+    20 in two calls)."""
+    return simple_reply(handle)
 
 
 # -- handshake --------------------------------------------------------------------------------

@@ -62,7 +62,6 @@
 #define READ_FLAGS (FLAG_FUA | FLAG_DF)
 #define WRITE_FLAGS FLAG_FUA
 #define REPLY_FLAG_DONE 1
-#define REPLY_TYPE_NONE 0
 #define REPLY_TYPE_OFFSET_DATA 1
 #define REPLY_TYPE_OFFSET_HOLE 2
 #define MAX_REQUEST (32LL << 20)
@@ -437,7 +436,8 @@ static void answer(struct smtap_nbd *c, struct loop *l, int i)
 {
     struct slot *s = &l->slots[i];
     unsigned char *h = s->head;
-    if (!c->structured) {
+    if (!c->structured || s->kind != CMD_READ) {    /* nothing to return: simple (as
+                                       nbdframe.done_reply, on a structured connection too) */
         put32(h, SIMPLE_MAGIC);
         put32(h + 4, 0);
         memcpy(h + 8, s->handle, 8);
@@ -452,15 +452,13 @@ static void answer(struct smtap_nbd *c, struct loop *l, int i)
         put32(h + 28, (uint32_t)s->length);
         s->hlen = 32;
     } else {
-        int data = s->kind == CMD_READ;
         put32(h, STRUCTURED_MAGIC);
         h[4] = 0; h[5] = REPLY_FLAG_DONE;
-        h[6] = 0; h[7] = data ? REPLY_TYPE_OFFSET_DATA : REPLY_TYPE_NONE;
+        h[6] = 0; h[7] = REPLY_TYPE_OFFSET_DATA;
         memcpy(h + 8, s->handle, 8);
-        put32(h + 16, data ? (uint32_t)(s->length + 8) : 0);
-        if (data)
-            put64(h + 20, (uint64_t)s->offset);
-        s->hlen = data ? 28 : 20;
+        put32(h + 16, (uint32_t)(s->length + 8));
+        put64(h + 20, (uint64_t)s->offset);
+        s->hlen = 28;
     }
     c->acct[SERVED_C]++;
     l->ready[l->nready++] = i;

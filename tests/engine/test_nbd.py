@@ -150,9 +150,12 @@ def test_served_by_tap_ctl_create(make_tap, tmp_path):
 def _mixed_session(c, structured):
     """Pipelined writes (FUA on one), a flush, pipelined reads, then what the C part
     hands to Python (an unaligned write, a trim, a read past the end) and reads again:
-    every reply checked. Returns (reads, writes, sectors read, sectors written)."""
+    every reply checked. A read's reply is a chunk on a structured connection; what
+    succeeds without data is a simple reply on either (the protocol allows it; a client
+    reads 16 bytes instead of 20, in one call: libnbd takes a chunk's header in two).
+    Returns (reads, writes, sectors read, sectors written)."""
     def done(handle, datalen=0):
-        if structured:
+        if structured and datalen:
             flags, rtype, h, payload = c.chunk()
             assert (flags, h) == (1, handle) and rtype == (1 if datalen else 0), rtype
             if datalen:
@@ -167,7 +170,7 @@ def _mixed_session(c, structured):
         burst += struct.pack(">IHHQQI", 0x25609513, 1 if i == 7 else 0, 1, 10 + i,
                              i * 4096, 4096) + bytes([i + 1]) * 4096
     c.s.sendall(burst)
-    got = sorted(c.chunk()[2] if structured else c.simple_reply()[1] for _ in range(8))
+    got = sorted(c.simple_reply()[1] for _ in range(8))
     assert got == list(range(10, 18))
     c.request(3, 20, 0, 0)                              # flush
     done(20)

@@ -76,7 +76,6 @@ def test_local_errors_travel_as_the_protocol_knows_them():
 # -- replies -------------------------------------------------------------------------------
 def test_replies_as_the_protocol_lays_them_out():
     assert F.simple_reply(0x1122, errno.EIO) == struct.pack(">IIQ", F.SIMPLE_MAGIC, 5, 0x1122)
-    assert F.chunk_done(7) == struct.pack(">IHHQI", F.STRUCTURED_MAGIC, 1, 0, 7, 0)
     magic, flags, typ, handle, length, offset = struct.unpack(">IHHQIQ",
                                                                F.chunk_data_header(9, 4096, 512))
     assert (flags, typ, handle, length, offset) == (1, F.REPLY_TYPE_OFFSET_DATA, 9, 520, 4096)
@@ -89,7 +88,7 @@ def test_replies_as_the_protocol_lays_them_out():
     assert struct.unpack(">IHHQIIIIII", status)[1:] == (
         1, F.REPLY_TYPE_BLOCK_STATUS, 5, 20, F.META_ID, 4096, 3, 0xffffffff, 0)
     assert F.error_reply(False, 1, 22) == F.simple_reply(1, 22)
-    assert F.done_reply(True, 1) == F.chunk_done(1)
+    assert F.done_reply(1) == F.simple_reply(1)     # structured connections too
 
 
 def test_option_payloads():
