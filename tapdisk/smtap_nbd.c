@@ -436,8 +436,9 @@ static void answer(struct smtap_nbd *c, struct loop *l, int i)
 {
     struct slot *s = &l->slots[i];
     unsigned char *h = s->head;
-    if (!c->structured || s->kind != CMD_READ) {    /* nothing to return: simple (as
-                                       nbdframe.done_reply, on a structured connection too) */
+    if (!c->structured || s->kind != CMD_READ) {    /* a simple reply (a read's data
+                                       follows it); on a structured connection too for
+                                       what returns no data, as nbdframe.done_reply */
         put32(h, SIMPLE_MAGIC);
         put32(h + 4, 0);
         memcpy(h + 8, s->handle, 8);

@@ -157,9 +157,8 @@ def _mixed_session(c, structured):
     def done(handle, datalen=0):
         if structured and datalen:
             flags, rtype, h, payload = c.chunk()
-            assert (flags, h) == (1, handle) and rtype == (1 if datalen else 0), rtype
-            if datalen:
-                assert struct.unpack_from(">Q", payload)[0] == offsets[handle]
+            assert (flags, h, rtype) == (1, handle, 1), rtype   # OFFSET_DATA, done
+            assert struct.unpack_from(">Q", payload)[0] == offsets[handle]
             return payload[8:]
         err, h, data = c.simple_reply(datalen)
         assert (err, h) == (0, handle)
