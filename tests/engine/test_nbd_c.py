@@ -273,6 +273,40 @@ def test_reads_of_many_pieces_fill_the_turn_and_a_write_behind_them_waits(make_t
     assert control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"] - before == 18
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["odirect", "buffered"])
+def test_big_writes_arriving_in_pieces_are_written_whole(make_tap, smtap_root, direct):
+    """Pipelined 1 MiB writes, each followed by a 4 KiB read (of a region none writes:
+    requests in flight together are not ordered), sent in pieces of 100 KiB that end
+    anywhere in a header or a payload (the loop leaves a request that came in part where
+    it is, and moves it only when it would not fit there): every reply is right and in
+    C, and the disk holds every write."""
+    img = image_file(smtap_root / "d.img", 16 * MiB)
+    tap = make_tap("aio:" + img, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
+    c = Raw(tap.nbd_path, timeout=30)
+    c.greet()
+    c.go()
+    c.request(0, 99, 0, 4096)                           # (a connection's first: Python's)
+    assert c.simple_reply(4096) == (0, 99, bytes(4096))
+    before = control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"]
+    stream = b"".join(_req(1, 2 * i, i * MiB, MiB, bytes([i + 1]) * MiB)
+                      + _req(0, 2 * i + 1, 12 * MiB + i * 4096, 4096) for i in range(8))
+    sender = threading.Thread(target=lambda: [
+        (c.s.sendall(stream[k:k + 100 * KiB]), time.sleep(0.002))
+        for k in range(0, len(stream), 100 * KiB)])
+    sender.start()
+    got = {}
+    for _ in range(16):
+        err, handle, _ = c.simple_reply()
+        assert err == 0, handle
+        got[handle] = c.recv(4096) if handle % 2 else b""
+    sender.join()
+    assert sorted(got) == list(range(16))
+    assert all(got[2 * i + 1] == bytes(4096) for i in range(8))
+    c.close()
+    assert _served_c(tap) - before == 16
+    qemu_io(tap.uri, *("read -P %d %d 1M" % (i + 1, i * MiB) for i in range(8)))
+
+
 def test_structured_reads_of_zeros_are_hole_chunks(make_tap, smtap_root):
     """With structured replies, C answers a read of zeros only (an absent block of a
     base VHD, a zero run) with one OFFSET_HOLE chunk, no payload; DF asks for one data
