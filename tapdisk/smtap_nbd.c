@@ -1252,7 +1252,7 @@ int smtap_nbd_serve(struct smtap_nbd *c)
                 l->stop = r;
                 break;
             }
-            full = c->have == c->cap;
+            full = c->have - pos == c->cap;
             continue;
         }
         if (readable && !l->stop && c->have < c->cap) {
@@ -1262,7 +1262,7 @@ int smtap_nbd_serve(struct smtap_nbd *c)
                 l->stop = RET_EOF;
             } else if (n > 0) {
                 c->have += n;
-                full = c->have == c->cap;
+                full = c->have - pos == c->cap;     /* (unconsumed: as before) */
             } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 err = -errno;
                 break;

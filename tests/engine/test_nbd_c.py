@@ -280,13 +280,15 @@ def test_big_writes_arriving_in_pieces_are_written_whole(make_tap, smtap_root, d
     anywhere in a header or a payload (the loop leaves a request that came in part where
     it is, and moves it only when it would not fit there): every reply is right and in
     C, and the disk holds every write."""
-    img = image_file(smtap_root / "d.img", 16 * MiB)
+    img = image_file(smtap_root / "d.img", 24 * MiB)
     tap = make_tap("aio:" + img, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
     c = Raw(tap.nbd_path, timeout=30)
     c.greet()
     c.go()
-    c.request(0, 99, 0, 4096)                           # (a connection's first: Python's)
-    assert c.simple_reply(4096) == (0, 99, bytes(4096))
+    # a connection's first request is Python's; 4 MiB, it grows the buffer to hold it,
+    # so that a 1 MiB write after another fits where it is
+    c.request(1, 99, 16 * MiB, 4 * MiB, payload=b"\x5a" * (4 * MiB))
+    assert c.simple_reply() == (0, 99, b"")
     before = control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"]
     stream = b"".join(_req(1, 2 * i, i * MiB, MiB, bytes([i + 1]) * MiB)
                       + _req(0, 2 * i + 1, 12 * MiB + i * 4096, 4096) for i in range(8))
@@ -304,7 +306,8 @@ def test_big_writes_arriving_in_pieces_are_written_whole(make_tap, smtap_root, d
     assert all(got[2 * i + 1] == bytes(4096) for i in range(8))
     c.close()
     assert _served_c(tap) - before == 16
-    qemu_io(tap.uri, *("read -P %d %d 1M" % (i + 1, i * MiB) for i in range(8)))
+    qemu_io(tap.uri, *["read -P %d %d 1M" % (i + 1, i * MiB) for i in range(8)]
+            + ["read -P 0 12M 4M", "read -P 0x5a 16M 4M"])
 
 
 def test_structured_reads_of_zeros_are_hole_chunks(make_tap, smtap_root):
