@@ -1138,27 +1138,14 @@ static void dispatch(struct smtap_nbd *c, struct loop *l, long long *pos)
     }
 }
 
-/* Drop the consumed bytes [0, pos). What is left moves to the buffer's start only when
-   it has to: all (at return: Python takes buf[0, have)), or when the request it begins
-   does not fit where it is. A big write comes in pieces (a unix socket holds no more
-   than the sender's send buffer: 208 KiB by default), and moving the part of the next
-   one that came with each turn's receive cost a copy of up to that much per write. */
-static void consume(struct smtap_nbd *c, long long *pos, int all)
+/* Drop the consumed bytes: the receive buffer starts with what is left. */
+static void consume(struct smtap_nbd *c, long long *pos)
 {
-    long long at = *pos, left = c->have - at;
-    if (!at)
-        return;
-    if (!all && left >= REQUEST_SIZE) {
-        const unsigned char *h = (const unsigned char *)c->buf + at;
-        long long need = REQUEST_SIZE + (((unsigned)h[6] << 8 | h[7]) == CMD_WRITE
-                                         ? (long long)be32(h + 24) : 0);
-        if (need <= c->cap - at)
-            return;                     /* it completes in place */
+    if (*pos) {
+        memmove(c->buf, c->buf + *pos, (size_t)(c->have - *pos));
+        c->have -= *pos;
+        *pos = 0;
     }
-    if (left)
-        memmove(c->buf, c->buf + at, (size_t)left);
-    c->have = left;
-    *pos = 0;
 }
 
 /* Wait for the client with nothing in flight, quiet for the gate (see the top): 0 when
@@ -1215,7 +1202,7 @@ int smtap_nbd_serve(struct smtap_nbd *c)
     int readable = 0, full = 0, err = 0;
     for (;;) {
         dispatch(c, l, &pos);
-        consume(c, &pos, c->have == c->cap);    /* (at the end: room at the start) */
+        consume(c, &pos);
         if (full && !l->stop && c->cap < c->grow)
             l->stop = RET_GROW;         /* after these: a bigger buffer batches more */
         full = 0;
@@ -1252,7 +1239,7 @@ int smtap_nbd_serve(struct smtap_nbd *c)
                 l->stop = r;
                 break;
             }
-            full = c->have - pos == c->cap;
+            full = c->have == c->cap;
             continue;
         }
         if (readable && !l->stop && c->have < c->cap) {
@@ -1262,7 +1249,7 @@ int smtap_nbd_serve(struct smtap_nbd *c)
                 l->stop = RET_EOF;
             } else if (n > 0) {
                 c->have += n;
-                full = c->have - pos == c->cap;     /* (unconsumed: as before) */
+                full = c->have == c->cap;
             } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 err = -errno;
                 break;
@@ -1270,7 +1257,6 @@ int smtap_nbd_serve(struct smtap_nbd *c)
             readable = 0;
         }
     }
-    consume(c, &pos, 1);
     if (err < 0) {
         int r = drain(c, l);
         for (int k = 0; k < l->nready; k++)

@@ -277,16 +277,14 @@ def test_reads_of_many_pieces_fill_the_turn_and_a_write_behind_them_waits(make_t
 def test_big_writes_arriving_in_pieces_are_written_whole(make_tap, smtap_root, direct):
     """Pipelined 1 MiB writes, each followed by a 4 KiB read (of a region none writes:
     requests in flight together are not ordered), sent in pieces of 100 KiB that end
-    anywhere in a header or a payload (the loop leaves a request that came in part where
-    it is, and moves it only when it would not fit there): every reply is right and in
-    C, and the disk holds every write."""
+    anywhere in a header or a payload, into a buffer that can hold several: every reply
+    is right and in C, and the disk holds every write."""
     img = image_file(smtap_root / "d.img", 24 * MiB)
     tap = make_tap("aio:" + img, flags=0 if direct else drv.OPEN_NO_O_DIRECT)
     c = Raw(tap.nbd_path, timeout=30)
     c.greet()
     c.go()
-    # a connection's first request is Python's; 4 MiB, it grows the buffer to hold it,
-    # so that a 1 MiB write after another fits where it is
+    # a connection's first request is Python's; 4 MiB, it grows the buffer to hold it
     c.request(1, 99, 16 * MiB, 4 * MiB, payload=b"\x5a" * (4 * MiB))
     assert c.simple_reply() == (0, 99, b"")
     before = control.Client(tap.pid).stats(tap.minor)["nbd"]["served_c"]
